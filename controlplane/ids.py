@@ -1,0 +1,83 @@
+"""Validated identifiers: parse at the edge so an invalid one cannot exist inside.
+
+Each is a ``str`` subtype built through pydantic's ``Annotated`` constraints, so models that use
+them validate on construction, and ``parse_*`` helpers give CLI-friendly ``UsageError``s.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from pydantic import AfterValidator, StringConstraints
+
+from controlplane.errors import UsageError
+
+_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+# A name that is safe as a path component, a systemd instance name and a Linux user suffix.
+_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
+_JOB_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
+
+
+def _check(pattern: re.Pattern[str], what: str, rule: str) -> AfterValidator:
+    def validate(value: str) -> str:
+        if not pattern.fullmatch(value):
+            raise ValueError(f"{what} {value!r} is invalid: {rule}")
+        return value
+
+    return AfterValidator(validate)
+
+
+CommitSha = Annotated[
+    str, StringConstraints(strict=True), _check(_COMMIT_RE, "commit", "expected exactly 40 lowercase hex")
+]
+Digest = Annotated[
+    str, StringConstraints(strict=True), _check(_DIGEST_RE, "digest", "expected 'sha256:' and 64 lowercase hex")
+]
+ProfileName = Annotated[
+    str,
+    StringConstraints(strict=True),
+    _check(_NAME_RE, "profile name", "1-32 of a-z 0-9 '-', starting and ending alphanumeric"),
+]
+VmName = Annotated[
+    str,
+    StringConstraints(strict=True),
+    _check(_NAME_RE, "VM name", "1-32 of a-z 0-9 '-', starting and ending alphanumeric"),
+]
+JobId = Annotated[
+    str,
+    StringConstraints(strict=True),
+    _check(_JOB_ID_RE, "job id", "1-64 of a-z 0-9 '.', '_', '-', starting and ending alphanumeric"),
+]
+
+
+def _parse(pattern: re.Pattern[str], value: str, code: str, what: str, rule: str) -> str:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise UsageError(
+            code,
+            f"{what} {value!r} is invalid: {rule}",
+            hint="names must be safe as path components and systemd instance names; no '/', '..' or spaces",
+            details={"expected": rule, "actual": value},
+        )
+    return value
+
+
+def parse_commit(value: str) -> str:
+    return _parse(_COMMIT_RE, value, "invalid-commit", "commit", "exactly 40 lowercase hex")
+
+
+def parse_digest(value: str) -> str:
+    return _parse(_DIGEST_RE, value, "invalid-digest", "digest", "'sha256:' followed by 64 lowercase hex")
+
+
+def parse_profile(value: str) -> str:
+    return _parse(_NAME_RE, value, "invalid-profile-name", "profile name", "1-32 of a-z 0-9 '-'")
+
+
+def parse_vm_name(value: str) -> str:
+    return _parse(_NAME_RE, value, "invalid-vm-name", "VM name", "1-32 of a-z 0-9 '-'")
+
+
+def parse_job_id(value: str) -> str:
+    return _parse(_JOB_ID_RE, value, "invalid-job-id", "job id", "1-64 of a-z 0-9 '.' '_' '-'")
