@@ -1,0 +1,9 @@
+"""Shared test setup. Fixtures of each area live in tests/plugins/<area>.py."""
+
+from __future__ import annotations
+
+pytest_plugins = [
+    "tests.plugins.home",
+    "tests.plugins.sshd",
+    "tests.plugins.golden",
+]

@@ -1,0 +1,1 @@
+"""Fixtures for the golden image (filled in with the image build)."""
