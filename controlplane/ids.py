@@ -33,7 +33,9 @@ CommitSha = Annotated[
     str, StringConstraints(strict=True), _check(_COMMIT_RE, "commit", "expected exactly 40 lowercase hex")
 ]
 Digest = Annotated[
-    str, StringConstraints(strict=True), _check(_DIGEST_RE, "digest", "expected 'sha256:' and 64 lowercase hex")
+    str,
+    StringConstraints(strict=True),
+    _check(_DIGEST_RE, "digest", "expected 'sha256:' and 64 lowercase hex"),
 ]
 ProfileName = Annotated[
     str,

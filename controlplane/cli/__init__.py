@@ -95,7 +95,11 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         sys.exit(130)
     except click.ClickException as exc:
         # Click's usage errors would exit 2, which means "drift" here.
-        exc.show()
+        if _STATE["json"] or "--json" in args:
+            doc = {"code": "usage", "message": exc.format_message(), "exit_code": int(ExitCode.USAGE)}
+            click.echo(json.dumps({"error": doc}, indent=2, sort_keys=True))
+        else:
+            exc.show()
         sys.exit(int(ExitCode.USAGE))
     except AvmError as exc:
         if _STATE["debug"]:

@@ -73,9 +73,7 @@ class LocalTransport:
         try:
             return Path(path).read_bytes()
         except FileNotFoundError:
-            raise OperationalError(
-                "remote-file-missing", f"{path} does not exist on {self.url}"
-            ) from None
+            raise OperationalError("remote-file-missing", f"{path} does not exist on {self.url}") from None
 
     def close(self) -> None:
         return None

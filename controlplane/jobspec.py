@@ -1,0 +1,130 @@
+"""The Tier-2 job spec: what an ephemeral microVM job runs, and what it may reach.
+
+Parsed at the edge (YAML or JSON) into frozen models; anything unknown or unsafe is refused
+with a ``UsageError`` that names the field, before any VM, namespace or file is created.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from controlplane.errors import UsageError
+from controlplane.ids import JobId
+
+_IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}@sha256:[0-9a-f]{64}$")
+_ENV_KEY_RE = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")
+
+
+def _pinned_image(value: str) -> str:
+    if not _IMAGE_RE.fullmatch(value):
+        raise ValueError(
+            f"image {value!r} is not pinned: expected NAME@sha256:<64 hex> (tags are mutable and refused)"
+        )
+    return value
+
+
+def _relative_inside(value: str) -> str:
+    path = PurePosixPath(value)
+    if path.is_absolute() or ".." in path.parts or value in ("", "."):
+        raise ValueError(f"path {value!r} must be relative and stay inside the job directory (no '..')")
+    return value
+
+
+def _env_keys(value: dict[str, str]) -> dict[str, str]:
+    for key in value:
+        if not _ENV_KEY_RE.fullmatch(key):
+            raise ValueError(f"env name {key!r} must match {_ENV_KEY_RE.pattern}")
+    return value
+
+
+def _host(value: str) -> str:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(
+            f"egress host {value!r} must be an IP address or CIDR; names are resolved by the operator"
+        ) from None
+    return value
+
+
+ImageRef = Annotated[str, AfterValidator(_pinned_image)]
+JobPath = Annotated[str, AfterValidator(_relative_inside)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EgressRule(_Frozen):
+    """One allowed destination. Everything else is denied outside the guest."""
+
+    host: Annotated[str, AfterValidator(_host)]
+    port: int = Field(ge=1, le=65535)
+    proto: Literal["tcp", "udp"] = "tcp"
+
+
+class Egress(_Frozen):
+    default: Literal["deny"] = "deny"
+    allow: tuple[EgressRule, ...] = ()
+
+
+class JobInput(_Frozen):
+    """A host file copied into the guest at ``dest`` (relative to the job directory)."""
+
+    src: str
+    dest: JobPath
+
+
+class JobSpec(_Frozen):
+    """A Tier-2 job. ``outputs`` are paths copied out; they must stay inside the output dir."""
+
+    id: JobId
+    image: ImageRef
+    command: tuple[str, ...] = Field(min_length=1)
+    env: Annotated[dict[str, str], AfterValidator(_env_keys)] = Field(default_factory=dict)
+    egress: Egress = Egress()
+    timeout: float = Field(default=60.0, gt=0, le=24 * 3600, description="hard deadline, seconds")
+    vcpus: int = Field(default=1, ge=1, le=8)
+    memory: int = Field(default=256, ge=64, le=16384, description="MiB")
+    inputs: tuple[JobInput, ...] = ()
+    outputs: tuple[JobPath, ...] = ()
+    risk_tier: Literal["L0", "L1", "L2", "L3", "L4", "L5"] = "L2"
+
+
+def load_jobspec(path: Path) -> JobSpec:
+    """Read and validate a job spec file (YAML or JSON).
+
+    Raises ``UsageError('jobspec-unreadable')`` if the file cannot be read or parsed, and
+    ``UsageError('jobspec-invalid')`` naming the first bad field otherwise.
+    """
+    try:
+        text = path.read_text()
+        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise UsageError(
+            "jobspec-unreadable",
+            f"cannot read job spec {path}: {exc}",
+            hint="a job spec is a YAML or JSON mapping; see examples/jobs/",
+        ) from exc
+    return parse_jobspec(raw, source=str(path))
+
+
+def parse_jobspec(raw: object, *, source: str = "<input>") -> JobSpec:
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise UsageError(
+            "jobspec-invalid",
+            f"{source}: {where}: {first['msg']}",
+            hint="fix the field named above; unknown keys are refused so typos cannot weaken a policy",
+            details={"field": where, "errors": len(exc.errors())},
+        ) from None

@@ -1,0 +1,46 @@
+"""JSON Schemas of the documents avm reads and writes, exported to ``receipts/schema/``.
+
+Auditors and CI systems validate receipts, manifests and job specs against these files without
+installing avm. ``python -m controlplane.schemas receipts/schema`` rewrites them; a test fails when
+the committed files differ from what the models export.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+# file stem -> "module:Model"
+SCHEMAS = {
+    "jobspec": "controlplane.jobspec:JobSpec",
+}
+
+
+def export_all() -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    for stem, ref in SCHEMAS.items():
+        module_name, _, attr = ref.partition(":")
+        model: Any = getattr(importlib.import_module(module_name), attr)
+        schema = model.model_json_schema()
+        schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+        schema["$id"] = f"urn:agent-vm:schema:{stem}:v1"
+        out[f"{stem}.schema.json"] = (json.dumps(schema, indent=2, sort_keys=True) + "\n").encode()
+    return out
+
+
+def write_all(directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, data in export_all().items():
+        path = directory / name
+        path.write_bytes(data)
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    for p in write_all(Path(sys.argv[1] if len(sys.argv) > 1 else "receipts/schema")):
+        print(p)

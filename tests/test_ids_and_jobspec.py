@@ -1,0 +1,106 @@
+"""Identifiers and the job spec are validated at the edge: bad input never becomes an object."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from controlplane import ids
+from controlplane.errors import ExitCode, UsageError
+from controlplane.jobspec import load_jobspec, parse_jobspec
+from controlplane.schemas import export_all
+
+REPO = Path(__file__).resolve().parents[1]
+PIN = "sha256:" + "ab" * 32
+
+
+@pytest.mark.parametrize(
+    ("parse", "value"),
+    [
+        (ids.parse_commit, "abc123"),
+        (ids.parse_commit, "A" * 40),
+        (ids.parse_commit, "g" * 40),
+        (ids.parse_digest, "sha256:" + "0" * 63),
+        (ids.parse_digest, "md5:" + "0" * 32),
+        (ids.parse_profile, "../etc"),
+        (ids.parse_profile, "a/b"),
+        (ids.parse_profile, "x; touch /tmp/pwned"),
+        (ids.parse_profile, "-rf"),
+        (ids.parse_profile, ""),
+        (ids.parse_vm_name, "demo/../../root"),
+        (ids.parse_job_id, "job id"),
+        (ids.parse_job_id, ".hidden"),
+    ],
+)
+def test_invalid_identifiers_are_usage_errors(parse: object, value: str) -> None:
+    with pytest.raises(UsageError) as info:
+        parse(value)  # type: ignore[operator]
+    assert info.value.exit_code == ExitCode.USAGE
+    assert repr(value) in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("parse", "value"),
+    [
+        (ids.parse_commit, "0123456789abcdef0123456789abcdef01234567"),
+        (ids.parse_digest, PIN),
+        (ids.parse_profile, "support-bot"),
+        (ids.parse_vm_name, "demo"),
+        (ids.parse_job_id, "nightly.build_7"),
+    ],
+)
+def test_valid_identifiers_round_trip(parse: object, value: str) -> None:
+    assert parse(value) == value  # type: ignore[operator]
+
+
+GOOD = {"id": "hello", "image": f"busybox@{PIN}", "command": ["sh", "-c", "echo hi"]}
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"image": "busybox:latest"}, "image"),
+        ({"image": "busybox"}, "image"),
+        ({"id": "../x"}, "id"),
+        ({"outputs": ["../../etc/passwd"]}, "outputs.0"),
+        ({"outputs": ["/etc/passwd"]}, "outputs.0"),
+        ({"command": []}, "command"),
+        ({"timeout": 0}, "timeout"),
+        ({"egress": {"default": "allow"}}, "egress.default"),
+        ({"egress": {"allow": [{"host": "example.com", "port": 443}]}}, "egress.allow.0.host"),
+        ({"egress": {"allow": [{"host": "10.0.0.1", "port": 70000}]}}, "egress.allow.0.port"),
+        ({"env": {"lower": "x"}}, "env"),
+        ({"unknown_key": 1}, "unknown_key"),
+    ],
+)
+def test_bad_job_specs_name_the_field(patch: dict[str, object], field: str) -> None:
+    with pytest.raises(UsageError) as info:
+        parse_jobspec({**GOOD, **patch})
+    assert info.value.code == "jobspec-invalid"
+    assert info.value.details["field"] == field
+
+
+def test_good_job_spec_defaults_to_deny(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(f"id: hello\nimage: busybox@{PIN}\ncommand: [sh, -c, 'echo hi']\n")
+    spec = load_jobspec(path)
+    assert spec.egress.default == "deny"
+    assert spec.egress.allow == ()
+    assert spec.command == ("sh", "-c", "echo hi")
+
+
+def test_unparseable_job_spec_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text("id: [unclosed\n")
+    with pytest.raises(UsageError) as info:
+        load_jobspec(path)
+    assert info.value.code == "jobspec-unreadable"
+
+
+def test_committed_schemas_match_the_models() -> None:
+    exported = export_all()
+    committed = {p.name: p.read_bytes() for p in (REPO / "receipts" / "schema").glob("*.schema.json")}
+    assert set(committed) == set(exported), "run `make schemas` and commit receipts/schema/"
+    for name, data in exported.items():
+        assert committed[name] == data, f"{name} is stale: run `make schemas` and commit it"
