@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 
 class ExitCode(enum.IntEnum):
-    """Process exit codes of ``avm``. Documented in ``avm --help`` and docs/exit-codes."""
+    """Process exit codes of ``avm``. Documented in ``avm --help`` and docs/cli.md."""
 
     OK = 0  # success / in sync
     ERROR = 1  # operational error (a host, a tool or the disk failed)

@@ -1,0 +1,194 @@
+"""Pure planning: ``diff(desired, facts) -> Plan``. No I/O.
+
+An empty plan means the host is in sync. ``avm promote`` prints the plan and its digest;
+``avm status`` is the same diff against what the last apply receipt recorded, so drift is
+exactly a non-empty plan.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from controlplane.canonical import canonical_bytes, domain_digest
+from controlplane.facts import PROFILES, RELEASES, HostFacts
+
+ActionKind = Literal[
+    "create-release",
+    "install-unit",
+    "create-user",
+    "write-env",
+    "write-policy",
+    "write-dropin",
+    "flip",
+    "restart",
+]
+
+
+class DesiredProfile(BaseModel):
+    """What one profile should look like on the host (digests of exactly the bytes avm writes)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    release: str  # commit sha
+    env: str  # sha256:... of the env file
+    policy: str  # sha256:... of the runtime policy file
+    dropin: str  # sha256:... of the per-profile unit drop-in
+    canary: bool = False
+
+
+class DesiredState(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    unit_template: str  # sha256:... of units/agent-gateway@.service
+    releases: dict[str, dict[str, str | None]]  # sha -> {path: sha256:...}: the write-once content
+    profiles: tuple[DesiredProfile, ...]
+
+
+class Action(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: ActionKind
+    target: str  # the profile, release sha or path the action touches
+    reason: str
+    expected: str | None = None
+    actual: str | None = None
+
+
+class Plan(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    actions: tuple[Action, ...] = Field(default_factory=tuple)
+
+    @property
+    def empty(self) -> bool:
+        return not self.actions
+
+    @property
+    def digest(self) -> str:
+        return domain_digest("plan", canonical_bytes(self.model_dump(mode="json")))
+
+    def restarts(self) -> list[str]:
+        return [a.target for a in self.actions if a.kind == "restart"]
+
+
+def release_path(sha: str) -> str:
+    return f"{RELEASES}/{sha}"
+
+
+def _file_action(kind: ActionKind, profile: str, want: str, have: str | None, what: str) -> Action | None:
+    if want == have:
+        return None
+    reason = f"{what} missing" if have is None else f"{what} differs"
+    return Action(kind=kind, target=profile, reason=reason, expected=want, actual=have)
+
+
+def diff(desired: DesiredState, facts: HostFacts) -> Plan:
+    """The actions that turn ``facts`` into ``desired``, in the order apply runs them.
+
+    Releases are write-once: a release directory that exists with different content is not
+    "fixed" here; ``release_tampered`` reports it and the caller refuses.
+    """
+    actions: list[Action] = []
+    for sha in sorted(desired.releases):
+        if sha not in facts.releases:
+            actions.append(Action(kind="create-release", target=sha, reason="release not on host"))
+    if facts.unit_template != desired.unit_template:
+        actions.append(
+            Action(
+                kind="install-unit",
+                target="agent-gateway@.service",
+                reason="unit template missing" if facts.unit_template is None else "unit template differs",
+                expected=desired.unit_template,
+                actual=facts.unit_template,
+            )
+        )
+    # Canaries first: apply restarts them, checks health and soaks before the rest.
+    ordered = sorted(desired.profiles, key=lambda p: (not p.canary, p.name))
+    for want in ordered:
+        have = facts.profiles.get(want.name)
+        changed: list[Action] = []
+        if have is None or not have.user:
+            actions.append(
+                Action(kind="create-user", target=want.name, reason=f"user agent-{want.name} missing")
+            )
+        for kind, digest, current, what in (
+            ("write-env", want.env, have.env if have else None, "env file"),
+            ("write-policy", want.policy, have.policy if have else None, "tool policy"),
+            ("write-dropin", want.dropin, have.dropin if have else None, "unit drop-in"),
+        ):
+            act = _file_action(kind, want.name, digest, current, what)  # type: ignore[arg-type]
+            if act:
+                changed.append(act)
+        link = release_path(want.release)
+        current_link = have.current if have else None
+        if current_link != link:
+            changed.append(
+                Action(
+                    kind="flip",
+                    target=want.name,
+                    reason="current points elsewhere" if current_link else "no current release",
+                    expected=link,
+                    actual=current_link,
+                )
+            )
+        unit = facts.unit(want.name)
+        active = unit is not None and unit.ActiveState == "active"
+        template_changed = facts.unit_template != desired.unit_template
+        if changed or template_changed or not active:
+            reason = "configuration changed" if (changed or template_changed) else "unit not active"
+            changed.append(
+                Action(
+                    kind="restart",
+                    target=want.name,
+                    reason=reason,
+                    expected="active",
+                    actual=unit.ActiveState if unit else "absent",
+                )
+            )
+        actions.extend(changed)
+    return Plan(actions=tuple(actions))
+
+
+def release_tampered(desired: DesiredState, facts: HostFacts) -> list[Action]:
+    """Files of a release that exist on the host but differ from what was signed."""
+    found: list[Action] = []
+    for sha, want_files in sorted(desired.releases.items()):
+        have_files = facts.releases.get(sha)
+        if have_files is None:
+            continue
+        for path in sorted(set(want_files) | set(have_files)):
+            want, have = want_files.get(path), have_files.get(path)
+            if want != have:
+                found.append(
+                    Action(
+                        kind="create-release",
+                        target=f"{release_path(sha)}/{path}",
+                        reason="release file differs from the signed bundle"
+                        if want and have
+                        else ("release file missing" if want else "unexpected file in release"),
+                        expected=want,
+                        actual=have,
+                    )
+                )
+    return found
+
+
+def unexpected_profiles(desired: DesiredState, facts: HostFacts) -> list[str]:
+    wanted = {p.name for p in desired.profiles}
+    return sorted(name for name, f in facts.profiles.items() if name not in wanted and f.current)
+
+
+__all__ = [
+    "PROFILES",
+    "Action",
+    "DesiredProfile",
+    "DesiredState",
+    "Plan",
+    "diff",
+    "release_path",
+    "release_tampered",
+    "unexpected_profiles",
+]
