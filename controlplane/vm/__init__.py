@@ -1,0 +1,1 @@
+"""Golden VMs: one backend interface (``base``), shared lifecycle, and the backends."""
