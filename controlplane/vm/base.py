@@ -187,6 +187,9 @@ class Backend(Protocol):
     about a VM is in its ``VmRecord`` and its state dir."""
 
     name: str
+    # True when the VM shares the host's network namespace (nspawn): sshd itself must then
+    # listen on 127.0.0.1:<ssh_port>. False when the host forwards ssh_port to the guest's 22.
+    host_network: bool
 
     def preflight(self, spec: VmSpec) -> None:
         """Refuse before anything starts: ``UsageError`` for bad options, ``OperationalError``

@@ -1,0 +1,166 @@
+"""The ``nspawn`` backend: the golden rootfs booted as a container with real systemd and sshd.
+
+``systemd-nspawn -b --volatile=overlay`` boots the read-only image rootfs with a throw-away
+overlay, so the image is never written. The container shares the host's network, so sshd is
+told (by a bind-mounted drop-in) to listen on 127.0.0.1:<ssh_port> only, and
+systemd-networkd is masked (bind of /dev/null) so it never touches the host's NICs. Flags and
+why (``shared/lab/substrate.md`` 3.4): ``--keep-unit`` because there is no host D-Bus,
+``--register=no`` because there is no machined, ``--volatile=overlay`` because without it every
+missing ``--bind-ro`` target is left behind as an empty file in the rootfs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+from controlplane.errors import OperationalError
+from controlplane.vm import cgroup, procs
+from controlplane.vm.base import Booted, BootRequest, Check, VmRecord, VmSpec
+
+NSPAWN = "systemd-nspawn"
+INOTIFY_LIMIT = Path("/proc/sys/fs/inotify/max_user_instances")
+# Above about 10 containers the default inotify limit (128) degrades boots (fleet lab 3.2).
+INOTIFY_SAFE_CONTAINERS = 10
+
+
+def nspawn_argv(request: BootRequest) -> list[str]:
+    files = request.seed.files
+    binds = {
+        files["host_key"]: "/etc/ssh/ssh_host_ed25519_key",
+        files["host_key_pub"]: "/etc/ssh/ssh_host_ed25519_key.pub",
+        files["authorized_keys"]: "/root/.ssh/authorized_keys",
+        files["sshd_dropin"]: "/etc/ssh/sshd_config.d/avm.conf",
+        Path("/dev/null"): "/etc/systemd/system/systemd-networkd.service",
+    }
+    return [
+        NSPAWN,
+        "--boot",
+        f"--directory={request.image.rootfs}",
+        "--register=no",
+        "--keep-unit",
+        "--volatile=overlay",
+        f"--machine=avm-{request.spec.name}",
+        f"--hostname={request.seed.hostname}",
+        "--console=passive",
+        # the marker shows in nspawn's command line: teardown finds it even if the pid is lost
+        f"--setenv=AVM_VM_MARKER={request.marker}",
+        *(f"--bind-ro={src}:{dst}" for src, dst in binds.items()),
+    ]
+
+
+def spawn_nspawn(argv: list[str], log: Path, group: str) -> subprocess.Popen[bytes]:
+    """Start ``systemd-nspawn`` detached (own session, own cgroup), output to ``log``.
+
+    Raises ``OperationalError('tool-missing')`` when systemd-nspawn is not installed.
+    """
+    procs_files = cgroup.procs_files(group)
+    with log.open("ab") as out:
+        try:
+            return subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=lambda: cgroup.join_in_child(procs_files),  # noqa: PLW1509
+            )
+        except FileNotFoundError as exc:
+            raise OperationalError(
+                "tool-missing",
+                f"`{NSPAWN}` is not installed",
+                hint="install systemd-container (`make setup` does it as root)",
+            ) from exc
+
+
+class NspawnBackend:
+    name = "nspawn"
+    host_network = True
+
+    def preflight(self, spec: VmSpec) -> None:
+        if shutil.which(NSPAWN) is None:
+            raise OperationalError(
+                "tool-missing",
+                f"`{NSPAWN}` is not installed",
+                hint="install systemd-container (`make setup` does it as root)",
+            )
+        if os.geteuid() != 0:
+            raise OperationalError(
+                "needs-root", "the nspawn backend must run as root", hint="use --backend qemu, or run as root"
+            )
+        if not cgroup.hierarchies():
+            raise OperationalError(
+                "no-cgroups",
+                "no usable cgroup hierarchy under /sys/fs/cgroup",
+                hint="mount cgroup2 (or the v1 name=systemd hierarchy) first",
+            )
+
+    def boot(self, request: BootRequest) -> Booted:
+        group = request.marker
+        cgroup.create(group)
+        log = request.state_dir / "console.log"
+        try:
+            proc = spawn_nspawn(nspawn_argv(request), log, group)
+        except BaseException:
+            cgroup.remove(group)
+            raise
+        return Booted(
+            pid=proc.pid,
+            accelerator="container",
+            ssh_port=request.ssh_port,
+            observations={
+                "cgroup": [str(p) for p in cgroup.paths(group)],
+                "console_log": str(log),
+                "inotify_max_user_instances": _inotify_limit(),
+                "inotify_note": (
+                    f"above about {INOTIFY_SAFE_CONTAINERS} containers, raise "
+                    "fs.inotify.max_user_instances above 128 or boots degrade"
+                ),
+            },
+        )
+
+    def alive(self, record: VmRecord) -> bool:
+        return procs.alive(record.pid, record.marker)
+
+    def shutdown(self, record: VmRecord, *, grace_s: float) -> list[Check]:
+        checks = []
+        pid = record.pid
+        if pid is not None and procs.alive(pid, record.marker):
+            # SIGTERM to nspawn asks the container's systemd for an orderly poweroff
+            procs.signal_pids([pid], signal.SIGTERM)
+            clean = procs.wait_gone([pid], record.marker, grace_s)
+            checks.append(Check("graceful-poweroff", clean, f"SIGTERM to nspawn pid {pid}, {grace_s:g}s grace"))
+            if not clean:
+                procs.signal_pids([pid], signal.SIGKILL)
+                procs.wait_gone([pid], record.marker, 5.0)
+        else:
+            checks.append(Check("graceful-poweroff", True, f"nspawn pid {pid} was already gone (dead VM)"))
+        # a dead or killed nspawn leaves its container's processes behind: the cgroup lists them
+        left = cgroup.kill_all(record.marker)
+        checks.append(Check("container-processes-killed", not left, f"left in cgroup: {left}" if left else ""))
+        return checks
+
+    def leftovers(self, record: VmRecord) -> list[Check]:
+        with contextlib.suppress(Exception):
+            cgroup.kill_all(record.marker, deadline_s=2.0)
+        stuck = cgroup.remove(record.marker)
+        by_pid = record.pid is not None and procs.alive(record.pid, record.marker)
+        by_marker = procs.pids_with_marker(record.marker)
+        mounts = [line for line in Path("/proc/mounts").read_text().splitlines() if record.state_dir in line]
+        return [
+            Check("nspawn-pid-gone", not by_pid, f"pid {record.pid}"),
+            Check("no-process-with-marker", not by_marker, f"marker {record.marker}: {by_marker or 'none'}"),
+            Check("cgroup-removed", not stuck, ", ".join(stuck) or "removed"),
+            Check("no-mounts-left", not mounts, "; ".join(mounts) or "none under the state dir"),
+        ]
+
+
+def _inotify_limit() -> int | None:
+    try:
+        return int(INOTIFY_LIMIT.read_text())
+    except (OSError, ValueError):
+        return None
