@@ -1,0 +1,485 @@
+"""``ssh://USER@HOST:PORT``: one pinned, reused paramiko connection per host.
+
+The host key comes from the inventory and is pinned before the first packet: paramiko's
+``RejectPolicy`` refuses any other key, and a target without a pinned key is refused before
+connecting. This module is the only place a shell string is built (``shlex.join``), because an
+SSH ``exec`` request carries one string that the remote login shell parses.
+
+paramiko is imported inside the functions that need it, so ``avm --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import posixpath
+import secrets as _secrets
+import select
+import shlex
+import socket
+import stat
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from controlplane.errors import CommandTimeout, OperationalError, RefusedError, UsageError
+from controlplane.transport.base import MASK, RunResult, masked
+
+if TYPE_CHECKING:
+    import paramiko
+
+    from controlplane.inventory import Target
+
+# The remote `timeout` sends TERM at the deadline and KILL this many seconds later.
+KILL_AFTER_S = 2
+# The local backstop waits this much past the remote kill before giving up on the channel, for a
+# host that stopped answering (the remote `timeout` is what normally ends the command).
+LOCAL_GRACE_S = 1.0
+# Exit statuses of GNU `timeout` when it had to end the command (TERM, or KILL after -k).
+_TIMED_OUT_RCS = (124, 128 + 9)
+_CHUNK = 1 << 15
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    """OpenSSH's ``SHA256:...`` fingerprint of a public key, as ``ssh-keygen -lf`` prints it."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def parse_host_key(line: str) -> paramiko.PKey:
+    """The public key in an OpenSSH line (``ssh-ed25519 AAAA... [comment]``; a leading
+    known_hosts host field is tolerated). Raises ``UsageError('host-key-invalid')``."""
+    import paramiko
+    from paramiko.pkey import UnknownKeyType
+
+    fields = line.split()
+    if len(fields) >= 3 and not _looks_like_key_type(fields[0]):
+        fields = fields[1:]
+    try:
+        if len(fields) < 2:
+            raise ValueError("expected '<type> <base64>'")
+        return paramiko.PKey.from_type_string(fields[0], base64.b64decode(fields[1], validate=True))
+    except (ValueError, paramiko.SSHException, UnknownKeyType) as exc:
+        raise UsageError(
+            "host-key-invalid",
+            f"the pinned host key is not an OpenSSH public key line: {exc}",
+            hint="pin the line from the host's /etc/ssh/ssh_host_ed25519_key.pub",
+            details={"expected": "ssh-ed25519 AAAA...", "actual": line[:80]},
+        ) from exc
+
+
+def _looks_like_key_type(token: str) -> bool:
+    return token.startswith(("ssh-", "ecdsa-", "sk-", "rsa-"))
+
+
+class SshTransport:
+    """A pinned SSH connection to one host. Use as a context manager, or call ``close``."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        host: str,
+        port: int,
+        user: str,
+        host_key: paramiko.PKey,
+        identity: paramiko.PKey,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.url = url
+        self.host = host
+        self.port = port
+        self.user = user
+        self._host_key = host_key
+        self._identity = identity
+        self._connect_timeout = connect_timeout
+        self._client: paramiko.SSHClient | None = None
+        self._sftp: paramiko.SFTPClient | None = None
+        self.connect_s = 0.0
+
+    @classmethod
+    def from_target(cls, target: Target, *, connect_timeout: float = 10.0) -> SshTransport:
+        """Connect to an inventory target.
+
+        Raises ``RefusedError('host-key-not-pinned')`` without connecting when the target has no
+        pinned key; ``UsageError`` for a bad URL, key line or identity; and what ``connect``
+        raises.
+        """
+        import paramiko
+
+        parts = urlsplit(target.url)
+        try:
+            port = parts.port or 22
+        except ValueError:
+            port = -1
+        if parts.scheme != "ssh" or not parts.hostname or not parts.username or port < 1:
+            raise UsageError(
+                "bad-url",
+                f"target {target.name!r} has URL {target.url!r}",
+                hint="write it as ssh://USER@HOST:PORT",
+                details={"expected": "ssh://USER@HOST:PORT", "actual": target.url},
+            )
+        if not target.host_key:
+            raise RefusedError(
+                "host-key-not-pinned",
+                f"target {target.name!r} ({target.url}) has no pinned host key; "
+                "avm does not trust a key on first use",
+                hint="add the host's public key line (ssh-ed25519 AAAA...) as host_key in its inventory entry"
+                " (nothing was sent to the host)",
+                details={"expected": "a pinned host key", "actual": None},
+            )
+        host_key = parse_host_key(target.host_key)
+        if not target.identity:
+            raise UsageError(
+                "identity-missing",
+                f"target {target.name!r} has no identity (private key file) to log in with",
+                hint="set identity in its inventory entry to the private key path",
+            )
+        try:
+            identity = paramiko.PKey.from_path(target.identity)
+        except (OSError, paramiko.SSHException, ValueError) as exc:
+            raise OperationalError(
+                "identity-unreadable",
+                f"cannot load the SSH identity {target.identity}: {exc}",
+                hint="check that the file exists, is readable and is an unencrypted OpenSSH private key",
+                details={"path": target.identity},
+            ) from exc
+        transport = cls(
+            target.url,
+            host=parts.hostname,
+            port=port,
+            user=parts.username,
+            host_key=host_key,
+            identity=identity,
+            connect_timeout=connect_timeout,
+        )
+        transport.connect()
+        return transport
+
+    def __enter__(self) -> SshTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        """Open the connection (again, if it dropped).
+
+        Raises ``RefusedError('host-key-mismatch')`` when the server presents any key but the
+        pinned one (both fingerprints are shown), ``OperationalError('host-unreachable')`` when
+        no SSH server answers, ``OperationalError('ssh-auth-failed')`` when the identity is not
+        accepted.
+        """
+        import paramiko
+
+        self.close()
+        client = paramiko.SSHClient()
+        client.get_host_keys().add(self._known_hosts_name(), self._host_key.get_name(), self._host_key)
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        start = time.monotonic()
+        try:
+            client.connect(
+                self.host,
+                port=self.port,
+                username=self.user,
+                pkey=self._identity,
+                timeout=self._connect_timeout,
+                banner_timeout=self._connect_timeout,
+                auth_timeout=self._connect_timeout,
+                allow_agent=False,
+                look_for_keys=False,
+            )
+        except paramiko.BadHostKeyException as exc:
+            client.close()
+            raise self._mismatch(exc.key) from None
+        except paramiko.AuthenticationException as exc:
+            client.close()
+            raise OperationalError(
+                "ssh-auth-failed",
+                f"{self.user}@{self.host}:{self.port} did not accept the identity "
+                f"({fingerprint(self._identity)})",
+                hint="check that the identity's public key is in the user's authorized_keys on the host",
+                details={"url": self.url, "identity": fingerprint(self._identity)},
+            ) from exc
+        except paramiko.SSHException as exc:
+            # RejectPolicy raises a bare SSHException when the server offers a key of a type
+            # that is not pinned; the transport still holds the key it was shown.
+            offered = _remote_key(client)
+            client.close()
+            if offered is not None and not _same_key(offered, self._host_key):
+                raise self._mismatch(offered) from None
+            raise self._unreachable(exc) from exc
+        except (OSError, EOFError) as exc:
+            client.close()
+            raise self._unreachable(exc) from exc
+        self.connect_s = time.monotonic() - start
+        transport = client.get_transport()
+        if transport is not None:
+            transport.set_keepalive(30)
+        self._client = client
+
+    def close(self) -> None:
+        if self._sftp is not None:
+            self._sftp.close()
+            self._sftp = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: bytes | None = None,
+        timeout: float = 60.0,
+        secrets: Sequence[str] = (),
+    ) -> RunResult:
+        """Run argv on the host under ``timeout -k 2 <timeout>`` and collect its output.
+
+        Raises ``CommandTimeout`` when the remote ``timeout`` had to end the command, or when the
+        channel stays silent past the deadline plus the kill grace (the host hung);
+        ``OperationalError('tool-missing')`` when the program is not on the host's PATH;
+        ``OperationalError('host-unreachable')`` when the connection fails.
+        """
+        import paramiko
+
+        if timeout <= 0:
+            raise ValueError("timeout must be positive (GNU timeout treats 0 as 'no limit')")
+        args = [str(a) for a in argv]
+        shown = masked(args, secrets)
+        command = shlex.join(["timeout", "-k", str(KILL_AFTER_S), f"{timeout:.3f}", *args])
+        start = time.monotonic()
+        backstop = start + timeout + KILL_AFTER_S + LOCAL_GRACE_S
+        out: list[bytes] = []
+        err: list[bytes] = []
+        try:
+            chan = self._transport().open_session(timeout=self._connect_timeout)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            self.close()
+            raise self._unreachable(exc) from exc
+        try:
+            chan.exec_command(command)
+            pending = stdin or b""
+            if not pending:
+                chan.shutdown_write()
+            while True:
+                if pending and chan.send_ready():
+                    sent = chan.send(pending[:_CHUNK])
+                    pending = pending[sent:]
+                    if not pending:
+                        chan.shutdown_write()
+                while chan.recv_ready():
+                    out.append(chan.recv(_CHUNK))
+                while chan.recv_stderr_ready():
+                    err.append(chan.recv_stderr(_CHUNK))
+                if chan.eof_received and not chan.recv_ready() and not chan.recv_stderr_ready():
+                    break
+                remaining = backstop - time.monotonic()
+                if remaining <= 0:
+                    raise self._timeout(shown, timeout, out, err, secrets)
+                # While stdin is pending, wake often to send; otherwise sleep until data or EOF.
+                select.select([chan], [], [], min(remaining, 0.01) if pending else remaining)
+            if not chan.status_event.wait(max(0.0, backstop - time.monotonic())):
+                raise self._timeout(shown, timeout, out, err, secrets)
+            rc = chan.recv_exit_status()
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            self.close()
+            raise self._unreachable(exc) from exc
+        finally:
+            chan.close()
+        duration = time.monotonic() - start
+        stdout, stderr = _text(out, secrets), _text(err, secrets)
+        # A command that exits 124/137 on its own before the deadline is not a timeout.
+        if rc in _TIMED_OUT_RCS and duration >= timeout:
+            raise CommandTimeout(shown, timeout, stdout, stderr)
+        if rc == 127 and stderr.startswith("timeout: failed to run command"):
+            raise OperationalError(
+                "tool-missing",
+                f"`{shown[0]}` is not installed or not on PATH on {self.url}",
+                hint="install it on the host (the golden image lists the tools avm needs)",
+                details={"argv": shown, "stderr": stderr[-800:]},
+            )
+        return RunResult(argv=shown, rc=rc, stdout=stdout, stderr=stderr, duration_s=duration)
+
+    def put(self, data: bytes, path: str, mode: int = 0o644) -> None:
+        """Write ``data`` to ``path`` atomically: a temp file in the same directory, chmod before
+        the data goes in, then ``posix-rename``. Missing parent directories are created.
+        Raises ``OperationalError('remote-write-failed')``."""
+        sftp = self._sftp_client()
+        parent, name = posixpath.split(path)
+        tmp = posixpath.join(parent, f".{name}.{_secrets.token_hex(6)}.tmp")
+        try:
+            self._makedirs(sftp, parent or ".")
+            with sftp.open(tmp, "wb") as fh:
+                fh.chmod(mode)
+                fh.set_pipelined(True)
+                fh.write(data)
+            sftp.posix_rename(tmp, path)
+        except OSError as exc:
+            _remove_quietly(sftp, tmp)
+            raise OperationalError(
+                "remote-write-failed",
+                f"cannot write {path} on {self.url}: {exc}",
+                hint="check that the directory is writable by the SSH user",
+                details={"path": path},
+            ) from exc
+        except BaseException:
+            _remove_quietly(sftp, tmp)
+            raise
+
+    def get(self, path: str) -> bytes:
+        """Read a whole file. Raises ``OperationalError('remote-file-missing')`` if absent."""
+        sftp = self._sftp_client()
+        try:
+            with sftp.open(path, "rb") as fh:
+                fh.prefetch()
+                return fh.read()
+        except FileNotFoundError:
+            raise OperationalError("remote-file-missing", f"{path} does not exist on {self.url}") from None
+        except OSError as exc:
+            raise OperationalError(
+                "remote-read-failed", f"cannot read {path} on {self.url}: {exc}", details={"path": path}
+            ) from exc
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _transport(self) -> paramiko.Transport:
+        if self._client is None or not _active(self._client):
+            self.connect()
+        assert self._client is not None
+        transport = self._client.get_transport()
+        assert transport is not None
+        return transport
+
+    def _sftp_client(self) -> paramiko.SFTPClient:
+        import paramiko
+
+        if self._sftp is None or self._client is None or not _active(self._client):
+            transport = self._transport()
+            try:
+                self._sftp = paramiko.SFTPClient.from_transport(transport)
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                raise OperationalError(
+                    "sftp-unavailable",
+                    f"{self.url} refused an SFTP session: {exc}",
+                    hint="enable `Subsystem sftp internal-sftp` in the host's sshd_config",
+                ) from exc
+            if self._sftp is None:
+                raise OperationalError("sftp-unavailable", f"{self.url} refused an SFTP session")
+        return self._sftp
+
+    @staticmethod
+    def _makedirs(sftp: paramiko.SFTPClient, directory: str) -> None:
+        try:
+            if stat.S_ISDIR(sftp.stat(directory).st_mode or 0):
+                return
+        except FileNotFoundError:
+            SshTransport._makedirs(sftp, posixpath.dirname(directory.rstrip("/")) or "/")
+            sftp.mkdir(directory)
+
+    def _known_hosts_name(self) -> str:
+        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+
+    def _mismatch(self, actual: paramiko.PKey) -> RefusedError:
+        expected_fp, actual_fp = fingerprint(self._host_key), fingerprint(actual)
+        return RefusedError(
+            "host-key-mismatch",
+            f"{self.host}:{self.port} presented host key {actual.get_name()} {actual_fp}, "
+            f"expected the pinned {self._host_key.get_name()} {expected_fp}",
+            hint="if the host was rebuilt, re-pin its key in the inventory; otherwise treat it as an attack",
+            details={"url": self.url, "expected": expected_fp, "actual": actual_fp},
+        )
+
+    def _unreachable(self, exc: BaseException) -> OperationalError:
+        return OperationalError(
+            "host-unreachable",
+            f"no working SSH connection to {self.host}:{self.port}: {exc or type(exc).__name__}",
+            hint="check that the host is up and sshd listens on that port (`avm vm status`)",
+            details={"url": self.url, "error": type(exc).__name__},
+        )
+
+    def _timeout(
+        self, shown: list[str], timeout: float, out: list[bytes], err: list[bytes], secrets: Sequence[str]
+    ) -> CommandTimeout:
+        # The host stopped answering; drop the connection so the next call starts clean.
+        self.close()
+        return CommandTimeout(shown, timeout, _text(out, secrets), _text(err, secrets))
+
+
+def wait_for_ssh(host: str, port: int, deadline_s: float) -> str:
+    """Wait up to ``deadline_s`` seconds until an SSH server greets on host:port, and return its
+    ``SSH-2.0-...`` banner. An open port is not enough (a VM's port forward accepts before
+    sshd runs). Raises ``OperationalError('host-unreachable')`` when the time is up."""
+    end = time.monotonic() + deadline_s
+    last = "no attempt"
+    while True:
+        remaining = end - time.monotonic()
+        if remaining <= 0:
+            raise OperationalError(
+                "host-unreachable",
+                f"no SSH banner from {host}:{port} within {deadline_s:g}s (last: {last})",
+                hint="the machine may still be booting, or sshd failed to start; check its console log",
+                details={"host": host, "port": port, "deadline_s": deadline_s, "last": last},
+            )
+        try:
+            with socket.create_connection((host, port), timeout=min(remaining, 2.0)) as sock:
+                sock.settimeout(min(max(end - time.monotonic(), 0.05), 2.0))
+                banner = _read_banner(sock)
+            if banner is not None:
+                return banner
+            last = "connection closed without an SSH-2.0 banner"
+        except OSError as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        time.sleep(min(0.1, max(end - time.monotonic(), 0)))
+
+
+def _read_banner(sock: socket.socket) -> str | None:
+    buf = b""
+    while len(buf) < 8192:
+        chunk = sock.recv(1024)
+        if not chunk:
+            return None
+        buf += chunk
+        # RFC 4253 4.2: a server may send other lines before the version line.
+        for line in buf.split(b"\n")[:-1]:
+            if line.startswith(b"SSH-2.0-"):
+                return line.rstrip(b"\r").decode("ascii", "replace")
+    return None
+
+
+def _active(client: paramiko.SSHClient) -> bool:
+    transport = client.get_transport()
+    return transport is not None and transport.is_active()
+
+
+def _remote_key(client: paramiko.SSHClient) -> paramiko.PKey | None:
+    transport = client.get_transport()
+    if transport is None:
+        return None
+    try:
+        return transport.get_remote_server_key()
+    except Exception:
+        # No key was exchanged; the caller reports the original error.
+        return None
+
+
+def _same_key(a: paramiko.PKey, b: paramiko.PKey) -> bool:
+    return a.get_name() == b.get_name() and a.asbytes() == b.asbytes()
+
+
+def _remove_quietly(sftp: paramiko.SFTPClient, path: str) -> None:
+    with contextlib.suppress(OSError):
+        sftp.remove(path)
+
+
+def _text(chunks: list[bytes], secrets: Sequence[str]) -> str:
+    text = b"".join(chunks).decode("utf-8", "replace")
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, MASK)
+    return text
+
+
+__all__ = ["SshTransport", "fingerprint", "parse_host_key", "wait_for_ssh"]
