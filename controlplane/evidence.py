@@ -17,44 +17,143 @@ written: ``refused`` for ``RefusedError``, ``failed`` for anything else, with th
 message, and the exception propagates unchanged. Steps that never ran are not recorded as
 having run. No secret value may be passed to any of these methods.
 
-THIS FILE IS AN INTERFACE STUB: the implementation lands with the receipt store (ledger).
+The signing key is loaded before the block runs: without a key nothing runs (fail closed).
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import socket
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
+from controlplane import keys, ledger
+from controlplane.canonical import canonical_bytes, sha256_hex
+from controlplane.errors import AvmError, RefusedError
 from controlplane.home import Home
+from controlplane.receipt import (
+    CheckRecord,
+    CommandRecord,
+    Predicate,
+    Statement,
+    Subject,
+    predicate_type,
+    seal,
+)
 from controlplane.transport.base import RunResult
 
 
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def split_digest(digest: str) -> dict[str, str]:
+    """``sha256:<hex>`` (or bare hex) -> the in-toto digest set ``{"sha256": hex}``."""
+    algo, _, value = digest.rpartition(":")
+    return {algo or "sha256": value}
+
+
 class Step:
-    kind: str
-    receipt_id: str | None
-    result: dict[str, Any]
+    """What one step observed. Filled by the block, sealed into a receipt when it ends."""
+
+    def __init__(self, kind: str, inputs: Mapping[str, Any]) -> None:
+        self.kind = kind
+        self.inputs = dict(inputs)
+        self.receipt_id: str | None = None
+        self.receipt_digest: str | None = None
+        self.result: dict[str, Any] = {}
+        self.subjects: list[Subject] = []
+        self.commands: list[CommandRecord] = []
+        self.observations: dict[str, Any] = {}
+        self.checks: list[CheckRecord] = []
+        self.events: list[dict[str, Any]] = []
+        self.non_claims: list[str] = []
 
     def subject(self, name: str, digest: str) -> None:
-        raise NotImplementedError
+        self.subjects.append(Subject(name=name, digest=split_digest(digest)))
 
     def command(self, result: RunResult) -> None:
-        raise NotImplementedError
+        self.commands.append(
+            CommandRecord(argv=result.argv, rc=result.rc, duration_s=round(result.duration_s, 4))
+        )
 
     def observe(self, key: str, value: Any) -> None:
-        raise NotImplementedError
+        self.observations[key] = value
 
     def check(self, name: str, *, ok: bool, detail: str = "") -> None:
-        raise NotImplementedError
+        self.checks.append(CheckRecord(name=name, ok=ok, detail=detail))
 
     def event(self, type_: str, **fields: Any) -> None:
-        raise NotImplementedError
+        self.events.append({"type": type_, **fields})
 
     def non_claim(self, text: str) -> None:
-        raise NotImplementedError
+        self.non_claims.append(text)
+
+    def statement(
+        self, seq: int, prev: str | None, status: Literal["ok", "refused", "failed"], timing: dict[str, Any]
+    ) -> Statement:
+        subjects = self.subjects or [
+            # a step refused before it touched anything still names what it was asked to do
+            Subject(name=f"inputs:{self.kind}", digest={"sha256": sha256_hex(canonical_bytes(self.inputs))})
+        ]
+        predicate = Predicate(
+            kind=self.kind,
+            seq=seq,
+            prev=prev,
+            status=status,
+            control_host=socket.gethostname(),
+            inputs=self.inputs,
+            commands=self.commands,
+            observations=self.observations,
+            checks=self.checks,
+            events=self.events,
+            non_claims=self.non_claims,
+            result=self.result,
+            **timing,
+        )
+        return Statement(
+            type_="https://in-toto.io/Statement/v1",
+            subject=subjects,
+            predicateType=predicate_type(self.kind),
+            predicate=predicate,
+        )
 
 
 @contextmanager
 def record_step(home: Home, kind: str, *, inputs: Mapping[str, Any] | None = None) -> Iterator[Step]:
-    raise NotImplementedError
-    yield Step()
+    """Run a block as one evidenced step. Raises ``OperationalError('key-missing')`` before the
+    block runs if the home has no signing key; re-raises whatever the block raises, after
+    writing the receipt."""
+    signer = keys.load_signer(home)
+    step = Step(kind, inputs or {})
+    started, t0 = _now(), time.monotonic()
+    status: Literal["ok", "refused", "failed"] = "ok"
+    error: dict[str, Any] | None = None
+    try:
+        yield step
+    except BaseException as exc:
+        status = "refused" if isinstance(exc, RefusedError) else "failed"
+        if isinstance(exc, AvmError):
+            error = {"code": exc.code, "message": exc.message}
+        else:
+            error = {
+                "code": "internal" if isinstance(exc, Exception) else "interrupted",
+                "message": repr(exc),
+            }
+        raise
+    finally:
+        timing = {"started": started, "finished": _now(), "duration_s": round(time.monotonic() - t0, 4)}
+
+        def build(seq: int, prev: str | None) -> bytes:
+            statement = step.statement(seq, prev, status, timing)
+            if error is not None:
+                statement = statement.model_copy(
+                    update={"predicate": statement.predicate.model_copy(update={"error": error})}
+                )
+            return seal(statement, signer)
+
+        head = ledger.append(home.receipts, build)
+        step.receipt_id = str(head.seq)
+        step.receipt_digest = head.digest

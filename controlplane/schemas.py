@@ -16,6 +16,8 @@ from typing import Any
 # file stem -> "module:Model"
 SCHEMAS = {
     "jobspec": "controlplane.jobspec:JobSpec",
+    "receipt": "controlplane.receipt:Statement",
+    "receipt-envelope": "controlplane.receipt:Envelope",
 }
 
 

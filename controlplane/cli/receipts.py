@@ -2,20 +2,114 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import click
 
-from controlplane.cli.pending import not_built
+from controlplane.cli.app import AppContext, pass_app
 
 
 @click.group("receipts")
 def receipts() -> None:
-    """List, show, verify and export the signed, hash-chained evidence receipts."""
+    """List, show, verify and export the signed, hash-chained evidence receipts.
+
+    \b
+    Every receipt is an in-toto Statement v1 in a DSSE envelope (ed25519), stored as
+    RFC 8785 canonical JSON, carrying the sha256 of the receipt before it.
+    """
+
+
+@receipts.command("list")
+@click.option("--last", type=click.IntRange(min=1), default=None, help="Only the last N receipts.")
+@pass_app
+def list_(app: AppContext, last: int | None) -> None:
+    """One line per receipt: number, time, kind, status, first subject."""
+    from controlplane import auditlog
+
+    rows = list(auditlog.summaries(app.home.receipts, last=last))
+    if app.json:
+        app.emit({"receipts": rows}, "")
+        return
+    if not rows:
+        click.echo("no receipts yet (`avm keys init` writes the first)")
+    for row in rows:
+        click.echo(
+            f"{row['seq']:>6}  {row['finished']}  {row['kind']:<16} {row['status']:<8} {row['subject']}"
+        )
+
+
+@receipts.command("show")
+@click.argument("receipt_id")
+@pass_app
+def show(app: AppContext, receipt_id: str) -> None:
+    """Print one receipt's statement. RECEIPT_ID is its number or a prefix of its digest."""
+    from controlplane import auditlog
+
+    doc = auditlog.show(app.home.receipts, receipt_id)
+    app.emit(doc, json.dumps(doc, indent=2, sort_keys=True))
 
 
 @receipts.command("verify")
-def verify() -> None:
-    """Verify every signature and the hash chain."""
-    not_built("receipts verify", "the foundation")
+@click.option(
+    "--key",
+    "key_paths",
+    multiple=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Trusted public key (PEM); repeatable. [default: this home's keys/receipt-signing.pub]",
+)
+@click.option(
+    "--dir", "directory", type=click.Path(path_type=Path, file_okay=False), help="Receipts directory."
+)
+@click.option("--bundle", type=click.Path(path_type=Path, dir_okay=False), help="An exported JSONL bundle.")
+@click.option("--expect-head", default=None, help="The digest the chain must end at (from a trusted copy).")
+@pass_app
+def verify(
+    app: AppContext,
+    key_paths: tuple[Path, ...],
+    directory: Path | None,
+    bundle: Path | None,
+    expect_head: str | None,
+) -> None:
+    """Verify every signature and the hash chain, offline. Exit 3 with a precise code on failure.
+
+    \b
+    Codes: receipt-truncated, receipt-malformed, receipt-untrusted-key,
+    receipt-signature-invalid, receipt-missing, receipt-inserted, receipt-out-of-order,
+    receipt-chain-broken, receipt-head-mismatch.
+    """
+    from controlplane import keys
+    from controlplane import verify as verifier
+
+    home = app.home
+    trusted = keys.load_trusted(list(key_paths) or [keys.public_path(home)])
+    if bundle is None and directory is None:
+        directory = home.receipts
+    report = verifier.verify(trusted, directory=directory, bundle=bundle, expect_head=expect_head)
+    app.emit(
+        report.to_dict(),
+        f"ok: {report.count} receipts verified, chain intact\n"
+        f"head: #{report.head_seq} sha256:{report.head_digest}",
+    )
+
+
+@receipts.command("export")
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="JSONL file to write."
+)
+@pass_app
+def export(app: AppContext, out: Path) -> None:
+    """Write the chain as JSONL (one stored envelope per line), for offline audit.
+
+    The auditor runs: avm receipts verify --bundle FILE --key receipt-signing.pub --expect-head DIGEST
+    """
+    from controlplane import auditlog
+
+    count, head = auditlog.export(app.home.receipts, out)
+    app.emit(
+        {"out": str(out), "receipts": count, "head": head},
+        f"exported {count} receipts to {out}\nhead: sha256:{head}",
+    )
 
 
 commands = [receipts]

@@ -67,7 +67,7 @@ def spawn_nspawn(argv: list[str], log: Path, group: str) -> subprocess.Popen[byt
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=lambda: cgroup.join_in_child(procs_files),  # noqa: PLW1509
+                preexec_fn=lambda: cgroup.join_in_child(procs_files),
             )
         except FileNotFoundError as exc:
             raise OperationalError(
@@ -133,7 +133,9 @@ class NspawnBackend:
             # SIGTERM to nspawn asks the container's systemd for an orderly poweroff
             procs.signal_pids([pid], signal.SIGTERM)
             clean = procs.wait_gone([pid], record.marker, grace_s)
-            checks.append(Check("graceful-poweroff", clean, f"SIGTERM to nspawn pid {pid}, {grace_s:g}s grace"))
+            checks.append(
+                Check("graceful-poweroff", clean, f"SIGTERM to nspawn pid {pid}, {grace_s:g}s grace")
+            )
             if not clean:
                 procs.signal_pids([pid], signal.SIGKILL)
                 procs.wait_gone([pid], record.marker, 5.0)
@@ -141,7 +143,9 @@ class NspawnBackend:
             checks.append(Check("graceful-poweroff", True, f"nspawn pid {pid} was already gone (dead VM)"))
         # a dead or killed nspawn leaves its container's processes behind: the cgroup lists them
         left = cgroup.kill_all(record.marker)
-        checks.append(Check("container-processes-killed", not left, f"left in cgroup: {left}" if left else ""))
+        checks.append(
+            Check("container-processes-killed", not left, f"left in cgroup: {left}" if left else "")
+        )
         return checks
 
     def leftovers(self, record: VmRecord) -> list[Check]:

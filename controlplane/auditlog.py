@@ -1,0 +1,103 @@
+"""Reading the receipt store for people: summaries, one receipt, and a JSONL export.
+
+These read without verifying; ``avm receipts verify`` is the check. Everything streams, one
+receipt at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from controlplane import ledger
+from controlplane.errors import OperationalError, UsageError
+from controlplane.receipt import MalformedReceipt, Statement, digest_of, open_receipt
+
+
+def _stored(directory: Path, first: int = 1) -> Iterator[tuple[int, bytes]]:
+    last = max(ledger.max_file_seq(directory), ledger.read_head(directory).seq)
+    for seq in range(first, last + 1):
+        with contextlib.suppress(FileNotFoundError):
+            yield seq, ledger.receipt_path(directory, seq).read_bytes()
+
+
+def _statement(seq: int, data: bytes) -> Statement:
+    try:
+        return open_receipt(data)[2]
+    except MalformedReceipt as exc:
+        raise OperationalError(
+            "receipt-malformed",
+            f"receipt #{seq} cannot be read: {exc}",
+            hint="run `avm receipts verify` to locate the damage",
+        ) from exc
+
+
+def summaries(directory: Path, *, last: int | None = None) -> Iterator[dict[str, Any]]:
+    top = max(ledger.max_file_seq(directory), ledger.read_head(directory).seq)
+    first = max(1, top - last + 1) if last else 1
+    for seq, data in _stored(directory, first):
+        statement = _statement(seq, data)
+        pred, subject = statement.predicate, statement.subject[0]
+        yield {
+            "seq": seq,
+            "kind": pred.kind,
+            "status": pred.status,
+            "finished": pred.finished,
+            "subject": f"{subject.name} {next(iter(subject.digest.values()))[:16]}",
+            "digest": digest_of(data),
+        }
+
+
+def show(directory: Path, receipt_id: str) -> dict[str, Any]:
+    """One receipt by number or digest prefix (>= 8 hex). Raises ``UsageError``/``OperationalError``."""
+    if receipt_id.isdigit() and len(receipt_id) < 8:
+        seq = int(receipt_id)
+        data = ledger.read(directory, seq)
+        return _doc(seq, data)
+    prefix = receipt_id.removeprefix("sha256:").lower()
+    if len(prefix) < 8 or any(c not in "0123456789abcdef" for c in prefix):
+        raise UsageError(
+            "receipt-id-invalid",
+            f"{receipt_id!r} is neither a receipt number nor a digest prefix",
+            hint="pass a number from `avm receipts list`, or at least 8 hex digits of a digest",
+        )
+    for seq, data in _stored(directory):
+        if digest_of(data).startswith(prefix):
+            return _doc(seq, data)
+    raise OperationalError("receipt-not-found", f"no receipt whose digest starts with {prefix}")
+
+
+def _doc(seq: int, data: bytes) -> dict[str, Any]:
+    envelope, _, statement = open_receipt(data)
+    return {
+        "seq": seq,
+        "digest": digest_of(data),
+        "keyid": envelope.signatures[0].keyid,
+        "statement": statement.model_dump(mode="json", by_alias=True),
+    }
+
+
+def export(directory: Path, out: Path) -> tuple[int, str | None]:
+    """Write every stored receipt as one JSONL line, atomically. Returns (count, head digest)."""
+    out = out.resolve()
+    if not out.parent.is_dir():
+        raise UsageError("export-path-invalid", f"directory {out.parent} does not exist")
+    count, head = 0, None
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as sink, ledger.locked(directory):
+            for _, data in _stored(directory):
+                sink.write(data + b"\n")
+                count, head = count + 1, digest_of(data)
+            sink.flush()
+            os.fsync(sink.fileno())
+        os.rename(tmp, out)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return count, head

@@ -1,0 +1,164 @@
+"""The receipt: an in-toto Statement v1 in a DSSE envelope, one canonical-JSON file per step.
+
+What is signed, hashed and stored are the same bytes:
+
+- the statement is serialised once as RFC 8785 canonical JSON (the DSSE payload);
+- the signature is ed25519 over DSSE's pre-authentication encoding (PAE) of that payload;
+- the envelope is stored as canonical JSON, and the next receipt's ``predicate.prev`` is the
+  sha256 of exactly those stored bytes (so the chain covers the signatures too).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from controlplane.canonical import canonical_bytes, sha256_hex
+from controlplane.keys import Signer
+
+STATEMENT_TYPE: Final = "https://in-toto.io/Statement/v1"
+PAYLOAD_TYPE: Final = "application/vnd.in-toto+json"
+PREDICATE_PREFIX = "https://agent-vm.dev/receipt/"
+
+
+def predicate_type(kind: str) -> str:
+    return f"{PREDICATE_PREFIX}{kind}/v1"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Subject(_Frozen):
+    name: str
+    digest: dict[str, str] = Field(description="algorithm -> hex, e.g. {'sha256': '...'}")
+
+
+class CommandRecord(_Frozen):
+    argv: list[str] = Field(description="masked argv: secret values never appear")
+    rc: int | None
+    duration_s: float
+
+
+class CheckRecord(_Frozen):
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+class Predicate(_Frozen):
+    kind: str
+    seq: int = Field(ge=1)
+    prev: str | None = Field(description="sha256 hex of the previous stored receipt; null for the first")
+    status: Literal["ok", "refused", "failed"]
+    started: str
+    finished: str
+    duration_s: float
+    control_host: str
+    inputs: dict[str, Any] = {}
+    commands: list[CommandRecord] = []
+    observations: dict[str, Any] = {}
+    checks: list[CheckRecord] = []
+    events: list[dict[str, Any]] = []
+    non_claims: list[str] = []
+    result: dict[str, Any] = {}
+    error: dict[str, Any] | None = None
+
+
+class Statement(_Frozen):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    type_: Literal["https://in-toto.io/Statement/v1"] = Field(alias="_type")
+    subject: list[Subject] = Field(min_length=1)
+    predicateType: str  # the in-toto field name
+    predicate: Predicate
+
+
+class Signature(_Frozen):
+    keyid: str
+    sig: str
+
+
+class Envelope(_Frozen):
+    """A DSSE envelope as stored on disk."""
+
+    payload: str
+    payloadType: Literal["application/vnd.in-toto+json"]  # the DSSE field name
+    signatures: list[Signature] = Field(min_length=1, max_length=1)
+
+
+class MalformedReceipt(ValueError):
+    """Bytes that are not a well-formed receipt; ``truncated`` when they stop short."""
+
+    def __init__(self, message: str, *, truncated: bool = False) -> None:
+        super().__init__(message)
+        self.truncated = truncated
+
+
+def pae(payload_type: str, payload: bytes) -> bytes:
+    """DSSE v1 pre-authentication encoding."""
+    kind = payload_type.encode()
+    return b"DSSEv1 %d %s %d %s" % (len(kind), kind, len(payload), payload)
+
+
+def seal(statement: Statement, signer: Signer) -> bytes:
+    """Sign a statement; return the exact bytes to store."""
+    payload = canonical_bytes(statement.model_dump(mode="json", by_alias=True))
+    sig = signer.sign(pae(PAYLOAD_TYPE, payload))
+    envelope = Envelope(
+        payload=base64.b64encode(payload).decode(),
+        payloadType=PAYLOAD_TYPE,
+        signatures=[Signature(keyid=signer.keyid, sig=base64.b64encode(sig).decode())],
+    )
+    return canonical_bytes(envelope.model_dump(mode="json"))
+
+
+def digest_of(stored: bytes) -> str:
+    """The chain digest of a stored receipt (what the next receipt's ``prev`` carries)."""
+    return sha256_hex(stored)
+
+
+def open_envelope(stored: bytes) -> tuple[Envelope, bytes]:
+    """Parse stored bytes into (envelope, payload bytes). Checks no signature: verify the payload
+    before parsing it with ``parse_statement``.
+
+    Raises ``MalformedReceipt`` (with ``truncated=True`` when the bytes end mid-document).
+    """
+    try:
+        doc = json.loads(stored)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        # an envelope is one JSON object: bytes that open one but never close it were cut short
+        body = stored.strip()
+        cut = not body or (body.startswith(b"{") and not body.endswith(b"}"))
+        raise MalformedReceipt(f"not JSON: {exc}", truncated=cut) from exc
+    try:
+        envelope = Envelope.model_validate(doc)
+        payload = base64.b64decode(envelope.payload, validate=True)
+    except (ValidationError, binascii.Error) as exc:
+        raise MalformedReceipt(f"not a receipt envelope: {exc}".splitlines()[0]) from exc
+    if canonical_bytes(doc) != stored:
+        raise MalformedReceipt("stored bytes are not the canonical form of the envelope")
+    return envelope, payload
+
+
+def parse_statement(payload: bytes) -> Statement:
+    """Raises ``MalformedReceipt`` if the (verified) payload is not a valid statement."""
+    try:
+        return Statement.model_validate_json(payload)
+    except ValidationError as exc:
+        raise MalformedReceipt(f"not a receipt statement: {exc}".splitlines()[0]) from exc
+
+
+def open_receipt(stored: bytes) -> tuple[Envelope, bytes, Statement]:
+    """Parse without verifying (for display; ``avm receipts verify`` is the check)."""
+    envelope, payload = open_envelope(stored)
+    return envelope, payload, parse_statement(payload)
+
+
+def schema() -> dict[str, Any]:
+    """JSON Schema of the signed statement (the payload auditors read)."""
+    return Statement.model_json_schema(by_alias=True)
