@@ -1,0 +1,161 @@
+"""The release manifest: ``avm.yaml`` at the promoted commit of an agent repo.
+
+Parsed at the edge into frozen models (``extra="forbid"``): an unknown key, a bad profile name,
+a secret value where a ``secret://`` reference belongs, or an unpinned artifact is refused before
+anything else happens.
+
+Example::
+
+    profiles:
+      - name: web
+        risk_tier: L1
+        canary: true
+        entrypoint: [python3, agent.py]
+        env: {GATEWAY_PORT: "8081"}
+        secrets: {API_TOKEN: secret://vault/web-token}
+        tools: [search, summarize]
+        egress: [{host: 127.0.0.1, port: 443}]
+        limits: {memory_max: 256M, tasks_max: 64, cpu_quota: 50%}
+        health: {port: 8081, path: /healthz, timeout_s: 20}
+    artifacts:
+      - {path: model/weights.bin, sha256: "..."}
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from controlplane.errors import UsageError
+from controlplane.ids import ProfileName
+
+MANIFEST_PATH = "avm.yaml"
+RiskTier = Literal["L0", "L1", "L2", "L3", "L4", "L5"]
+_ENV_KEY = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
+_SECRET_REF = re.compile(r"^secret://[a-z0-9][a-z0-9-]{0,31}/[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
+_TOOL = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
+_SIZE = re.compile(r"^[1-9][0-9]{0,5}[KMG]$")
+_PERCENT = re.compile(r"^[1-9][0-9]{0,3}%$")
+_REL_PATH = re.compile(r"^(?!/)(?!.*(^|/)\.\.(/|$))[A-Za-z0-9._/-]{1,255}$")
+_ENV_VALUE = re.compile(r"^[^\n\r\0]{0,4096}$")
+
+
+def _match(pattern: re.Pattern[str], what: str) -> AfterValidator:
+    def check(value: str) -> str:
+        if not pattern.fullmatch(value):
+            raise ValueError(f"invalid {what}: {value!r}")
+        return value
+
+    return AfterValidator(check)
+
+
+EnvKey = Annotated[str, _match(_ENV_KEY, "env name (UPPER_SNAKE)")]
+SecretRef = Annotated[str, _match(_SECRET_REF, "secret reference (secret://STORE/NAME)")]
+ToolName = Annotated[str, _match(_TOOL, "tool name")]
+RelPath = Annotated[str, _match(_REL_PATH, "relative path inside the repo")]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EgressRule(_Frozen):
+    host: str
+    port: int = Field(ge=1, le=65535)
+    proto: Literal["tcp", "udp"] = "tcp"
+
+    @field_validator("host")
+    @classmethod
+    def _ip_or_cidr(cls, value: str) -> str:
+        ipaddress.ip_network(value, strict=False)  # systemd's IPAddressAllow takes addresses only
+        return value
+
+
+class Limits(_Frozen):
+    memory_max: Annotated[str, _match(_SIZE, "size like 256M")] = "256M"
+    tasks_max: int = Field(default=64, ge=1, le=4096)
+    cpu_quota: Annotated[str, _match(_PERCENT, "percentage like 50%")] = "50%"
+
+
+class Health(_Frozen):
+    port: int = Field(ge=1024, le=65535)
+    path: Annotated[str, _match(re.compile(r"^/[A-Za-z0-9._/-]{0,127}$"), "URL path")] = "/healthz"
+    timeout_s: float = Field(default=20.0, gt=0, le=600)
+
+
+class Profile(_Frozen):
+    name: ProfileName
+    risk_tier: RiskTier
+    canary: bool = False
+    entrypoint: list[Annotated[str, _match(re.compile(r"^[^\0\n]{1,512}$"), "argument")]] = Field(
+        min_length=1
+    )
+    env: dict[EnvKey, Annotated[str, _match(_ENV_VALUE, "env value")]] = {}
+    secrets: dict[EnvKey, SecretRef] = {}
+    tools: list[ToolName] = []
+    egress: list[EgressRule] = []
+    limits: Limits = Limits()
+    health: Health
+
+    @field_validator("env")
+    @classmethod
+    def _no_secret_looking_values(cls, env: dict[str, str]) -> dict[str, str]:
+        for key in env:
+            if any(word in key for word in ("TOKEN", "PASSWORD", "SECRET", "API_KEY", "PRIVATE_KEY")):
+                raise ValueError(
+                    f"env {key} looks like a secret: declare it under secrets: as secret://STORE/NAME"
+                )
+        return env
+
+
+class Artifact(_Frozen):
+    path: RelPath
+    sha256: Annotated[str, _match(re.compile(r"^[0-9a-f]{64}$"), "sha256 hex")]
+
+
+class ReleaseManifest(_Frozen):
+    soak_s: float = Field(default=5.0, ge=0, le=3600)
+    profiles: list[Profile] = Field(min_length=1)
+    artifacts: list[Artifact] = []
+
+    @field_validator("profiles")
+    @classmethod
+    def _unique_names(cls, profiles: list[Profile]) -> list[Profile]:
+        names = [p.name for p in profiles]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate profile names: {sorted(n for n in names if names.count(n) > 1)}")
+        return profiles
+
+    def profile(self, name: str) -> Profile:
+        for p in self.profiles:
+            if p.name == name:
+                return p
+        raise UsageError(
+            "profile-unknown",
+            f"profile {name!r} is not declared in {MANIFEST_PATH}",
+            hint=f"declared profiles: {', '.join(p.name for p in self.profiles)}",
+            details={"expected": [p.name for p in self.profiles], "actual": name},
+        )
+
+
+def parse_manifest(data: bytes, *, source: str = MANIFEST_PATH) -> ReleaseManifest:
+    """Raises ``UsageError("manifest-invalid")`` naming the failing field."""
+    try:
+        raw = yaml.safe_load(data)
+    except yaml.YAMLError as exc:
+        raise UsageError("manifest-invalid", f"{source} is not valid YAML: {exc}") from exc
+    try:
+        return ReleaseManifest.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise UsageError(
+            "manifest-invalid",
+            f"{source}: {field}: {first['msg']}",
+            hint="fix avm.yaml at that commit; see docs/manifest.md",
+            details={"field": field, "errors": exc.error_count()},
+        ) from exc
