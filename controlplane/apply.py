@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from controlplane import hostops
 from controlplane.errors import OperationalError
@@ -61,8 +61,12 @@ def apply_plan(
     previous: dict[str, Previous],
     step: Step,
     progress: Progress,
+    credentials: Mapping[str, Mapping[str, bytes]] | None = None,
 ) -> Outcome:
+    """Run ``plan``. ``credentials`` maps profile -> credential name -> secret value; values
+    are written to the host (0600) and never recorded."""
     outcome = Outcome()
+    creds = credentials or {}
     for action in plan.actions:
         if action.kind == "create-release":
             progress(f"create release {action.target[:12]} (write-once, verified per file)")
@@ -81,7 +85,7 @@ def apply_plan(
             step.event("promotion.halted", reason="canary unhealthy", skipped=[p.name for p in group])
             progress(f"canary failed: {', '.join(p.name for p in group)} left untouched")
             break
-        _apply_group(host, plan, group, previous, step, progress, outcome, label)
+        _apply_group(host, plan, group, previous, step, progress, outcome, label, creds)
         soak = max((p.soak_s for p in group if p.canary), default=0.0)
         if label == "canary" and not outcome.rolled_back and soak > 0:
             progress(f"soak canaries for {soak:g}s")
@@ -109,9 +113,13 @@ def _apply_group(
     progress: Progress,
     outcome: Outcome,
     label: str,
+    creds: Mapping[str, Mapping[str, bytes]],
 ) -> None:
     reload_needed = any(a.kind in ("install-unit", "write-dropin") for a in plan.actions)
     for prof in group:
+        if creds.get(prof.name):
+            paths = hostops.write_credentials(host, prof.name, creds[prof.name])
+            step.event("host.write-credentials", profile=prof.name, paths=paths, values="not recorded")
         for action in (a for a in plan.actions if a.target == prof.name):
             if action.kind == "create-user":
                 step.command(hostops.ensure_user(host, prof.name))

@@ -7,6 +7,7 @@ or verified on the host itself (release unpacking, the ``current`` flip, health 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 from controlplane.errors import OperationalError
 from controlplane.facts import ETC, PROFILES, RELEASES, UNIT_DIR
@@ -149,6 +150,17 @@ def write_profile_file(host: Transport, kind: str, profile: str, data: bytes) ->
     host.run(["mkdir", "-p", path.rsplit("/", 1)[0]], timeout=30).check()
     host.put(data, path, mode=mode)
     return path
+
+
+def write_credentials(host: Transport, profile: str, values: Mapping[str, bytes]) -> list[str]:
+    """Write secret values as systemd credential files (root-only, 0600). Returns the paths."""
+    directory = f"{ETC}/credentials/{profile}"
+    host.run(["mkdir", "-p", "-m", "0700", directory], timeout=30).check()
+    paths = []
+    for name, value in sorted(values.items()):
+        host.put(value, f"{directory}/{name}", mode=0o600)
+        paths.append(f"{directory}/{name}")
+    return paths
 
 
 def flip(host: Transport, profile: str, target: str) -> RunResult:

@@ -15,7 +15,8 @@ MODULES = (
     "receipts",
     "image",
     "vm",
-    "release",  # sign, promote, status, rollback
+    "release",  # sign
+    "promote",  # promote, status, rollback
     "job",
     "approve",
 )

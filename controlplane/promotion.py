@@ -1,0 +1,304 @@
+"""Tier-1 promotion: resolve -> verify -> gather -> plan -> (stop unless --apply) -> apply.
+
+Each stage boundary is evidence: a ``plan`` receipt for every run (dry-run included), and for
+``--apply`` a ``rollback-target`` receipt written before the host is touched, then an ``apply``
+receipt with every command, check, automatic rollback, and the host state it leaves, which
+``avm status`` compares the live host with. Rollback is a promotion of the recorded target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from controlplane import evidence, facts, hostlock, inventory, ledger, plan, render
+from controlplane import secrets as secret_store
+from controlplane.apply import apply_plan, capture_previous
+from controlplane.errors import OperationalError, RefusedError, UsageError
+from controlplane.home import Home
+from controlplane.ids import parse_profile
+from controlplane.manifest import MANIFEST_PATH, ReleaseManifest, parse_manifest
+from controlplane.material import Material, ReleaseMaterial
+from controlplane.receipt import MalformedReceipt, Statement, open_receipt
+from controlplane.transport.base import Transport
+
+Progress = Callable[[str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Verified:
+    """A release that passed every gate: exact commit, trusted signature, pinned digests."""
+
+    sha: str
+    manifest: ReleaseManifest
+    release: ReleaseMaterial
+    keyid: str
+
+
+@dataclasses.dataclass
+class Result:
+    operation: str
+    target: str
+    commit: str
+    plan: plan.Plan
+    applied: bool = False
+    receipts: dict[str, str] = dataclasses.field(default_factory=dict)
+    healthy: list[str] = dataclasses.field(default_factory=list)
+    rolled_back: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[str] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "operation": self.operation,
+            "target": self.target,
+            "commit": self.commit,
+            "plan_digest": self.plan.digest,
+            "in_sync": self.plan.empty,
+            "actions": [a.model_dump() for a in self.plan.actions],
+            "applied": self.applied,
+            "receipts": self.receipts,
+            "healthy": self.healthy,
+            "rolled_back": self.rolled_back,
+            "skipped": self.skipped,
+        }
+
+
+def verify_release(home: Home, repo: Path, ref: str, step: evidence.Step, progress: Progress) -> Verified:
+    """Resolve and verify. Raises ``RefusedError`` (exit 3) on any failed gate; touches no host."""
+    from controlplane import bundle, git, signing
+
+    sha = git.resolve(repo, ref)
+    step.subject(f"commit:{sha}", f"sha1:{sha}")
+    step.event("gate.decision", gate="resolve", outcome="pass", ref=ref, commit=sha)
+    progress(f"resolved {ref} -> {sha}")
+    built = bundle.build(repo, sha)
+    step.subject("bundle", built.digest)
+    keyid = signing.verify_release(home, built)
+    step.event("gate.decision", gate="signature", outcome="pass", keyid=keyid)
+    raw = git.read_file(repo, sha, MANIFEST_PATH)
+    if raw is None:
+        raise RefusedError(
+            "manifest-missing",
+            f"commit {sha[:12]} has no {MANIFEST_PATH}",
+            hint="add avm.yaml to the agent repo",
+        )
+    manifest = parse_manifest(raw, source=f"{MANIFEST_PATH}@{sha[:12]}")
+    signing.verify_artifacts(manifest, built)
+    step.event("gate.decision", gate="pinned-digests", outcome="pass", artifacts=len(manifest.artifacts))
+    progress(f"verified signature ({keyid[:19]}) and {len(manifest.artifacts)} pinned artifact digest(s)")
+    release = ReleaseMaterial(sha=sha, bundle=built.data, files=dict(built.files), bundle_digest=built.digest)
+    return Verified(sha=sha, manifest=manifest, release=release, keyid=keyid)
+
+
+def gather(host: Transport, profiles: Sequence[str], releases: Sequence[str]) -> facts.HostFacts:
+    """All Tier-1 facts of the host in one round trip."""
+    result = host.run(facts.gather_argv(profiles, releases), timeout=120).check(
+        hint="the facts gatherer failed on the host; nothing was changed"
+    )
+    return facts.parse(result.stdout)
+
+
+def _connect(home: Home, target: str) -> Transport:
+    from controlplane.transport import connect
+
+    return connect(inventory.load(home, target))
+
+
+def last_receipt(home: Home, kind: str, target: str) -> tuple[str, Statement] | None:
+    """The newest receipt of ``kind`` for ``target`` with status ok (scanned from HEAD down)."""
+    head = ledger.read_head(home.receipts)
+    for seq in range(max(head.seq, ledger.max_file_seq(home.receipts)), 0, -1):
+        try:
+            statement = open_receipt(ledger.read(home.receipts, seq))[2]
+        except (OperationalError, MalformedReceipt):
+            continue
+        pred = statement.predicate
+        if pred.kind == kind and pred.inputs.get("target") == target and pred.status == "ok":
+            return str(seq), statement
+    return None
+
+
+def recorded_state(home: Home, target: str) -> tuple[str, plan.DesiredState] | None:
+    """What the last successful apply left on ``target`` (receipt id, state)."""
+    found = last_receipt(home, "apply", target)
+    if found is None:
+        return None
+    return found[0], plan.DesiredState.model_validate(found[1].predicate.result["host_state"])
+
+
+def _merge_state(
+    prior: plan.DesiredState | None, material: Material, rolled_back: Sequence[str], skipped: Sequence[str]
+) -> plan.DesiredState:
+    """The host state after this apply: untouched profiles as before, promoted ones as new."""
+    new = material.desired()
+    keep = {p.name: p for p in (prior.profiles if prior else ())}
+    for prof in new.profiles:
+        if prof.name not in rolled_back and prof.name not in skipped:
+            keep[prof.name] = prof
+    profiles = tuple(sorted(keep.values(), key=lambda p: p.name))
+    pool = {**(prior.releases if prior else {}), **new.releases}
+    releases = {p.release: pool[p.release] for p in profiles if p.release in pool}
+    return plan.DesiredState(unit_template=new.unit_template, releases=releases, profiles=profiles)
+
+
+def _secret_values(home: Home, material: Material) -> dict[str, dict[str, bytes]]:
+    """Resolve every secret reference before the host is touched (fail closed)."""
+    return {
+        p.name: {name: secret_store.resolve(home, ref) for name, ref in p.secret_refs}
+        for p in material.profiles
+        if p.secret_refs
+    }
+
+
+def run(
+    home: Home,
+    *,
+    repo: Path,
+    ref: str,
+    target: str,
+    profiles: Sequence[str] = (),
+    apply: bool = False,
+    operation: str = "promote",
+    progress: Progress = lambda _: None,
+) -> Result:
+    """Promote (or roll back to) ``ref`` on ``target``. Dry-run unless ``apply``.
+
+    Raises ``RefusedError`` for any failed gate (signature, digests, tampered release, plan
+    changed, host locked) with the host unchanged, ``UsageError`` for bad input, and
+    ``OperationalError('apply-unhealthy')`` (exit 1) after an automatic rollback.
+    """
+    profiles = [parse_profile(p) for p in profiles]
+    inputs = {"operation": operation, "repo": str(repo), "ref": ref, "target": target, "profiles": profiles}
+    with evidence.record_step(home, "plan", inputs={**inputs, "apply": apply}) as step:
+        verified = verify_release(home, repo, ref, step, progress)
+        material = render.material(verified.manifest, verified.release, profiles=profiles)
+        host = _connect(home, target)
+        desired = material.desired()
+        names = [p.name for p in material.profiles]
+        host_facts = gather(host, names, list(desired.releases))
+        tampered = plan.release_tampered(desired, host_facts)
+        if tampered:
+            raise RefusedError(
+                "release-tampered",
+                f"release {verified.sha[:12]} on {target} differs from the signed bundle "
+                f"({len(tampered)} file(s), e.g. {tampered[0].target})",
+                hint="releases are write-once: investigate the host; avm will not overwrite it",
+                details={"files": [a.target for a in tampered[:20]]},
+            )
+        the_plan = plan.diff(desired, host_facts)
+        step.subject("plan", the_plan.digest)
+        step.result.update(
+            {"plan_digest": the_plan.digest, "actions": [a.model_dump() for a in the_plan.actions]}
+        )
+        step.observe("host_facts", host_facts.model_dump(mode="json"))
+        if not apply:
+            step.non_claim("dry-run: nothing was written to the host")
+    result = Result(operation, target, verified.sha, the_plan, receipts={"plan": step.receipt_id or ""})
+    if not apply or the_plan.empty:
+        host.close()
+        return result
+    credentials = _secret_values(home, material)
+    try:
+        _apply(home, host, result, verified, material, credentials, inputs, progress)
+    finally:
+        host.close()
+    return result
+
+
+def _apply(
+    home: Home,
+    host: Transport,
+    result: Result,
+    verified: Verified,
+    material: Material,
+    credentials: dict[str, dict[str, bytes]],
+    inputs: dict[str, Any],
+    progress: Progress,
+) -> None:
+    names = [p.name for p in material.profiles]
+    desired = material.desired()
+    with hostlock.hold(host, f"avm {result.operation} {verified.sha[:12]}") as lock:
+        regathered = gather(host, names, list(desired.releases))
+        again = plan.diff(desired, regathered)
+        if again.digest != result.plan.digest:
+            raise RefusedError(
+                "plan-changed",
+                f"the host changed since the plan was made on {result.target}",
+                hint="run the dry-run again and review the new plan",
+                details={"expected": result.plan.digest, "actual": again.digest},
+            )
+        with evidence.record_step(home, "rollback-target", inputs=inputs) as target_step:
+            target_step.subject("plan", result.plan.digest)
+            targets = {
+                name: (regathered.profiles[name].current if name in regathered.profiles else None)
+                for name in names
+            }
+            target_step.result["previous"] = targets
+            target_step.observe("lock", lock)
+        result.receipts["rollback-target"] = target_step.receipt_id or ""
+        previous = capture_previous(host, material, regathered)
+        prior = recorded_state(home, result.target)
+        with evidence.record_step(home, "apply", inputs=inputs) as step:
+            step.subject(f"commit:{verified.sha}", f"sha1:{verified.sha}")
+            step.subject("plan", result.plan.digest)
+            step.observe("lock", lock)
+            step.non_claim("secret values were written to the host as credentials and are not recorded")
+            outcome = apply_plan(host, result.plan, material, previous, step, progress, credentials)
+            result.applied = True
+            result.healthy, result.rolled_back, result.skipped = (
+                outcome.healthy,
+                outcome.rolled_back,
+                outcome.skipped,
+            )
+            state = _merge_state(prior[1] if prior else None, material, outcome.rolled_back, outcome.skipped)
+            step.result.update(
+                {
+                    "healthy": outcome.healthy,
+                    "rolled_back": outcome.rolled_back,
+                    "skipped": outcome.skipped,
+                    "host_state": state.model_dump(mode="json"),
+                }
+            )
+        result.receipts["apply"] = step.receipt_id or ""
+    if not outcome.ok:
+        raise OperationalError(
+            "apply-unhealthy",
+            f"{', '.join(outcome.rolled_back)} failed health checks and were rolled back automatically"
+            + (f"; {', '.join(outcome.skipped)} left untouched" if outcome.skipped else ""),
+            hint=f"`avm receipts show {result.receipts['apply']}` has the failure and the rollback",
+            details={"rolled_back": outcome.rolled_back, "skipped": outcome.skipped},
+        )
+
+
+def rollback_ref(home: Home, target: str, profiles: Sequence[str], to: str | None) -> tuple[str, list[str]]:
+    """The release to roll back to: ``--to`` or what was recorded before the last promotion."""
+    if to is not None:
+        return to, list(profiles)
+    found = last_receipt(home, "rollback-target", target)
+    if found is None:
+        raise UsageError(
+            "no-rollback-target",
+            f"no rollback target is recorded for {target}",
+            hint="pass --to REF; a target is recorded by every `avm promote --apply`",
+        )
+    previous: dict[str, str | None] = found[1].predicate.result["previous"]
+    wanted = list(profiles) or sorted(previous)
+    shas = {previous.get(p) for p in wanted}
+    if None in shas:
+        missing = [p for p in wanted if previous.get(p) is None]
+        raise UsageError(
+            "no-rollback-target",
+            f"profile(s) {', '.join(missing)} had no release before the last promotion",
+            hint="pass --to REF, or --profile for the profiles that have one",
+        )
+    if len(shas) != 1:
+        raise UsageError(
+            "rollback-targets-differ",
+            "the profiles had different releases before the last promotion",
+            hint="roll them back one at a time with --profile",
+            details={"previous": previous},
+        )
+    link = shas.pop() or ""
+    return link.rstrip("/").rsplit("/", 1)[-1], wanted

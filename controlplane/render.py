@@ -1,0 +1,105 @@
+"""Render a verified release into the exact bytes a promotion writes: ``Material``. Pure.
+
+From ``avm.yaml`` at the commit: per profile an env file (non-secret values only), a
+fail-closed tool policy, and a unit drop-in (entrypoint, limits, IP allowlist, credentials by
+reference). Secret values never pass through here: the drop-in names credential files only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from controlplane.canonical import canonical_bytes
+from controlplane.errors import OperationalError
+from controlplane.facts import ETC
+from controlplane.manifest import Profile, ReleaseManifest
+from controlplane.material import HealthCheck, Material, ProfileMaterial, ReleaseMaterial
+
+UNIT_FILE = Path(__file__).resolve().parent.parent / "units" / "agent-gateway@.service"
+CREDENTIALS = f"{ETC}/credentials"
+
+
+def unit_template() -> bytes:
+    """The shipped ``units/agent-gateway@.service``."""
+    try:
+        return UNIT_FILE.read_bytes()
+    except OSError as exc:
+        raise OperationalError("unit-template-missing", f"cannot read {UNIT_FILE}: {exc.strerror}") from exc
+
+
+def _systemd_quote(arg: str) -> str:
+    """Quote one ExecStart argument; ``%`` and ``$`` are escaped so they stay literal."""
+    escaped = arg.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
+    return f'"{escaped}"'
+
+
+def env_file(profile: Profile) -> bytes:
+    lines = [f"# written by avm for profile {profile.name}; secrets are credentials, never here"]
+    for key, value in sorted(profile.env.items()):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$")
+        lines.append(f'{key}="{escaped}"')
+    return ("\n".join(lines) + "\n").encode()
+
+
+def policy_file(profile: Profile) -> bytes:
+    """The runtime tool policy: anything not listed is denied (fail closed)."""
+    return canonical_bytes(
+        {
+            "profile": profile.name,
+            "risk_tier": profile.risk_tier,
+            "tools": {"default": "deny", "allow": sorted(profile.tools)},
+            "egress": {"default": "deny", "allow": [r.model_dump() for r in profile.egress]},
+        }
+    )
+
+
+def dropin(profile: Profile) -> bytes:
+    lines = [
+        f"# written by avm for profile {profile.name}",
+        "[Service]",
+        "ExecStart=",
+        "ExecStart=" + " ".join(_systemd_quote(a) for a in profile.entrypoint),
+        f"MemoryMax={profile.limits.memory_max}",
+        f"TasksMax={profile.limits.tasks_max}",
+        f"CPUQuota={profile.limits.cpu_quota}",
+    ]
+    hosts = sorted({rule.host for rule in profile.egress})
+    if hosts:
+        lines.append("IPAddressAllow=" + " ".join(hosts))
+    for name in sorted(profile.secrets):
+        lines.append(f"LoadCredential={name}:{CREDENTIALS}/{profile.name}/{name}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def material(
+    manifest: ReleaseManifest,
+    release: ReleaseMaterial,
+    *,
+    profiles: Sequence[str] = (),
+    others: Iterable[ReleaseMaterial] = (),
+) -> Material:
+    """Material for promoting ``release`` to ``profiles`` (all declared ones if empty)."""
+    chosen = [manifest.profile(p) for p in profiles] if profiles else list(manifest.profiles)
+    rendered = tuple(
+        ProfileMaterial(
+            name=p.name,
+            release=release.sha,
+            env=env_file(p),
+            policy=policy_file(p),
+            dropin=dropin(p),
+            health=HealthCheck(port=p.health.port, path=p.health.path, timeout_s=p.health.timeout_s),
+            canary=p.canary,
+            soak_s=manifest.soak_s,
+            secret_refs=tuple(sorted(p.secrets.items())),
+        )
+        for p in chosen
+    )
+    releases = {release.sha: release, **{r.sha: r for r in others}}
+    return Material(unit=unit_template(), releases=releases, profiles=rendered)
+
+
+def describe(material_: Material) -> dict[str, object]:
+    """A JSON-safe summary for plans and receipts (digests, never secret values)."""
+    return json.loads(canonical_bytes(material_.desired().model_dump(mode="json")))  # type: ignore[no-any-return]
