@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.plugins.home",
     "tests.plugins.sshd",
     "tests.plugins.golden",
+    "tests.plugins.vms",
 ]

@@ -43,7 +43,7 @@ def up(
     no_wait: bool,
 ) -> None:
     """Boot golden VM NAME from the built image and wait for an SSH login."""
-    from controlplane import imagebuild
+    from controlplane.image import load_image
     from controlplane.ids import parse_vm_name
     from controlplane.vm import lifecycle
     from controlplane.vm.base import VmSpec
@@ -58,7 +58,7 @@ def up(
         timeout_s=timeout_s,
     )
     home = app.home
-    image = imagebuild.load_image(home)
+    image = load_image(home)
     record = lifecycle.up(home, spec, image, progress=app.say)
     app.emit(
         record.model_dump(mode="json"),

@@ -37,6 +37,8 @@ def nspawn_argv(request: BootRequest) -> list[str]:
         files["sshd_dropin"]: "/etc/ssh/sshd_config.d/avm.conf",
         Path("/dev/null"): "/etc/systemd/system/systemd-networkd.service",
     }
+    # a container's root is set up by nspawn: remounting it per /etc/fstab can only fail
+    masked = ["systemd-remount-fs.service"]
     return [
         NSPAWN,
         "--boot",
@@ -50,6 +52,7 @@ def nspawn_argv(request: BootRequest) -> list[str]:
         # the marker shows in nspawn's command line: teardown finds it even if the pid is lost
         f"--setenv=AVM_VM_MARKER={request.marker}",
         *(f"--bind-ro={src}:{dst}" for src, dst in binds.items()),
+        *(f"--bind-ro=/dev/null:/etc/systemd/system/{unit}" for unit in masked),
     ]
 
 

@@ -1,0 +1,62 @@
+"""Golden VMs for integration tests: a real systemd + sshd host under nspawn (and QEMU).
+
+``golden_home`` is an avm home with a receipt key and the shared golden image store;
+``nspawn_vm`` boots one container VM per test module and tears it down (verified) after.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from controlplane import keys
+from controlplane.home import Home
+
+AVM = [sys.executable, "-m", "controlplane"]
+
+
+def run_avm(
+    home: Home, *args: str, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The real CLI in a subprocess, as an operator runs it."""
+    full_env = {**os.environ, "AVM_HOME": str(home.root), **(env or {})}
+    return subprocess.run(
+        [*AVM, "--home", str(home.root), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        check=False,
+    )
+
+
+def needs_root_and_nspawn() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("nspawn VMs need root")
+    if subprocess.run(["which", "systemd-nspawn"], capture_output=True, check=False).returncode:
+        pytest.skip("systemd-nspawn is not installed (make setup installs systemd-container)")
+
+
+@pytest.fixture(scope="module")
+def golden_home(tmp_path_factory: pytest.TempPathFactory, golden_image: object) -> Home:
+    """A fresh avm home (receipt key made) that uses the session's golden image."""
+    home = Home(tmp_path_factory.mktemp("golden-home") / "avm").ensure()
+    keys.init(home)
+    return home
+
+
+@pytest.fixture(scope="module")
+def nspawn_vm(golden_home: Home) -> Iterator[str]:
+    """One running nspawn golden VM for the module; its teardown must leave nothing."""
+    needs_root_and_nspawn()
+    name = "t" + Path(golden_home.root).parent.name[-8:].replace("_", "").replace("-", "")[:8]
+    out = run_avm(golden_home, "vm", "up", name, "--backend", "nspawn", "--timeout", "120")
+    assert out.returncode == 0, out.stderr
+    yield name
+    down = run_avm(golden_home, "vm", "down", name)
+    assert down.returncode == 0, down.stdout + down.stderr
