@@ -1,6 +1,8 @@
-"""avm keys: the receipt signing key."""
+"""avm keys: the receipt signing key and the trusted release (cosign) keys."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import click
 
@@ -9,7 +11,12 @@ from controlplane.cli.app import AppContext, pass_app
 
 @click.group("keys")
 def keys() -> None:
-    """Create and show the receipt signing key (ed25519, private half 0600 under keys/)."""
+    """Receipt signing key (ed25519, private half 0600 under keys/) and trusted release keys.
+
+    \b
+    Release keys are cosign key pairs (ECDSA P-256). Promotion accepts only signatures by keys
+    trusted explicitly with `avm keys trust --release cosign.pub`; never "any key".
+    """
 
 
 @keys.command("init")
@@ -47,6 +54,83 @@ def show(app: AppContext) -> None:
     signer = keystore.load_signer(home)
     pub = keystore.public_path(home)
     app.emit({"keyid": signer.keyid, "public_key": str(pub)}, f"{signer.keyid}\n{pub}")
+
+
+@keys.command("release-init")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="Directory for cosign.key (0600) and cosign.pub (0644).",
+)
+@pass_app
+def release_init(app: AppContext, out_dir: Path) -> None:
+    """Create a cosign-compatible release key pair, encrypted with $COSIGN_PASSWORD.
+
+    \b
+    Like `cosign generate-key-pair`: refuses to overwrite existing files (exit 3) and needs
+    $COSIGN_PASSWORD set (it may be empty). Keep cosign.key out of git.
+    """
+    from controlplane import signing
+
+    keyid, key_path, pub_path = signing.release_init(out_dir, signing.password_from_env())
+    app.emit(
+        {"keyid": keyid, "private_key": str(key_path), "public_key": str(pub_path)},
+        f"created release key {keyid}\nprivate key: {key_path} (encrypted)\npublic key:  {pub_path}\n"
+        f"trust it where releases are verified: avm keys trust --release {pub_path}",
+    )
+
+
+@keys.command("trust")
+@click.option(
+    "--release",
+    "pub_file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    required=True,
+    help="A cosign.pub (PKIX PEM, ECDSA P-256) to trust for release signatures.",
+)
+@click.option("--name", default=None, help="Name for the key [default: release-<keyid prefix>].")
+@pass_app
+def trust(app: AppContext, pub_file: Path, name: str | None) -> None:
+    """Trust a release signer's public key (copied into keys/release-trusted/NAME.pub)."""
+    from controlplane import evidence, signing
+
+    home = app.home
+    with evidence.record_step(
+        home, "release-key-trusted", inputs={"public_key": str(pub_file), "name": name}
+    ) as step:
+        trusted = signing.trust_release_key(home, pub_file, name)
+        step.subject(f"release-key:{trusted.name}", trusted.keyid)
+        step.observe("path", str(trusted.path))
+    app.emit(
+        {"name": trusted.name, "keyid": trusted.keyid, "path": str(trusted.path), "receipt": step.receipt_id},
+        f"trusted release key {trusted.name} {trusted.keyid}\n{trusted.path}\nreceipt #{step.receipt_id}",
+    )
+
+
+@keys.command("list")
+@pass_app
+def list_(app: AppContext) -> None:
+    """List the receipt signing key and the trusted release keys."""
+    from controlplane import keys as keystore
+    from controlplane import signing
+
+    home = app.home
+    receipt_key = None
+    if keystore.public_path(home).exists():
+        receipt_key = {
+            "keyid": keystore.load_signer(home).keyid,
+            "path": str(keystore.public_path(home)),
+        }
+    release = [{"name": k.name, "keyid": k.keyid, "path": str(k.path)} for k in signing.trusted_keys(home)]
+    lines = ["receipt signing key:"]
+    lines.append(
+        f"  {receipt_key['keyid']}  {receipt_key['path']}" if receipt_key else "  none (avm keys init)"
+    )
+    lines.append("trusted release keys:")
+    lines += [f"  {k['name']:<24} {k['keyid']}" for k in release] or ["  none (avm keys trust --release PUB)"]
+    app.emit({"receipt_key": receipt_key, "release_trusted": release}, "\n".join(lines))
 
 
 commands = [keys]
