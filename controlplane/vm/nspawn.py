@@ -35,6 +35,7 @@ def nspawn_argv(request: BootRequest) -> list[str]:
         files["host_key_pub"]: "/etc/ssh/ssh_host_ed25519_key.pub",
         files["authorized_keys"]: "/root/.ssh/authorized_keys",
         files["sshd_dropin"]: "/etc/ssh/sshd_config.d/avm.conf",
+        files["hostname"]: "/etc/hostname",
         Path("/dev/null"): "/etc/systemd/system/systemd-networkd.service",
     }
     # a container's root is set up by nspawn: remounting it per /etc/fstab can only fail

@@ -45,6 +45,10 @@ def needs_root_and_nspawn() -> None:
 @pytest.fixture(scope="module")
 def golden_home(tmp_path_factory: pytest.TempPathFactory, golden_image: object) -> Home:
     """A fresh avm home (receipt key made) that uses the session's golden image."""
+    from tests.plugins.golden import shared_image_store
+
+    # CLI subprocesses find the shared image store through the environment
+    os.environ.setdefault("AVM_IMAGE_CACHE", str(shared_image_store()))
     home = Home(tmp_path_factory.mktemp("golden-home") / "avm").ensure()
     keys.init(home)
     return home
