@@ -16,6 +16,8 @@ from typing import Any
 # file stem -> "module:Model"
 SCHEMAS = {
     "jobspec": "controlplane.jobspec:JobSpec",
+    "recipe": "controlplane.recipe:Recipe",
+    "image-manifest": "controlplane.image:ImageManifest",
     "receipt": "controlplane.receipt:Statement",
     "receipt-envelope": "controlplane.receipt:Envelope",
 }

@@ -1,0 +1,217 @@
+"""The golden-image recipe (``images/golden.yaml``): what goes into the image, as validated data.
+
+Every value that reaches a command line (suite, mirror, package names, unit names, paths,
+patterns, the kernel command line) is checked here against a narrow pattern, so nothing a recipe
+says can be read as a shell metacharacter, an option or a path outside the image. The build
+passes these values only as argv elements, never through a shell. Unknown keys are refused so a
+typo cannot silently drop a hardening setting.
+
+The recipe digest (domain-separated sha256 of the canonical JSON of the validated model) keys
+the image cache: the same recipe, however it is formatted, names the same image.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from controlplane.canonical import canonical_bytes, domain_digest
+from controlplane.errors import UsageError
+
+DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "images" / "golden.yaml"
+
+_SUITE_RE = re.compile(r"^[a-z][a-z0-9-]{1,31}$")
+_MIRROR_RE = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$")
+# Debian policy 5.6.1: lowercase alphanumerics, + - . ; at least two characters.
+_PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]{1,63}$")
+_UNIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9@_.:\\-]{0,127}\.(service|timer|socket|target|path|mount)$")
+_USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+_HOSTNAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+_LABEL_RE = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
+_SAFE_PATH_CHARS = re.compile(r"^[A-Za-z0-9_./*?+@\[\]-]+$")
+_CMDLINE_TOKEN_RE = re.compile(r"^[A-Za-z0-9_.,=/:-]+$")
+
+
+def _check(pattern: re.Pattern[str], what: str, rule: str) -> AfterValidator:
+    def validate(value: str) -> str:
+        if not pattern.fullmatch(value):
+            raise ValueError(f"{what} {value!r} is invalid: {rule}")
+        return value
+
+    return AfterValidator(validate)
+
+
+def _image_glob(value: str) -> str:
+    """An absolute glob inside the image (dpkg path-exclude/include syntax)."""
+    path = PurePosixPath(value)
+    if not path.is_absolute() or ".." in path.parts or not _SAFE_PATH_CHARS.fullmatch(value):
+        raise ValueError(f"path {value!r} must be absolute, without '..', of [A-Za-z0-9_./*?+@[]-]")
+    return value
+
+
+def _module_glob(value: str) -> str:
+    """A glob relative to ``/lib/modules/<version>/kernel``."""
+    path = PurePosixPath(value)
+    if path.is_absolute() or ".." in path.parts or not _SAFE_PATH_CHARS.fullmatch(value):
+        raise ValueError(f"module pattern {value!r} must be relative to kernel/, without '..'")
+    return value
+
+
+def _cmdline(value: str) -> str:
+    tokens = value.split(" ")
+    if not value or any(not _CMDLINE_TOKEN_RE.fullmatch(t) for t in tokens):
+        raise ValueError(f"kernel cmdline {value!r}: tokens of [A-Za-z0-9_.,=/:-] separated by single spaces")
+    return value
+
+
+def _shell(value: str) -> str:
+    if value not in ("/bin/sh", "/bin/bash", "/usr/sbin/nologin", "/bin/false"):
+        raise ValueError(f"shell {value!r} must be one of /bin/sh, /bin/bash, /usr/sbin/nologin, /bin/false")
+    return value
+
+
+def _unique(values: tuple[str, ...]) -> tuple[str, ...]:
+    seen = [v for i, v in enumerate(values) if v in values[:i]]
+    if seen:
+        raise ValueError(f"duplicate entries: {sorted(set(seen))}")
+    return values
+
+
+Suite = Annotated[str, _check(_SUITE_RE, "suite", "a Debian codename like 'bookworm'")]
+Mirror = Annotated[str, _check(_MIRROR_RE, "mirror", "an http(s) URL without query, spaces or quotes")]
+Package = Annotated[str, _check(_PACKAGE_RE, "package", "a Debian package name (Policy 5.6.1)")]
+Unit = Annotated[str, _check(_UNIT_RE, "unit", "a systemd unit name with a known suffix, no '/'")]
+UserName = Annotated[str, _check(_USER_RE, "user", "a POSIX user name of [a-z0-9_-], at most 32")]
+ImageGlob = Annotated[str, AfterValidator(_image_glob)]
+ModuleGlob = Annotated[str, AfterValidator(_module_glob)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class User(_Frozen):
+    """An account in the image. Passwords are never set: the account is locked, login is by key."""
+
+    name: UserName
+    uid: int | None = Field(default=None, ge=0, le=60000, description="None: root, or the next free uid")
+    shell: Annotated[str, AfterValidator(_shell)] = "/usr/sbin/nologin"
+    lock_password: Literal[True] = True
+
+
+class Hardening(_Frozen):
+    """sshd and host-key settings. The image ships no host key: each VM gets its own at boot."""
+
+    remove_ssh_host_keys: Literal[True] = True
+    ssh_password_authentication: Literal[False] = False
+    ssh_permit_root_login: Literal["prohibit-password", "no"] = "prohibit-password"
+
+
+class FirstBoot(_Frozen):
+    """What happens on a VM's first boot."""
+
+    # systemd creates a fresh machine id when /etc/machine-id is empty, so clones never share one
+    empty_machine_id: Literal[True] = True
+    # a VM booted without an injected host key generates its own (never one shipped in the image)
+    generate_missing_ssh_host_keys: bool = True
+    dhcp_interfaces: tuple[
+        Annotated[str, _check(re.compile(r"^[a-z0-9*]{1,15}$"), "ifname", "a glob")], ...
+    ] = (
+        "en*",
+        "eth*",
+    )
+
+
+class Trim(_Frozen):
+    """What is left out of the image: dpkg path filters and a kernel-module keep list."""
+
+    dpkg_path_exclude: tuple[ImageGlob, ...] = ()
+    dpkg_path_include: tuple[ImageGlob, ...] = ()
+    # everything under /lib/modules/<ver>/kernel not matching one of these (or needed by one that
+    # does, per modules.dep) is removed, then depmod runs again
+    kernel_modules_keep: tuple[ModuleGlob, ...] | None = None
+
+
+class Disk(_Frozen):
+    label: Annotated[str, _check(_LABEL_RE, "label", "1-16 of [A-Za-z0-9_-]")] = "golden"
+    size_mib: int = Field(default=2048, ge=256, le=65536)
+
+
+class Boot(_Frozen):
+    cmdline: Annotated[str, AfterValidator(_cmdline)] = "console=ttyS0 root=/dev/vda rw"
+
+
+class Recipe(_Frozen):
+    """A golden image, from Debian packages to the last hardening step."""
+
+    name: Annotated[str, _check(_HOSTNAME_RE, "name", "a-z 0-9 '-'")] = "golden"
+    suite: Suite = "bookworm"
+    mirror: Mirror = "http://deb.debian.org/debian"
+    # stable point releases lag security fixes: without these the image ships an older kernel
+    updates: bool = True
+    security_mirror: Mirror | None = "http://deb.debian.org/debian-security"
+    components: tuple[Literal["main", "contrib", "non-free", "non-free-firmware"], ...] = ("main",)
+    variant: Literal["minbase", "essential", "apt", "required", "important", "standard"] = "minbase"
+    architecture: Literal["amd64"] = "amd64"
+    packages: Annotated[tuple[Package, ...], AfterValidator(_unique)] = Field(min_length=1)
+    hostname: Annotated[str, _check(_HOSTNAME_RE, "hostname", "an RFC 1123 label")] = "golden"
+    users: tuple[User, ...] = (User(name="root"),)
+    hardening: Hardening = Hardening()
+    first_boot: FirstBoot = FirstBoot()
+    enable_units: Annotated[tuple[Unit, ...], AfterValidator(_unique)] = ()
+    mask_units: Annotated[tuple[Unit, ...], AfterValidator(_unique)] = ()
+    trim: Trim = Trim()
+    disk: Disk = Disk()
+    boot: Boot = Boot()
+
+    def sources(self) -> list[str]:
+        """apt sources: the suite (as a mirror URI), then one-line entries for updates and security."""
+        components = " ".join(self.components)
+        out = [self.mirror]
+        if self.updates:
+            out.append(f"deb {self.mirror} {self.suite}-updates {components}")
+        if self.security_mirror:
+            out.append(f"deb {self.security_mirror} {self.suite}-security {components}")
+        return out
+
+    def digest(self) -> str:
+        """Domain-separated sha256 of the canonical JSON: the image cache key."""
+        return domain_digest("image-recipe", canonical_bytes(self.model_dump(mode="json")))
+
+
+def load_recipe(path: Path) -> Recipe:
+    """Read and validate a recipe file (YAML or JSON).
+
+    Raises ``UsageError('recipe-unreadable')`` when the file cannot be read or parsed, and
+    ``UsageError('recipe-invalid')`` naming the first bad field otherwise.
+    """
+    try:
+        text = path.read_text()
+        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
+        raise UsageError(
+            "recipe-unreadable",
+            f"cannot read image recipe {path}: {exc}",
+            hint="a recipe is a YAML or JSON mapping; start from images/golden.yaml",
+            details={"path": str(path)},
+        ) from exc
+    return parse_recipe(raw, source=str(path))
+
+
+def parse_recipe(raw: object, *, source: str = "<input>") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise UsageError(
+            "recipe-invalid",
+            f"{source}: {where}: {first['msg']}",
+            hint="fix the field named above; unknown keys are refused so a typo cannot drop a setting",
+            details={"field": where, "errors": len(exc.errors())},
+        ) from None
