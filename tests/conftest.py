@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.plugins.sshd",
     "tests.plugins.golden",
     "tests.plugins.vms",
+    "tests.plugins.agentrepo",
 ]

@@ -23,8 +23,8 @@ def allowed_tools() -> list[str]:
     """The fail-closed tool allowlist avm wrote for this profile (no file: no tools)."""
     try:
         with open(os.environ.get("AGENT_POLICY", ""), encoding="utf-8") as fh:
-            return list(json.load(fh).get("tools", []))
-    except (OSError, ValueError):
+            return list(json.load(fh)["tools"]["allow"])
+    except (OSError, ValueError, KeyError, TypeError):
         return []
 
 
