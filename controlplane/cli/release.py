@@ -1,4 +1,4 @@
-"""avm sign / promote / status / rollback: the Tier-1 promotion control plane."""
+"""avm sign: sign the release bundle of an exact commit (cosign sign-blob compatible)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from controlplane.cli.app import AppContext, pass_app
-from controlplane.cli.pending import not_built
 
 
 @click.command("sign")
@@ -71,22 +70,4 @@ def sign(app: AppContext, repo: Path, ref: str, key_path: Path, bundle_out: Path
     app.emit(doc, "\n".join(lines))
 
 
-@click.command("promote")
-def promote() -> None:
-    """Promote an exact commit to a target: dry-run plan by default, --apply to execute it."""
-    not_built("promote", "Tier-1 promotion")
-
-
-@click.command("status")
-def status() -> None:
-    """Re-derive the live state of a target and report drift (exit 0 in sync, 2 drift, 1 error)."""
-    not_built("status", "Tier-1 promotion")
-
-
-@click.command("rollback")
-def rollback() -> None:
-    """Roll back to the release recorded before the last promotion (dry-run by default)."""
-    not_built("rollback", "Tier-1 promotion")
-
-
-commands = [sign, promote, status, rollback]
+commands = [sign]

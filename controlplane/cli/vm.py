@@ -43,8 +43,8 @@ def up(
     no_wait: bool,
 ) -> None:
     """Boot golden VM NAME from the built image and wait for an SSH login."""
-    from controlplane.image import load_image
     from controlplane.ids import parse_vm_name
+    from controlplane.image import load_image
     from controlplane.vm import lifecycle
     from controlplane.vm.base import VmSpec
 
