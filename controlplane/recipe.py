@@ -6,8 +6,9 @@ says can be read as a shell metacharacter, an option or a path outside the image
 passes these values only as argv elements, never through a shell. Unknown keys are refused so a
 typo cannot silently drop a hardening setting.
 
-The recipe digest (domain-separated sha256 of the canonical JSON of the validated model) keys
-the image cache: the same recipe, however it is formatted, names the same image.
+The recipe digest (domain-separated sha256 of the canonical JSON of the validated model and the
+build format) keys the image cache: the same recipe, however it is formatted, names the same
+image.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from controlplane.canonical import canonical_bytes, domain_digest
 from controlplane.errors import UsageError
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "images" / "golden.yaml"
+# Bump when the build itself changes what a recipe produces (imagehook, imagebuild): the recipe
+# digest covers it, so images cached by an older build are not reused.
+BUILD_FORMAT = 2
 
 _SUITE_RE = re.compile(r"^[a-z][a-z0-9-]{1,31}$")
 _MIRROR_RE = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$")
@@ -180,8 +184,9 @@ class Recipe(_Frozen):
         return out
 
     def digest(self) -> str:
-        """Domain-separated sha256 of the canonical JSON: the image cache key."""
-        return domain_digest("image-recipe", canonical_bytes(self.model_dump(mode="json")))
+        """Domain-separated sha256 of the canonical JSON and ``BUILD_FORMAT``: the image cache key."""
+        doc = {"build_format": BUILD_FORMAT, "recipe": self.model_dump(mode="json")}
+        return domain_digest("image-recipe", canonical_bytes(doc))
 
 
 def load_recipe(path: Path) -> Recipe:
