@@ -159,6 +159,7 @@ def build_image(
             except (OperationalError, RefusedError) as exc:
                 say(f"image build: cached image unusable ({exc.code}); rebuilding")
         _preflight()
+        remove_stale_builds(store, final.name, say)
         work = Path(tempfile.mkdtemp(prefix=f".build-{final.name[:12]}-", dir=store))
         try:
             built = _build_into(work, recipe, _Stages(say))
@@ -365,6 +366,19 @@ def _publish(work: Path, final: Path) -> None:
     os.rename(work, final)
     if old is not None:
         remove_tree(old)
+
+
+def remove_stale_builds(store: Path, key: str, say: Progress) -> list[str]:
+    """Remove the temp and retired directories a killed build of recipe ``key`` left behind.
+
+    Call only while holding that recipe's lock: then no build of it can be using them.
+    """
+    removed = []
+    for stale in sorted([*store.glob(f".build-{key[:12]}-*"), *store.glob(f".old-{key[:12]}-*")]):
+        say(f"image build: removing {stale.name}, left by a build that was killed")
+        remove_tree(stale)
+        removed.append(stale.name)
+    return removed
 
 
 def remove_tree(path: Path) -> None:

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from controlplane.canonical import sha256_digest
-from controlplane.errors import OperationalError, RefusedError
+from controlplane.errors import OperationalError, RefusedError, UsageError
 from controlplane.home import Home
 from controlplane.image import (
     ARTIFACT_FILES,
@@ -29,9 +29,9 @@ from controlplane.image import (
     load_image,
     rootfs_tree,
 )
-from controlplane.imagebuild import mounts_under, remove_tree
+from controlplane.imagebuild import mounts_under, remove_stale_builds, remove_tree
 from controlplane.imagehook import module_closure, parse_modules_dep
-from controlplane.recipe import DEFAULT_RECIPE, load_recipe
+from controlplane.recipe import DEFAULT_RECIPE, load_recipe, parse_recipe
 from controlplane.sbom import parse_dpkg_query
 from controlplane.vm.base import GoldenImageLike
 from tests.plugins.golden import shared_image_store
@@ -76,24 +76,25 @@ def with_package(name: str) -> dict[str, object]:
 # --- bad input is refused before anything starts ---------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("recipe", "field"),
-    [
-        (with_change("colour", "blue"), "colour"),  # unknown top-level key
-        (with_change("hardening.allow_passwords", True), "hardening.allow_passwords"),  # typo'd setting
-        (with_change("hardening.ssh_password_authentication", True), "hardening.ssh_password_authentication"),
-        (with_change("hardening.remove_ssh_host_keys", False), "hardening.remove_ssh_host_keys"),
-        (with_package("openssh-server;reboot"), "packages"),  # shell metacharacter
-        (with_package("--allow-unauthenticated"), "packages"),  # an option, not a package
-        (with_change("mirror", "http://deb.debian.org/debian $(id)"), "mirror"),
-        (with_change("mask_units", ["../../../etc/passwd"]), "mask_units"),
-        (with_change("trim.kernel_modules_keep", ["../../boot/*"]), "trim.kernel_modules_keep"),
-        (with_change("trim.dpkg_path_exclude", ["usr/share/doc/*"]), "trim.dpkg_path_exclude"),
-        (with_change("boot.cmdline", "console=ttyS0 init=/bin/sh;x"), "boot.cmdline"),
-        (with_change("users", [{"name": "agent", "shell": "/tmp/evil"}]), "users"),
-        (with_change("packages", []), "packages"),
-    ],
-)
+BAD_RECIPES = [
+    (with_change("colour", "blue"), "colour"),  # unknown top-level key
+    (with_change("hardening.allow_passwords", True), "hardening.allow_passwords"),  # typo'd setting
+    (with_package("openssh-server;reboot"), "packages"),  # shell metacharacter
+    (with_change("hardening.ssh_password_authentication", True), "hardening.ssh_password_authentication"),
+    (with_change("hardening.remove_ssh_host_keys", False), "hardening.remove_ssh_host_keys"),
+    (with_package("--allow-unauthenticated"), "packages"),  # an option, not a package
+    (with_change("mirror", "http://deb.debian.org/debian $(id)"), "mirror"),
+    (with_change("security_mirror", "http://x/debian bookworm main\ndeb http://evil"), "security_mirror"),
+    (with_change("mask_units", ["../../../etc/passwd"]), "mask_units"),
+    (with_change("trim.kernel_modules_keep", ["../../boot/*"]), "trim.kernel_modules_keep"),
+    (with_change("trim.dpkg_path_exclude", ["usr/share/doc/*"]), "trim.dpkg_path_exclude"),
+    (with_change("boot.cmdline", "console=ttyS0 init=/bin/sh;x"), "boot.cmdline"),
+    (with_change("users", [{"name": "agent", "shell": "/tmp/evil"}]), "users"),
+    (with_change("packages", []), "packages"),
+]
+
+
+@pytest.mark.parametrize(("recipe", "field"), BAD_RECIPES[:3])
 def test_invalid_recipe_exits_64_naming_the_field_and_creates_nothing(
     tmp_path: Path, recipe: dict[str, object], field: str
 ) -> None:
@@ -106,6 +107,14 @@ def test_invalid_recipe_exits_64_naming_the_field_and_creates_nothing(
     assert field in out.stderr
     assert "Traceback" not in out.stderr
     assert not home.exists() and not store.exists()
+
+
+@pytest.mark.parametrize(("recipe", "field"), BAD_RECIPES)
+def test_unsafe_or_weakening_recipe_values_are_refused(recipe: dict[str, object], field: str) -> None:
+    with pytest.raises(UsageError) as err:
+        parse_recipe(recipe)
+    assert err.value.code == "recipe-invalid"
+    assert err.value.details["field"].startswith(field)
 
 
 @pytest.mark.parametrize(
@@ -192,13 +201,12 @@ def make_small_image(
     return GoldenImage.load(d)
 
 
-def test_load_image_without_a_build_says_to_run_image_build(tmp_path: Path, home: Home) -> None:
-    os.environ["AVM_IMAGE_CACHE"] = str(tmp_path / "empty-store")
-    try:
-        with pytest.raises(OperationalError) as err:
-            load_image(home)
-    finally:
-        del os.environ["AVM_IMAGE_CACHE"]
+def test_load_image_without_a_build_says_to_run_image_build(
+    tmp_path: Path, home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AVM_IMAGE_CACHE", str(tmp_path / "empty-store"))
+    with pytest.raises(OperationalError) as err:
+        load_image(home)
     assert err.value.code == "image-not-built"
     assert "avm image build" in err.value.hint
 
@@ -240,6 +248,17 @@ def test_a_re_serialised_manifest_is_refused(tmp_path: Path) -> None:
     assert err.value.code == "image-manifest-invalid"
 
 
+def test_leftovers_of_a_killed_build_are_removed_and_other_recipes_untouched(tmp_path: Path) -> None:
+    key, other = "c" * 64, "d" * 64
+    for name in (f".build-{key[:12]}-x1", f".old-{key[:12]}-99", f".build-{other[:12]}-y"):
+        (tmp_path / name / "rootfs/etc").mkdir(parents=True)
+    said: list[str] = []
+    removed = remove_stale_builds(tmp_path, key, said.append)
+    assert removed == [f".build-{key[:12]}-x1", f".old-{key[:12]}-99"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".build-{other[:12]}-y"]
+    assert len(said) == 2
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
 def test_build_dir_cleanup_refuses_to_delete_through_a_mount(tmp_path: Path) -> None:
     inner = tmp_path / "build/rootfs/dev"
@@ -269,7 +288,9 @@ def test_manifest_digests_match_the_artifact_bytes(golden_image: GoldenImage) ->
     for name in ("raw", "qcow2", "kernel", "initrd", "rootfs-tree", "sbom", "recipe"):
         art = golden_image.manifest.artifacts[name]
         assert file_sha256(golden_image.directory / art.path) == art.sha256, name
-    golden_image.verify()  # and the rootfs directory still matches rootfs.tree
+    # and the rootfs directory the nspawn backend boots still matches rootfs.tree
+    listing = rootfs_tree(golden_image.rootfs)[0]
+    assert sha256_digest(listing) == golden_image.manifest.artifacts["rootfs-tree"].sha256
     backend_view: GoldenImageLike = golden_image
     assert backend_view.qcow2.is_file() and backend_view.kernel.is_file() and backend_view.initrd.is_file()
     assert backend_view.rootfs.is_dir()
