@@ -22,19 +22,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import fcntl
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from controlplane import imagetools, sbom
+from controlplane import imagestore, imagetools, sbom
 from controlplane.canonical import canonical_bytes
 from controlplane.errors import CommandFailed, OperationalError, RefusedError
 from controlplane.home import Home
@@ -51,11 +49,10 @@ from controlplane.image import (
     rootfs_tree,
 )
 from controlplane.imagehook import RECIPE_ENV, REPORT_ENV
+from controlplane.imagestore import Progress
 from controlplane.recipe import Recipe
 from controlplane.transport.base import RunResult
 
-Progress = Callable[[str], None]
-_OCTAL = re.compile(r"\\([0-7]{3})")
 REQUIRED_TOOLS = ("unshare", "mmdebstrap", "chroot", "dpkg-query", "mkfs.ext4", "qemu-img")
 _HOOK_SHIM = """#!{python}
 # avm image build: mmdebstrap runs this file directly (no shell) as its --customize-hook
@@ -147,7 +144,7 @@ def build_image(
             f"cannot create the image store {store}: {exc.strerror}",
             hint="pass --home DIR or point AVM_IMAGE_CACHE at a writable directory",
         ) from exc
-    with _exclusive(store / f".{final.name}.lock", say):
+    with imagestore.exclusive(store / f".{final.name}.lock", say):
         if not force and (final / MANIFEST).is_file():
             try:
                 image = GoldenImage.load(final)
@@ -159,14 +156,14 @@ def build_image(
             except (OperationalError, RefusedError) as exc:
                 say(f"image build: cached image unusable ({exc.code}); rebuilding")
         _preflight()
-        remove_stale_builds(store, final.name, say)
+        imagestore.remove_stale_builds(store, final.name, say)
         work = Path(tempfile.mkdtemp(prefix=f".build-{final.name[:12]}-", dir=store))
         try:
             built = _build_into(work, recipe, _Stages(say))
-            _publish(work, final)
+            imagestore.publish(work, final)
         finally:
             if work.exists():
-                remove_tree(work)
+                imagestore.remove_tree(work)
     image = GoldenImage.load(final)
     total = time.monotonic() - started
     say(f"image build: {image.digest} built in {total:.1f}s")
@@ -352,75 +349,6 @@ def _preflight() -> None:
             hint="run `make setup` as root (it installs mmdebstrap, e2fsprogs and qemu-utils)",
             details={"missing": missing},
         )
-
-
-def _publish(work: Path, final: Path) -> None:
-    """Move the finished build into place; an older image of the recipe (``--force``) is removed."""
-    for scratch in ("customize-hook", "customize-report.json"):
-        (work / scratch).unlink(missing_ok=True)
-    work.chmod(0o755)
-    old = None
-    if final.exists():
-        old = final.with_name(f".old-{final.name[:12]}-{os.getpid()}")
-        os.rename(final, old)
-    os.rename(work, final)
-    if old is not None:
-        remove_tree(old)
-
-
-def remove_stale_builds(store: Path, key: str, say: Progress) -> list[str]:
-    """Remove the temp and retired directories a killed build of recipe ``key`` left behind.
-
-    Call only while holding that recipe's lock: then no build of it can be using them.
-    """
-    removed = []
-    for stale in sorted([*store.glob(f".build-{key[:12]}-*"), *store.glob(f".old-{key[:12]}-*")]):
-        say(f"image build: removing {stale.name}, left by a build that was killed")
-        remove_tree(stale)
-        removed.append(stale.name)
-    return removed
-
-
-def remove_tree(path: Path) -> None:
-    """``rm -rf`` a build directory, refusing if anything is mounted inside it.
-
-    ``shutil.rmtree`` crosses mount points: a leftover /dev or /proc bind inside a chroot would
-    be emptied on the host. Raises ``OperationalError('build-dir-mounted')`` instead.
-    """
-    mounts = mounts_under(path)
-    if mounts:
-        raise OperationalError(
-            "build-dir-mounted",
-            f"{path} still has mounts inside ({', '.join(mounts)}); not removing it",
-            hint="unmount them (umount -R) and delete the directory by hand",
-            details={"mounts": mounts},
-        )
-    shutil.rmtree(path)
-
-
-def mounts_under(path: Path) -> list[str]:
-    base = str(path.resolve())
-    found = []
-    with open("/proc/self/mountinfo") as fh:
-        for line in fh:
-            point = _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), line.split()[4])  # \040 is a space
-            if point == base or point.startswith(base + "/"):
-                found.append(point)
-    return found
-
-
-@contextlib.contextmanager
-def _exclusive(lock: Path, say: Progress) -> Iterator[None]:
-    with lock.open("a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            say("image build: another build of this recipe is running; waiting for it")
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def build_and_record(

@@ -29,8 +29,8 @@ from controlplane.image import (
     load_image,
     rootfs_tree,
 )
-from controlplane.imagebuild import mounts_under, remove_stale_builds, remove_tree
 from controlplane.imagehook import module_closure, parse_modules_dep
+from controlplane.imagestore import mounts_under, remove_stale_builds, remove_tree
 from controlplane.recipe import DEFAULT_RECIPE, load_recipe, parse_recipe
 from controlplane.sbom import parse_dpkg_query
 from controlplane.vm.base import GoldenImageLike
