@@ -1,0 +1,179 @@
+"""The guest side of a Tier-2 job: a tiny busybox init, and the initramfs (newc cpio) that holds it.
+
+The guest root is the unpacked image plus ``/.avm`` (a static busybox, kernel modules, this init
+and the job's argv/env as a generated script). The init runs the job as uid 65534 with stdout
+and stderr teed live to the console, then *itself* writes rc, stdout, stderr and the listed
+outputs as a tar to the ``avm.result`` virtio-serial port. The port's device node is root-only
+and the job is unprivileged, so the job can print anything but cannot forge the result.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import stat
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from controlplane.errors import OperationalError
+
+JOB_UID = 65534
+RESULT_PORT = "avm.result"
+DEFAULT_PATH = "/bin:/usr/bin:/sbin:/usr/sbin"
+
+INIT = """#!/.avm/bin/busybox sh
+B=/.avm/bin/busybox
+$B mkdir -p /proc /sys /dev /tmp /run
+$B mount -t proc proc /proc
+$B --install -s /.avm/bin
+export PATH=/.avm/bin
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+chmod 1777 /tmp
+while read -r m; do [ -n "$m" ] && insmod "/.avm/kmod/$m.ko"; done < /.avm/modules
+ip link set lo up 2>/dev/null
+if [ -f /.avm/net ]; then
+  . /.avm/net
+  ip link set eth0 up && ip addr add "$AVM_NET_ADDR" dev eth0 && ip route add default via "$AVM_NET_GW"
+fi
+R=/run/avm; IO=/run/avmio
+mkdir -p $R/res $IO /job/out; chmod 700 $R; chmod 755 $IO
+chown -R 65534:65534 /job
+mkfifo $IO/o $IO/e; chown 65534:65534 $IO/o $IO/e
+tee $R/res/stdout < $IO/o > /dev/console & T1=$!
+tee $R/res/stderr < $IO/e > /dev/console & T2=$!
+echo "avm-init: job start"
+su -s /.avm/bin/sh avmjob -c 'exec /.avm/bin/sh /.avm/job.sh' > $IO/o 2> $IO/e < /dev/null
+rc=$?
+wait $T1 $T2
+echo "$rc" > $R/res/rc
+cd /job/out
+set --
+while read -r p; do
+  if [ -n "$p" ] && { [ -e "$p" ] || [ -L "$p" ]; }; then set -- "$@" "$p"; fi
+done < /.avm/outputs
+[ $# -gt 0 ] && tar -cf $R/res/out.tar "$@"
+cd /
+P=
+for d in /sys/class/virtio-ports/*; do [ "$(cat "$d/name" 2>/dev/null)" = avm.result ] && P=${d##*/}; done
+if [ -n "$P" ]; then (cd $R/res && tar -cf /dev/$P *); else echo "avm-init: no result port"; fi
+sync
+echo "avm-init: job exit $rc"
+reboot -f
+"""
+
+
+def job_script(argv: Sequence[str], env: Mapping[str, str]) -> str:
+    """The job's argv and env as a script for the guest shell; every value is shell-quoted."""
+    full = {"PATH": DEFAULT_PATH, "HOME": "/job", "AVM_OUT": "/job/out", **env}
+    assigns = " ".join(shlex.quote(f"{k}={v}") for k, v in sorted(full.items()))
+    return f"cd /job || exit 125\nexec /.avm/bin/env -i {assigns} {shlex.join(argv)}\n"
+
+
+def module_order(modules_dir: Path, wanted: Sequence[str]) -> list[Path]:
+    """``.ko`` files for ``wanted`` and their dependencies, dependencies first (from modules.dep).
+
+    Raises ``OperationalError('guest-module-missing')`` when a module is not in the golden rootfs."""
+    deps: dict[str, list[str]] = {}
+    for line in (modules_dir / "modules.dep").read_text().splitlines():
+        path, _, rest = line.partition(":")
+        deps[path] = rest.split()
+    by_name = {Path(k).name.removesuffix(".ko"): k for k in deps if k.endswith(".ko")}
+    order: list[str] = []
+
+    def visit(rel: str) -> None:
+        for dep in deps.get(rel, []):
+            visit(dep)
+        if rel not in order:
+            order.append(rel)
+
+    for name in wanted:
+        rel = by_name.get(name)
+        if rel is None:
+            raise OperationalError(
+                "guest-module-missing",
+                f"kernel module {name} is not in {modules_dir}",
+                hint="the golden image's kernel must ship virtio modules; rebuild it",
+            )
+        visit(rel)
+    return [modules_dir / rel for rel in order]
+
+
+def assemble(
+    root: Path,
+    *,
+    busybox: Path,
+    modules: Sequence[Path],
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    outputs: Sequence[str],
+    inputs: Mapping[str, Path],
+    net: Mapping[str, str] | None,
+) -> None:
+    """Add /.avm, /job (with inputs) and the job user to an unpacked image root."""
+    avm = root / ".avm"
+    (avm / "bin").mkdir(parents=True, exist_ok=True)
+    (avm / "kmod").mkdir(exist_ok=True)
+    shutil.copy(busybox, avm / "bin" / "busybox")
+    os.chmod(avm / "bin" / "busybox", 0o755)  # noqa: S103 - the guest runs it
+    for m in modules:
+        shutil.copy(m, avm / "kmod" / m.name)
+    _write(avm / "modules", "".join(f"{m.name.removesuffix('.ko')}\n" for m in modules), 0o644)
+    _write(avm / "init", INIT, 0o755)
+    _write(avm / "job.sh", job_script(argv, env), 0o644)
+    _write(avm / "outputs", "".join(f"{o}\n" for o in outputs), 0o644)
+    if net:
+        _write(avm / "net", "".join(f"{k}={shlex.quote(v)}\n" for k, v in net.items()), 0o644)
+    job = root / "job"
+    job.mkdir(exist_ok=True)
+    for dest, src in inputs.items():
+        target = job / dest
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, target)
+    etc = root / "etc"
+    etc.mkdir(exist_ok=True)
+    for name, line in (
+        ("passwd", f"avmjob:x:{JOB_UID}:{JOB_UID}::/job:/.avm/bin/sh\n"),
+        ("group", "avmjob:x:65534:\n"),
+    ):
+        path = etc / name
+        if path.is_symlink():
+            path.unlink()
+        old = path.read_text() if path.is_file() else ""
+        path.write_text(old + ("" if not old or old.endswith("\n") else "\n") + line)
+
+
+def _write(path: Path, text: str, mode: int) -> None:
+    path.write_text(text)
+    os.chmod(path, mode)
+
+
+def write_cpio(root: Path, out: Path) -> int:
+    """Write ``root`` as an uncompressed newc cpio (all files owned by root). Returns its size."""
+    ino = 1
+    with open(out, "wb") as fh:
+
+        def entry(name: str, mode: int, data: bytes) -> None:
+            nonlocal ino
+            nb = name.encode() + b"\0"
+            fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(nb), 0]
+            fh.write(b"070701" + b"".join(b"%08X" % f for f in fields) + nb)
+            fh.write(b"\0" * (-(110 + len(nb)) % 4) + data + b"\0" * (-len(data) % 4))
+            ino += 1
+
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            rel_dir = os.path.relpath(dirpath, root)
+            for name in [*sorted(dirnames), *sorted(filenames)]:
+                path = os.path.join(dirpath, name)
+                rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+                st = os.lstat(path)
+                if stat.S_ISLNK(st.st_mode):
+                    entry(rel, st.st_mode, os.readlink(path).encode())
+                elif stat.S_ISDIR(st.st_mode):
+                    entry(rel, st.st_mode, b"")
+                elif stat.S_ISREG(st.st_mode):
+                    entry(rel, st.st_mode, Path(path).read_bytes())
+        entry("TRAILER!!!", 0, b"")
+        return fh.tell()

@@ -1,0 +1,241 @@
+"""Run one Tier-2 job: verify the pinned, signed image, boot it, collect the result, tear down.
+
+Stages: refuse bad input (spec, inputs, image pin, signature) before anything is created ->
+clean stale leftovers of the same id -> build the guest root (layers + /.avm) -> network (none,
+or the egress module's netns) -> boot (runtime) -> result from the result port -> teardown,
+verified. One ``job-run`` receipt records every check, refused runs included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import secrets
+import shutil
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from controlplane import evidence, guestinit, imagesign, jobresult, jobteardown, ocilayers, ocistore
+from controlplane.errors import OperationalError, UsageError
+from controlplane.home import Home
+from controlplane.jobspec import JobSpec
+from controlplane.runtime import Launch, Outcome, get_runtime
+
+TIMEOUT_RC = 124
+MICROVM_MODULES = ("virtio_mmio", "virtio_console")
+Q35_MODULES = ("virtio_pci", "virtio_console")
+NET_MODULES = ("virtio_net",)
+
+
+@dataclasses.dataclass(frozen=True)
+class JobResult:
+    job_id: str
+    status: str  # ok | failed | timeout
+    exit_code: int
+    stdout: str
+    stderr: str
+    outputs: list[str]
+    output_dir: Path
+    wall_s: float
+    peak_rss_kib: int
+    receipt_id: str | None
+    checks: list[tuple[str, bool, str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestKernelChoice:
+    kernel: Path
+    digest: str
+    modules: list[Path]
+    source: str  # golden | minimal
+
+
+def pick_kernel(home: Home, which: str, machine: str, net: bool) -> GuestKernelChoice:
+    """The golden image's kernel (virtio modules loaded from its rootfs) or the cached minimal one.
+
+    Raises ``OperationalError('image-not-built' | 'guest-kernel-not-built')``."""
+    from controlplane.image import load_image
+
+    if which == "minimal":
+        from controlplane import guestkernel
+
+        k = guestkernel.cached(home.cache / "guest-kernel") or guestkernel.cached(
+            Path("/var/tmp/avm-guest-kernel")
+        )
+        if k is None:
+            raise OperationalError(
+                "guest-kernel-not-built",
+                "no minimal guest kernel is built for the current config",
+                hint="build it: python -m controlplane.guestkernel <home>/cache/guest-kernel (about 3 min)",
+            )
+        return GuestKernelChoice(kernel=k.path, digest=k.digest, modules=[], source="minimal")
+    image = load_image(home)
+    mods_root = next(iter(sorted((image.rootfs / "lib" / "modules").iterdir())))
+    wanted = [*(MICROVM_MODULES if machine == "microvm" else Q35_MODULES), *(NET_MODULES if net else ())]
+    return GuestKernelChoice(
+        kernel=image.kernel,
+        digest=image.manifest.artifacts["kernel"].sha256,
+        modules=guestinit.module_order(mods_root, wanted),
+        source="golden",
+    )
+
+
+def check_inputs(spec: JobSpec, base: Path) -> dict[str, Path]:
+    """Host input files, resolved against the spec's directory. Raises ``UsageError('job-input-missing')``."""
+    found = {}
+    for item in spec.inputs:
+        src = (base / item.src).resolve()
+        if not src.is_file():
+            raise UsageError(
+                "job-input-missing", f"input {item.src} ({src}) is not a file", hint="fix inputs[].src"
+            )
+        found[item.dest] = src
+    return found
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM/SIGHUP raise KeyboardInterrupt so teardown runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def run_job(
+    home: Home,
+    spec: JobSpec,
+    *,
+    spec_dir: Path,
+    output_dir: Path | None = None,
+    runtime: str = "qemu",
+    machine: str = "microvm",
+    kernel: str = "golden",
+    transport: Any = None,
+    stream: Callable[[str], None] | None = None,
+    kind: str = "job-run",
+) -> JobResult:
+    """Run ``spec`` to completion. Raises ``RefusedError`` (pin, signature) and ``UsageError``
+    (inputs) before anything is created, ``OperationalError`` when the guest yields no result."""
+    inputs = {
+        **{"job_id": spec.id, "image": spec.image, "runtime": runtime, "machine": machine, "kernel": kernel},
+        **{
+            "command": list(spec.command),
+            "egress": spec.egress.model_dump(mode="json"),
+            "timeout_s": spec.timeout,
+        },
+    }
+    with evidence.record_step(home, kind, inputs=inputs) as step, _terminate_as_interrupt():
+        host_inputs = check_inputs(spec, spec_dir)
+        name = spec.image.split("@")[0]
+        image = ocistore.resolve(home, spec.image)
+        step.subject(f"image:{name}", image.digest)
+        step.check("image-digest-matches-pin", ok=True, detail=f"manifest bytes hash to {image.digest}")
+        keyid = imagesign.verify_image(home, name, image.digest)
+        step.check("image-signature-trusted", ok=True, detail=f"simple-signing payload verified with {keyid}")
+        rt = get_runtime(runtime, **({"transport": transport} if runtime == "qemu" else {}))
+        stale = jobteardown.gc(home, spec.id)
+        step.observe("stale_leftovers_removed", stale)
+        choice = pick_kernel(home, kernel, machine, bool(spec.egress.allow))
+        step.subject(f"guest-kernel:{choice.source}", choice.digest)
+        nonce = secrets.token_hex(4)
+        workdir = jobteardown.jobs_dir(home) / jobteardown.label(spec.id, nonce)
+        workdir.mkdir(parents=True, mode=0o700)
+        (workdir / "runner.pid").write_text(str(os.getpid()))
+        out_dir = output_dir or home.root / "jobs-out" / spec.id
+        outcome: Outcome | None = None
+        try:
+            outcome = _boot(home, spec, rt, image, choice, workdir, host_inputs, machine, stream, step)
+        finally:
+            pid = outcome.pid if outcome else None
+            if outcome is not None:
+                shutil.copy(outcome.console_log, workdir.parent / f"{spec.id}.console.log")
+            jobteardown.remove(workdir)
+            checks = jobteardown.checks(workdir, spec.id, pid) + (outcome.checks if outcome else [])
+            for cname, ok, detail in checks:
+                step.check(cname, ok=ok, detail=detail)
+        step.observe("accel", outcome.accel)
+        step.observe("machine", outcome.machine)
+        step.observe("qemu_argv", outcome.argv)
+        step.observe("wall_s", round(outcome.wall_s, 3))
+        step.observe("peak_rss_kib", outcome.peak_rss_kib)
+        if outcome.timed_out:
+            status, rc, res = "timeout", TIMEOUT_RC, None
+        else:
+            res = jobresult.parse(outcome.result_tar)
+            status, rc = ("ok" if res.rc == 0 else "failed"), res.rc
+        written: list[str] = []
+        if res is not None:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            written = jobresult.extract_outputs(res.out_tar, spec.outputs, out_dir)
+        step.result.update({"status": status, "exit_code": rc, "outputs": written})
+        if not all(ok for _, ok, _ in checks):
+            raise OperationalError(
+                "job-teardown-incomplete", f"job {spec.id} left {[c for c in checks if not c[1]]}"
+            )
+    return JobResult(
+        job_id=spec.id, status=status, exit_code=rc, stdout=res.stdout if res else "",
+        stderr=res.stderr if res else "", outputs=written, output_dir=out_dir, wall_s=outcome.wall_s,
+        peak_rss_kib=outcome.peak_rss_kib, receipt_id=step.receipt_id, checks=checks,
+    )  # fmt: skip
+
+
+def _boot(
+    home: Home, spec: JobSpec, rt: Any, image: ocistore.StoredImage, choice: GuestKernelChoice, workdir: Path,
+    host_inputs: dict[str, Path], machine: str, stream: Callable[[str], None] | None, step: evidence.Step,
+) -> Outcome:  # fmt: skip
+    root = workdir / "root"
+    ocilayers.unpack(ocistore.store_dir(home), image, root)
+    busybox = Path(shutil.which("busybox") or "/bin/busybox")
+    with _network(spec, jobteardown.egress_label(workdir.name)) as net:
+        guestinit.assemble(
+            root, busybox=busybox, modules=choice.modules, argv=spec.command, env=spec.env,
+            outputs=spec.outputs, inputs=host_inputs, net=net.guest_env if net else None,
+        )  # fmt: skip
+        initramfs = workdir / "initramfs.cpio"
+        size = guestinit.write_cpio(root, initramfs)
+        shutil.rmtree(root)
+        step.observe("initramfs_bytes", size)
+        launch = Launch(
+            job_id=spec.id, marker=workdir.name, workdir=workdir, kernel=choice.kernel, initramfs=initramfs,
+            vcpus=spec.vcpus, memory_mib=spec.memory, timeout_s=spec.timeout, machine=machine, stream=stream,
+            net_args=net.qemu_args_for(machine) if net else (), netns=net.netns if net else None,
+        )  # fmt: skip
+        outcome: Outcome = rt.run(launch)
+        if net is not None:
+            step.observe("egress_counters", net.counters())
+            step.observe("egress_denials", net.denials())
+    if net is not None:  # closed now: the egress module tore the namespace down and checked it
+        for cname, ok, detail in net.teardown_checks(wait=0):
+            step.check(f"egress-{cname}", ok=ok, detail=detail)
+    return outcome
+
+
+@contextlib.contextmanager
+def _network(spec: JobSpec, label: str) -> Iterator[Any]:
+    if not spec.egress.allow:
+        yield None  # no NIC at all: the guest has only loopback
+        return
+    try:
+        from controlplane import egress
+    except ImportError:
+        raise OperationalError(
+            "egress-unavailable",
+            "this job allows egress, and the egress module (netns + tap + nftables) is not installed",
+            hint="remove egress.allow to run with no NIC, or update avm",
+        ) from None
+    with egress.job_network(spec.id, list(spec.egress.allow), label=label) as net:
+        yield net

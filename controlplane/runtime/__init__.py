@@ -1,0 +1,81 @@
+"""Tier-2 runtimes: interchangeable backends that boot one job guest and return what it reported.
+
+``qemu`` launches QEMU directly (microvm or q35, KVM when the probe says it works, TCG
+otherwise). ``kata`` hands the job to containerd with the Kata shim where Kata is installed.
+Both take a ``Launch`` (what to boot) and return an ``Outcome`` (what was observed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from controlplane.errors import UsageError
+
+RUNTIMES = ("qemu", "kata")
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """What to boot. ``marker`` is a unique string put on the QEMU command line (found by gc)."""
+
+    job_id: str
+    marker: str
+    workdir: Path  # the job's private temp dir on the control host
+    kernel: Path
+    initramfs: Path
+    vcpus: int
+    memory_mib: int
+    timeout_s: float
+    net_args: Sequence[str] = ()
+    netns: str | None = None
+    machine: str = "microvm"
+    extra_append: str = ""
+    stream: Callable[[str], None] | None = None
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What the runtime observed. ``result_tar`` is the raw bytes from the result channel."""
+
+    timed_out: bool
+    qemu_rc: int | None
+    result_tar: bytes
+    console_log: Path
+    wall_s: float
+    accel: str
+    machine: str
+    argv: list[str]
+    peak_rss_kib: int = 0
+    pid: int | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
+    checks: list[tuple[str, bool, str]] = dataclasses.field(default_factory=list)  # runtime-side teardown
+
+
+class Runtime(Protocol):
+    name: str
+
+    def run(self, launch: Launch) -> Outcome: ...
+
+    def leftovers(self, marker: str) -> list[str]: ...
+
+
+def get_runtime(name: str, **kwargs: object) -> Runtime:
+    """Raises ``UsageError('runtime-unknown')`` for anything but qemu and kata."""
+    if name == "qemu":
+        from controlplane.runtime.qemu import QemuRuntime
+
+        return QemuRuntime(**kwargs)  # type: ignore[arg-type]
+    if name == "kata":
+        from controlplane.runtime.kata import KataRuntime
+
+        runtime: Runtime = KataRuntime()
+        return runtime
+    raise UsageError(
+        "runtime-unknown",
+        f"unknown Tier-2 runtime {name!r}",
+        hint=f"choose one of {', '.join(RUNTIMES)}",
+        details={"expected": list(RUNTIMES), "actual": name},
+    )
