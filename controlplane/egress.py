@@ -162,7 +162,9 @@ def _build(net: JobNetwork, uplink: nx.Ip, blocks: Iterator[int]) -> None:
                 ["route", "add", "default", "via", str(b[1])],
             ]
         )
-    nx.sysctl(t, names.netns, ["net.ipv4.ip_forward=1"])
+    # icmp_ratelimit=0: the rejects go to this one guest only, and a rate-limited reject turns
+    # into a silent drop (the guest would wait for its timeout after ~6 quick denials).
+    nx.sysctl(t, names.netns, ["net.ipv4.icmp_ratelimit=0", "net.ipv4.ip_forward=1"])
 
 
 @contextlib.contextmanager

@@ -65,15 +65,19 @@ def probe_targets(
     *,
     timeout: float = 1.0,
     host: Transport | None = None,
+    python: str = "/usr/bin/python3",
 ) -> list[dict[str, Any]]:
     """Probe ``targets`` from inside ``netns``; one dict per target, in order.
 
     Each dict has ``reached`` (a TCP connect, or any UDP/ICMP answer, within ``timeout``),
     ``answer`` (the first bytes the server sent), ``error`` and ``elapsed_s``. Raises
-    ``OperationalError('probe-failed')`` if the probe process itself fails.
+    ``OperationalError('probe-failed')`` if the probe process itself fails. ``python`` is an
+    absolute path on purpose: a PATH shim (pyenv) costs most of a second per probe.
     """
     transport = host or LocalTransport()
-    argv = in_netns(netns, ["python3", "-c", _PROBE, json.dumps([list(t) for t in targets]), str(timeout)])
+    argv = in_netns(
+        netns, [python, "-I", "-S", "-c", _PROBE, json.dumps([list(t) for t in targets]), str(timeout)]
+    )
     result = transport.run(argv, timeout=30.0 + timeout * 4 * len(targets))
     try:
         data = json.loads(result.stdout)
