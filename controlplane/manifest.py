@@ -13,7 +13,7 @@ Example::
         entrypoint: [python3, agent.py]
         env: {GATEWAY_PORT: "8081"}
         secrets: {API_TOKEN: secret://vault/web-token}
-        tools: [search, summarize]
+        tools: [{name: search, schema_sha256: "<sha256 of the tool's canonical MCP descriptor>"}]
         egress: [{host: 127.0.0.1, port: 443}]
         limits: {memory_max: 256M, tasks_max: 64, cpu_quota: 50%}
         health: {port: 8081, path: /healthz, timeout_s: 20}
@@ -32,6 +32,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from controlplane.errors import UsageError
 from controlplane.ids import ProfileName
+from controlplane.secretscan import scan_env
 
 MANIFEST_PATH = "avm.yaml"
 RiskTier = Literal["L0", "L1", "L2", "L3", "L4", "L5"]
@@ -75,6 +76,14 @@ class EgressRule(_Frozen):
         return value
 
 
+class McpTool(_Frozen):
+    """One allowed MCP tool, pinned by the sha256 of its canonical descriptor (name,
+    description, inputSchema as RFC 8785 JSON): a tool whose schema changed is a different tool."""
+
+    name: ToolName
+    schema_sha256: Annotated[str, _match(re.compile(r"^[0-9a-f]{64}$"), "sha256 hex of the tool schema")]
+
+
 class Limits(_Frozen):
     memory_max: Annotated[str, _match(_SIZE, "size like 256M")] = "256M"
     tasks_max: int = Field(default=64, ge=1, le=4096)
@@ -96,7 +105,7 @@ class Profile(_Frozen):
     )
     env: dict[EnvKey, Annotated[str, _match(_ENV_VALUE, "env value")]] = {}
     secrets: dict[EnvKey, SecretRef] = {}
-    tools: list[ToolName] = []
+    tools: list[McpTool] = []
     egress: list[EgressRule] = []
     limits: Limits = Limits()
     health: Health
@@ -109,7 +118,21 @@ class Profile(_Frozen):
                 raise ValueError(
                     f"env {key} looks like a secret: declare it under secrets: as secret://STORE/NAME"
                 )
+        for key, reason in scan_env(env).items():
+            # the value itself is never echoed: it may be a live credential
+            raise ValueError(
+                f"env {key} value looks like a secret ({reason}): put it in a secret store and "
+                f"declare it under secrets: as secret://STORE/NAME"
+            )
         return env
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_tools(cls, tools: list[McpTool]) -> list[McpTool]:
+        names = [t.name for t in tools]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate tool names: {sorted({n for n in names if names.count(n) > 1})}")
+        return tools
 
 
 class Artifact(_Frozen):
@@ -158,4 +181,4 @@ def parse_manifest(data: bytes, *, source: str = MANIFEST_PATH) -> ReleaseManife
             f"{source}: {field}: {first['msg']}",
             hint="fix avm.yaml at that commit; see docs/manifest.md",
             details={"field": field, "errors": exc.error_count()},
-        ) from exc
+        ) from None  # pydantic's error carries the input value, which may be a secret

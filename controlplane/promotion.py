@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from controlplane import evidence, facts, hostlock, inventory, ledger, plan, render
+from controlplane import evidence, facts, governance_gate, hostlock, inventory, ledger, plan, render
 from controlplane import secrets as secret_store
 from controlplane.apply import apply_plan, capture_previous
 from controlplane.errors import OperationalError, RefusedError, UsageError
@@ -48,6 +48,9 @@ class Result:
     healthy: list[str] = dataclasses.field(default_factory=list)
     rolled_back: list[str] = dataclasses.field(default_factory=list)
     skipped: list[str] = dataclasses.field(default_factory=list)
+    tiers: dict[str, str] = dataclasses.field(default_factory=dict)
+    approvals_required: int = 0
+    approvals: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -62,6 +65,9 @@ class Result:
             "healthy": self.healthy,
             "rolled_back": self.rolled_back,
             "skipped": self.skipped,
+            "tiers": self.tiers,
+            "approvals_required": self.approvals_required,
+            "approvals": self.approvals,
         }
 
 
@@ -173,6 +179,12 @@ def run(
     inputs = {"operation": operation, "repo": str(repo), "ref": ref, "target": target, "profiles": profiles}
     with evidence.record_step(home, "plan", inputs={**inputs, "apply": apply}) as step:
         verified = verify_release(home, repo, ref, step, progress)
+        profile_tiers = governance_gate.check_tiers(home, verified.manifest, profiles, target, step)
+        progress(
+            "risk tiers: "
+            + ", ".join(f"{p} {t}" for p, t in sorted(profile_tiers.items()))
+            + " (controls ok)"
+        )
         material = render.material(verified.manifest, verified.release, profiles=profiles)
         host = _connect(home, target)
         desired = material.desired()
@@ -193,9 +205,18 @@ def run(
             {"plan_digest": the_plan.digest, "actions": [a.model_dump() for a in the_plan.actions]}
         )
         step.observe("host_facts", host_facts.model_dump(mode="json"))
+        needed = governance_gate.approvers_needed(profile_tiers)[0]
+        approved = (
+            governance_gate.check_approvals(home, profile_tiers, the_plan.digest, step, apply=apply)
+            if not the_plan.empty
+            else []
+        )
+        if needed and not apply and not the_plan.empty:
+            progress(f"approval required before --apply: {needed} approver(s) must sign {the_plan.digest}")
         if not apply:
             step.non_claim("dry-run: nothing was written to the host")
     result = Result(operation, target, verified.sha, the_plan, receipts={"plan": step.receipt_id or ""})
+    result.tiers, result.approvals_required, result.approvals = profile_tiers, needed, approved
     if not apply or the_plan.empty:
         host.close()
         return result
@@ -245,6 +266,20 @@ def _apply(
             step.subject("plan", result.plan.digest)
             step.observe("lock", lock)
             step.non_claim("secret values were written to the host as credentials and are not recorded")
+            step.result["approvals"] = result.approvals
+            for approval in result.approvals:
+                step.event("approval.accepted", **approval)
+            if result.operation == "rollback":
+                step.event("rollback.run", commit=verified.sha, profiles=names)
+            for prof in material.profiles:
+                for cred, ref in prof.secret_refs:
+                    step.event(
+                        "secret.load",
+                        profile=prof.name,
+                        credential=cred,
+                        ref=ref,
+                        version=secret_store.version(home, ref),
+                    )
             outcome = apply_plan(host, result.plan, material, previous, step, progress, credentials)
             result.applied = True
             result.healthy, result.rolled_back, result.skipped = (

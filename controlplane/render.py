@@ -43,13 +43,23 @@ def env_file(profile: Profile) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
+POLICY_VERSION = 1
+
+
 def policy_file(profile: Profile) -> bytes:
-    """The runtime tool policy: anything not listed is denied (fail closed)."""
+    """The runtime tool policy: anything not listed is denied (fail closed).
+
+    Each allowed MCP tool carries the sha256 of its canonical descriptor; the gateway's guard
+    (examples/hello-agent/mcp_guard.py) serves a tool only when its name is listed and its
+    schema hashes to exactly that value, and refuses to serve at all if this file is invalid.
+    """
+    allow = [{"name": t.name, "schema_sha256": t.schema_sha256} for t in profile.tools]
     return canonical_bytes(
         {
+            "version": POLICY_VERSION,
             "profile": profile.name,
             "risk_tier": profile.risk_tier,
-            "tools": {"default": "deny", "allow": sorted(profile.tools)},
+            "tools": {"default": "deny", "allow": sorted(allow, key=lambda t: t["name"])},
             "egress": {"default": "deny", "allow": [r.model_dump() for r in profile.egress]},
         }
     )

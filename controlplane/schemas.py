@@ -20,6 +20,8 @@ SCHEMAS = {
     "image-manifest": "controlplane.image:ImageManifest",
     "receipt": "controlplane.receipt:Statement",
     "receipt-envelope": "controlplane.receipt:Envelope",
+    "manifest": "controlplane.manifest:ReleaseManifest",
+    "tier": "controlplane.tiers:TierTable",
 }
 
 

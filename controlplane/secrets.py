@@ -73,3 +73,12 @@ def put(home: Home, ref: str, value: bytes) -> Path:
         fh.write(value)
     os.replace(tmp, path)
     return path
+
+
+def version(home: Home, ref: str) -> str:
+    """The stored version of ``ref`` for audit events: the file's mtime (ns), never the value."""
+    store, name = _split(ref)
+    try:
+        return f"{store}:mtime-ns:{(store_dir(home, store) / name).stat().st_mtime_ns}"
+    except OSError:
+        return f"{store}:unknown"

@@ -6,7 +6,7 @@ Exit 0 in sync, 2 drift, 1 error. It never writes to the host; it records a ``st
 
 from __future__ import annotations
 
-from controlplane import evidence, inventory
+from controlplane import auditevents, evidence, inventory
 from controlplane.drift import DriftReport, find_drift
 from controlplane.errors import OperationalError
 from controlplane.home import Home
@@ -30,9 +30,16 @@ def check(home: Home, target: str) -> DriftReport:
         host = connect(inventory.load(home, target))
         try:
             facts = gather(host, [p.name for p in expected.profiles], list(expected.releases))
+            # gateway audit events (tool denials, refusals) since that apply, into this receipt
+            since = _receipt_started(home, receipt_id)
+            for event in auditevents.gateway_events(host, [p.name for p in expected.profiles], since):
+                step.event(event.pop("type"), **event)
         finally:
             host.close()
         report = find_drift(target, expected, facts, receipt_id)
+        step.event(
+            "alignment.check", in_sync=report.in_sync, findings=len(report.findings), against=receipt_id
+        )
         step.result.update({"in_sync": report.in_sync, "findings": [f.model_dump() for f in report.findings]})
         step.non_claim("read-only: nothing was written to the host")
     return report
@@ -43,3 +50,10 @@ def _receipt_digest(home: Home, receipt_id: str) -> str:
     from controlplane.receipt import digest_of
 
     return "sha256:" + digest_of(ledger.read(home.receipts, int(receipt_id)))
+
+
+def _receipt_started(home: Home, receipt_id: str) -> str:
+    from controlplane import ledger
+    from controlplane.receipt import open_receipt
+
+    return open_receipt(ledger.read(home.receipts, int(receipt_id)))[2].predicate.started

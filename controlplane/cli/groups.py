@@ -19,6 +19,7 @@ MODULES = (
     "promote",  # promote, status, rollback
     "job",
     "approve",
+    "tiers",  # tiers show
 )
 
 

@@ -133,4 +133,43 @@ def list_(app: AppContext) -> None:
     app.emit({"receipt_key": receipt_key, "release_trusted": release}, "\n".join(lines))
 
 
+@keys.command("approver-init")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="Directory for approver.key (0600) and approver.pub.",
+)
+@pass_app
+def approver_init(app: AppContext, out_dir: Path) -> None:
+    """Create an approver's own ed25519 key pair (distinct from the promoter's receipt key)."""
+    from controlplane import approvals
+
+    keyid, priv, pub = approvals.init_approver(out_dir)
+    app.emit(
+        {"keyid": keyid, "private_key": str(priv), "public_key": str(pub)},
+        f"created approver key {keyid}\nprivate key: {priv}\npublic key:  {pub}\n"
+        f"trust it where promotions are applied: avm keys approver-trust {pub}",
+    )
+
+
+@keys.command("approver-trust")
+@click.argument("pub_file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@pass_app
+def approver_trust(app: AppContext, pub_file: Path) -> None:
+    """Trust an approver's public key (refused for the home's own receipt-signing key)."""
+    from controlplane import approvals, evidence
+
+    home = app.home
+    with evidence.record_step(home, "approver-trusted", inputs={"public_key": str(pub_file)}) as step:
+        keyid, path = approvals.trust_approver(home, pub_file)
+        step.subject("approver-key", keyid)
+        step.observe("path", str(path))
+    app.emit(
+        {"keyid": keyid, "path": str(path), "receipt": step.receipt_id},
+        f"trusted approver key {keyid}\n{path}\nreceipt #{step.receipt_id}",
+    )
+
+
 commands = [keys]

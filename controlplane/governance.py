@@ -1,0 +1,221 @@
+"""The risk-tier gate: what a workload provides, against what its tier requires.
+
+``evaluate(tier, evidence)`` is pure: for every control of the tier it returns a ``Missing``
+(control id and why) unless the evidence shows the control passed. A control whose evidence is
+``None`` (its check could not run: no approval store, no signature check) counts as failed,
+never as passed. ``profile_evidence`` and ``job_evidence`` build the evidence of a Tier-1
+profile and of a Tier-2 job; ``gate`` raises ``RefusedError('tier-controls-missing')`` (exit 3)
+naming each missing control of each workload.
+
+The job runner calls ``evaluate_job(spec, ...)`` before it creates anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import ipaddress
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+from controlplane import secretscan, tiers
+from controlplane.canonical import canonical_bytes, sha256_digest
+from controlplane.errors import RefusedError
+
+if TYPE_CHECKING:
+    from controlplane.home import Home
+    from controlplane.jobspec import JobSpec
+    from controlplane.manifest import Profile, ReleaseManifest
+
+# Evaluated after planning (they bind to the plan digest), not before.
+POST_PLAN = frozenset({"approval"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Drill:
+    """The newest successful rollback on a target: how long it took and how long ago."""
+
+    minutes: float
+    age_days: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Evidence:
+    """Per control, what was observed. ``None`` = the check could not run (counts as failed)."""
+
+    signature: bool | None = None
+    digest_pins: bool | None = None
+    secret_env: dict[str, str] | None = None  # env key -> why it looks like a secret
+    open_egress: tuple[str, ...] | None = None  # destinations that allow everything
+    tools_declared: bool | None = None
+    approvers: int | None = None  # distinct valid approvers of this exact plan digest
+    canary: bool | None = None
+    soak_s: float | None = None
+    drill: Drill | None = None
+    tier2: bool | None = None
+    dedicated_vm: bool | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Missing:
+    control: str
+    reason: str
+
+
+def _unchecked(what: str) -> str:
+    return f"could not be checked ({what}); an unchecked control counts as failed"
+
+
+def _check(control: str, tier: tiers.Tier, ev: Evidence) -> str | None:
+    """Why ``control`` fails for ``ev`` (None if it passes)."""
+    if control == "signature":
+        return (
+            None
+            if ev.signature
+            else ("not verified" if ev.signature is False else _unchecked("no signature check"))
+        )
+    if control == "digest-pins":
+        return (
+            None if ev.digest_pins else ("not pinned" if ev.digest_pins is False else _unchecked("no pins"))
+        )
+    if control == "no-raw-secrets":
+        if ev.secret_env is None:
+            return _unchecked("env not scanned")
+        return "; ".join(f"env {k} {why}" for k, why in ev.secret_env.items()) or None
+    if control == "default-deny-egress":
+        if ev.open_egress is None:
+            return _unchecked("egress not declared")
+        return f"egress allows everything: {', '.join(ev.open_egress)}" if ev.open_egress else None
+    if control == "tool-allowlist":
+        return None if ev.tools_declared else "no explicit `tools:` allowlist (each tool with schema_sha256)"
+    if control == "approval":
+        if ev.approvers is None:
+            return _unchecked("no approval store or no plan digest to approve")
+        return None if ev.approvers >= tier.approvers else f"{ev.approvers} of {tier.approvers} approver(s)"
+    if control == "canary-soak":
+        if not ev.canary:
+            return "no canary profile goes first"
+        soak = ev.soak_s or 0.0
+        return None if soak >= tier.soak_min_s else f"soak {soak:g}s < {tier.soak_min_s:g}s"
+    if control == "rollback-drill":
+        bounds = tier.rollback_drill
+        if ev.drill is None or bounds is None:
+            return "no successful rollback is recorded for this target"
+        if ev.drill.minutes > bounds.max_minutes:
+            return f"last rollback took {ev.drill.minutes:.1f} min > {bounds.max_minutes:g} min"
+        if ev.drill.age_days > bounds.within_days:
+            return f"last rollback was {ev.drill.age_days:.1f} days ago > {bounds.within_days:g} days"
+        return None
+    if control == "tier2-only":
+        return None if ev.tier2 else "a resident Tier-1 service; this tier runs only as Tier-2 jobs"
+    if control == "dedicated-vm":
+        return None if ev.dedicated_vm else _unchecked("a Tier-1 host is shared by profiles")
+    return _unchecked(f"unknown control {control}")
+
+
+def evaluate(tier: tiers.Tier, ev: Evidence, *, only: Iterable[str] | None = None) -> list[Missing]:
+    """Every control of ``tier`` (or of ``only``) that ``ev`` does not show as passed. Pure."""
+    chosen = set(only) if only is not None else None
+    return [
+        Missing(control, reason)
+        for control in tier.controls
+        if (chosen is None or control in chosen) and (reason := _check(control, tier, ev)) is not None
+    ]
+
+
+def _open(hosts: Iterable[str]) -> tuple[str, ...]:
+    return tuple(h for h in hosts if ipaddress.ip_network(h, strict=False).prefixlen == 0)
+
+
+def profile_evidence(
+    manifest: ReleaseManifest,
+    profile: Profile,
+    chosen: Sequence[Profile],
+    *,
+    verified: bool,
+    drill: Drill | None,
+    approvers: int | None = None,
+) -> Evidence:
+    """Evidence of one Tier-1 profile promoted together with ``chosen``."""
+    return Evidence(
+        signature=verified,
+        digest_pins=verified,
+        secret_env=secretscan.scan_env(dict(profile.env)),
+        open_egress=_open(r.host for r in profile.egress),
+        tools_declared="tools" in profile.model_fields_set,
+        approvers=approvers,
+        canary=any(p.canary for p in chosen),
+        soak_s=manifest.soak_s,
+        drill=drill,
+        tier2=False,
+        dedicated_vm=None,
+    )
+
+
+def job_digest(spec: JobSpec) -> str:
+    """What an approval of a job binds to: the digest of the canonical job spec."""
+    return sha256_digest(canonical_bytes(spec.model_dump(mode="json")))
+
+
+def job_evidence(spec: JobSpec, *, image_signature: bool | None, approvers: int | None) -> Evidence:
+    """Evidence of one Tier-2 job. A job has no MCP gateway and no tool surface: its allowlist is
+    empty by construction. It runs in its own microVM (dedicated) and never resides."""
+    return Evidence(
+        signature=image_signature,
+        digest_pins="@sha256:" in spec.image,
+        secret_env=secretscan.scan_env(dict(spec.env)),
+        open_egress=_open(r.host for r in spec.egress.allow) if spec.egress.default == "deny" else ("*",),
+        tools_declared=True,
+        approvers=approvers,
+        tier2=True,
+        dedicated_vm=True,
+    )
+
+
+def evaluate_job(
+    spec: JobSpec, *, image_signature: bool | None = None, home: Home | None = None
+) -> list[Missing]:
+    """The tier gate for ``avm job run``: the missing controls of ``spec`` (empty: may run).
+
+    ``image_signature``: True if the runner verified the image's signature, None if it did not
+    check. With ``home``, approvals of ``job_digest(spec)`` are counted; without it the
+    approval control (where the tier has one) cannot be checked and fails.
+    """
+    tier = tiers.load().get(spec.risk_tier)
+    approvers = None
+    if home is not None and "approval" in tier.controls:
+        from controlplane import approvals
+
+        approvers = len(approvals.find(home, job_digest(spec))[0])
+    return evaluate(tier, job_evidence(spec, image_signature=image_signature, approvers=approvers))
+
+
+def refuse(failures: dict[str, tuple[str, list[Missing]]]) -> RefusedError:
+    """The exit-3 error for ``workload -> (tier, missing controls)``, naming every control."""
+    parts = [
+        f"{name} ({tier}): " + ", ".join(f"{m.control} [{m.reason}]" for m in missing)
+        for name, (tier, missing) in sorted(failures.items())
+    ]
+    return RefusedError(
+        "tier-controls-missing",
+        "controls required by the risk tier are missing: " + "; ".join(parts),
+        hint="add the named controls (see `avm tiers show TIER`) or declare the tier the workload is",
+        details={
+            name: {
+                "tier": tier,
+                "missing": [m.control for m in missing],
+                "reasons": {m.control: m.reason for m in missing},
+            }
+            for name, (tier, missing) in failures.items()
+        },
+    )
+
+
+def last_drill(summaries: Iterable[tuple[str, float]], now: dt.datetime | None = None) -> Drill | None:
+    """The newest drill from (finished ISO time, duration s) of successful rollback applies."""
+    newest = max(summaries, default=None, key=lambda s: s[0])
+    if newest is None:
+        return None
+    finished = dt.datetime.fromisoformat(newest[0].replace("Z", "+00:00"))
+    age = ((now or dt.datetime.now(dt.UTC)) - finished).total_seconds() / 86400
+    return Drill(minutes=newest[1] / 60, age_days=max(age, 0.0))

@@ -1,0 +1,128 @@
+"""The tier gate inside ``avm promote``: before planning, and (approvals) after it.
+
+Every decision becomes a ``gate.decision`` event in the plan receipt: one per profile for the
+tier controls (``gate=risk-tier``), and one for the approvals of the plan digest
+(``gate=approval``). Refusals are ``RefusedError`` (exit 3) and leave the host untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from controlplane import approvals, governance, ledger, tiers
+from controlplane.errors import OperationalError
+from controlplane.evidence import Step
+from controlplane.home import Home
+from controlplane.manifest import Profile, ReleaseManifest
+from controlplane.receipt import MalformedReceipt, open_receipt
+
+
+def rollback_drills(home: Home, target: str) -> list[tuple[str, float]]:
+    """(finished, duration s) of every successful rollback apply recorded for ``target``."""
+    out: list[tuple[str, float]] = []
+    top = max(ledger.read_head(home.receipts).seq, ledger.max_file_seq(home.receipts))
+    for seq in range(1, top + 1):
+        try:
+            pred = open_receipt(ledger.read(home.receipts, seq))[2].predicate
+        except (OperationalError, MalformedReceipt):
+            continue
+        if (
+            pred.kind == "apply"
+            and pred.status == "ok"
+            and pred.inputs.get("operation") == "rollback"
+            and pred.inputs.get("target") == target
+            and not pred.result.get("rolled_back")
+        ):
+            out.append((pred.finished, pred.duration_s))
+    return out
+
+
+def chosen_profiles(manifest: ReleaseManifest, names: Sequence[str]) -> list[Profile]:
+    return [manifest.profile(n) for n in names] if names else list(manifest.profiles)
+
+
+def check_tiers(
+    home: Home, manifest: ReleaseManifest, names: Sequence[str], target: str, step: Step
+) -> dict[str, str]:
+    """Refuse (exit 3) unless every chosen profile has its tier's pre-plan controls.
+    Returns profile -> tier. Called after signature and digest verification passed."""
+    table = tiers.load()
+    chosen = chosen_profiles(manifest, names)
+    needs_drill = any("rollback-drill" in table.get(p.risk_tier).controls for p in chosen)
+    drill = governance.last_drill(rollback_drills(home, target)) if needs_drill else None
+    failures: dict[str, tuple[str, list[governance.Missing]]] = {}
+    for prof in chosen:
+        tier = table.get(prof.risk_tier)
+        ev = governance.profile_evidence(manifest, prof, chosen, verified=True, drill=drill)
+        pre = [c for c in tier.controls if c not in governance.POST_PLAN]
+        missing = governance.evaluate(tier, ev, only=pre)
+        step.event(
+            "gate.decision",
+            gate="risk-tier",
+            outcome="fail" if missing else "pass",
+            profile=prof.name,
+            tier=tier.id,
+            tiers_digest=table.digest,
+            checked=pre,
+            missing=[m.control for m in missing],
+        )
+        if missing:
+            failures[f"profile {prof.name}"] = (tier.id, missing)
+    if failures:
+        raise governance.refuse(failures)
+    return {p.name: p.risk_tier for p in chosen}
+
+
+def approvers_needed(profile_tiers: dict[str, str]) -> tuple[int, list[str]]:
+    """The most approvers any chosen profile's tier needs, and which profiles need any."""
+    table = tiers.load()
+    need = {
+        p: table.get(t).approvers for p, t in profile_tiers.items() if "approval" in table.get(t).controls
+    }
+    return max(need.values(), default=0), sorted(need)
+
+
+def check_approvals(
+    home: Home, profile_tiers: dict[str, str], plan_digest: str, step: Step, *, apply: bool
+) -> list[dict[str, Any]]:
+    """For ``--apply``: refuse unless enough distinct approvers signed exactly ``plan_digest``.
+    A dry-run records that approval is deferred to apply and what it will need."""
+    needed, who = approvers_needed(profile_tiers)
+    if needed == 0:
+        return []
+    if not apply:
+        step.event(
+            "gate.decision",
+            gate="approval",
+            outcome="deferred",
+            required=needed,
+            profiles=who,
+            plan=plan_digest,
+        )
+        return []
+    try:
+        found = approvals.require(home, plan_digest, needed, why=f"profile(s) {', '.join(who)}")
+    except Exception as exc:
+        step.event(
+            "gate.decision",
+            gate="approval",
+            outcome="fail",
+            required=needed,
+            plan=plan_digest,
+            detail=getattr(exc, "details", {}),
+        )
+        raise
+    accepted = [
+        {"approver": a.approver, "receipt": a.receipt, "expires": a.expires, "plan": a.plan_digest}
+        for a in found
+    ]
+    step.event(
+        "gate.decision",
+        gate="approval",
+        outcome="pass",
+        required=needed,
+        plan=plan_digest,
+        approvers=[a["approver"] for a in accepted],
+    )
+    return accepted

@@ -1,0 +1,180 @@
+"""The risk-tier gate as a pure function: workloads x tiers, with the exact missing controls."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from controlplane import governance, secretscan, tiers
+from controlplane.auditevents import EVENT_TYPES
+from controlplane.errors import OperationalError, UsageError
+from controlplane.governance import Drill
+from controlplane.jobspec import parse_jobspec
+from controlplane.manifest import parse_manifest
+
+TOOLS = "tools: [{name: search, schema_sha256: " + "a" * 64 + "}]"
+PROFILE = """\
+soak_s: {soak}
+profiles:
+  - name: p
+    risk_tier: L0
+    canary: {canary}
+    entrypoint: [python3, agent.py]
+    health: {{port: 18081}}
+    {extra}
+"""
+
+
+def _profile(*, soak: int = 0, canary: bool = False, extra: str = "") -> tuple[object, object]:
+    manifest = parse_manifest(PROFILE.format(soak=soak, canary=str(canary).lower(), extra=extra).encode())
+    return manifest, manifest.profiles[0]
+
+
+def _tier1(approvers: int | None, drill: Drill | None, **kw: object) -> governance.Evidence:
+    manifest, prof = _profile(**kw)  # type: ignore[arg-type]
+    return governance.profile_evidence(
+        manifest,  # type: ignore[arg-type]
+        prof,  # type: ignore[arg-type]
+        [prof],  # type: ignore[list-item]
+        verified=True,
+        drill=drill,
+        approvers=approvers,
+    )
+
+
+JOB = {"id": "j1", "image": "busybox@sha256:" + "b" * 64, "command": ["true"]}
+WORKLOADS = {
+    "bare-service": lambda: _tier1(None, None),
+    "allowlisted-canary-60s": lambda: _tier1(1, Drill(2, 1), soak=60, canary=True, extra=TOOLS),
+    "open-egress": lambda: _tier1(1, None, extra=TOOLS + "\n    egress: [{host: 0.0.0.0/0, port: 443}]"),
+    "l4-ready-service": lambda: _tier1(2, Drill(3, 2), soak=300, canary=True, extra=TOOLS),
+    "slow-old-drill": lambda: _tier1(1, Drill(30, 45), soak=60, canary=True, extra="tools: []"),
+    "unsigned-job": lambda: governance.job_evidence(parse_jobspec(JOB), image_signature=None, approvers=None),
+    "signed-job-2-approvers": lambda: governance.job_evidence(
+        parse_jobspec(JOB), image_signature=True, approvers=2
+    ),
+}
+A, T, C, R, T2, D, S, E = (
+    "approval",
+    "tool-allowlist",
+    "canary-soak",
+    "rollback-drill",
+    "tier2-only",
+    "dedicated-vm",
+    "signature",
+    "default-deny-egress",
+)
+# workload -> missing controls at L0..L5
+EXPECTED: dict[str, tuple[set[str], ...]] = {
+    "bare-service": (set(), set(), {T, A}, {T, A, C, R}, {T, A, C, R}, {T, A, T2, D}),
+    "allowlisted-canary-60s": (set(), set(), set(), set(), {A, C}, {A, T2, D}),
+    "open-egress": (set(), {E}, {E}, {E, C, R}, {E, A, C, R}, {E, A, T2, D}),
+    "l4-ready-service": (set(), set(), set(), set(), set(), {T2, D}),
+    "slow-old-drill": (set(), set(), set(), {R}, {A, C, R}, {A, T2, D}),
+    "unsigned-job": (set(), {S}, {S, A}, {S, A, C, R}, {S, A, C, R}, {S, A}),
+    "signed-job-2-approvers": (set(), set(), set(), {C, R}, {C, R}, set()),
+}
+CASES = [(w, tid, EXPECTED[w][i]) for w in EXPECTED for i, tid in enumerate(tiers.TIER_IDS)]
+
+
+@pytest.mark.parametrize(("workload", "tier_id", "missing"), CASES, ids=[f"{w}-{t}" for w, t, _ in CASES])
+def test_workloads_x_tiers_name_exactly_the_missing_controls(
+    workload: str, tier_id: str, missing: set[str]
+) -> None:
+    tier = tiers.load().get(tier_id)
+    found = governance.evaluate(tier, WORKLOADS[workload]())
+    assert {m.control for m in found} == missing
+    assert all(m.reason for m in found)
+
+
+def test_a_control_that_cannot_be_checked_fails_and_says_so() -> None:
+    tier = tiers.load().get("L2")
+    found = {m.control: m.reason for m in governance.evaluate(tier, governance.Evidence())}
+    assert set(found) == set(tier.controls)  # nothing passes on no evidence
+    assert "could not be checked" in found["approval"] and "could not be checked" in found["signature"]
+
+
+def test_refusal_names_every_missing_control_and_exits_3() -> None:
+    tier = tiers.load().get("L3")
+    err = governance.refuse({"profile p": ("L3", governance.evaluate(tier, WORKLOADS["bare-service"]()))})
+    assert err.exit_code == 3 and err.code == "tier-controls-missing"
+    for control in ("tool-allowlist", "approval", "canary-soak", "rollback-drill"):
+        assert control in err.message
+    assert err.details["profile p"]["missing"] == [
+        "tool-allowlist",
+        "approval",
+        "canary-soak",
+        "rollback-drill",
+    ]
+
+
+def test_evaluate_job_is_the_job_runner_entry_point() -> None:
+    spec = parse_jobspec({**JOB, "risk_tier": "L1", "env": {"TOKEN_X": "ghp_" + "A1b2" * 9}})
+    missing = {m.control: m.reason for m in governance.evaluate_job(spec)}
+    assert set(missing) == {"signature", "no-raw-secrets"}
+    assert "GitHub token" in missing["no-raw-secrets"] and "A1b2" not in missing["no-raw-secrets"]
+    assert governance.evaluate_job(parse_jobspec({**JOB, "risk_tier": "L0"})) == []
+
+
+@pytest.mark.parametrize(
+    ("value", "flagged"),
+    [
+        ("8081", False),
+        ("info", False),
+        ("/opt/agent/releases/0123456789abcdef0123456789abcdef", False),
+        ("http://127.0.0.1:8080/v1/completions", False),
+        ("a sentence with several words in it, not a key", False),
+        ("claude-3-5-sonnet-20241022", False),
+        ("AKIAIOSFODNN7EXAMPLE", True),
+        ("ghp_" + "x7Y2" * 9, True),
+        ("xoxb-1234567890-abcdefghij", True),
+        ("sk-ant-" + "q" * 30, True),
+        ("Bearer abcdefghijklmnop", True),
+        ("-----BEGIN OPENSSH PRIVATE KEY-----", True),
+        ("https://user:hunter2@db.internal/x", True),
+        ("tok-" + "9f" * 16, True),  # 128-bit hex
+        ("Zq8vP1mR4tX7wB2nK5yL0sD3", True),  # 24 random chars
+    ],
+)
+def test_secret_looking_values_are_recognised_without_echoing_them(value: str, flagged: bool) -> None:
+    reason = secretscan.verdict(value)
+    assert (reason is not None) == flagged, reason
+    if reason:
+        assert value not in reason
+
+
+def test_manifest_with_a_secret_value_in_env_is_refused_and_the_value_not_echoed() -> None:
+    value = "Zq8vP1mR4tX7wB2nK5yL0sD3"
+    with pytest.raises(UsageError) as exc:
+        _profile(extra=f'env: {{UPSTREAM: "{value}"}}')
+    assert "UPSTREAM" in exc.value.message and "entropy" in exc.value.message
+    assert value not in str(exc.value) and value not in repr(exc.value.details)
+    assert exc.value.__cause__ is None and exc.value.__suppress_context__
+
+
+def test_bad_tier_data_is_refused_never_weakened() -> None:
+    good = tiers.TIERS_FILE.read_bytes()
+    for bad in (
+        good.replace(b"    approvers: 1\n", b"", 1),  # approval without a count
+        good.replace(b"tool-allowlist, approval]", b"tool-allowlist, aproval]", 1),  # unknown control
+        good.replace(b"id: L5", b"id: L6"),
+    ):
+        with pytest.raises(OperationalError) as exc:
+            tiers.parse_tiers(bad)
+        assert exc.value.code == "tiers-invalid"
+
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "governance.md"
+
+
+def test_docs_tier_table_and_event_vocabulary_match_the_code() -> None:
+    text = DOC.read_text()
+    for tier in tiers.load().tiers:
+        row = next(ln for ln in text.splitlines() if ln.startswith(f"| {tier.id} "))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == tier.name
+        assert cells[2] == ", ".join(tier.controls), tier.id
+    documented = set(re.findall(r"^\| `([a-z0-9.-]+)` \|", text, re.MULTILINE)) - set(tiers.CONTROLS)
+    assert documented == set(EVENT_TYPES)
