@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import pytest
 
 from controlplane import egress
+from controlplane.egressnames import POOL, Names, block, candidate_blocks
 from controlplane.errors import OperationalError, UsageError
 from controlplane.jobspec import EgressRule
 from controlplane.netns import Ip, netns_pids
@@ -165,6 +166,10 @@ def test_real_packets_are_allowed_or_denied_and_counted(world: tuple[str, Path])
         assert denied[("198.51.100.54", "udp", 53)] == "denied_dns"
         assert denied[("169.254.169.254", "tcp", 80)] == "denied_metadata"
         assert net.spec.table not in sh("nft", "list", "tables")  # the host's own ruleset is untouched
+        sh("ip", "-n", world_ns, "route", "add", f"{net.guest_addr}/32", "via", str(net.block[5]))
+        inbound_before = net.counters()["denied_inbound"]["packets"]
+        [inbound] = egress.probe_targets(world_ns, [(net.guest_addr, 22, "tcp")], timeout=0.5)
+        assert not inbound["reached"] and net.counters()["denied_inbound"]["packets"] > inbound_before
     assert sorted(set(hits.read_text().split())) == ["allowed", "dns-listed"]  # the servers agree
     assert all(ok for _, ok, _ in net.teardown_checks()), net.teardown_checks()
     assert net.counters()["denied_metadata"]["packets"] >= 1  # the snapshot outlives the namespace
@@ -189,6 +194,20 @@ def test_tap_path_is_created_and_torn_down_even_when_the_job_fails() -> None:
     assert subprocess.run(["ip", "-n", net.netns, "link"], capture_output=True, check=False).returncode != 0
     assert net.host_dev not in sh("ip", "-br", "link")
     assert egress.leftovers("tap-1", LABEL) == []
+
+
+@needs_root
+def test_a_taken_block_is_skipped_by_its_name() -> None:
+    names = Names.of("claim-1", LABEL)
+    first = next(candidate_blocks(names, POOL, []))
+    squatter = names.host_dev(first)  # another runner holds this job's first-choice block
+    sh("ip", "link", "add", squatter, "type", "veth", "peer", "name", f"{LABEL}-sq")
+    try:
+        with egress.job_network("claim-1", [rule(ALLOWED)], LABEL) as net:
+            assert net.host_dev != squatter and net.block != block(POOL, first)
+    finally:
+        subprocess.run(["ip", "link", "del", squatter], check=False)
+    assert egress.leftovers("claim-1", LABEL) == []
 
 
 KILLED = textwrap.dedent(
