@@ -110,7 +110,8 @@ def _claim(net: JobNetwork, uplink: nx.Ip, blocks: Iterator[int]) -> None:
         result = uplink.run(*argv, check=False)
         if result.ok:
             net.host_dev = dev
-            net.spec = _spec(net.names, block(net.pool, index), net.spec.host_nets[:-3], net.spec.allow)
+            host_nets = net.spec.host_nets[:-3]  # drop the placeholder block's own three addresses
+            net.spec = _spec(net.names, block(net.pool, index), host_nets, net.spec.allow)
             return
         if "File exists" not in result.stderr:
             result.check()
