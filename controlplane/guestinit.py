@@ -40,6 +40,8 @@ fi
 R=/run/avm; IO=/run/avmio
 mkdir -p $R/res $IO /job/out; chmod 700 $R; chmod 755 $IO
 chown -R 65534:65534 /job
+# egress probes run as root (ICMP needs a raw socket), before the job, into the result itself
+[ -f /.avm/probe.sh ] && sh /.avm/probe.sh > $R/res/probes.txt 2>&1
 mkfifo $IO/o $IO/e; chown 65534:65534 $IO/o $IO/e
 tee $R/res/stdout < $IO/o > /dev/console & T1=$!
 tee $R/res/stderr < $IO/e > /dev/console & T2=$!
@@ -110,6 +112,7 @@ def assemble(
     outputs: Sequence[str],
     inputs: Mapping[str, Path],
     net: Mapping[str, str] | None,
+    probe_script: str | None = None,
 ) -> None:
     """Add /.avm, /job (with inputs) and the job user to an unpacked image root."""
     avm = root / ".avm"
@@ -125,6 +128,8 @@ def assemble(
     _write(avm / "outputs", "".join(f"{o}\n" for o in outputs), 0o644)
     if net:
         _write(avm / "net", "".join(f"{k}={shlex.quote(v)}\n" for k, v in net.items()), 0o644)
+    if probe_script is not None:
+        _write(avm / "probe.sh", probe_script, 0o644)
     job = root / "job"
     job.mkdir(exist_ok=True)
     for dest, src in inputs.items():

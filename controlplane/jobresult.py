@@ -25,6 +25,7 @@ class GuestResult:
     stdout: str
     stderr: str
     out_tar: bytes
+    probes: str = ""
 
 
 def parse(data: bytes) -> GuestResult:
@@ -49,6 +50,7 @@ def parse(data: bytes) -> GuestResult:
         stdout=files.get("stdout", b"")[:MAX_TEXT].decode("utf-8", "replace"),
         stderr=files.get("stderr", b"")[:MAX_TEXT].decode("utf-8", "replace"),
         out_tar=files.get("out.tar", b""),
+        probes=files.get("probes.txt", b"")[:MAX_TEXT].decode("utf-8", "replace"),
     )
 
 

@@ -26,6 +26,7 @@ from controlplane.jobspec import JobSpec
 from controlplane.runtime import Launch, Outcome, get_runtime
 
 TIMEOUT_RC = 124
+ACCEL_CACHE = Path("/var/tmp/avm-accel-probe")  # a fact about this host and kernel, shared by homes
 MICROVM_MODULES = ("virtio_mmio", "virtio_console")
 Q35_MODULES = ("virtio_pci", "virtio_console")
 NET_MODULES = ("virtio_net",)
@@ -127,6 +128,9 @@ def run_job(
     transport: Any = None,
     stream: Callable[[str], None] | None = None,
     kind: str = "job-run",
+    network_options: dict[str, Any] | None = None,
+    on_result: Callable[[evidence.Step, jobresult.GuestResult], None] | None = None,
+    probe_script: Callable[[dict[str, str]], str] | None = None,
 ) -> JobResult:
     """Run ``spec`` to completion. Raises ``RefusedError`` (pin, signature) and ``UsageError``
     (inputs) before anything is created, ``OperationalError`` when the guest yields no result."""
@@ -146,11 +150,11 @@ def run_job(
         step.check("image-digest-matches-pin", ok=True, detail=f"manifest bytes hash to {image.digest}")
         keyid = imagesign.verify_image(home, name, image.digest)
         step.check("image-signature-trusted", ok=True, detail=f"simple-signing payload verified with {keyid}")
-        rt = get_runtime(runtime, **({"transport": transport} if runtime == "qemu" else {}))
         stale = jobteardown.gc(home, spec.id)
         step.observe("stale_leftovers_removed", stale)
         choice = pick_kernel(home, kernel, machine, bool(spec.egress.allow))
         step.subject(f"guest-kernel:{choice.source}", choice.digest)
+        rt = get_runtime(runtime, **_runtime_options(runtime, transport, choice))
         nonce = secrets.token_hex(4)
         workdir = jobteardown.jobs_dir(home) / jobteardown.label(spec.id, nonce)
         workdir.mkdir(parents=True, mode=0o700)
@@ -158,13 +162,20 @@ def run_job(
         out_dir = output_dir or home.root / "jobs-out" / spec.id
         outcome: Outcome | None = None
         try:
-            outcome = _boot(home, spec, rt, image, choice, workdir, host_inputs, machine, stream, step)
+            opts = dict(network_options or {})
+            if transport is not None and transport.url != "local://":
+                opts["host"] = transport
+            if opts.get("uplink_netns"):
+                (workdir / "uplink_netns").write_text(str(opts["uplink_netns"]))
+            opts["probe_script"] = probe_script
+            outcome = _boot(home, spec, rt, image, choice, workdir, host_inputs, machine, stream, step, opts)
         finally:
             pid = outcome.pid if outcome else None
             if outcome is not None:
                 shutil.copy(outcome.console_log, workdir.parent / f"{spec.id}.console.log")
+            uplink = jobteardown.uplink_of(workdir)
             jobteardown.remove(workdir)
-            checks = jobteardown.checks(workdir, spec.id, pid) + (outcome.checks if outcome else [])
+            checks = jobteardown.checks(workdir, spec.id, pid, uplink) + (outcome.checks if outcome else [])
             for cname, ok, detail in checks:
                 step.check(cname, ok=ok, detail=detail)
         step.observe("accel", outcome.accel)
@@ -177,6 +188,8 @@ def run_job(
         else:
             res = jobresult.parse(outcome.result_tar)
             status, rc = ("ok" if res.rc == 0 else "failed"), res.rc
+            if on_result is not None:
+                on_result(step, res)
         written: list[str] = []
         if res is not None:
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -193,17 +206,31 @@ def run_job(
     )  # fmt: skip
 
 
+def _runtime_options(runtime: str, transport: Any, choice: GuestKernelChoice) -> dict[str, Any]:
+    if runtime != "qemu":
+        return {}
+    from controlplane.runtime.qemu import probe_accel
+
+    if transport is not None and transport.url != "local://":
+        return {"transport": transport, "accel": os.environ.get("AVM_ACCEL") or "tcg"}
+    busybox = Path(shutil.which("busybox") or "/bin/busybox")
+    return {"accel": probe_accel(choice.kernel, busybox, ACCEL_CACHE)}
+
+
 def _boot(
     home: Home, spec: JobSpec, rt: Any, image: ocistore.StoredImage, choice: GuestKernelChoice, workdir: Path,
     host_inputs: dict[str, Path], machine: str, stream: Callable[[str], None] | None, step: evidence.Step,
+    net_options: dict[str, Any],
 ) -> Outcome:  # fmt: skip
+    probe = net_options.pop("probe_script", None)
     root = workdir / "root"
     ocilayers.unpack(ocistore.store_dir(home), image, root)
     busybox = Path(shutil.which("busybox") or "/bin/busybox")
-    with _network(spec, jobteardown.egress_label(workdir.name)) as net:
+    with _network(spec, jobteardown.egress_label(workdir.name), net_options) as net:
         guestinit.assemble(
             root, busybox=busybox, modules=choice.modules, argv=spec.command, env=spec.env,
             outputs=spec.outputs, inputs=host_inputs, net=net.guest_env if net else None,
+            probe_script=probe(dict(net.guest_env) if net else {}) if probe else None,
         )  # fmt: skip
         initramfs = workdir / "initramfs.cpio"
         size = guestinit.write_cpio(root, initramfs)
@@ -225,7 +252,7 @@ def _boot(
 
 
 @contextlib.contextmanager
-def _network(spec: JobSpec, label: str) -> Iterator[Any]:
+def _network(spec: JobSpec, label: str, options: dict[str, Any]) -> Iterator[Any]:
     if not spec.egress.allow:
         yield None  # no NIC at all: the guest has only loopback
         return
@@ -237,5 +264,5 @@ def _network(spec: JobSpec, label: str) -> Iterator[Any]:
             "this job allows egress, and the egress module (netns + tap + nftables) is not installed",
             hint="remove egress.allow to run with no NIC, or update avm",
         ) from None
-    with egress.job_network(spec.id, list(spec.egress.allow), label=label) as net:
+    with egress.job_network(spec.id, list(spec.egress.allow), label, **options) as net:
         yield net

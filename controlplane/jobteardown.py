@@ -63,9 +63,10 @@ def remove(workdir: Path) -> list[str]:
         removed += [f"process {pid} ({marker})" for pid in pids]
     egress = _egress()
     if egress is not None:
+        opts = uplink_of(workdir)
         with contextlib.suppress(Exception):
-            if egress.leftovers(job_id_of(marker), egress_label(marker)):  # type: ignore[attr-defined]
-                removed += [f"egress {x}" for x in egress.gc(egress_label(marker))]  # type: ignore[attr-defined]
+            if egress.leftovers(job_id_of(marker), egress_label(marker), **opts):  # type: ignore[attr-defined]
+                removed += [f"egress {x}" for x in egress.gc(egress_label(marker), **opts)]  # type: ignore[attr-defined]
     if workdir.exists():
         shutil.rmtree(workdir, ignore_errors=True)
         removed.append(f"workdir {workdir}")
@@ -87,7 +88,14 @@ def gc(home: Home, job_id: str | None = None) -> list[str]:
     return removed
 
 
-def checks(workdir: Path, job_id: str, pid: int | None) -> list[tuple[str, bool, str]]:
+def uplink_of(workdir: Path) -> dict[str, str]:
+    path = workdir / "uplink_netns"
+    return {"uplink_netns": path.read_text()} if path.is_file() else {}
+
+
+def checks(
+    workdir: Path, job_id: str, pid: int | None, uplink: dict[str, str] | None = None
+) -> list[tuple[str, bool, str]]:
     """(name, ok, detail) for everything a job could leave behind on this host."""
     marker = workdir.name
     left = procs.pids_with_marker(marker)
@@ -96,9 +104,10 @@ def checks(workdir: Path, job_id: str, pid: int | None) -> list[tuple[str, bool,
         ("workdir-removed", not workdir.exists(), str(workdir)),
     ]
     egress = _egress()
+    uplink = uplink or {}
     if egress is not None:
         try:
-            rest = list(egress.leftovers(job_id, egress_label(marker)))  # type: ignore[attr-defined]
+            rest = list(egress.leftovers(job_id, egress_label(marker), **uplink))  # type: ignore[attr-defined]
             out.append(("egress-leftovers-none", not rest, ", ".join(rest) or "netns, tap, nft table: none"))
         except Exception as exc:  # a failed check is recorded, not hidden
             out.append(("egress-leftovers-none", False, f"check failed: {exc}"))

@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.plugins.golden",
     "tests.plugins.vms",
     "tests.plugins.agentrepo",
+    "tests.plugins.jobimages",
 ]

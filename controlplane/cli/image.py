@@ -52,4 +52,70 @@ def build(app: AppContext, recipe_path: Path | None, force: bool) -> None:
     app.emit(doc, human)
 
 
+# -- Tier-2 job images: a local OCI image layout store ----------------------------------------
+
+
+@image.command("import")
+@click.argument("source", type=click.Path(path_type=Path, exists=True))
+@click.option("--name", default=None, help="Store the image under this name (default: its ref name).")
+@pass_app
+def import_(app: AppContext, source: Path, name: str | None) -> None:
+    """Import an OCI image layout directory or a tar of one into the job image store.
+
+    Every blob is re-hashed. Prints NAME@sha256:... for each image: pin that in job specs.
+    """
+    from controlplane.ocistore import import_layout
+
+    images = import_layout(app.home, source, name)
+    app.emit({"images": [i.ref for i in images]}, "\n".join(i.ref for i in images))
+
+
+@image.command("build-job")
+@click.argument("name")
+@click.option("--file", "files", multiple=True, metavar="SRC:DEST", help="Host file SRC at DEST.")
+@click.option("--busybox/--no-busybox", default=True, show_default=True, help="Add busybox as /bin/sh.")
+@pass_app
+def build_job(app: AppContext, name: str, files: tuple[str, ...], busybox: bool) -> None:
+    """Build a small one-layer job image from files (deterministic: same files, same digest)."""
+    import shutil
+
+    from controlplane.errors import UsageError
+    from controlplane.ocistore import build_job_image
+
+    mapping = {}
+    for item in files:
+        src, sep, dest = item.partition(":")
+        if not sep or not src or not dest:
+            raise UsageError("image-file-invalid", f"--file {item!r}: expected SRC:DEST")
+        mapping[dest] = Path(src)
+    bb = shutil.which("busybox") if busybox else None
+    if busybox and bb is None:
+        raise UsageError("tool-missing", "busybox is not installed", hint="apt-get install busybox-static")
+    stored = build_job_image(app.home, name, mapping, busybox=Path(bb) if bb else None)
+    app.emit({"image": stored.ref}, stored.ref)
+
+
+@image.command("sign")
+@click.argument("ref")
+@click.option("--key", "key_path", required=True, type=click.Path(path_type=Path, dir_okay=False))
+@pass_app
+def sign(app: AppContext, ref: str, key_path: Path) -> None:
+    """Sign NAME@sha256:... with a cosign key ($COSIGN_PASSWORD) and store the signature.
+
+    The signed bytes are cosign's simple-signing payload naming the manifest digest.
+    """
+    from controlplane.errors import UsageError
+    from controlplane.imagesign import sign_image
+    from controlplane.ocistore import resolve
+    from controlplane.signing import password_from_env
+
+    stored = resolve(app.home, ref)
+    try:
+        key = key_path.read_bytes()
+    except OSError as exc:
+        raise UsageError("key-unreadable", f"cannot read {key_path}: {exc.strerror}") from exc
+    path = sign_image(app.home, stored.name, stored.digest, key, password_from_env())
+    app.emit({"image": stored.ref, "signature": str(path)}, f"signed {stored.ref}")
+
+
 commands = [image]
