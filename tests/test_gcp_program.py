@@ -68,10 +68,10 @@ SETTINGS = GcpSettings.model_validate(
 NESTED_OK = {"Intel Haswell", "Intel Broadwell", "Intel Skylake", "Intel Cascade Lake", "Intel Ice Lake"}
 
 
-def declared(check: Any) -> Any:
+def declared(check: Any, settings: GcpSettings = SETTINGS) -> Any:
     """Declare the program, then run ``check(by_type)`` once every resource reached the mocks."""
     RESOURCES.clear()
-    res = gcp_program.golden_vm(SETTINGS)
+    res = gcp_program.golden_vm(settings)
     every = [r for v in res.values() for r in (v if isinstance(v, list) else [v])]
 
     def run(_: object) -> None:
@@ -160,6 +160,17 @@ def test_image_comes_from_the_gcs_object_and_boots_the_instance() -> Any:
         assert disk["image"].endswith(f"/images/{SETTINGS.name}-image")
 
     return declared(check)
+
+
+@pulumi_test
+def test_every_gce_name_fits_even_for_the_longest_vm_name() -> Any:
+    def check(by_type: dict[str, list[dict[str, Any]]]) -> None:
+        names = [r["name"] for rs in by_type.values() for r in rs if "name" in r]
+        assert len(names) >= 7 and all(len(n) <= 63 for n in names), names
+        [sa] = by_type["gcp:serviceaccount/account:Account"]
+        assert 6 <= len(sa["accountId"]) <= 30
+
+    return declared(check, SETTINGS.model_copy(update={"name": "avm-vm-" + "x" * 32 + "-0123456789ab"}))
 
 
 @pytest.mark.parametrize(

@@ -91,12 +91,16 @@ class GcpSettings(BaseModel):
 def golden_vm(s: GcpSettings) -> dict[str, Any]:
     """Declare every resource of one golden VM; returns them by role (for exports and tests)."""
     label = {"managed-by": "avm", "avm-vm": s.name}
-    # account ids are at most 30 characters: a hash of the name keeps them unique
-    account_id = "avm-" + hashlib.sha256(s.name.encode()).hexdigest()[:16]
-    sa = gcp.serviceaccount.Account(f"{s.name}-sa", account_id=account_id, display_name=f"avm VM {s.name}")
-    net = gcp.compute.Network(f"{s.name}-net", auto_create_subnetworks=False, routing_mode="REGIONAL")
+    # GCE names are at most 63 characters (service accounts 30): a short hash of the VM's name
+    # keeps every derived name unique and short
+    short = "avm-" + hashlib.sha256(s.name.encode()).hexdigest()[:12]
+    sa = gcp.serviceaccount.Account(f"{s.name}-sa", account_id=short, display_name=f"avm VM {s.name}")
+    net = gcp.compute.Network(
+        f"{s.name}-net", name=f"{short}-net", auto_create_subnetworks=False, routing_mode="REGIONAL"
+    )
     subnet = gcp.compute.Subnetwork(
         f"{s.name}-subnet",
+        name=f"{short}-subnet",
         network=net.id,
         region=s.region,
         ip_cidr_range=str(s.subnet_cidr),
@@ -104,6 +108,7 @@ def golden_vm(s: GcpSettings) -> dict[str, Any]:
     )
     deny = gcp.compute.Firewall(
         f"{s.name}-egress-deny-all",
+        name=f"{short}-egress-deny-all",
         network=net.id,
         direction="EGRESS",
         priority=DENY_ALL_PRIORITY,
@@ -114,6 +119,7 @@ def golden_vm(s: GcpSettings) -> dict[str, Any]:
     allows = [
         gcp.compute.Firewall(
             f"{s.name}-egress-allow-{i}",
+            name=f"{short}-egress-allow-{i}",
             network=net.id,
             direction="EGRESS",
             priority=ALLOW_PRIORITY,
@@ -124,6 +130,7 @@ def golden_vm(s: GcpSettings) -> dict[str, Any]:
     ]
     ssh = gcp.compute.Firewall(
         f"{s.name}-ingress-iap-ssh",
+        name=f"{short}-ingress-iap-ssh",
         network=net.id,
         direction="INGRESS",
         priority=ALLOW_PRIORITY,
@@ -133,6 +140,7 @@ def golden_vm(s: GcpSettings) -> dict[str, Any]:
     )
     image = gcp.compute.Image(
         f"{s.name}-image",
+        name=f"{short}-image",
         raw_disk=gcp.compute.ImageRawDiskArgs(
             source=f"https://storage.googleapis.com/{s.image_bucket}/{s.image_object}"
         ),
