@@ -7,7 +7,8 @@ never as passed. ``profile_evidence`` and ``job_evidence`` build the evidence of
 profile and of a Tier-2 job; ``gate`` raises ``RefusedError('tier-controls-missing')`` (exit 3)
 naming each missing control of each workload.
 
-The job runner calls ``evaluate_job(spec, ...)`` before it creates anything.
+The job runner calls ``gate_job(spec, image_signature=..., home=..., step=...)`` (or
+``evaluate_job`` for the list) before it creates anything.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from controlplane.canonical import canonical_bytes, sha256_digest
 from controlplane.errors import RefusedError
 
 if TYPE_CHECKING:
+    from controlplane.evidence import Step
     from controlplane.home import Home
     from controlplane.jobspec import JobSpec
     from controlplane.manifest import Profile, ReleaseManifest
@@ -188,6 +190,26 @@ def evaluate_job(
 
         approvers = len(approvals.find(home, job_digest(spec))[0])
     return evaluate(tier, job_evidence(spec, image_signature=image_signature, approvers=approvers))
+
+
+def gate_job(
+    spec: JobSpec, *, image_signature: bool | None, home: Home | None, step: Step | None = None
+) -> None:
+    """``evaluate_job`` as a gate: records a ``gate.decision`` event (``gate=risk-tier``) in
+    ``step`` and raises ``RefusedError('tier-controls-missing')`` (exit 3) if anything is missing."""
+    missing = evaluate_job(spec, image_signature=image_signature, home=home)
+    if step is not None:
+        step.event(
+            "gate.decision",
+            gate="risk-tier",
+            outcome="fail" if missing else "pass",
+            job=spec.id,
+            tier=spec.risk_tier,
+            tiers_digest=tiers.load().digest,
+            missing=[m.control for m in missing],
+        )
+    if missing:
+        raise refuse({f"job {spec.id}": (spec.risk_tier, missing)})
 
 
 def refuse(failures: dict[str, tuple[str, list[Missing]]]) -> RefusedError:

@@ -9,7 +9,7 @@ import pytest
 
 from controlplane import governance, secretscan, tiers
 from controlplane.auditevents import EVENT_TYPES
-from controlplane.errors import OperationalError, UsageError
+from controlplane.errors import OperationalError, RefusedError, UsageError
 from controlplane.governance import Drill
 from controlplane.jobspec import parse_jobspec
 from controlplane.manifest import parse_manifest
@@ -116,6 +116,9 @@ def test_evaluate_job_is_the_job_runner_entry_point() -> None:
     assert set(missing) == {"signature", "no-raw-secrets"}
     assert "GitHub token" in missing["no-raw-secrets"] and "A1b2" not in missing["no-raw-secrets"]
     assert governance.evaluate_job(parse_jobspec({**JOB, "risk_tier": "L0"})) == []
+    with pytest.raises(RefusedError) as exc:
+        governance.gate_job(spec, image_signature=True, home=None)
+    assert exc.value.details["job j1"]["missing"] == ["no-raw-secrets"]
 
 
 @pytest.mark.parametrize(
@@ -178,3 +181,28 @@ def test_docs_tier_table_and_event_vocabulary_match_the_code() -> None:
         assert cells[2] == ", ".join(tier.controls), tier.id
     documented = set(re.findall(r"^\| `([a-z0-9.-]+)` \|", text, re.MULTILINE)) - set(tiers.CONTROLS)
     assert documented == set(EVENT_TYPES)
+
+
+def test_rollback_drill_evidence_comes_from_successful_rollback_receipts(home: object) -> None:
+    from controlplane import evidence, keys
+    from controlplane.governance_gate import rollback_drills
+    from controlplane.home import Home
+
+    assert isinstance(home, Home)
+    keys.init(home)
+    for operation, target, rolled_back in (
+        ("promote", "vm1", []),
+        ("rollback", "vm2", []),
+        ("rollback", "vm1", ["web"]),  # its own health check failed: not a proven drill
+        ("rollback", "vm1", []),
+    ):
+        with evidence.record_step(home, "apply", inputs={"operation": operation, "target": target}) as step:
+            step.result["rolled_back"] = rolled_back
+    drills = rollback_drills(home, "vm1")
+    assert len(drills) == 1
+    drill = governance.last_drill(drills)
+    assert drill is not None and drill.minutes < 1 and drill.age_days < 0.01
+    assert (
+        governance.evaluate(tiers.load().get("L3"), governance.Evidence(drill=drill), only=["rollback-drill"])
+        == []
+    )

@@ -61,7 +61,11 @@ def load_policy(path: str) -> dict[str, str]:
     if not isinstance(doc, dict) or doc.get("version") != POLICY_VERSION:
         raise PolicyError(f"policy {path!r}: expected version {POLICY_VERSION}")
     tools = doc.get("tools")
-    if not isinstance(tools, dict) or tools.get("default") != "deny" or not isinstance(tools.get("allow"), list):
+    if (
+        not isinstance(tools, dict)
+        or tools.get("default") != "deny"
+        or not isinstance(tools.get("allow"), list)
+    ):
         raise PolicyError(f"policy {path!r}: tools must be {{default: deny, allow: [...]}}")
     allowed: dict[str, str] = {}
     for entry in tools["allow"]:
@@ -101,7 +105,9 @@ class Guard:
         self.emit({"type": "tool.denied", "profile": self.profile, "tool": name, "reason": reason})
 
 
-def launch(policy_path: str, tools: dict[str, dict[str, Any]], *, profile: str, emit: Emit = stderr_event) -> Guard:
+def launch(
+    policy_path: str, tools: dict[str, dict[str, Any]], *, profile: str, emit: Emit = stderr_event
+) -> Guard:
     """The launcher hook: a valid policy gives a ``Guard``; anything else exits 78 before serving."""
     try:
         allowed = load_policy(policy_path)
