@@ -85,8 +85,10 @@ def wait_gone(pids: list[int], marker: str, deadline_s: float) -> bool:
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
-    """Whether a TCP listener could bind ``host:port`` now."""
+    """Whether a TCP listener could bind ``host:port`` now (connections in TIME_WAIT from a
+    stopped VM do not count: only another listener makes the port taken)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:

@@ -1,0 +1,137 @@
+"""The golden VM's boot initramfs: busybox, the virtio modules, and the per-VM seed.
+
+The Debian cloud kernel has virtio as modules, so the root disk needs an initramfs. Debian's own
+is 16 MB and slow under TCG; this one is about 1 MB: busybox-static, the modules needed to see
+the disk and fw_cfg (taken from the image's own /lib/modules, loaded in dependency order), and
+an ``/init`` that mounts the root, extracts the per-VM seed tar that QEMU passes as fw_cfg
+``opt/avm/seed`` (host key, authorized key, sshd drop-in, hostname) onto it, and switches root.
+So the image stays immutable and keyless, and every VM gets its own identity before sshd starts.
+
+Built once per image digest, cached next to the VM state in ``<home>/cache/initramfs/``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+from controlplane.canonical import sha256_hex
+from controlplane.errors import OperationalError
+
+BUSYBOX = Path("/bin/busybox")
+# what the guest needs before switch_root; their dependencies come from modules.dep
+WANTED = ("virtio_mmio", "virtio_pci", "virtio_blk", "qemu_fw_cfg")
+SEED_NAME = "opt/avm/seed"
+
+INIT = """#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev /newroot
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sysfs /sys
+/bin/busybox mount -t devtmpfs devtmpfs /dev
+for m in $(/bin/busybox cat /modules.order); do /bin/busybox insmod "/modules/$m" 2>/dev/null; done
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 200 ]; do /bin/busybox usleep 20000; i=$((i+1)); done
+if ! /bin/busybox mount -t ext4 -o rw /dev/vda /newroot; then
+  echo "avm-initramfs: cannot mount /dev/vda"; exec /bin/busybox sh
+fi
+seed=/sys/firmware/qemu_fw_cfg/by_name/@SEED@/raw
+if [ -r "$seed" ]; then
+  /bin/busybox tar -x -C /newroot -f "$seed" && echo "avm-initramfs: per-VM seed installed"
+else
+  echo "avm-initramfs: no seed (the image's first-boot unit makes a host key)"
+fi
+/bin/busybox umount /proc /sys
+/bin/busybox mount --move /dev /newroot/dev
+exec /bin/busybox switch_root /newroot /sbin/init
+""".replace("@SEED@", SEED_NAME)
+
+
+def _closure(rootfs: Path, kernel_version: str) -> list[str]:
+    """The wanted modules and their dependencies, dependencies first (relative paths)."""
+    moddir = rootfs / "lib" / "modules" / kernel_version
+    deps: dict[str, list[str]] = {}
+    for line in (moddir / "modules.dep").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        deps[name] = rest.split()
+    by_stem = {Path(p).name.split(".ko")[0].replace("-", "_"): p for p in deps}
+    order: list[str] = []
+
+    def visit(path: str) -> None:
+        for dep in reversed(deps.get(path, [])):
+            visit(dep)
+        if path not in order:
+            order.append(path)
+
+    for stem in WANTED:
+        if stem not in by_stem:
+            raise OperationalError(
+                "initramfs-module-missing",
+                f"kernel module {stem} is not in the image's /lib/modules/{kernel_version}",
+                hint="keep it in images/golden.yaml trim.kernel_modules_keep and rebuild the image",
+            )
+        visit(by_stem[stem])
+    return order
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes, mode: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), mode, 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def build(rootfs: Path, kernel_version: str, cache: Path) -> Path:
+    """The initramfs for this rootfs (cached by content). Raises ``OperationalError``."""
+    if not BUSYBOX.exists():
+        raise OperationalError(
+            "tool-missing", "busybox-static is not installed", hint="install busybox-static (`make setup`)"
+        )
+    modules = _closure(rootfs, kernel_version)
+    moddir = rootfs / "lib" / "modules" / kernel_version
+    key = sha256_hex("\n".join([INIT, kernel_version, *modules]).encode() + BUSYBOX.read_bytes()[:4096])[:24]
+    out = cache / f"golden-initramfs-{key}.cpio.gz"
+    if out.exists():
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    # newc cpio is what the kernel unpacks; Python's tarfile cannot write it, so build a tree and
+    # let busybox cpio (-H newc) archive it
+    work = cache / f".build-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        (work / "bin").mkdir(parents=True)
+        (work / "modules").mkdir()
+        shutil.copy2(BUSYBOX, work / "bin" / "busybox")
+        (work / "init").write_text(INIT)
+        (work / "init").chmod(0o755)
+        names = []
+        for rel in modules:
+            name = Path(rel).name
+            shutil.copy2(moddir / rel, work / "modules" / name)
+            names.append(name)
+        (work / "modules.order").write_text("\n".join(names) + "\n")
+        _cpio(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _cpio(tree: Path, out: Path) -> None:
+    import subprocess
+
+    files = sorted(str(p.relative_to(tree)) for p in tree.rglob("*"))
+    proc = subprocess.run(
+        [str(BUSYBOX), "cpio", "-o", "-H", "newc"],
+        input=("\n".join(files) + "\n").encode(),
+        cwd=tree,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise OperationalError("initramfs-build-failed", f"cpio failed: {proc.stderr.decode()[-300:]}")
+    tmp = out.with_suffix(".tmp")
+    tmp.write_bytes(gzip.compress(proc.stdout, compresslevel=6, mtime=0))
+    tmp.rename(out)
