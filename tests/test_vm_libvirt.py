@@ -170,7 +170,9 @@ def boot_request(home: Home, tmp: Path, name: str = "lv1") -> BootRequest:
 
 
 @needs_libvirt
-def test_libvirt_flow_against_libvirt_test_driver(home: Home, tmp_path: Path) -> None:
+def test_libvirt_flow_against_libvirt_test_driver(
+    home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Proves the backend's define/start/alive/shutdown/undefine calls and that the generated XML
     passes libvirt's schema validation. Does not boot a VM: the test driver runs no qemu."""
     import libvirt
@@ -182,6 +184,8 @@ def test_libvirt_flow_against_libvirt_test_driver(home: Home, tmp_path: Path) ->
     keeper = libvirt.open("test:///default")
     backend = LibvirtBackend(uri="test:///default")
     request = boot_request(home, tmp_path)
+    # the seed initramfs needs a real rootfs (its tests are the qemu backend's); any file will do here
+    monkeypatch.setattr("controlplane.vm.libvirt.seed_initrd", lambda _r: tmp_path / "initrd.img")
     booted = backend.boot(request)
     assert keeper.lookupByName(request.marker).isActive()
     assert (request.state_dir / "overlay.qcow2").is_file()

@@ -1,6 +1,7 @@
 """The ``libvirt`` backend: the golden VM as a libvirt domain, driven through libvirt-python.
 
-The domain XML comes from ``controlplane.vm.domainxml`` (a pure function). The domain's name is
+The domain XML comes from ``controlplane.vm.domainxml`` (a pure function); the initrd is the
+qemu backend's seed-installing initramfs, so both backends boot the same guest. The domain's name is
 the VM's marker, so it shows in qemu's ``-name guest=...`` and teardown can prove no process is
 left even when libvirtd lost track. ``libvirt`` (optional extra ``agent-vm[libvirt]``) is
 imported only inside these functions. The connection URI is ``$AVM_LIBVIRT_URI``, else
@@ -20,7 +21,7 @@ from typing import Any, cast
 
 from controlplane.errors import OperationalError
 from controlplane.transport.local import LocalTransport
-from controlplane.vm import domainxml, procs
+from controlplane.vm import domainxml, initramfs, procs
 from controlplane.vm.base import Booted, BootRequest, Check, VmRecord, VmSpec
 
 URI_ENV = "AVM_LIBVIRT_URI"
@@ -110,7 +111,7 @@ class LibvirtBackend:
             memory_mib=request.spec.memory_mib,
             overlay=state / "overlay.qcow2",
             kernel=request.image.kernel,
-            initrd=request.image.initrd,
+            initrd=seed_initrd(request),
             cmdline=request.image.cmdline,
             seed=state / "seed.tar",
             serial_log=state / "serial.log",
@@ -197,6 +198,17 @@ class LibvirtBackend:
                 dom.destroy()
         with contextlib.suppress(Exception):
             dom.undefine()
+
+
+def seed_initrd(request: BootRequest) -> Path:
+    """The qemu backend's busybox initramfs (``vm.initramfs``): the image's own initrd knows
+    nothing of the fw_cfg seed, so without this the guest would have no SSH keys.
+    Raises ``OperationalError`` (``image-incomplete``, ``tool-missing``)."""
+    rootfs = request.image.rootfs
+    versions = sorted(p.name for p in (rootfs / "lib" / "modules").glob("*") if p.is_dir())
+    if not versions:
+        raise OperationalError("image-incomplete", f"no kernel modules under {rootfs}/lib/modules")
+    return initramfs.build(rootfs, versions[-1], request.home.cache / "initramfs")
 
 
 def _qemu_pid(name: str) -> int | None:
