@@ -69,7 +69,11 @@ def test_probe_matrix_from_a_real_guest(jobenv: JobEnv, world: tuple[str, Path])
     pytest.importorskip("controlplane.egress")
     world_ns, hits = world
     spec_path = jobenv.spec(
-        "probe", id="probe-allow", command=["true"], timeout=90, egress={"allow": [{"host": ALLOWED, "port": 8080}]}
+        "probe",
+        id="probe-allow",
+        command=["true"],
+        timeout=90,
+        egress={"allow": [{"host": ALLOWED, "port": 8080}]},
     )
     report = probe_egress(
         jobenv.home,

@@ -1,0 +1,81 @@
+"""Zero leftovers after 30 mixed jobs: normal, failing, timed out, allowlisted, and runners killed
+with ``kill -9`` followed by ``avm job gc``. Uses the minimal guest kernel when it is built (jobs
+take under a second), otherwise the golden image's kernel.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from controlplane.jobs import JobResult, run_job
+from controlplane.jobspec import load_jobspec
+from controlplane.vm.procs import pids_with_marker
+from tests.plugins.jobimages import JobEnv, minimal_kernel_available
+from tests.plugins.vms import AVM, run_avm
+from tests.test_jobs_egress import ALLOWED, world  # noqa: F401 - the world namespace fixture
+
+
+def host_state() -> dict[str, list[str]]:
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=False).stdout
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=False).stdout
+    return {
+        "qemu": [str(p) for p in pids_with_marker("avmjob+")],
+        "netns": [n.split()[0] for n in netns.splitlines() if n.startswith("avm-j")],
+        "nft": [t for t in tables.splitlines() if " avm_" in t],
+        "links": [
+            line.split(":")[1].strip() for line in links.splitlines() if ": j" in line and "--" in line
+        ],
+    }
+
+
+def test_thirty_mixed_jobs_leave_nothing(jobenv: JobEnv, world: tuple[str, Path]) -> None:  # noqa: F811
+    kernel = "minimal" if minimal_kernel_available() else "golden"
+    before = host_state()
+    specs: list[tuple[Path, dict[str, object]]] = []
+    for i in range(6):
+        specs.append((jobenv.spec(f"ok{i}", id=f"mix-ok-{i}", command=["true"]), {}))
+    for i in range(4):
+        allow = {"allow": [{"host": ALLOWED, "port": 8080}]}
+        spec = jobenv.spec(f"net{i}", id=f"mix-net-{i}", command=["true"], egress=allow)
+        specs.append((spec, {"network_options": {"uplink_netns": world[0]}}))
+    for i in range(8):
+        specs.append((jobenv.spec(f"fail{i}", id=f"mix-fail-{i}", command=["sh", "-c", f"exit {i + 1}"]), {}))
+    for i in range(6):
+        specs.append((jobenv.spec(f"slow{i}", id=f"mix-slow-{i}", command=["sleep", "60"], timeout=2), {}))
+
+    def one(item: tuple[Path, dict[str, object]]) -> JobResult:
+        path, extra = item
+        return run_job(jobenv.home, load_jobspec(path), spec_dir=path.parent, kernel=kernel, **extra)  # type: ignore[arg-type]
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(one, specs))
+    codes = [r.exit_code for r in results]
+    assert codes == [0] * 10 + list(range(1, 9)) + [124] * 6, codes
+    assert all(ok for r in results for _, ok, _ in r.checks), [r.checks for r in results]
+
+    # 6 runners killed with SIGKILL while their guest runs: QEMU and the work dir outlive them
+    for i in range(6):
+        spec = jobenv.spec(f"killed{i}", id=f"mix-killed-{i}", command=["sleep", "60"], timeout=60)
+        env = {**os.environ, "AVM_HOME": str(jobenv.home.root)}
+        argv = [*AVM, "--home", str(jobenv.home.root), "job", "run", str(spec), "--guest-kernel", kernel]
+        runner = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while not pids_with_marker(f"avmjob+mix-killed-{i}+") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert pids_with_marker(f"avmjob+mix-killed-{i}+"), "the guest never started"
+        runner.send_signal(signal.SIGKILL)
+        runner.wait()
+    assert len(pids_with_marker("avmjob+mix-killed-")) == 6  # leftovers exist before gc
+    out = run_avm(jobenv.home, "--json", "job", "gc")
+    assert out.returncode == 0, out.stderr
+    assert pids_with_marker("avmjob+") == []
+    assert [p.name for p in (jobenv.home.run / "jobs").iterdir() if p.is_dir()] == []
+    assert host_state() == before
+    again = run_avm(jobenv.home, "--json", "job", "gc")
+    assert again.returncode == 0 and '"removed": []' in again.stdout
