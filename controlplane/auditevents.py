@@ -57,6 +57,25 @@ def parse_journal(text: str, profiles: Sequence[str]) -> list[dict[str, Any]]:
     return out[-_COLLECT_LIMIT:]
 
 
+def egress_denied(denials: Sequence[dict[str, Any]], job_id: str) -> list[dict[str, Any]]:
+    """``egress.denied`` events from ``nftrules.parse_denials`` output (the job's nftables
+    denied-flow set with per-destination counters). The job runner records each in its receipt:
+    ``for e in egress_denied(...): step.event(e.pop("type"), **e)``."""
+    out = []
+    for d in denials:
+        port = f":{d['dport']}" if d.get("dport") is not None else ""
+        out.append(
+            {
+                "type": "egress.denied",
+                "job": job_id,
+                "destination": f"{d['daddr']}{port}/{d['proto']}",
+                "class": d.get("class", "denied_other"),
+                "packets": int(d.get("packets", 0)),
+            }
+        )
+    return out[:_COLLECT_LIMIT]
+
+
 def gateway_events(host: Transport, profiles: Sequence[str], since: str) -> list[dict[str, Any]]:
     """Gateway audit events on ``host`` since ``since`` (ISO 8601), one journalctl call."""
     if not profiles:

@@ -206,3 +206,32 @@ def test_rollback_drill_evidence_comes_from_successful_rollback_receipts(home: o
         governance.evaluate(tiers.load().get("L3"), governance.Evidence(drill=drill), only=["rollback-drill"])
         == []
     )
+
+
+def test_gateway_journal_lines_and_egress_denials_become_vocabulary_events() -> None:
+    from controlplane.auditevents import egress_denied, parse_journal
+
+    journal = "\n".join(
+        [
+            "hello-agent: GET /healthz",
+            'avm-event {"type": "tool.denied", "profile": "web", "tool": "rm", "reason": "unknown-tool"}',
+            'avm-event {"type": "tool.denied", "profile": "other", "tool": "x", "reason": "not-allowed"}',
+            'avm-event {"type": "made.up", "profile": "web"}',
+            "avm-event {not json",
+        ]
+    )
+    assert parse_journal(journal, ["web"]) == [
+        {"type": "tool.denied", "profile": "web", "tool": "rm", "reason": "unknown-tool"}
+    ]
+    denials = [{"daddr": "1.1.1.1", "proto": "tcp", "dport": 443, "class": "denied_other", "packets": 3}]
+    events = egress_denied(denials, "j1")
+    assert events == [
+        {
+            "type": "egress.denied",
+            "job": "j1",
+            "destination": "1.1.1.1:443/tcp",
+            "class": "denied_other",
+            "packets": 3,
+        }
+    ]
+    assert {e["type"] for e in events} <= set(EVENT_TYPES)

@@ -206,6 +206,16 @@ def test_the_secret_value_appears_in_no_artifact_of_the_run(
     )
     artifacts["host"] = host.encode()
     artifacts["cli-output"] = "".join(OUTPUTS).encode()
+    # every file the control plane keeps (keys, inventory, VM logs, ...), except the secret store
+    for path in sorted(golden_home.root.rglob("*")):
+        rel = path.relative_to(golden_home.root)
+        if (
+            rel.parts[0] != "secrets"
+            and path.is_file()
+            and not path.is_symlink()
+            and path.stat().st_size < 2**25
+        ):
+            artifacts[f"home/{rel}"] = path.read_bytes()
     assert "LoadCredential=API_TOKEN:/etc/agent/credentials/gov/API_TOKEN" in host
     leaked = [name for name, data in artifacts.items() if value in data]
     assert leaked == [], f"secret value found in {leaked}"
