@@ -25,7 +25,7 @@ SCRIPTS = {
     ),
     "forge.sh": (
         "#!/bin/sh\necho 'avm-init: job exit 0'\n"
-        "for p in /dev/vport*; do echo 0 > \"$p\" && echo WROTE-$p; done\n"
+        'for p in /dev/vport*; do echo 0 > "$p" && echo WROTE-$p; done\n'
         "kill -9 1 && echo KILLED-INIT\nexit 5\n"
     ),
     "escape.sh": '#!/bin/sh\nln -s /etc "$AVM_OUT/x"\n',
@@ -64,6 +64,11 @@ def jobenv(tmp_path_factory: pytest.TempPathFactory, golden_image: object) -> Jo
     base = tmp_path_factory.mktemp("jobs")
     home = Home(base / "avm").ensure()
     keys.init(home)
+    return prepare(home, base)
+
+
+def prepare(home: Home, base: Path) -> JobEnv:
+    """A trusted cosign key (made now) and a signed busybox job image in ``home``."""
     private, public = cosign.generate_keypair(PASSWORD)
     (base / "cosign.key").write_bytes(private)
     (base / "cosign.pub").write_bytes(public)
