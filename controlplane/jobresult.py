@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 from controlplane.errors import OperationalError, RefusedError
+from controlplane.ocilayers import member_path
 
 MAX_TEXT = 1 << 20
 
@@ -37,7 +38,7 @@ def parse(data: bytes) -> GuestResult:
             for m in tar.getmembers():
                 f = tar.extractfile(m) if m.isfile() else None
                 if f is not None:
-                    files[m.name.lstrip("./")] = f.read()
+                    files[str(member_path(m.name))] = f.read()
         rc = int(files["rc"].decode().strip())
     except (tarfile.TarError, KeyError, ValueError, EOFError) as exc:
         raise OperationalError(
@@ -68,7 +69,7 @@ def extract_outputs(out_tar: bytes, outputs: Sequence[str], dest: Path) -> list[
     root = os.path.realpath(dest)
     with tarfile.open(fileobj=io.BytesIO(out_tar), mode="r:") as tar:
         for m in tar.getmembers():
-            rel = PurePosixPath(m.name.lstrip("./") if m.name not in (".", "./") else ".")
+            rel = member_path(m.name)
             bad = (
                 rel.is_absolute()
                 or ".." in rel.parts

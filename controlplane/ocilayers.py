@@ -41,6 +41,13 @@ def _inside(root: Path, rel: PurePosixPath, member: str) -> Path:
     return target
 
 
+def member_path(name: str) -> PurePosixPath:
+    """A tar member name as a relative path: only a leading ``./`` is dropped (``/x`` stays absolute)."""
+    while name.startswith("./"):
+        name = name[2:]
+    return PurePosixPath(name.rstrip("/") or ".")
+
+
 def _remove(path: Path) -> None:
     if path.is_symlink() or path.is_file():
         path.unlink()
@@ -72,7 +79,7 @@ def _apply_layer(data: bytes, root: Path) -> int:
         members = tar.getmembers()
         # whiteouts of a layer apply to the lower layers only: do them first
         for m in members:
-            rel = PurePosixPath(m.name.lstrip("./") or ".")
+            rel = member_path(m.name)
             base = rel.name
             if base == OPAQUE:
                 directory = _inside(root, rel.parent, m.name)
@@ -82,7 +89,7 @@ def _apply_layer(data: bytes, root: Path) -> int:
             elif base.startswith(WHITEOUT):
                 _remove(_inside(root, rel.parent / base[len(WHITEOUT) :], m.name))
         for m in members:
-            rel = PurePosixPath(m.name.lstrip("./") or ".")
+            rel = member_path(m.name)
             if rel.name.startswith(WHITEOUT) or rel == PurePosixPath("."):
                 continue
             target = _inside(root, rel, m.name)
@@ -100,7 +107,7 @@ def _apply_layer(data: bytes, root: Path) -> int:
             if m.issym():
                 os.symlink(m.linkname, target)
             elif m.islnk():
-                source = _inside(root, PurePosixPath(m.linkname.lstrip("./")), m.name)
+                source = _inside(root, member_path(m.linkname), m.name)
                 if not source.is_file() or source.is_symlink():
                     raise _escape(m.name, f"hard-links to {m.linkname!r}, which is not a regular file here")
                 shutil.copy2(source, target)

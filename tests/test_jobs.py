@@ -7,7 +7,9 @@ or 64 with nothing started for a bad image or spec, and a receipt whose teardown
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ import pytest
 from controlplane import imagesign, ocistore
 from controlplane.vm.procs import pids_with_marker
 from tests.plugins.jobimages import PASSWORD, JobEnv
-from tests.plugins.vms import run_avm
+from tests.plugins.vms import AVM, run_avm
 
 
 def nothing_left(env: JobEnv) -> None:
@@ -189,3 +191,18 @@ def test_image_cli_build_sign_and_import_roundtrip(jobenv: JobEnv, tmp_path: Pat
     imported = run_avm(other, "--json", "image", "import", str(layout))
     assert imported.returncode == 0, imported.stderr
     assert ref in json.loads(imported.stdout)["images"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signalled_runner_tears_down_before_it_exits(jobenv: JobEnv, sig: signal.Signals) -> None:
+    spec = jobenv.spec(f"sig{sig.value}", id=f"sig-{sig.value}", command=["sleep", "600"], timeout=300)
+    argv = [*AVM, "--home", str(jobenv.home.root), "job", "run", str(spec)]
+    runner = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not pids_with_marker(f"avmjob+sig-{sig.value}+") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pids_with_marker(f"avmjob+sig-{sig.value}+"), "the guest never started"
+    runner.send_signal(sig)
+    _, err = runner.communicate(timeout=30)
+    assert runner.returncode == 130, err
+    nothing_left(jobenv)  # no `avm job gc` needed: the runner's own teardown ran
