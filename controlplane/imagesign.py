@@ -19,6 +19,8 @@ import binascii
 import json
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict
+
 from controlplane import cosign
 from controlplane.errors import AvmError, RefusedError
 from controlplane.home import Home
@@ -26,6 +28,15 @@ from controlplane.ocistore import store_dir
 from controlplane.signing import trusted_keys, write_atomic
 
 SIG_TYPE = "cosign container image signature"
+
+
+class SignatureRecord(BaseModel):
+    """``<home>/oci/signatures/sha256-<hex>.json``: a cosign simple-signing signature of one image."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    payload: str  # base64 of the exact signed payload bytes
+    signature: str  # base64 DER ECDSA-P256 over those bytes (cosign sign-blob format)
+    keyid: str  # sha256 of the signer's SubjectPublicKeyInfo
 
 
 def payload(name: str, digest: str) -> bytes:
@@ -52,14 +63,12 @@ def sign_image(home: Home, name: str, digest: str, key_bytes: bytes, password: b
     signature = cosign.sign_blob(private, data)
     public_pem = cosign.public_pem_of(private)
     cosign.verify_blob(public_pem, data, signature)
-    record = {
-        "payload": base64.b64encode(data).decode(),
-        "signature": signature,
-        "keyid": cosign.public_key_id(public_pem),
-    }
+    record = SignatureRecord(
+        payload=base64.b64encode(data).decode(), signature=signature, keyid=cosign.public_key_id(public_pem)
+    )
     path = signature_file(home, digest)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+    write_atomic(path, (json.dumps(record.model_dump(), indent=2, sort_keys=True) + "\n").encode())
     return path
 
 
@@ -69,16 +78,16 @@ def verify_image(home: Home, name: str, digest: str) -> str:
     'image-signature-invalid' | 'image-signature-untrusted' | 'image-signature-digest-mismatch')``."""
     path = signature_file(home, digest)
     try:
-        record = json.loads(path.read_bytes())
-        data = base64.b64decode(record["payload"], validate=True)
-        signature = str(record["signature"])
+        record = SignatureRecord.model_validate_json(path.read_bytes())
+        data = base64.b64decode(record.payload, validate=True)
+        signature = record.signature
     except FileNotFoundError:
         raise RefusedError(
             "image-signature-missing",
             f"image {name}@{digest} has no signature in the store",
             hint=f"sign it: avm image sign {name}@{digest} --key cosign.key",
         ) from None
-    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+    except (ValueError, binascii.Error) as exc:
         raise RefusedError("image-signature-invalid", f"{path} is not a signature record: {exc}") from None
     keys = trusted_keys(home)
     if not keys:
@@ -100,7 +109,7 @@ def verify_image(home: Home, name: str, digest: str) -> str:
             "image-signature-invalid",
             f"the signature of {name}@{digest} does not verify with any trusted key",
             hint="the payload or signature was altered, or an untrusted key signed it",
-            details={"trusted": [k.keyid for k in keys], "signed_by": record.get("keyid")},
+            details={"trusted": [k.keyid for k in keys], "signed_by": record.keyid},
         )
     try:
         claimed = json.loads(data)["critical"]["image"]["docker-manifest-digest"]

@@ -20,6 +20,7 @@ SCHEMAS = {
     "image-manifest": "controlplane.image:ImageManifest",
     "receipt": "controlplane.receipt:Statement",
     "receipt-envelope": "controlplane.receipt:Envelope",
+    "image-signature": "controlplane.imagesign:SignatureRecord",
     "manifest": "controlplane.manifest:ReleaseManifest",
     "tier": "controlplane.tiers:TierTable",
 }
