@@ -20,6 +20,7 @@ MODULES = (
     "job",
     "approve",
     "tiers",  # tiers show
+    "secrets",  # secrets put
 )
 
 
