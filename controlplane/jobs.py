@@ -223,6 +223,19 @@ def _boot(
     net_options: dict[str, Any],
 ) -> Outcome:  # fmt: skip
     probe = net_options.pop("probe_script", None)
+    if rt.name == "kata":  # containerd unpacks the image itself; no NIC (egress is not wired for kata)
+        if spec.egress.allow:
+            raise OperationalError(
+                "egress-unavailable", "egress allowlists are not supported with --runtime kata"
+            )
+        archive = workdir / "image.tar"
+        tag = f"{image.name}:avm-{image.digest.split(':')[1][:12]}"
+        ocistore.export_archive(home, image, archive, tag)
+        return rt.run(  # type: ignore[no-any-return]
+            Launch(job_id=spec.id, marker=workdir.name, workdir=workdir, kernel=choice.kernel,
+                   initramfs=archive, vcpus=spec.vcpus, memory_mib=spec.memory, timeout_s=spec.timeout,
+                   image_archive=archive, image_ref=tag, argv=spec.command, env=spec.env, stream=stream)
+        )  # fmt: skip
     root = workdir / "root"
     ocilayers.unpack(ocistore.store_dir(home), image, root)
     busybox = Path(shutil.which("busybox") or "/bin/busybox")

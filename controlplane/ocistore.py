@@ -261,3 +261,28 @@ def build_job_image(
     digest = put_blob(store, manifest_bytes)
     _add_to_index(store, name, digest, len(manifest_bytes))
     return StoredImage(name=name, digest=digest, manifest=manifest)
+
+
+def export_archive(home: Home, image: StoredImage, dest: Path, ref_name: str) -> None:
+    """Write ``image`` as an oci-archive tar (``ctr images import`` reads it) named ``ref_name``."""
+    store = store_dir(home)
+    manifest_bytes = read_blob(store, image.digest)
+    index = {
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": MANIFEST_TYPE, "digest": image.digest, "size": len(manifest_bytes),
+                       "annotations": {REF_NAME: ref_name}}],
+    }  # fmt: skip
+    blobs = [image.digest, image.manifest["config"]["digest"], *(layer["digest"] for layer in image.layers)]
+    with tarfile.open(dest, "w") as tar:
+        for name, data in [
+            ("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'),
+            ("index.json", json.dumps(index).encode()),
+        ]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for digest in blobs:
+            data = read_blob(store, digest)
+            info = tarfile.TarInfo("blobs/sha256/" + digest.split(":")[1])
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))

@@ -94,8 +94,8 @@ def test_import_rehashes_every_blob(home: Home, tmp_path: Path) -> None:
     layout = tmp_path / "layout"
     (layout / "blobs" / "sha256").mkdir(parents=True)
     (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
-    manifest = json.dumps({"schemaVersion": 2, "config": {"digest": "sha256:" + hashlib.sha256(b"{}").hexdigest()},
-                           "layers": []}).encode()  # fmt: skip
+    config = {"digest": "sha256:" + hashlib.sha256(b"{}").hexdigest()}
+    manifest = json.dumps({"schemaVersion": 2, "config": config, "layers": []}).encode()
     (layout / "blobs" / "sha256" / hashlib.sha256(b"{}").hexdigest()).write_bytes(b"{} tampered")
     digest = hashlib.sha256(manifest).hexdigest()
     (layout / "blobs" / "sha256" / digest).write_bytes(manifest)
@@ -110,3 +110,21 @@ def test_import_rehashes_every_blob(home: Home, tmp_path: Path) -> None:
     assert err.value.code == "oci-blob-corrupt"
     with pytest.raises(UsageError):
         ocistore.import_layout(home, tmp_path)
+
+
+def test_kata_gets_the_pinned_image_as_an_oci_archive_with_the_same_digest(
+    home: Home, tmp_path: Path
+) -> None:
+    from controlplane.home import Home as H
+    from controlplane.runtime import kata
+
+    src = tmp_path / "f.txt"
+    src.write_text("x")
+    image = ocistore.resolve(home, ocistore.build_job_image(home, "avm/k", {"f.txt": src}).ref)
+    archive = tmp_path / "image.tar"
+    ocistore.export_archive(home, image, archive, "avm/k:avm-test")
+    [back] = ocistore.import_layout(H(tmp_path / "other").ensure(), archive)
+    assert back.digest == image.digest and back.name == "avm/k"
+    argv = kata.ctr_argv("avm/k:avm-test", "c1", ["sh", "-c", "exit 3"], {"A": "1"}, "/run/c.sock")
+    assert argv[argv.index("--runtime") + 1] == "io.containerd.kata.v2"
+    assert argv[-5:] == ["avm/k:avm-test", "c1", "sh", "-c", "exit 3"]

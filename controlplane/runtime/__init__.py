@@ -8,7 +8,7 @@ Both take a ``Launch`` (what to boot) and return an ``Outcome`` (what was observ
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -34,6 +34,10 @@ class Launch:
     machine: str = "microvm"
     extra_append: str = ""
     stream: Callable[[str], None] | None = None
+    image_archive: Path | None = None  # kata: the pinned image as an oci-archive
+    image_ref: str = ""
+    argv: Sequence[str] = ()
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -69,8 +73,9 @@ def get_runtime(name: str, **kwargs: object) -> Runtime:
 
         return QemuRuntime(**kwargs)  # type: ignore[arg-type]
     if name == "kata":
-        from controlplane.runtime.kata import KataRuntime
+        from controlplane.runtime.kata import KataRuntime, require
 
+        require()  # before anything is created: say plainly what is missing
         runtime: Runtime = KataRuntime()
         return runtime
     raise UsageError(
