@@ -206,11 +206,15 @@ def run(
         )
         step.observe("host_facts", host_facts.model_dump(mode="json"))
         needed = governance_gate.approvers_needed(profile_tiers)[0]
-        approved = (
-            governance_gate.check_approvals(home, profile_tiers, the_plan.digest, step, apply=apply)
-            if not the_plan.empty
-            else []
-        )
+        try:
+            approved = (
+                governance_gate.check_approvals(home, profile_tiers, the_plan.digest, step, apply=apply)
+                if not the_plan.empty
+                else []
+            )
+        except BaseException:
+            host.close()  # refused: nothing more goes to the host
+            raise
         if needed and not apply and not the_plan.empty:
             progress(f"approval required before --apply: {needed} approver(s) must sign {the_plan.digest}")
         if not apply:

@@ -165,12 +165,15 @@ def test_corrupted_policy_on_the_host_stops_the_gateway_and_status_reports_drift
 ) -> None:
     on_host(golden_home, nspawn_vm, "sh", "-c", "echo '{ corrupted' > /etc/agent/gov.policy.json")
     on_host(golden_home, nspawn_vm, "systemctl", "restart", "agent-gateway@gov.service", check=False)
-    # Type=simple: the unit is "active" the moment python starts; wait for the gateway's own exit
+    # Type=simple: "active" the moment python starts; Restart=on-failure retries until the start
+    # limit (5 in 60 s) leaves the unit failed. Wait for that, then read the gateway's exit status.
+    unit = "agent-gateway@gov.service"
     wait = (
-        "for i in $(seq 75); do s=$(systemctl show -p ExecMainStatus --value agent-gateway@gov.service); "
-        '[ "$s" = 78 ] && break; sleep 0.2; done; echo "$s"'
+        f"for i in $(seq 150); do a=$(systemctl show -p ActiveState --value {unit}); "
+        '[ "$a" = failed ] && break; sleep 0.2; done; '
+        f'echo "$a $(systemctl show -p ExecMainStatus --value {unit})"'
     )
-    assert on_host(golden_home, nspawn_vm, "sh", "-c", wait).strip() == "78"  # EX_CONFIG: refused to serve
+    assert on_host(golden_home, nspawn_vm, "sh", "-c", wait).split() == ["failed", "78"]  # EX_CONFIG
     health = on_host(golden_home, nspawn_vm, "python3", "-c", MCP, "tools/list", check=False)
     assert '"tools"' not in health  # nothing serves: no permissive fallback
     rc, doc = avm(golden_home, "status", "--target", nspawn_vm)

@@ -17,8 +17,9 @@ from controlplane.cli.app import AppContext, pass_app
     "--key",
     "key_path",
     required=True,
+    envvar="AVM_APPROVER_KEY",
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    help="The approver's own ed25519 key (avm keys approver-init); never the promoter's.",
+    help="The approver's own ed25519 key (avm keys approver-init; $AVM_APPROVER_KEY); never the promoter's.",
 )
 @click.option(
     "--expires", default="24h", show_default=True, help="How long the approval holds: 30m, 24h, 7d."
