@@ -183,12 +183,17 @@ def find(home: Home, plan_digest: str) -> tuple[list[Approval], list[dict[str, s
     valid: dict[str, Approval] = {}
     rejected: list[dict[str, str]] = []
     other = 0
+    # No approval outlives MAX_TTL_S, so the scan walks back from HEAD and stops at receipts
+    # older than that (plus a day of clock slack): bounded by recent history, not chain length.
+    horizon = _iso(now - dt.timedelta(seconds=MAX_TTL_S + 86400))
     top = max(ledger.read_head(home.receipts).seq, ledger.max_file_seq(home.receipts))
-    for seq in range(1, top + 1):
+    for seq in range(top, 0, -1):
         try:
             pred = open_receipt(ledger.read(home.receipts, seq))[2].predicate
         except (OperationalError, MalformedReceipt):
             continue
+        if pred.finished < horizon:
+            break
         if pred.kind != "approval" or pred.status != "ok":
             continue
         doc, reason = _judge(pred.result.get("approval"), trusted, promoter, now)

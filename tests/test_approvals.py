@@ -128,3 +128,16 @@ def test_bad_expiry_is_a_usage_error(text: str, signed_home: tuple[Home, dict[st
     home, k = signed_home
     out = avm(home, "approve", "--plan", PLAN, "--key", str(k["alice"]), "--expires", text)
     assert out.returncode == 64 and json.loads(out.stdout)["error"]["code"] in ("expires-invalid", "usage")
+
+
+def test_the_scan_stops_at_receipts_older_than_any_approval_can_live(
+    signed_home: tuple[Home, dict[str, Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datetime as dt
+
+    home, k = signed_home
+    approve(home, k["alice"], expires="30d")
+    assert len(approvals.find(home, PLAN)[0]) == 1
+    later = approvals._now() + dt.timedelta(days=32)
+    monkeypatch.setattr(approvals, "_now", lambda: later)
+    assert approvals.find(home, PLAN) == ([], [], 0)  # expired by then anyway; never even read
