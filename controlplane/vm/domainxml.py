@@ -19,7 +19,6 @@ dir. Details from ``shared/lab/substrate.md`` section 4:
 from __future__ import annotations
 
 import dataclasses
-import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Literal
@@ -162,7 +161,3 @@ def read_cpuinfo() -> str:
         return Path("/proc/cpuinfo").read_text()
     except OSError:
         return ""
-
-
-def kvm_usable() -> bool:
-    return os.access("/dev/kvm", os.R_OK | os.W_OK)

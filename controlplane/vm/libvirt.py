@@ -102,7 +102,12 @@ class LibvirtBackend:
 
     def settings(self, request: BootRequest) -> domainxml.DomainSettings:
         cpuinfo = domainxml.read_cpuinfo()
-        accel: domainxml.Accel = "kvm" if domainxml.kvm_usable() else "tcg"
+        # the qemu backend's probe (cached, AVM_ACCEL overrides): /dev/kvm can exist and still
+        # fail to run a guest (nested KVM), and libvirt would only say so at start
+        from controlplane.runtime.qemu import probe_accel
+
+        probed = probe_accel(request.image.kernel, initramfs.BUSYBOX, request.home.cache)
+        accel: domainxml.Accel = "kvm" if probed == "kvm" else "tcg"
         machine = cast(domainxml.Machine, os.environ.get(MACHINE_ENV, "q35"))
         state = request.state_dir
         return domainxml.DomainSettings(
