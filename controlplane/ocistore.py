@@ -213,6 +213,13 @@ def _layer_tar(files: dict[str, tuple[bytes, int]], symlinks: dict[str, str]) ->
     return buf.getvalue()
 
 
+def _applets(busybox: Path) -> list[str]:
+    import subprocess
+
+    proc = subprocess.run([str(busybox), "--list"], capture_output=True, text=True, timeout=30, check=False)
+    return [a for a in proc.stdout.split() if a != "busybox"]
+
+
 def build_job_image(
     home: Home,
     name: str,
@@ -222,13 +229,14 @@ def build_job_image(
     cmd: list[str] | None = None,
 ) -> StoredImage:
     """Build a one-layer image from host files (``dest-in-image -> source``), optionally with a
-    static busybox at /bin/busybox and /bin/sh. Deterministic: the same inputs give the same
-    digest. Raises ``UsageError('image-file-unreadable')``."""
+    static busybox at /bin/busybox and its applets (/bin/sh, ...) linked in /bin. Deterministic:
+    the same inputs give the same digest. Raises ``UsageError('image-file-unreadable')``."""
     content: dict[str, tuple[bytes, int]] = {}
     links: dict[str, str] = {}
     if busybox is not None:
         files = {"bin/busybox": busybox, **files}
-        links = {"bin/sh": "busybox"}
+        links = {f"bin/{a}": "busybox" for a in _applets(busybox) if "/" not in a and f"bin/{a}" not in files}
+        links["bin/sh"] = "busybox"
     for dest, src in files.items():
         clean = dest.lstrip("/")
         if not clean or ".." in Path(clean).parts:
