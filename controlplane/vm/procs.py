@@ -98,6 +98,23 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+def listening(port: int) -> bool:
+    """Whether any socket on this host listens on TCP ``port`` (from /proc/net/tcp{,6}).
+
+    Teardown uses this rather than a test bind: connections a stopped VM left in TIME_WAIT
+    are not a leftover, a listener is."""
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = (PROC / "net" / table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nothing listens on now (the kernel's pick)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

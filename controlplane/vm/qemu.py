@@ -183,7 +183,7 @@ class QemuBackend:
     def leftovers(self, record: VmRecord) -> list[Check]:
         by_marker = procs.pids_with_marker(record.marker)
         procs.signal_pids(by_marker, signal.SIGKILL)
-        port_free = record.ssh_port is None or procs.port_free(record.ssh_port)
+        port_free = record.ssh_port is None or not procs.listening(record.ssh_port)
         return [
             Check(
                 "qemu-pid-gone",
@@ -191,7 +191,7 @@ class QemuBackend:
                 f"pid {record.pid}",
             ),
             Check("no-process-with-marker", not by_marker, f"marker {record.marker}: {by_marker or 'none'}"),
-            Check("ssh-port-released", port_free, f"127.0.0.1:{record.ssh_port}"),
+            Check("ssh-port-released", port_free, f"nothing listens on 127.0.0.1:{record.ssh_port}"),
         ]
 
 
