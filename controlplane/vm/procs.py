@@ -115,6 +115,17 @@ def listening(port: int) -> bool:
     return False
 
 
+def wait_not_listening(port: int, deadline_s: float) -> bool:
+    """Wait until nothing listens on ``port`` (the kernel closes a killed process's sockets
+    asynchronously); True if it is free in time."""
+    end = time.monotonic() + deadline_s
+    while listening(port):
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nothing listens on now (the kernel's pick)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

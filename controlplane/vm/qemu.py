@@ -183,7 +183,7 @@ class QemuBackend:
     def leftovers(self, record: VmRecord) -> list[Check]:
         by_marker = procs.pids_with_marker(record.marker)
         procs.signal_pids(by_marker, signal.SIGKILL)
-        port_free = record.ssh_port is None or not procs.listening(record.ssh_port)
+        port_free = record.ssh_port is None or procs.wait_not_listening(record.ssh_port, 5.0)
         return [
             Check(
                 "qemu-pid-gone",
