@@ -46,7 +46,7 @@ def up(
     from controlplane.ids import parse_vm_name
     from controlplane.image import load_image
     from controlplane.vm import lifecycle
-    from controlplane.vm.base import VmSpec
+    from controlplane.vm.base import VmSpec, get_backend
 
     spec = VmSpec(
         name=parse_vm_name(name),
@@ -58,6 +58,8 @@ def up(
         timeout_s=timeout_s,
     )
     home = app.home
+    # the backend's own checks (tools, daemons, credentials) come first: they say what to fix
+    get_backend(spec.backend).preflight(spec)
     image = load_image(home)
     record = lifecycle.up(home, spec, image, progress=app.say)
     app.emit(
