@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -142,7 +143,7 @@ def _swap(home: Home, a: int, b: int) -> None:
     os.rename(tmp, pb)
 
 
-TAMPERING = {
+TAMPERING: dict[str, Callable[[Home, Path], object]] = {
     "edited-byte": lambda h, t: ledger.receipt_path(h.receipts, 3).write_bytes(
         _swap_b64_char(ledger.read(h.receipts, 3))
     ),
