@@ -30,6 +30,7 @@ ACCEL_CACHE = Path("/var/tmp/avm-accel-probe")  # a fact about this host and ker
 MICROVM_MODULES = ("virtio_mmio", "virtio_console")
 Q35_MODULES = ("virtio_pci", "virtio_console")
 NET_MODULES = ("virtio_net",)
+MINIMAL_APPEND = "noapictimer"  # lab: 0.66 s instead of 0.85 s a job with the minimal kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,8 @@ class GuestKernelChoice:
     digest: str
     modules: list[Path]
     source: str  # golden | minimal
+    acpi: bool = True
+    append: str = ""
 
 
 def pick_kernel(home: Home, which: str, machine: str, net: bool) -> GuestKernelChoice:
@@ -64,6 +67,13 @@ def pick_kernel(home: Home, which: str, machine: str, net: bool) -> GuestKernelC
     if which == "minimal":
         from controlplane import guestkernel
 
+        if machine != "microvm":
+            raise UsageError(
+                "guest-kernel-machine",
+                f"the minimal guest kernel boots only on microvm, not {machine} (it has no PCI or ACPI)",
+                hint="use --machine microvm, or --guest-kernel golden",
+                details={"expected": "microvm", "actual": machine},
+            )
         k = guestkernel.cached(home.cache / "guest-kernel") or guestkernel.cached(
             Path("/var/tmp/avm-guest-kernel")
         )
@@ -73,7 +83,9 @@ def pick_kernel(home: Home, which: str, machine: str, net: bool) -> GuestKernelC
                 "no minimal guest kernel is built for the current config",
                 hint="build it: python -m controlplane.guestkernel <home>/cache/guest-kernel (about 3 min)",
             )
-        return GuestKernelChoice(kernel=k.path, digest=k.digest, modules=[], source="minimal")
+        return GuestKernelChoice(
+            kernel=k.path, digest=k.digest, modules=[], source="minimal", acpi=False, append=MINIMAL_APPEND
+        )
     image = load_image(home)
     mods_root = next(iter(sorted((image.rootfs / "lib" / "modules").iterdir())))
     wanted = [*(MICROVM_MODULES if machine == "microvm" else Q35_MODULES), *(NET_MODULES if net else ())]
@@ -252,6 +264,7 @@ def _boot(
         launch = Launch(
             job_id=spec.id, marker=workdir.name, workdir=workdir, kernel=choice.kernel, initramfs=initramfs,
             vcpus=spec.vcpus, memory_mib=spec.memory, timeout_s=spec.timeout, machine=machine, stream=stream,
+            acpi=choice.acpi, extra_append=choice.append,
             net_args=net.qemu_args_for(machine) if net else (), netns=net.netns if net else None,
         )  # fmt: skip
         outcome: Outcome = rt.run(launch)

@@ -8,7 +8,6 @@ runner records its pid there; ``gc`` removes only leftovers whose runner is gone
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import signal
 from pathlib import Path
@@ -41,7 +40,7 @@ def _runner_alive(workdir: Path) -> bool:
         pid = int((workdir / "runner.pid").read_text())
     except (OSError, ValueError):
         return False
-    return pid != os.getpid() and procs.cmdline(pid) is not None and not procs._is_zombie(pid)
+    return procs.cmdline(pid) is not None and not procs._is_zombie(pid)
 
 
 def _egress() -> object | None:

@@ -32,6 +32,7 @@ class Launch:
     net_args: Sequence[str] = ()
     netns: str | None = None
     machine: str = "microvm"
+    acpi: bool = True  # the minimal kernel has no ACPI: microvm then lists virtio-mmio devices on the cmdline
     extra_append: str = ""
     stream: Callable[[str], None] | None = None
     image_archive: Path | None = None  # kata: the pinned image as an oci-archive

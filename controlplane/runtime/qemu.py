@@ -42,7 +42,7 @@ def qemu_argv(
     """The QEMU command for a job. Pure: no I/O."""
     append = ["console=ttyS0", "quiet", "panic=-1", "reboot=t", "rdinit=/.avm/init"]
     if launch.machine == "microvm":
-        machine, serial_dev = "microvm,pit=on", "virtio-serial-device"
+        machine, serial_dev = "microvm,pit=on" + ("" if launch.acpi else ",acpi=off"), "virtio-serial-device"
         append.append(f"tsc_early_khz={tsc_khz}")
     else:
         machine, serial_dev = "q35", "virtio-serial-pci"
