@@ -27,9 +27,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from controlplane import cosign, guestinit, imagesign, keys, ocilayers, ocistore, signing
+from controlplane import cosign, guestinit, imagesign, keys, ocistore, signing
 from controlplane.home import Home
-from controlplane.jobs import pick_kernel, run_job
+from controlplane.jobs import pick_kernel, rootfs_cache, run_job
 from controlplane.jobspec import load_jobspec
 from controlplane.runtime import Launch
 from controlplane.runtime.qemu import host_tsc_khz, qemu_argv
@@ -55,14 +55,12 @@ def setup(base: Path) -> tuple[Home, str, Path]:
 
 def floor_once(home: Home, ref: str, kernel: str, machine: str, tmp: Path) -> tuple[float, int]:
     choice = pick_kernel(home, kernel, machine, net=False)
-    root, initramfs = tmp / "root", tmp / f"floor-{kernel}-{machine}.cpio"
-    if not initramfs.exists():
-        shutil.rmtree(root, ignore_errors=True)
-        ocilayers.unpack(ocistore.store_dir(home), ocistore.resolve(home, ref), root)
+    initramfs = tmp / f"floor-{kernel}-{machine}.cpio"
+    if not initramfs.exists():  # the very initramfs a job builds, made once and untimed
         busybox = Path(shutil.which("busybox") or "/bin/busybox")
-        guestinit.assemble(root, busybox=busybox, modules=choice.modules, argv=COMMAND, env={}, outputs=(),
-                           inputs={}, net=None)  # fmt: skip
-        guestinit.write_cpio(root, initramfs)
+        guestinit.build_initramfs(rootfs_cache(home), ocistore.store_dir(home), ocistore.resolve(home, ref),
+                                  initramfs, busybox=busybox, modules=choice.modules, argv=COMMAND, env={},
+                                  outputs=(), inputs={}, net=None)  # fmt: skip
     launch = Launch(job_id="floor", marker="avm-bench-floor", workdir=tmp, kernel=choice.kernel,
                     initramfs=initramfs, vcpus=1, memory_mib=256, timeout_s=120, machine=machine,
                     acpi=choice.acpi, extra_append=choice.append)  # fmt: skip

@@ -13,10 +13,15 @@ import os
 import shlex
 import shutil
 import stat
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from controlplane.errors import OperationalError
+
+if TYPE_CHECKING:
+    from controlplane.ocistore import StoredImage
 
 JOB_UID = 65534
 RESULT_PORT = "avm.result"
@@ -182,3 +187,49 @@ def write_cpio(root: Path, out: Path) -> int:
                     entry(rel, st.st_mode, Path(path).read_bytes())
         entry("TRAILER!!!", 0, b"")
         return fh.tell()
+
+
+def image_cpio(cache: Path, store: Path, image: StoredImage) -> tuple[Path, bool]:
+    """The image's layers, unpacked (whiteouts honoured) and written as a newc cpio, cached by
+    manifest digest under ``cache`` (inside the 0700 avm home). Returns (path, cache hit)."""
+    from controlplane.ocilayers import unpack
+
+    out = cache / f"{image.digest.split(':')[1]}.cpio"
+    if out.is_file():
+        return out, True
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".build-", dir=cache) as tmp:
+        root = Path(tmp) / "root"
+        unpack(store, image, root)
+        etc = out.with_suffix(".etc")
+        etc.mkdir(exist_ok=True)
+        for name in ("passwd", "group"):  # the overlay appends the job user to the image's own files
+            src = root / "etc" / name
+            if src.is_file() and not src.is_symlink():
+                shutil.copy(src, etc / name)
+        write_cpio(root, Path(tmp) / "image.cpio")
+        os.replace(Path(tmp) / "image.cpio", out)
+    return out, False
+
+
+def build_initramfs(
+    cache: Path, store: Path, image: StoredImage, out: Path, **overlay: Any
+) -> tuple[int, bool]:
+    """The guest's initramfs: the cached image cpio followed by a small per-job cpio (/.avm, /job,
+    /etc/passwd and /etc/group with the job user); the kernel unpacks both, the second over the
+    first. ``overlay`` are the arguments of ``assemble``. Returns (bytes, image cache hit)."""
+    base, hit = image_cpio(cache, store, image)
+    root = out.parent / "overlay"
+    (root / "etc").mkdir(parents=True)
+    for side in sorted(base.with_suffix(".etc").iterdir()):
+        shutil.copy(side, root / "etc" / side.name)
+    assemble(root, **overlay)
+    write_cpio(root, out.parent / "overlay.cpio")
+    with open(out, "wb") as fh:
+        for part in (base, out.parent / "overlay.cpio"):
+            with open(part, "rb") as src:
+                shutil.copyfileobj(src, fh, 1 << 20)
+        size = fh.tell()
+    shutil.rmtree(root)
+    (out.parent / "overlay.cpio").unlink()
+    return size, hit

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from controlplane import evidence, guestinit, imagesign, jobresult, jobteardown, ocilayers, ocistore
+from controlplane import evidence, guestinit, imagesign, jobresult, jobteardown, ocistore
 from controlplane.errors import OperationalError, UsageError
 from controlplane.home import Home
 from controlplane.jobspec import JobSpec
@@ -95,6 +95,11 @@ def pick_kernel(home: Home, which: str, machine: str, net: bool) -> GuestKernelC
         modules=guestinit.module_order(mods_root, wanted),
         source="golden",
     )
+
+
+def rootfs_cache(home: Home) -> Path:
+    """Unpacked image layers as cpio, by manifest digest (built from re-hashed blobs, inside the home)."""
+    return home.cache / "job-rootfs"
 
 
 def check_inputs(spec: JobSpec, base: Path) -> dict[str, Path]:
@@ -248,19 +253,17 @@ def _boot(
                    initramfs=archive, vcpus=spec.vcpus, memory_mib=spec.memory, timeout_s=spec.timeout,
                    image_archive=archive, image_ref=tag, argv=spec.command, env=spec.env, stream=stream)
         )  # fmt: skip
-    root = workdir / "root"
-    ocilayers.unpack(ocistore.store_dir(home), image, root)
     busybox = Path(shutil.which("busybox") or "/bin/busybox")
     with _network(spec, jobteardown.egress_label(workdir.name), net_options) as net:
-        guestinit.assemble(
-            root, busybox=busybox, modules=choice.modules, argv=spec.command, env=spec.env,
+        initramfs = workdir / "initramfs.cpio"
+        size, hit = guestinit.build_initramfs(
+            rootfs_cache(home), ocistore.store_dir(home), image, initramfs,
+            busybox=busybox, modules=choice.modules, argv=spec.command, env=spec.env,
             outputs=spec.outputs, inputs=host_inputs, net=net.guest_env if net else None,
             probe_script=probe(dict(net.guest_env) if net else {}) if probe else None,
         )  # fmt: skip
-        initramfs = workdir / "initramfs.cpio"
-        size = guestinit.write_cpio(root, initramfs)
-        shutil.rmtree(root)
         step.observe("initramfs_bytes", size)
+        step.observe("image_rootfs_cache", "hit" if hit else "built")
         launch = Launch(
             job_id=spec.id, marker=workdir.name, workdir=workdir, kernel=choice.kernel, initramfs=initramfs,
             vcpus=spec.vcpus, memory_mib=spec.memory, timeout_s=spec.timeout, machine=machine, stream=stream,
