@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -111,7 +112,7 @@ def test_deny_all_job_has_no_nic_and_every_class_is_denied(jobenv: JobEnv) -> No
     assert any("unreachable" in r["detail"].lower() for r in doc["rows"]), doc["rows"]
 
 
-def _receipt(env: JobEnv, receipt_id: str | None) -> dict[str, object]:
+def _receipt(env: JobEnv, receipt_id: str | None) -> dict[str, Any]:
     out = run_avm(env.home, "--json", "receipts", "show", str(receipt_id))
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
