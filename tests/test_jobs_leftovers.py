@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +19,16 @@ from controlplane.vm.procs import pids_with_marker
 from tests.plugins.jobimages import JobEnv, minimal_kernel_available
 from tests.plugins.vms import AVM, run_avm
 from tests.test_jobs_egress import ALLOWED, world  # noqa: F401 - the world namespace fixture
+
+KILLED_RUNNER = """
+import sys
+from pathlib import Path
+from controlplane.home import Home
+from controlplane.jobs import run_job
+from controlplane.jobspec import load_jobspec
+home, spec, kernel, world = Home(Path(sys.argv[1])), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+run_job(home, load_jobspec(spec), spec_dir=spec.parent, kernel=kernel, network_options={"uplink_netns": world})
+"""
 
 
 def host_state() -> dict[str, list[str]]:
@@ -59,11 +70,17 @@ def test_thirty_mixed_jobs_leave_nothing(jobenv: JobEnv, world: tuple[str, Path]
     assert codes == [0] * 10 + list(range(1, 9)) + [124] * 6, codes
     assert all(ok for r in results for _, ok, _ in r.checks), [r.checks for r in results]
 
-    # 6 runners killed with SIGKILL while their guest runs: QEMU and the work dir outlive them
+    # 6 runners killed with SIGKILL while their guest runs: QEMU, the work dir (and for two of them
+    # the job network: netns, tap, veth, nft table) outlive them
     for i in range(6):
-        spec = jobenv.spec(f"killed{i}", id=f"mix-killed-{i}", command=["sleep", "60"], timeout=60)
+        allow = {"allow": [{"host": ALLOWED, "port": 8080}]} if i >= 4 else {}
+        spec = jobenv.spec(
+            f"killed{i}", id=f"mix-killed-{i}", command=["sleep", "60"], timeout=60, egress=allow
+        )
         env = {**os.environ, "AVM_HOME": str(jobenv.home.root)}
         argv = [*AVM, "--home", str(jobenv.home.root), "job", "run", str(spec), "--guest-kernel", kernel]
+        if allow:  # the library entry point, so the network's outer end can sit in the test's namespace
+            argv = [sys.executable, "-c", KILLED_RUNNER, str(jobenv.home.root), str(spec), kernel, world[0]]
         runner = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while not pids_with_marker(f"avmjob+mix-killed-{i}+") and time.monotonic() < deadline:
@@ -72,6 +89,7 @@ def test_thirty_mixed_jobs_leave_nothing(jobenv: JobEnv, world: tuple[str, Path]
         runner.send_signal(signal.SIGKILL)
         runner.wait()
     assert len(pids_with_marker("avmjob+mix-killed-")) == 6  # leftovers exist before gc
+    assert len(host_state()["netns"]) == len(before["netns"]) + 2
     out = run_avm(jobenv.home, "--json", "job", "gc")
     assert out.returncode == 0, out.stderr
     assert pids_with_marker("avmjob+") == []
