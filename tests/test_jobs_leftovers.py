@@ -27,7 +27,8 @@ from controlplane.home import Home
 from controlplane.jobs import run_job
 from controlplane.jobspec import load_jobspec
 home, spec, kernel, world = Home(Path(sys.argv[1])), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
-run_job(home, load_jobspec(spec), spec_dir=spec.parent, kernel=kernel, network_options={"uplink_netns": world})
+opts = {"uplink_netns": world}
+run_job(home, load_jobspec(spec), spec_dir=spec.parent, kernel=kernel, network_options=opts)
 """
 
 
