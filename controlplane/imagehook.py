@@ -115,6 +115,27 @@ class Customizer:
         )
         if self.recipe.first_boot.generate_missing_ssh_host_keys:
             self.write(f"etc/systemd/system/{HOSTKEY_UNIT}", _HOSTKEY_UNIT_TEXT)
+        self.early_sshd()
+
+    def early_sshd(self) -> None:
+        """Start sshd without waiting for network.target.
+
+        sshd listens on wildcard addresses, so it needs no configured network; the packaged
+        unit's ``After=network.target`` made it wait for systemd-networkd's DHCP (about 6 s of
+        a TCG boot). The override is the packaged unit with only that ordering removed, and the
+        redundant config pre-check dropped (sshd checks its config when it starts anyway).
+        """
+        packaged = (self.rootfs / "lib/systemd/system/ssh.service").read_text()
+        lines = []
+        for line in packaged.splitlines():
+            if line.startswith("After="):
+                kept = [u for u in line.removeprefix("After=").split() if u != "network.target"]
+                line = "After=" + " ".join(kept) if kept else ""
+            if line.startswith("ExecStartPre=/usr/sbin/sshd -t"):
+                continue
+            lines.append(line)
+        text = "# written by avm image build: the packaged ssh.service without After=network.target\n"
+        self.write("etc/systemd/system/ssh.service", text + "\n".join(lines) + "\n")
 
     def accounts(self) -> None:
         for user in self.recipe.users:

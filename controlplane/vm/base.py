@@ -169,6 +169,8 @@ class Booted(BaseModel):
     ssh_host: str = "127.0.0.1"
     ssh_port: int
     ssh_user: str = "root"
+    # seconds spent before the VM's process started (overlay, initramfs, accelerator probe)
+    setup_s: float = 0.0
     observations: dict[str, Any] = Field(default_factory=dict)
 
 

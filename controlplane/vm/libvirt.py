@@ -105,8 +105,9 @@ class LibvirtBackend:
         # the qemu backend's probe (cached, AVM_ACCEL overrides): /dev/kvm can exist and still
         # fail to run a guest (nested KVM), and libvirt would only say so at start
         from controlplane.runtime.qemu import probe_accel
+        from controlplane.vm.qemu import probe_cache
 
-        probed = probe_accel(request.image.kernel, initramfs.BUSYBOX, request.home.cache)
+        probed = probe_accel(request.image.kernel, initramfs.BUSYBOX, probe_cache())
         accel: domainxml.Accel = "kvm" if probed == "kvm" else "tcg"
         machine = cast(domainxml.Machine, os.environ.get(MACHINE_ENV, "q35"))
         state = request.state_dir

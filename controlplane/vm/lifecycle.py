@@ -139,8 +139,15 @@ def up(home: Home, spec: VmSpec, image: GoldenImageLike, *, progress: Progress =
             step.observe("backend", booted.observations)
             if spec.wait:
                 _wait_for_login(home, record, backend, spec.timeout_s, t0, progress)
-                step.result["boot_to_ssh_s"] = round(time.monotonic() - t0, 3)
-                progress(f"{spec.name}: SSH login works after {step.result['boot_to_ssh_s']:.1f}s")
+                total = time.monotonic() - t0
+                # from the VM's process start to a working login; setup before it is reported apart
+                step.result["boot_to_ssh_s"] = round(total - booted.setup_s, 3)
+                step.result["setup_s"] = round(booted.setup_s, 3)
+                step.result["up_total_s"] = round(total, 3)
+                progress(
+                    f"{spec.name}: SSH login works {step.result['boot_to_ssh_s']:.1f}s after boot "
+                    f"(+{booted.setup_s:.1f}s setup)"
+                )
             else:
                 step.non_claim("--no-wait: SSH readiness was not checked")
         except BaseException as exc:

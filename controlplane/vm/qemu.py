@@ -101,6 +101,7 @@ class QemuBackend:
     def boot(self, request: BootRequest) -> Booted:
         from controlplane.runtime.qemu import host_tsc_khz, probe_accel
 
+        setup_t0 = time.monotonic()
         state = request.state_dir
         overlay = state / "disk.qcow2"
         made = subprocess.run(
@@ -129,11 +130,12 @@ class QemuBackend:
         kernel_version = _kernel_version(request.image.rootfs)
         initrd = initramfs.build(request.image.rootfs, kernel_version, cache)
         t0 = time.monotonic()
-        accel = probe_accel(request.image.kernel, initramfs.BUSYBOX, request.home.cache)
+        accel = probe_accel(request.image.kernel, initramfs.BUSYBOX, probe_cache())
         probe_s = round(time.monotonic() - t0, 3)
         tsc = host_tsc_khz(Path("/proc/cpuinfo").read_text())
         argv = qemu_argv(request, accel=accel, tsc_khz=tsc, initrd=initrd)
         (state / "qemu.argv.json").write_text(json.dumps(argv))
+        setup_s = time.monotonic() - setup_t0
         with (state / "qemu.log").open("ab") as log:
             proc = subprocess.Popen(  # detached: the VM outlives this command
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -150,6 +152,7 @@ class QemuBackend:
             pid=proc.pid,
             accelerator=accel,
             ssh_port=request.ssh_port,
+            setup_s=setup_s,
             observations={
                 "machine": MACHINE,
                 "accel_probe_s": probe_s,
@@ -193,6 +196,15 @@ class QemuBackend:
             Check("no-process-with-marker", not by_marker, f"marker {record.marker}: {by_marker or 'none'}"),
             Check("ssh-port-released", port_free, f"nothing listens on 127.0.0.1:{record.ssh_port}"),
         ]
+
+
+def probe_cache() -> Path:
+    """Where the accelerator probe's answer is kept: per host boot (``boot_id``), shared by every
+    avm home, so a probe that takes seconds (a hanging ``-accel kvm``) runs once per boot."""
+    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    path = Path("/var/tmp/avm-accel-probe") / boot_id
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _kernel_version(rootfs: Path) -> str:
