@@ -83,9 +83,10 @@ def probe_accel(kernel: Path, busybox: Path, cache: Path) -> str:
         )
         os.chmod(root / "init", 0o755)  # noqa: S103 - the probe guest runs it
         write_cpio(root, Path(tmp) / "probe.cpio")
-        argv = [QEMU, "-M", "q35", "-accel", "kvm", "-m", "128", "-nodefaults", "-no-user-config",
-                "-display", "none", "-no-reboot", "-serial", "stdio", "-kernel", str(kernel),
-                "-initrd", f"{tmp}/probe.cpio",
+        # microvm without ACPI boots both guest kernels (the minimal one has no ACPI or PCI)
+        argv = [QEMU, "-M", "microvm,pit=on,acpi=off", "-accel", "kvm", "-m", "128", "-nodefaults",
+                "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio",
+                "-kernel", str(kernel), "-initrd", f"{tmp}/probe.cpio",
                 "-append", "console=ttyS0 quiet reboot=t panic=-1"]  # fmt: skip
         try:
             proc = subprocess.run(argv, capture_output=True, timeout=PROBE_TIMEOUT_S, check=False)
