@@ -94,22 +94,51 @@ def verify(
 
 
 @receipts.command("export")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), help="JSONL file to write.")
 @click.option(
-    "--out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="JSONL file to write."
+    "--html",
+    "html_out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="A self-contained HTML report for auditors: the timeline with each receipt's verification.",
+)
+@click.option(
+    "--key",
+    "key_paths",
+    multiple=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Trusted public key for the HTML report; repeatable. [default: this home's]",
 )
 @pass_app
-def export(app: AppContext, out: Path) -> None:
-    """Write the chain as JSONL (one stored envelope per line), for offline audit.
+def export(app: AppContext, out: Path | None, html_out: Path | None, key_paths: tuple[Path, ...]) -> None:
+    """Write the chain as JSONL (--out) and/or an auditor's HTML report (--html).
 
-    The auditor runs: avm receipts verify --bundle FILE --key receipt-signing.pub --expect-head DIGEST
+    \b
+    The auditor then runs, offline:
+      avm receipts verify --bundle FILE --key receipt-signing.pub --expect-head DIGEST
     """
     from controlplane import auditlog
+    from controlplane.errors import UsageError
 
-    count, head = auditlog.export(app.home.receipts, out)
-    app.emit(
-        {"out": str(out), "receipts": count, "head": head},
-        f"exported {count} receipts to {out}\nhead: sha256:{head}",
-    )
+    if out is None and html_out is None:
+        raise UsageError(
+            "export-target-missing", "nothing to write", hint="pass --out FILE.jsonl and/or --html FILE"
+        )
+    doc: dict[str, object] = {}
+    lines = []
+    if out is not None:
+        count, head = auditlog.export(app.home.receipts, out)
+        doc.update({"out": str(out), "receipts": count, "head": head})
+        lines.append(f"exported {count} receipts to {out}\nhead: sha256:{head}")
+    if html_out is not None:
+        from controlplane import auditreport, keys
+
+        trusted = keys.load_trusted(list(key_paths) or [keys.public_path(app.home)])
+        counts = auditreport.write(app.home.receipts, trusted, html_out)
+        doc["html"] = {"path": str(html_out), **counts}
+        lines.append(
+            f"wrote {html_out}: {counts['receipts']} receipts, {counts['failing']} failing verification"
+        )
+    app.emit(doc, "\n".join(lines))
 
 
 commands = [receipts]
