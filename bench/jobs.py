@@ -16,6 +16,7 @@ it is built) and each machine type, in one run:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import shutil
@@ -47,9 +48,8 @@ def setup(base: Path) -> tuple[Home, str, Path]:
     image = ocistore.build_job_image(home, "bench/hello", {}, busybox=busybox)
     imagesign.sign_image(home, image.name, image.digest, private, b"pw")
     spec = base / "job.json"
-    spec.write_text(
-        f'{{"id": "bench", "image": "{image.ref}", "command": {COMMAND!r}, "timeout": 120}}'.replace("'", '"')
-    )
+    doc = {"id": "bench", "image": image.ref, "command": list(COMMAND), "timeout": 120, "risk_tier": "L1"}
+    spec.write_text(json.dumps(doc))
     return home, image.ref, spec
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from controlplane import evidence, guestinit, imagesign, jobresult, jobteardown, ocistore
+from controlplane import evidence, governance, guestinit, imagesign, jobresult, jobteardown, ocistore
 from controlplane.errors import OperationalError, UsageError
 from controlplane.home import Home
 from controlplane.jobspec import JobSpec
@@ -167,6 +167,8 @@ def run_job(
         step.check("image-digest-matches-pin", ok=True, detail=f"manifest bytes hash to {image.digest}")
         keyid = imagesign.verify_image(home, name, image.digest)
         step.check("image-signature-trusted", ok=True, detail=f"simple-signing payload verified with {keyid}")
+        # the job's risk tier is a gate, before anything is created (exit 3 naming each control)
+        governance.gate_job(spec, image_signature=True, home=home, step=step)
         stale = jobteardown.gc(home, spec.id)
         step.observe("stale_leftovers_removed", stale)
         choice = pick_kernel(home, kernel, machine, bool(spec.egress.allow))

@@ -101,6 +101,8 @@ REFUSALS = [
     ("unsigned", "unsigned", 3, "image-signature-missing"),
     ("untrusted-signer", "untrusted", 3, "image-signature-invalid"),
     ("signature-of-other-image", "swapped", 3, "image-signature-digest-mismatch"),
+    # L2 needs an approval bound to the job; none exists, so the tier gate refuses
+    ("tier-needs-approval", {"risk_tier": "L2"}, 3, "tier-controls-missing"),
 ]
 
 

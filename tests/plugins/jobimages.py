@@ -41,7 +41,8 @@ class JobEnv:
     workdir: Path
 
     def spec(self, name: str, **fields: object) -> Path:
-        doc = {"image": self.image, "timeout": 60, **fields}
+        # L1: the tier whose controls a signed, pinned test image meets without an approval
+        doc = {"image": self.image, "timeout": 60, "risk_tier": "L1", **fields}
         path = self.workdir / f"{name}.json"
         path.write_text(json.dumps(doc))
         return path
