@@ -95,12 +95,17 @@ class SshTransport:
         self._host_key = host_key
         self._identity = identity
         self._connect_timeout = connect_timeout
+        # how long to wait for the server's greeting; boot polling sets it short, because a VM
+        # whose network is not up yet holds a forwarded connection open without a word
+        self.banner_timeout: float | None = None
         self._client: paramiko.SSHClient | None = None
         self._sftp: paramiko.SFTPClient | None = None
         self.connect_s = 0.0
 
     @classmethod
-    def from_target(cls, target: Target, *, connect_timeout: float = 10.0) -> SshTransport:
+    def from_target(
+        cls, target: Target, *, connect_timeout: float = 10.0, banner_timeout: float | None = None
+    ) -> SshTransport:
         """Connect to an inventory target.
 
         Raises ``RefusedError('host-key-not-pinned')`` without connecting when the target has no
@@ -155,6 +160,7 @@ class SshTransport:
             identity=identity,
             connect_timeout=connect_timeout,
         )
+        transport.banner_timeout = banner_timeout
         transport.connect()
         return transport
 
@@ -186,8 +192,8 @@ class SshTransport:
                 username=self.user,
                 pkey=self._identity,
                 timeout=self._connect_timeout,
-                banner_timeout=self._connect_timeout,
-                auth_timeout=self._connect_timeout,
+                banner_timeout=self.banner_timeout or self._connect_timeout,
+                auth_timeout=max(self._connect_timeout, 10.0),
                 allow_agent=False,
                 look_for_keys=False,
             )
