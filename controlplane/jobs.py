@@ -117,7 +117,10 @@ def check_inputs(spec: JobSpec, base: Path) -> dict[str, Path]:
 
 @contextlib.contextmanager
 def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM/SIGHUP raise KeyboardInterrupt so teardown runs (main thread only)."""
+    """SIGINT/SIGTERM/SIGHUP raise KeyboardInterrupt so teardown runs (main thread only).
+
+    SIGINT is set explicitly too: a runner started in the background by a non-interactive shell
+    inherits SIGINT as *ignored*, and Python then never installs its own handler."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -125,7 +128,7 @@ def _terminate_as_interrupt() -> Iterator[None]:
     def handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
