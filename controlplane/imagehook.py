@@ -35,7 +35,11 @@ _HOSTKEY_UNIT_TEXT = """\
 [Unit]
 Description=Generate SSH host keys when none was injected (avm first boot)
 ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key
-Before=ssh.service
+# early, like sshd itself: default dependencies would hold sshd back until basic.target
+DefaultDependencies=no
+After=systemd-remount-fs.service
+Before=ssh.service shutdown.target
+Conflicts=shutdown.target
 
 [Service]
 Type=oneshot
@@ -134,8 +138,16 @@ class Customizer:
             if line.startswith("ExecStartPre=/usr/sbin/sshd -t"):
                 continue
             lines.append(line)
-        text = "# written by avm image build: the packaged ssh.service without After=network.target\n"
-        self.write("etc/systemd/system/ssh.service", text + "\n".join(lines) + "\n")
+        # sshd needs only the root filesystem and its keys (both there from the initramfs), so it
+        # starts as early as the journal: not after sysinit/basic.target (about 4 s of a TCG boot)
+        unit = "\n".join(lines).replace(
+            "[Unit]\n",
+            "[Unit]\nDefaultDependencies=no\nConflicts=shutdown.target\nBefore=shutdown.target\n"
+            "After=systemd-journald.socket systemd-remount-fs.service avm-ssh-hostkeys.service\n",
+            1,
+        )
+        text = "# written by avm image build: the packaged ssh.service, started early\n"
+        self.write("etc/systemd/system/ssh.service", text + unit + "\n")
 
     def accounts(self) -> None:
         for user in self.recipe.users:

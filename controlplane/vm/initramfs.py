@@ -24,7 +24,7 @@ from controlplane.errors import OperationalError
 
 BUSYBOX = Path("/bin/busybox")
 # what the guest needs before switch_root; their dependencies come from modules.dep
-WANTED = ("virtio_mmio", "virtio_pci", "virtio_blk", "qemu_fw_cfg")
+WANTED = ("virtio_mmio", "virtio_pci", "virtio_blk", "virtio_net", "qemu_fw_cfg")
 SEED_NAME = "opt/avm/seed"
 
 INIT = """#!/bin/busybox sh
@@ -37,6 +37,19 @@ i=0
 while [ ! -b /dev/vda ] && [ $i -lt 200 ]; do /bin/busybox usleep 20000; i=$((i+1)); done
 if ! /bin/busybox mount -t ext4 -o rw /dev/vda /newroot; then
   echo "avm-initramfs: cannot mount /dev/vda"; exec /bin/busybox sh
+fi
+# avm.net=ADDR/PREFIX,GATEWAY (QEMU user networking): configure the NIC now, so sshd is reachable
+# as soon as it starts instead of after udev and systemd-networkd's DHCP; networkd adopts it later
+net=""
+for arg in $(/bin/busybox cat /proc/cmdline); do
+  case "$arg" in avm.net=*) net="${arg#avm.net=}";; esac
+done
+if [ -n "$net" ]; then
+  dev=$(/bin/busybox ls /sys/class/net | /bin/busybox grep -v '^lo$' | /bin/busybox head -n 1)
+  /bin/busybox ip link set lo up
+  /bin/busybox ip link set "$dev" up
+  /bin/busybox ip addr add "${net%,*}" dev "$dev"
+  /bin/busybox ip route add default via "${net#*,}" && echo "avm-initramfs: $dev ${net%,*}"
 fi
 seed=/sys/firmware/qemu_fw_cfg/by_name/@SEED@/raw
 if [ -r "$seed" ]; then

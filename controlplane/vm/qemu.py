@@ -44,7 +44,8 @@ def _tool_missing(tool: str) -> OperationalError:
 def qemu_argv(request: BootRequest, *, accel: str, tsc_khz: int, initrd: Path) -> list[str]:
     """The full QEMU command line for one golden VM (pure)."""
     state = request.state_dir
-    cmdline = f"{request.image.cmdline} quiet tsc_early_khz={tsc_khz} panic=-1"
+    # QEMU user networking always gives the guest 10.0.2.15/24 behind 10.0.2.2
+    cmdline = f"{request.image.cmdline} quiet tsc_early_khz={tsc_khz} panic=-1 avm.net=10.0.2.15/24,10.0.2.2"
     cpu = ["-cpu", "host"] if accel == "kvm" else ["-cpu", "max"]
     return [
         QEMU,
