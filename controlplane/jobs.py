@@ -19,7 +19,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from controlplane import evidence, governance, guestinit, imagesign, jobresult, jobteardown, ocistore
+from controlplane import (
+    auditevents,
+    evidence,
+    governance,
+    guestinit,
+    imagesign,
+    jobresult,
+    jobteardown,
+    ocistore,
+)
 from controlplane.errors import OperationalError, UsageError
 from controlplane.home import Home
 from controlplane.jobspec import JobSpec
@@ -278,7 +287,11 @@ def _boot(
         outcome: Outcome = rt.run(launch)
         if net is not None:
             step.observe("egress_counters", net.counters())
-            step.observe("egress_denials", net.denials())
+            denials = net.denials()
+            step.observe("egress_denials", denials)
+            # each denied destination is an audit event of the job's step (fixed vocabulary)
+            for event in auditevents.egress_denied(denials, spec.id):
+                step.event(event.pop("type"), **event)
     if net is not None:  # closed now: the egress module tore the namespace down and checked it
         for cname, ok, detail in net.teardown_checks(wait=0):
             step.check(f"egress-{cname}", ok=ok, detail=detail)

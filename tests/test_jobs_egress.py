@@ -97,6 +97,9 @@ def test_probe_matrix_from_a_real_guest(jobenv: JobEnv, world: tuple[str, Path])
     counters = predicate["observations"]["egress_counters"]
     assert counters["allowed"]["packets"] >= 1
     assert sum(v["packets"] for k, v in counters.items() if k.startswith("denied")) >= 5
+    # every denied destination is an audit event in the job's receipt
+    denied = {e["destination"] for e in predicate["events"] if e["type"] == "egress.denied"}
+    assert any(d.startswith(UNLISTED) for d in denied), predicate["events"]
     checks = {c["name"]: c["ok"] for c in predicate["checks"]}
     assert checks["egress-netns-gone"] and checks["egress-nft-table-gone"] and checks["qemu-process-gone"]
     assert all(checks.values()), predicate["checks"]
