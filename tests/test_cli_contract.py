@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -59,18 +58,14 @@ def test_help_is_fast_because_heavy_imports_are_lazy() -> None:
     # Measured in a fresh interpreter: what `avm --help` imports must not include the heavy stacks.
     code = (
         "import sys, controlplane.cli as c\n"
-        "heavy = [m for m in ('paramiko', 'cryptography', 'pulumi', 'libvirt', 'rich', 'yaml')"
+        "heavy = [m for m in ('paramiko', 'cryptography', 'pulumi', 'libvirt', 'rich', 'yaml', 'pydantic')"
         " if m in sys.modules]\n"
         "print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"imported at --help time: {out.stdout.strip()}"
-    start = time.perf_counter()
+    # the latency itself is a benchmark (bench/cli.py), not an assertion
     assert avm("--help").returncode == 0
-    elapsed = time.perf_counter() - start
-    # Not a timing assertion on a benchmark: a generous ceiling that only a regression to eager
-    # imports (seconds) would cross. The figure itself is reported by bench/cli.py.
-    assert elapsed < 3.0
 
 
 def test_expected_error_prints_code_and_hint_without_traceback(tmp_path: Path) -> None:

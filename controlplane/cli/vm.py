@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from controlplane.cli.app import AppContext, pass_app
-from controlplane.vm.base import BACKENDS, DEFAULT_BACKEND
+from controlplane.vm.names import BACKENDS, DEFAULT_BACKEND
 
 
 @click.group("vm")

@@ -31,15 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from controlplane.errors import UsageError
 from controlplane.home import Home
 from controlplane.ids import VmName
-
-# name -> "module:attribute" of a zero-argument factory returning a ``Backend``.
-BACKENDS: dict[str, str] = {
-    "qemu": "controlplane.vm.qemu:QemuBackend",
-    "nspawn": "controlplane.vm.nspawn:NspawnBackend",
-    "libvirt": "controlplane.vm.libvirt:LibvirtBackend",
-    "gcp": "controlplane.vm.gcp:GcpBackend",
-}
-DEFAULT_BACKEND = "qemu"
+from controlplane.vm.names import BACKENDS, DEFAULT_BACKEND
 
 
 class VmSpec(BaseModel):
