@@ -27,7 +27,7 @@ from controlplane.errors import UsageError
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "images" / "golden.yaml"
 # Bump when the build itself changes what a recipe produces (imagehook, imagebuild): the recipe
 # digest covers it, so images cached by an older build are not reused.
-BUILD_FORMAT = 5
+BUILD_FORMAT = 6
 
 _SUITE_RE = re.compile(r"^[a-z][a-z0-9-]{1,31}$")
 _MIRROR_RE = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$")
