@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 pytest_plugins = [
+    "tests.plugins.require",
     "tests.plugins.home",
     "tests.plugins.sshd",
     "tests.plugins.golden",

@@ -15,13 +15,12 @@ import pytest
 from controlplane import evidence, keys, ledger
 from controlplane.errors import RefusedError
 from controlplane.home import Home
+from tests.plugins.require import require_tools
 
 
 def chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None:
-        pytest.skip("chromium is not installed (make setup installs it as root)")
-    return found
+    require_tools("chromium")
+    return shutil.which("chromium") or "chromium"
 
 
 def make_trail(home: Home) -> None:

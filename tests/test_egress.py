@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,8 +28,7 @@ from controlplane.jobspec import EgressRule
 from controlplane.netns import Ip, netns_pids
 from controlplane.transport.local import LocalTransport
 
-ROOT = os.geteuid() == 0 and shutil.which("nft") is not None and shutil.which("ip") is not None
-needs_root = pytest.mark.skipif(not ROOT, reason="job networks need root, ip and nft")
+needs_root = pytest.mark.usefixtures("root_net_tools")
 LABEL = f"t{os.getpid() % 100000}"
 ALLOWED, DNS = "198.51.100.10", "198.51.100.53"
 

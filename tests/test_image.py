@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from controlplane.recipe import DEFAULT_RECIPE, load_recipe, parse_recipe
 from controlplane.sbom import parse_dpkg_query
 from controlplane.vm.base import GoldenImageLike
 from tests.plugins.golden import shared_image_store
+from tests.plugins.require import require_root, require_tools
 
 AVM = [sys.executable, "-m", "controlplane"]
 # the first test that asks for the golden image may build it (about 2 minutes cold)
@@ -259,8 +259,8 @@ def test_leftovers_of_a_killed_build_are_removed_and_other_recipes_untouched(tmp
     assert len(said) == 2
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
 def test_build_dir_cleanup_refuses_to_delete_through_a_mount(tmp_path: Path) -> None:
+    require_root("mounting a tmpfs")
     inner = tmp_path / "build/rootfs/dev"
     inner.mkdir(parents=True)
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(inner)], check=True)
@@ -375,10 +375,10 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(COLD_BUILD_TIMEOUT_S)
-@pytest.mark.skipif(shutil.which("systemd-nspawn") is None, reason="systemd-nspawn missing")
 def test_image_boots_with_an_injected_host_key_and_refuses_passwords(
     golden_image: GoldenImage, tmp_path: Path
 ) -> None:
+    require_tools("systemd-nspawn")
     """Boot the rootfs (nspawn, read-only overlay): systemd reaches `running` with no failed unit,
     sshd serves exactly the injected host key, and password login is not offered."""
     port = _free_port()

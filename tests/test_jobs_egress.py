@@ -67,7 +67,6 @@ def world(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 
 
 def test_probe_matrix_from_a_real_guest(jobenv: JobEnv, world: tuple[str, Path]) -> None:
-    pytest.importorskip("controlplane.egress")
     world_ns, hits = world
     spec_path = jobenv.spec(
         "probe",

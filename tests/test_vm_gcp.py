@@ -9,7 +9,6 @@ stand-in ``pulumi`` executable on PATH that always fails, to exercise only the e
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -21,10 +20,7 @@ from controlplane.vm import lifecycle
 from controlplane.vm.base import VmSpec
 from tests.plugins.vms import run_avm
 
-HAVE_GCP = all(importlib.util.find_spec(m) is not None for m in ("pulumi", "pulumi_gcp"))
-needs_gcp = pytest.mark.skipif(
-    not HAVE_GCP, reason="pulumi / pulumi-gcp (extra `gcp`) are not importable; `make test` installs them"
-)
+needs_gcp = pytest.mark.usefixtures("gcp_extra")
 
 
 @dataclasses.dataclass(frozen=True)

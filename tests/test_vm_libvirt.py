@@ -9,7 +9,6 @@ starts no qemu. Booting under ``qemu:///system`` needs a running libvirtd (not o
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -23,10 +22,7 @@ from controlplane.vm.base import BootRequest, VmRecord, VmSpec
 from controlplane.vm.domainxml import QEMU_NS, DomainSettings, domain_xml
 from controlplane.vm.seed import make_seed
 
-HAVE_LIBVIRT = importlib.util.find_spec("libvirt") is not None
-needs_libvirt = pytest.mark.skipif(
-    not HAVE_LIBVIRT, reason="libvirt-python (extra `libvirt`) is not importable; `make test` installs it"
-)
+needs_libvirt = pytest.mark.usefixtures("libvirt_extra")
 
 
 def settings(tmp: Path, **over: object) -> DomainSettings:

@@ -9,7 +9,6 @@ a new one (about 100 s cold). Building needs root: without it the fixture skips.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -29,12 +28,10 @@ def shared_image_store() -> Path:
 def golden_image() -> GoldenImage:
     """The image of ``images/golden.yaml`` (built now if the shared store lacks it)."""
     from controlplane.imagebuild import REQUIRED_TOOLS, build_image
+    from tests.plugins.require import require_root, require_tools
 
-    if os.geteuid() != 0:
-        pytest.skip("building the golden image needs root (mmdebstrap --mode=root)")
-    missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
-    if missing:
-        pytest.skip(f"image build tools missing: {missing} (run `make setup` as root)")
+    require_root("building the golden image: mmdebstrap --mode=root")
+    require_tools(*REQUIRED_TOOLS)
 
     def progress(line: str) -> None:
         print(line, file=sys.stderr)

@@ -16,6 +16,7 @@ import pytest
 
 from controlplane import cosign, imagesign, keys, ocistore, signing
 from controlplane.home import Home
+from tests.plugins.require import require_root, require_tools
 
 PASSWORD = b"test-password"
 SCRIPTS = {
@@ -49,11 +50,8 @@ class JobEnv:
 
 
 def needs_job_tools() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("Tier-2 jobs need root (golden image kernel, namespaces)")
-    missing = [t for t in ("qemu-system-x86_64", "busybox") if shutil.which(t) is None]
-    if missing:
-        pytest.skip(f"missing tools: {missing} (run `make setup`)")
+    require_root("Tier-2 jobs: golden image kernel, namespaces")
+    require_tools("qemu-system-x86_64", "busybox")
 
 
 @pytest.fixture(scope="module")

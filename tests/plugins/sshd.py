@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from controlplane.inventory import Target
+from tests.plugins.require import require_tools
 
 SSHD = "/usr/sbin/sshd"
 
@@ -116,8 +117,7 @@ def _config(d: Path, port: int, host_key: Path, authorized: Path) -> str:
 @pytest.fixture(scope="session")
 def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
     """A running ``sshd -D -e`` on 127.0.0.1 at a free port, key-only, logged to a file."""
-    if not os.path.exists(SSHD):
-        pytest.skip(f"{SSHD} is missing: install openssh-server (`make setup` does, as root)")
+    require_tools(SSHD)
     from controlplane.transport.ssh import wait_for_ssh
 
     d = tmp_path_factory.mktemp("sshd")

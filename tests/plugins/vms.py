@@ -16,6 +16,7 @@ import pytest
 
 from controlplane import keys
 from controlplane.home import Home
+from tests.plugins.require import require_root, require_tools
 
 AVM = [sys.executable, "-m", "controlplane"]
 
@@ -36,10 +37,8 @@ def run_avm(
 
 
 def needs_root_and_nspawn() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("nspawn VMs need root")
-    if subprocess.run(["which", "systemd-nspawn"], capture_output=True, check=False).returncode:
-        pytest.skip("systemd-nspawn is not installed (make setup installs systemd-container)")
+    require_root("nspawn VMs")
+    require_tools("systemd-nspawn")
 
 
 @pytest.fixture(scope="module")
