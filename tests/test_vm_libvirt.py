@@ -8,9 +8,14 @@ starts no qemu. Booting under ``qemu:///system`` needs a running libvirtd (not o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import signal
 import subprocess
+import time
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +26,7 @@ from controlplane.vm import domainxml, lifecycle
 from controlplane.vm.base import BootRequest, VmRecord, VmSpec
 from controlplane.vm.domainxml import QEMU_NS, DomainSettings, domain_xml
 from controlplane.vm.seed import make_seed
+from tests.plugins.require import require_root, require_tools
 
 needs_libvirt = pytest.mark.usefixtures("libvirt_extra")
 
@@ -224,19 +230,48 @@ def test_up_without_libvirtd_is_a_clear_error_and_creates_nothing(
     assert not (home.inventory / "lv2.json").exists()
 
 
+@pytest.fixture
+def libvirtd() -> Iterator[None]:
+    """A libvirtd serving qemu:///system: the running one, else virtlogd + libvirtd started by hand
+    for this test (this kind of host has no systemd as PID 1) and stopped after it."""
+    import libvirt
+
+    try:
+        libvirt.open("qemu:///system").close()
+        yield
+        return
+    except libvirt.libvirtError:
+        pass
+    require_root("starting libvirtd")
+    require_tools("libvirtd", "virtlogd")
+    pidfiles = {d: Path(f"/run/avm-test-{d}.pid") for d in ("virtlogd", "libvirtd")}
+    for daemon, pidfile in pidfiles.items():
+        subprocess.run([daemon, "-d", "-p", str(pidfile)], check=True, timeout=60)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                libvirt.open("qemu:///system").close()
+                break
+            except libvirt.libvirtError:
+                assert time.monotonic() < deadline, "libvirtd did not come up"
+                time.sleep(0.2)
+        yield
+    finally:
+        for pidfile in pidfiles.values():
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
+
+
 @pytest.mark.slow
 @needs_libvirt
-def test_golden_vm_boots_under_a_running_libvirtd(golden_home: Home) -> None:
-    """The real thing, where a libvirtd serves qemu:///system (started by hand: CI has none, so
-    this skips there): up to a real SSH login, the guest sees svm/vmx, down leaves nothing."""
+def test_golden_vm_boots_under_a_running_libvirtd(golden_home: Home, libvirtd: None) -> None:
+    """The real thing under libvirtd (started by the fixture when none runs): up to a real SSH
+    login, the guest sees svm/vmx, down leaves nothing."""
     import libvirt
 
     from tests.plugins.vms import run_avm
 
-    try:
-        libvirt.open("qemu:///system").close()
-    except libvirt.libvirtError as exc:
-        pytest.skip(f"no libvirtd serves qemu:///system: {exc}")
     env = {"AVM_LIBVIRT_URI": "qemu:///system"}
     up = run_avm(golden_home, "vm", "up", "lvreal", "--backend", "libvirt", "--timeout", "420", env=env)
     try:
