@@ -20,37 +20,44 @@ _NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
 _JOB_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
 
 
-def _check(pattern: re.Pattern[str], what: str, rule: str) -> AfterValidator:
+def pattern_validator(pattern: re.Pattern[str], what: str, rule: str = "") -> AfterValidator:
+    """A pydantic validator: the whole value must match ``pattern``; the error names the field
+    and, when given, the rule. Every model's string patterns go through this one function."""
+
     def validate(value: str) -> str:
         if not pattern.fullmatch(value):
-            raise ValueError(f"{what} {value!r} is invalid: {rule}")
+            raise ValueError(f"{what} {value!r} is invalid: {rule}" if rule else f"invalid {what}: {value!r}")
         return value
 
     return AfterValidator(validate)
 
 
 CommitSha = Annotated[
-    str, StringConstraints(strict=True), _check(_COMMIT_RE, "commit", "expected exactly 40 lowercase hex")
+    str,
+    StringConstraints(strict=True),
+    pattern_validator(_COMMIT_RE, "commit", "expected exactly 40 lowercase hex"),
 ]
 Digest = Annotated[
     str,
     StringConstraints(strict=True),
-    _check(_DIGEST_RE, "digest", "expected 'sha256:' and 64 lowercase hex"),
+    pattern_validator(_DIGEST_RE, "digest", "expected 'sha256:' and 64 lowercase hex"),
 ]
 ProfileName = Annotated[
     str,
     StringConstraints(strict=True),
-    _check(_NAME_RE, "profile name", "1-32 of a-z 0-9 '-', starting and ending alphanumeric"),
+    pattern_validator(_NAME_RE, "profile name", "1-32 of a-z 0-9 '-', starting and ending alphanumeric"),
 ]
 VmName = Annotated[
     str,
     StringConstraints(strict=True),
-    _check(_NAME_RE, "VM name", "1-32 of a-z 0-9 '-', starting and ending alphanumeric"),
+    pattern_validator(_NAME_RE, "VM name", "1-32 of a-z 0-9 '-', starting and ending alphanumeric"),
 ]
 JobId = Annotated[
     str,
     StringConstraints(strict=True),
-    _check(_JOB_ID_RE, "job id", "1-64 of a-z 0-9 '.', '_', '-', starting and ending alphanumeric"),
+    pattern_validator(
+        _JOB_ID_RE, "job id", "1-64 of a-z 0-9 '.', '_', '-', starting and ending alphanumeric"
+    ),
 ]
 
 

@@ -28,10 +28,10 @@ import re
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from controlplane.errors import UsageError
-from controlplane.ids import ProfileName
+from controlplane.ids import ProfileName, pattern_validator
 from controlplane.secretscan import scan_env
 
 MANIFEST_PATH = "avm.yaml"
@@ -45,19 +45,10 @@ _REL_PATH = re.compile(r"^(?!/)(?!.*(^|/)\.\.(/|$))[A-Za-z0-9._/-]{1,255}$")
 _ENV_VALUE = re.compile(r"^[^\n\r\0]{0,4096}$")
 
 
-def _match(pattern: re.Pattern[str], what: str) -> AfterValidator:
-    def check(value: str) -> str:
-        if not pattern.fullmatch(value):
-            raise ValueError(f"invalid {what}: {value!r}")
-        return value
-
-    return AfterValidator(check)
-
-
-EnvKey = Annotated[str, _match(_ENV_KEY, "env name (UPPER_SNAKE)")]
-SecretRef = Annotated[str, _match(_SECRET_REF, "secret reference (secret://STORE/NAME)")]
-ToolName = Annotated[str, _match(_TOOL, "tool name")]
-RelPath = Annotated[str, _match(_REL_PATH, "relative path inside the repo")]
+EnvKey = Annotated[str, pattern_validator(_ENV_KEY, "env name (UPPER_SNAKE)")]
+SecretRef = Annotated[str, pattern_validator(_SECRET_REF, "secret reference (secret://STORE/NAME)")]
+ToolName = Annotated[str, pattern_validator(_TOOL, "tool name")]
+RelPath = Annotated[str, pattern_validator(_REL_PATH, "relative path inside the repo")]
 
 
 class _Frozen(BaseModel):
@@ -81,18 +72,20 @@ class McpTool(_Frozen):
     description, inputSchema as RFC 8785 JSON): a tool whose schema changed is a different tool."""
 
     name: ToolName
-    schema_sha256: Annotated[str, _match(re.compile(r"^[0-9a-f]{64}$"), "sha256 hex of the tool schema")]
+    schema_sha256: Annotated[
+        str, pattern_validator(re.compile(r"^[0-9a-f]{64}$"), "sha256 hex of the tool schema")
+    ]
 
 
 class Limits(_Frozen):
-    memory_max: Annotated[str, _match(_SIZE, "size like 256M")] = "256M"
+    memory_max: Annotated[str, pattern_validator(_SIZE, "size like 256M")] = "256M"
     tasks_max: int = Field(default=64, ge=1, le=4096)
-    cpu_quota: Annotated[str, _match(_PERCENT, "percentage like 50%")] = "50%"
+    cpu_quota: Annotated[str, pattern_validator(_PERCENT, "percentage like 50%")] = "50%"
 
 
 class Health(_Frozen):
     port: int = Field(ge=1024, le=65535)
-    path: Annotated[str, _match(re.compile(r"^/[A-Za-z0-9._/-]{0,127}$"), "URL path")] = "/healthz"
+    path: Annotated[str, pattern_validator(re.compile(r"^/[A-Za-z0-9._/-]{0,127}$"), "URL path")] = "/healthz"
     timeout_s: float = Field(default=20.0, gt=0, le=600)
 
 
@@ -100,10 +93,10 @@ class Profile(_Frozen):
     name: ProfileName
     risk_tier: RiskTier
     canary: bool = False
-    entrypoint: list[Annotated[str, _match(re.compile(r"^[^\0\n]{1,512}$"), "argument")]] = Field(
+    entrypoint: list[Annotated[str, pattern_validator(re.compile(r"^[^\0\n]{1,512}$"), "argument")]] = Field(
         min_length=1
     )
-    env: dict[EnvKey, Annotated[str, _match(_ENV_VALUE, "env value")]] = {}
+    env: dict[EnvKey, Annotated[str, pattern_validator(_ENV_VALUE, "env value")]] = {}
     secrets: dict[EnvKey, SecretRef] = {}
     tools: list[McpTool] = []
     egress: list[EgressRule] = []
@@ -137,7 +130,7 @@ class Profile(_Frozen):
 
 class Artifact(_Frozen):
     path: RelPath
-    sha256: Annotated[str, _match(re.compile(r"^[0-9a-f]{64}$"), "sha256 hex")]
+    sha256: Annotated[str, pattern_validator(re.compile(r"^[0-9a-f]{64}$"), "sha256 hex")]
 
 
 class ReleaseManifest(_Frozen):

@@ -23,6 +23,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from controlplane.canonical import canonical_bytes, domain_digest
 from controlplane.errors import UsageError
+from controlplane.ids import pattern_validator
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "images" / "golden.yaml"
 # Bump when the build itself changes what a recipe produces (imagehook, imagebuild): the recipe
@@ -39,15 +40,6 @@ _HOSTNAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
 _SAFE_PATH_CHARS = re.compile(r"^[A-Za-z0-9_./*?+@\[\]-]+$")
 _CMDLINE_TOKEN_RE = re.compile(r"^[A-Za-z0-9_.,=/:-]+$")
-
-
-def _check(pattern: re.Pattern[str], what: str, rule: str) -> AfterValidator:
-    def validate(value: str) -> str:
-        if not pattern.fullmatch(value):
-            raise ValueError(f"{what} {value!r} is invalid: {rule}")
-        return value
-
-    return AfterValidator(validate)
 
 
 def _image_glob(value: str) -> str:
@@ -86,11 +78,13 @@ def _unique(values: tuple[str, ...]) -> tuple[str, ...]:
     return values
 
 
-Suite = Annotated[str, _check(_SUITE_RE, "suite", "a Debian codename like 'bookworm'")]
-Mirror = Annotated[str, _check(_MIRROR_RE, "mirror", "an http(s) URL without query, spaces or quotes")]
-Package = Annotated[str, _check(_PACKAGE_RE, "package", "a Debian package name (Policy 5.6.1)")]
-Unit = Annotated[str, _check(_UNIT_RE, "unit", "a systemd unit name with a known suffix, no '/'")]
-UserName = Annotated[str, _check(_USER_RE, "user", "a POSIX user name of [a-z0-9_-], at most 32")]
+Suite = Annotated[str, pattern_validator(_SUITE_RE, "suite", "a Debian codename like 'bookworm'")]
+Mirror = Annotated[
+    str, pattern_validator(_MIRROR_RE, "mirror", "an http(s) URL without query, spaces or quotes")
+]
+Package = Annotated[str, pattern_validator(_PACKAGE_RE, "package", "a Debian package name (Policy 5.6.1)")]
+Unit = Annotated[str, pattern_validator(_UNIT_RE, "unit", "a systemd unit name with a known suffix, no '/'")]
+UserName = Annotated[str, pattern_validator(_USER_RE, "user", "a POSIX user name of [a-z0-9_-], at most 32")]
 ImageGlob = Annotated[str, AfterValidator(_image_glob)]
 ModuleGlob = Annotated[str, AfterValidator(_module_glob)]
 
@@ -124,7 +118,7 @@ class FirstBoot(_Frozen):
     # a VM booted without an injected host key generates its own (never one shipped in the image)
     generate_missing_ssh_host_keys: bool = True
     dhcp_interfaces: tuple[
-        Annotated[str, _check(re.compile(r"^[a-z0-9*]{1,15}$"), "ifname", "a glob")], ...
+        Annotated[str, pattern_validator(re.compile(r"^[a-z0-9*]{1,15}$"), "ifname", "a glob")], ...
     ] = (
         "en*",
         "eth*",
@@ -142,7 +136,7 @@ class Trim(_Frozen):
 
 
 class Disk(_Frozen):
-    label: Annotated[str, _check(_LABEL_RE, "label", "1-16 of [A-Za-z0-9_-]")] = "golden"
+    label: Annotated[str, pattern_validator(_LABEL_RE, "label", "1-16 of [A-Za-z0-9_-]")] = "golden"
     size_mib: int = Field(default=2048, ge=256, le=65536)
 
 
@@ -153,7 +147,7 @@ class Boot(_Frozen):
 class Recipe(_Frozen):
     """A golden image, from Debian packages to the last hardening step."""
 
-    name: Annotated[str, _check(_HOSTNAME_RE, "name", "a-z 0-9 '-'")] = "golden"
+    name: Annotated[str, pattern_validator(_HOSTNAME_RE, "name", "a-z 0-9 '-'")] = "golden"
     suite: Suite = "bookworm"
     mirror: Mirror = "http://deb.debian.org/debian"
     # stable point releases lag security fixes: without these the image ships an older kernel
@@ -163,7 +157,7 @@ class Recipe(_Frozen):
     variant: Literal["minbase", "essential", "apt", "required", "important", "standard"] = "minbase"
     architecture: Literal["amd64"] = "amd64"
     packages: Annotated[tuple[Package, ...], AfterValidator(_unique)] = Field(min_length=1)
-    hostname: Annotated[str, _check(_HOSTNAME_RE, "hostname", "an RFC 1123 label")] = "golden"
+    hostname: Annotated[str, pattern_validator(_HOSTNAME_RE, "hostname", "an RFC 1123 label")] = "golden"
     users: tuple[User, ...] = (User(name="root"),)
     hardening: Hardening = Hardening()
     first_boot: FirstBoot = FirstBoot()
