@@ -21,11 +21,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from controlplane import keys, ledger
+from controlplane import auditlog, keys
 from controlplane.canonical import canonical_bytes
-from controlplane.errors import OperationalError, RefusedError, UsageError
+from controlplane.errors import RefusedError, UsageError
 from controlplane.home import Home
-from controlplane.receipt import MalformedReceipt, open_receipt, pae
+from controlplane.receipt import pae
 
 PAYLOAD_TYPE = "application/vnd.agent-vm.approval+json"
 APPROVAL_TYPE = "https://agent-vm.dev/approval/v1"
@@ -186,12 +186,8 @@ def find(home: Home, plan_digest: str) -> tuple[list[Approval], list[dict[str, s
     # No approval outlives MAX_TTL_S, so the scan walks back from HEAD and stops at receipts
     # older than that (plus a day of clock slack): bounded by recent history, not chain length.
     horizon = _iso(now - dt.timedelta(seconds=MAX_TTL_S + 86400))
-    top = max(ledger.read_head(home.receipts).seq, ledger.max_file_seq(home.receipts))
-    for seq in range(top, 0, -1):
-        try:
-            pred = open_receipt(ledger.read(home.receipts, seq))[2].predicate
-        except (OperationalError, MalformedReceipt):
-            continue
+    for seq, statement in auditlog.statements(home.receipts, newest_first=True):
+        pred = statement.predicate
         if pred.finished < horizon:
             break
         if pred.kind != "approval" or pred.status != "ok":

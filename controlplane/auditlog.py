@@ -19,10 +19,22 @@ from controlplane.receipt import MalformedReceipt, Statement, digest_of, open_re
 
 
 def _stored(directory: Path, first: int = 1) -> Iterator[tuple[int, bytes]]:
-    last = max(ledger.max_file_seq(directory), ledger.read_head(directory).seq)
-    for seq in range(first, last + 1):
-        with contextlib.suppress(FileNotFoundError):
-            yield seq, ledger.receipt_path(directory, seq).read_bytes()
+    """The receipts there are (missing ones are verify's business, not a reader's)."""
+    for seq, data in ledger.iter_stored(directory, first):
+        if data is not None:
+            yield seq, data
+
+
+def statements(directory: Path, *, newest_first: bool = False) -> Iterator[tuple[int, Statement]]:
+    """Every readable receipt's statement, without verifying (for lookups such as "the last
+    apply for this target"; unreadable receipts are skipped: `avm receipts verify` reports them)."""
+    top = ledger.last_seq(directory)
+    order = range(top, 0, -1) if newest_first else range(1, top + 1)
+    for seq in order:
+        try:
+            yield seq, open_receipt(ledger.receipt_path(directory, seq).read_bytes())[2]
+        except (OSError, MalformedReceipt):
+            continue
 
 
 def _statement(seq: int, data: bytes) -> Statement:
@@ -37,7 +49,7 @@ def _statement(seq: int, data: bytes) -> Statement:
 
 
 def summaries(directory: Path, *, last: int | None = None) -> Iterator[dict[str, Any]]:
-    top = max(ledger.max_file_seq(directory), ledger.read_head(directory).seq)
+    top = ledger.last_seq(directory)
     first = max(1, top - last + 1) if last else 1
     for seq, data in _stored(directory, first):
         statement = _statement(seq, data)

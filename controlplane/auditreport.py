@@ -10,24 +10,16 @@ opened offline years later.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import html
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from controlplane import ledger
+from controlplane import ledger, verify
+from controlplane.errors import RefusedError
 from controlplane.keys import TrustedKeys
-from controlplane.receipt import (
-    PAYLOAD_TYPE,
-    MalformedReceipt,
-    digest_of,
-    open_envelope,
-    pae,
-    parse_statement,
-)
+from controlplane.receipt import digest_of
 
 HIGHLIGHT = {
     "plan": "promotion",
@@ -44,9 +36,8 @@ HIGHLIGHT = {
 
 def entries(directory: Path, trusted: TrustedKeys) -> Iterator[dict[str, Any]]:
     """One row per receipt file, verified individually (never raises for a bad receipt)."""
-    last = max(ledger.max_file_seq(directory), ledger.read_head(directory).seq)
     prev: str | None = None
-    for seq in range(1, last + 1):
+    for seq, data in ledger.iter_stored(directory):
         row: dict[str, Any] = {
             "seq": seq,
             "kind": "?",
@@ -55,39 +46,16 @@ def entries(directory: Path, trusted: TrustedKeys) -> Iterator[dict[str, Any]]:
             "summary": "",
             "problems": [],
         }
-        try:
-            data = ledger.receipt_path(directory, seq).read_bytes()
-        except FileNotFoundError:
+        if data is None:
             row["problems"].append("receipt-missing")
             prev = None
             yield row
             continue
         row["digest"] = digest_of(data)
         try:
-            envelope, payload = open_envelope(data)
-        except MalformedReceipt as exc:
-            row["problems"].append("receipt-truncated" if exc.truncated else "receipt-malformed")
-            prev = row["digest"]
-            yield row
-            continue
-        # the signature is checked over the exact payload bytes before anything is parsed
-        sig = envelope.signatures[0]
-        if sig.keyid not in trusted.keys:
-            row["problems"].append("receipt-untrusted-key")
-        else:
-            try:
-                ok = trusted.verify(
-                    sig.keyid, base64.b64decode(sig.sig, validate=True), pae(PAYLOAD_TYPE, payload)
-                )
-            except binascii.Error:
-                ok = False
-            if not ok:
-                row["problems"].append("receipt-signature-invalid")
-        try:
-            statement = parse_statement(payload)
-        except MalformedReceipt:
-            if not row["problems"]:
-                row["problems"].append("receipt-malformed")
+            statement, _ = verify.check_receipt(f"#{seq}", data, trusted)
+        except RefusedError as exc:
+            row["problems"].append(exc.code)
             prev = row["digest"]
             yield row
             continue

@@ -10,23 +10,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from controlplane import approvals, governance, ledger, tiers
-from controlplane.errors import OperationalError
+from controlplane import approvals, auditlog, governance, tiers
 from controlplane.evidence import Step
 from controlplane.home import Home
 from controlplane.manifest import Profile, ReleaseManifest
-from controlplane.receipt import MalformedReceipt, open_receipt
 
 
 def rollback_drills(home: Home, target: str) -> list[tuple[str, float]]:
     """(finished, duration s) of every successful rollback apply recorded for ``target``."""
     out: list[tuple[str, float]] = []
-    top = max(ledger.read_head(home.receipts).seq, ledger.max_file_seq(home.receipts))
-    for seq in range(1, top + 1):
-        try:
-            pred = open_receipt(ledger.read(home.receipts, seq))[2].predicate
-        except (OperationalError, MalformedReceipt):
-            continue
+    for _, statement in auditlog.statements(home.receipts):
+        pred = statement.predicate
         if (
             pred.kind == "apply"
             and pred.status == "ok"

@@ -140,6 +140,21 @@ def read(directory: Path, seq: int) -> bytes:
         ) from exc
 
 
+def last_seq(directory: Path) -> int:
+    """The highest sequence number there is evidence of: a file, or HEAD (whichever is higher)."""
+    return max(max_file_seq(directory), read_head(directory).seq)
+
+
+def iter_stored(directory: Path, first: int = 1) -> Iterator[tuple[int, bytes | None]]:
+    """Every sequence number from ``first`` to ``last_seq`` with its stored bytes, or None where
+    the file is missing. Streams: one receipt in memory at a time."""
+    for seq in range(first, last_seq(directory) + 1):
+        try:
+            yield seq, receipt_path(directory, seq).read_bytes()
+        except FileNotFoundError:
+            yield seq, None
+
+
 def count_files(directory: Path) -> int:
     """How many receipt files exist (streamed: constant memory for any chain length)."""
     if not directory.exists():

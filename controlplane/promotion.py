@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from controlplane import evidence, facts, governance_gate, hostlock, inventory, ledger, plan, render
+from controlplane import auditlog, evidence, facts, governance_gate, hostlock, inventory, plan, render
 from controlplane import secrets as secret_store
 from controlplane.apply import apply_plan, capture_previous
 from controlplane.errors import OperationalError, RefusedError, UsageError
@@ -21,7 +21,7 @@ from controlplane.home import Home
 from controlplane.ids import parse_profile
 from controlplane.manifest import MANIFEST_PATH, ReleaseManifest, parse_manifest
 from controlplane.material import Material, ReleaseMaterial
-from controlplane.receipt import MalformedReceipt, Statement, open_receipt
+from controlplane.receipt import Statement
 from controlplane.transport.base import Transport
 
 Progress = Callable[[str], None]
@@ -114,12 +114,7 @@ def _connect(home: Home, target: str) -> Transport:
 
 def last_receipt(home: Home, kind: str, target: str) -> tuple[str, Statement] | None:
     """The newest receipt of ``kind`` for ``target`` with status ok (scanned from HEAD down)."""
-    head = ledger.read_head(home.receipts)
-    for seq in range(max(head.seq, ledger.max_file_seq(home.receipts)), 0, -1):
-        try:
-            statement = open_receipt(ledger.read(home.receipts, seq))[2]
-        except (OperationalError, MalformedReceipt):
-            continue
+    for seq, statement in auditlog.statements(home.receipts, newest_first=True):
         pred = statement.predicate
         if pred.kind == kind and pred.inputs.get("target") == target and pred.status == "ok":
             return str(seq), statement

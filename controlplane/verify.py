@@ -71,13 +71,8 @@ def _refuse(code: str, where: str, message: str, expected: Any = None, actual: A
 
 
 def _from_dir(directory: Path) -> Iterator[tuple[str, bytes | None]]:
-    last = max(ledger.max_file_seq(directory), ledger.read_head(directory).seq)
-    for seq in range(1, last + 1):
-        path = ledger.receipt_path(directory, seq)
-        try:
-            yield path.name, path.read_bytes()
-        except FileNotFoundError:
-            yield path.name, None
+    for seq, data in ledger.iter_stored(directory):
+        yield ledger.receipt_path(directory, seq).name, data
 
 
 def _from_bundle(bundle: Path) -> Iterator[tuple[str, bytes | None]]:
@@ -91,7 +86,9 @@ def _from_bundle(bundle: Path) -> Iterator[tuple[str, bytes | None]]:
                 yield f"{bundle.name}:{lineno}", line.rstrip(b"\n")
 
 
-def _check_one(where: str, data: bytes, trusted: TrustedKeys) -> tuple[Statement, str]:
+def check_receipt(where: str, data: bytes, trusted: TrustedKeys) -> tuple[Statement, str]:
+    """One receipt on its own: canonical bytes, trusted key, signature, then the statement.
+    Returns (statement, keyid); raises ``RefusedError`` with the receipt's failure code."""
     try:
         envelope, payload = open_envelope(data)
     except MalformedReceipt as exc:
@@ -150,7 +147,7 @@ def verify(
         seq = report.count + 1
         if data is None:
             raise _refuse("receipt-missing", where, f"receipt #{seq} is missing", f"#{seq}", "no file")
-        statement, keyid = _check_one(where, data, trusted)
+        statement, keyid = check_receipt(where, data, trusted)
         got = statement.predicate.seq
         if got < seq:
             raise _refuse(
@@ -208,6 +205,6 @@ def _peek_seq(item: tuple[str, bytes | None], trusted: TrustedKeys) -> int | Non
     if item[1] is None:
         return None
     try:
-        return _check_one(item[0], item[1], trusted)[0].predicate.seq
+        return check_receipt(item[0], item[1], trusted)[0].predicate.seq
     except RefusedError:
         return None

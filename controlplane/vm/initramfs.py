@@ -131,6 +131,16 @@ def build(rootfs: Path, kernel_version: str, cache: Path) -> Path:
     return out
 
 
+def for_rootfs(rootfs: Path, cache: Path) -> Path:
+    """The initramfs for an image's rootfs, for the newest kernel whose modules it ships.
+
+    Raises ``OperationalError('image-incomplete')`` when the rootfs has no kernel modules."""
+    versions = sorted(p.name for p in (rootfs / "lib" / "modules").glob("*") if p.is_dir())
+    if not versions:
+        raise OperationalError("image-incomplete", f"no kernel modules under {rootfs}/lib/modules")
+    return build(rootfs, versions[-1], cache)
+
+
 def _cpio(tree: Path, out: Path) -> None:
     import subprocess
 

@@ -210,11 +210,7 @@ def seed_initrd(request: BootRequest) -> Path:
     """The qemu backend's busybox initramfs (``vm.initramfs``): the image's own initrd knows
     nothing of the fw_cfg seed, so without this the guest would have no SSH keys.
     Raises ``OperationalError`` (``image-incomplete``, ``tool-missing``)."""
-    rootfs = request.image.rootfs
-    versions = sorted(p.name for p in (rootfs / "lib" / "modules").glob("*") if p.is_dir())
-    if not versions:
-        raise OperationalError("image-incomplete", f"no kernel modules under {rootfs}/lib/modules")
-    return initramfs.build(rootfs, versions[-1], request.home.cache / "initramfs")
+    return initramfs.for_rootfs(request.image.rootfs, request.home.cache / "initramfs")
 
 
 def _qemu_pid(name: str) -> int | None:

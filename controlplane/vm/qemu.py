@@ -128,8 +128,7 @@ class QemuBackend:
         (state / "seed.tar").write_bytes(request.seed.tar())
         (state / "seed.tar").chmod(0o600)
         cache = request.home.cache / "initramfs"
-        kernel_version = _kernel_version(request.image.rootfs)
-        initrd = initramfs.build(request.image.rootfs, kernel_version, cache)
+        initrd = initramfs.for_rootfs(request.image.rootfs, cache)
         t0 = time.monotonic()
         accel = probe_accel(request.image.kernel, initramfs.BUSYBOX, probe_cache())
         probe_s = round(time.monotonic() - t0, 3)
@@ -206,13 +205,6 @@ def probe_cache() -> Path:
     path = Path("/var/tmp/avm-accel-probe") / boot_id
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _kernel_version(rootfs: Path) -> str:
-    versions = sorted(p.name for p in (rootfs / "lib" / "modules").iterdir())
-    if not versions:
-        raise OperationalError("image-incomplete", f"no kernel modules under {rootfs}/lib/modules")
-    return versions[-1]
 
 
 def _qmp_powerdown(sock_path: Path) -> bool:
