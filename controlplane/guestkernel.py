@@ -17,8 +17,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from controlplane.atomicfile import write_atomic
 from controlplane.errors import CommandFailed, OperationalError
-from controlplane.signing import write_atomic
 
 SOURCE = Path("/usr/src/linux-source-6.1.tar.xz")
 FRAGMENT = Path(__file__).resolve().parent.parent / "images" / "guest-kernel.config"

@@ -22,10 +22,11 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from controlplane import cosign
+from controlplane.atomicfile import write_atomic
 from controlplane.errors import AvmError, RefusedError
 from controlplane.home import Home
 from controlplane.ocistore import store_dir
-from controlplane.signing import trusted_keys, write_atomic
+from controlplane.signing import trusted_keys
 
 SIG_TYPE = "cosign container image signature"
 

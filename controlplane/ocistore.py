@@ -22,9 +22,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from controlplane.atomicfile import write_atomic
 from controlplane.errors import RefusedError, UsageError
 from controlplane.home import Home
-from controlplane.signing import write_atomic
 
 REF_NAME = "org.opencontainers.image.ref.name"
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"

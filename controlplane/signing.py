@@ -19,10 +19,10 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 from controlplane import cosign, evidence, git
+from controlplane.atomicfile import write_atomic
 from controlplane.bundle import Bundle
 from controlplane.bundle import build as build_bundle
 from controlplane.errors import OperationalError, RefusedError, UsageError
@@ -65,22 +65,6 @@ class SignedRelease:
     sig_path: Path  # <sha>.sig (cosign verify-blob --signature)
     bundle_path: Path | None
     receipt_id: str | None
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write via a temporary file in the same directory, fsync, then rename over ``path``."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from controlplane.atomicfile import write_atomic
 from controlplane.errors import CommandTimeout, OperationalError
 from controlplane.transport.base import RunResult, masked
 
@@ -55,19 +54,7 @@ class LocalTransport:
         )
 
     def put(self, data: bytes, path: str, mode: int = 0o644) -> None:
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, mode)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(Path(path), data, mode, parent_mode=0o755)
 
     def get(self, path: str) -> bytes:
         try:
