@@ -10,12 +10,12 @@ import dataclasses
 import time
 from collections.abc import Callable, Mapping
 
-from controlplane import hostops
-from controlplane.errors import OperationalError
+from controlplane import hostops, unitcheck
+from controlplane.errors import AvmError, OperationalError
 from controlplane.evidence import Step
-from controlplane.facts import HostFacts
+from controlplane.facts import UNIT_TEMPLATE, HostFacts, gather
 from controlplane.material import Material, ProfileMaterial
-from controlplane.plan import Plan
+from controlplane.plan import RELOAD_REASON, Plan
 from controlplane.transport.base import Transport
 
 Progress = Callable[[str], None]
@@ -24,10 +24,15 @@ FILE_KINDS = ("write-env", "write-policy", "write-dropin")
 
 @dataclasses.dataclass(frozen=True)
 class Previous:
-    """What a profile had before this apply: enough to put it back exactly."""
+    """What a profile had before this apply: enough to put it back exactly.
+
+    Credential bytes are held in memory only, to restore them; they are never recorded.
+    """
 
     current: str | None
     files: dict[str, bytes | None]  # action kind -> previous bytes (None: absent)
+    user: bool = True  # the profile's user existed before this apply
+    credentials: dict[str, bytes | None] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -35,10 +40,22 @@ class Outcome:
     healthy: list[str] = dataclasses.field(default_factory=list)
     rolled_back: list[str] = dataclasses.field(default_factory=list)
     skipped: list[str] = dataclasses.field(default_factory=list)
+    changed: list[str] = dataclasses.field(default_factory=list)  # profiles this apply wrote to
+    undone: list[str] = dataclasses.field(default_factory=list)  # put back after a failure
+    units: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)  # observed properties
 
     @property
     def ok(self) -> bool:
         return not self.rolled_back and not self.skipped
+
+
+def _read(host: Transport, path: str) -> bytes | None:
+    try:
+        return host.get(path)
+    except OperationalError as exc:
+        if exc.code == "remote-file-missing":
+            return None
+        raise
 
 
 def capture_previous(host: Transport, material: Material, facts: HostFacts) -> dict[str, Previous]:
@@ -50,7 +67,13 @@ def capture_previous(host: Transport, material: Material, facts: HostFacts) -> d
         for kind in FILE_KINDS:
             digest = getattr(have, kind.removeprefix("write-"), None) if have else None
             files[kind] = host.get(hostops.profile_file(kind, prof.name)[0]) if digest else None
-        out[prof.name] = Previous(current=have.current if have else None, files=files)
+        creds = {name: _read(host, hostops.credential_path(prof.name, name)) for name, _ in prof.secret_refs}
+        out[prof.name] = Previous(
+            current=have.current if have else None,
+            files=files,
+            user=bool(have and have.user),
+            credentials=creds,
+        )
     return out
 
 
@@ -66,13 +89,44 @@ def apply_plan(
     """Run ``plan``. ``credentials`` maps profile -> credential name -> secret value; values
     are written to the host (0600) and never recorded."""
     outcome = Outcome()
-    creds = credentials or {}
+    unit_before: list[bytes | None] = []  # the template before this apply, once it was replaced
+    try:
+        _run(host, plan, material, previous, step, progress, credentials or {}, outcome, unit_before)
+    except (Exception, KeyboardInterrupt) as exc:
+        _undo(host, material, previous, step, progress, outcome, unit_before, exc)
+        raise OperationalError(
+            "apply-failed",
+            f"the apply failed after changing {', '.join(outcome.changed) or 'no profile'}: "
+            + (exc.message if isinstance(exc, AvmError) else repr(exc)),
+            hint="every profile it changed was put back (see `undone` in the apply receipt); "
+            "fix the cause and promote again",
+            details={
+                "cause": exc.code if isinstance(exc, AvmError) else type(exc).__name__,
+                "changed": outcome.changed,
+                "undone": outcome.undone,
+            },
+        ) from exc
+    return outcome
+
+
+def _run(
+    host: Transport,
+    plan: Plan,
+    material: Material,
+    previous: dict[str, Previous],
+    step: Step,
+    progress: Progress,
+    creds: Mapping[str, Mapping[str, bytes]],
+    outcome: Outcome,
+    unit_before: list[bytes | None],
+) -> None:
     for action in plan.actions:
         if action.kind == "create-release":
             progress(f"create release {action.target[:12]} (write-once, verified per file)")
             step.command(hostops.create_release(host, material.releases[action.target]))
         elif action.kind == "install-unit":
             progress("install units/agent-gateway@.service")
+            unit_before.append(_read(host, UNIT_TEMPLATE) if action.actual else None)
             hostops.install_unit(host, material.unit)
             step.event("host.write", path="agent-gateway@.service", digest=action.expected)
     canaries = [p for p in material.profiles if p.canary and _touched(plan, p.name)]
@@ -97,7 +151,6 @@ def apply_plan(
                     _rollback(host, prof, previous[prof.name], step, progress, str(body))
                     outcome.rolled_back.append(prof.name)
                     outcome.healthy.remove(prof.name)
-    return outcome
 
 
 def _touched(plan: Plan, profile: str) -> bool:
@@ -115,7 +168,10 @@ def _apply_group(
     label: str,
     creds: Mapping[str, Mapping[str, bytes]],
 ) -> None:
-    reload_needed = any(a.kind in ("install-unit", "write-dropin") for a in plan.actions)
+    outcome.changed.extend(p.name for p in group if p.name not in outcome.changed)
+    reload_needed = any(
+        a.kind in ("install-unit", "write-dropin") or a.reason == RELOAD_REASON for a in plan.actions
+    )
     for prof in group:
         if creds.get(prof.name):
             paths = hostops.write_credentials(host, prof.name, creds[prof.name])
@@ -145,35 +201,144 @@ def _apply_group(
         else:
             _rollback(host, prof, previous[prof.name], step, progress, str(body.get("error", body)))
             outcome.rolled_back.append(prof.name)
+    _prove_units(host, [p for p in group if p.name in outcome.healthy], previous, step, progress, outcome)
+
+
+def _prove_units(
+    host: Transport,
+    group: list[ProfileMaterial],
+    previous: dict[str, Previous],
+    step: Step,
+    progress: Progress,
+    outcome: Outcome,
+) -> None:
+    """Read back what systemd loaded and runs for each healthy profile (one round trip): only
+    avm's unit files, the template's hardening in force, the process as the kernel sees it.
+    The properties observed are what ``avm status`` compares with; a gap rolls the profile back."""
+    if not group:
+        return
+    seen = gather(host, [p.name for p in group], [])
+    for prof in group:
+        unit = seen.unit(prof.name)
+        have = seen.profiles.get(prof.name)
+        gaps: list[str] = []
+        if unit is None:
+            gaps.append("unit not loaded")
+        else:
+            gaps += [f"foreign unit file {path}" for path in unitcheck.foreign_files(prof.name, unit)]
+            gaps += [
+                f"{k}={a!r} (template grants {e!r})" for k, e, a in unitcheck.hardening_gaps(prof.name, unit)
+            ]
+            uid = have.uid if have else None
+            gaps += [
+                f"main process {k}={a!r} (expected {e!r})"
+                for k, e, a in unitcheck.process_gaps(prof.name, unit, uid, hostops.release_dir(prof.release))
+            ]
+        step.check(
+            f"unit-effective:{prof.name}",
+            ok=not gaps,
+            detail="; ".join(gaps) or "only avm's files; hardening in force",
+        )
+        if gaps or unit is None:
+            _rollback(host, prof, previous[prof.name], step, progress, "; ".join(gaps))
+            outcome.rolled_back.append(prof.name)
+            outcome.healthy.remove(prof.name)
+        else:
+            outcome.units[prof.name] = unitcheck.recorded(unit)
 
 
 def _rollback(
     host: Transport, prof: ProfileMaterial, prev: Previous, step: Step, progress: Progress, why: str
 ) -> None:
-    """Put one profile back exactly as it was, and check that it came back."""
+    """Put one profile back exactly as it was, and check that it came back. Raises
+    ``OperationalError('rollback-unhealthy')`` when the previous release does not come back."""
     progress(f"{prof.name}: unhealthy ({why}); rolling back automatically")
     step.event("rollback.auto", profile=prof.name, reason=why, to=prev.current)
-    for kind, data in prev.files.items():
-        path, mode = hostops.profile_file(kind, prof.name)
-        if data is None:
-            host.run(["rm", "-f", path], timeout=30)
-        else:
-            host.put(data, path, mode=mode)
+    _restore_files(host, prof, prev)
     step.command(hostops.daemon_reload(host))
-    if prev.current is None:
-        step.command(hostops.stop(host, prof.name))
-        host.run(["rm", "-f", hostops.current_link(prof.name)], timeout=30)
-        step.check(f"rollback:{prof.name}", ok=True, detail="no previous release: unit stopped, link removed")
-        return
-    step.command(hostops.flip(host, prof.name, prev.current))
-    step.command(hostops.restart(host, prof.name))
-    commit = prev.current.rstrip("/").rsplit("/", 1)[-1]
-    ok, body, _ = hostops.health(host, prof.health, commit)
-    step.check(f"rollback:{prof.name}", ok=ok, detail=str(body))
+    ok, body = _restart_previous(host, prof, prev, step)
     if not ok:
+        commit = (prev.current or "").rstrip("/").rsplit("/", 1)[-1]
         raise OperationalError(
             "rollback-unhealthy",
             f"profile {prof.name} failed its health check and its previous release {commit[:12]} "
             f"did not come back healthy either: {body}",
             hint="inspect `journalctl -u agent-gateway@" + prof.name + "` on the host",
         )
+
+
+def _restore_files(host: Transport, prof: ProfileMaterial, prev: Previous) -> None:
+    for kind, data in prev.files.items():
+        path, mode = hostops.profile_file(kind, prof.name)
+        if data is None:
+            host.run(["rm", "-f", path], timeout=30)
+        else:
+            host.put(data, path, mode=mode)
+    for name, value in prev.credentials.items():
+        path = hostops.credential_path(prof.name, name)
+        if value is None:
+            host.run(["rm", "-f", path], timeout=30)
+        else:
+            host.put(value, path, mode=0o600)
+
+
+def _restart_previous(host: Transport, prof: ProfileMaterial, prev: Previous, step: Step) -> tuple[bool, str]:
+    """Point the profile back at its previous release (or stop it when it had none)."""
+    if prev.current is None:
+        step.command(hostops.stop(host, prof.name))
+        host.run(["rm", "-f", hostops.current_link(prof.name)], timeout=30)
+        step.check(f"rollback:{prof.name}", ok=True, detail="no previous release: unit stopped, link removed")
+        return True, "stopped"
+    step.command(hostops.flip(host, prof.name, prev.current))
+    step.command(hostops.restart(host, prof.name))
+    commit = prev.current.rstrip("/").rsplit("/", 1)[-1]
+    ok, body, _ = hostops.health(host, prof.health, commit)
+    step.check(f"rollback:{prof.name}", ok=ok, detail=str(body))
+    return ok, str(body)
+
+
+def _undo(
+    host: Transport,
+    material: Material,
+    previous: dict[str, Previous],
+    step: Step,
+    progress: Progress,
+    outcome: Outcome,
+    unit_before: list[bytes | None],
+    cause: BaseException,
+) -> None:
+    """After a failure mid-apply: put back every profile this apply changed, and the unit
+    template, exactly; record what was changed and what was undone. Never raises: a step that
+    cannot be undone is a failed check in the receipt."""
+    why = cause.message if isinstance(cause, AvmError) else repr(cause)
+    pending = [n for n in reversed(outcome.changed) if n not in outcome.rolled_back]
+    progress(f"apply failed ({why}); undoing {', '.join(pending) or 'nothing'}")
+    step.event("apply.failed", reason=why, changed=list(outcome.changed))
+    try:
+        if unit_before:
+            if unit_before[0] is None:
+                host.run(["rm", "-f", UNIT_TEMPLATE], timeout=30)
+            else:
+                host.put(unit_before[0], UNIT_TEMPLATE, mode=0o644)
+        for name in pending:
+            _restore_files(host, material.profile(name), previous[name])
+        host.run(["systemctl", "daemon-reload"], timeout=60)
+    except Exception as exc:  # keep undoing the rest; the receipt says what failed
+        step.check("undo:files", ok=False, detail=repr(exc))
+    for name in pending:
+        prof, prev = material.profile(name), previous[name]
+        step.event("rollback.auto", profile=name, reason=why, to=prev.current)
+        try:
+            ok, _ = _restart_previous(host, prof, prev, step)
+            if not prev.user:
+                step.command(hostops.remove_user(host, name))
+        except Exception as exc:
+            ok = False
+            step.check(f"rollback:{name}", ok=False, detail=repr(exc))
+        if ok:
+            outcome.undone.append(name)
+    outcome.healthy = [n for n in outcome.healthy if n not in outcome.undone]
+    step.result.update({"changed": list(outcome.changed), "undone": list(outcome.undone)})
+    step.non_claim(
+        "a release directory created by a failed apply stays: releases are write-once and verified"
+    )

@@ -31,6 +31,8 @@ class Bundle:
     data: bytes
     digest: str  # "sha256:<hex>" of data
     files: dict[str, str]  # relative path -> "sha256:<hex>" of the file content (regular files only)
+    symlinks: dict[str, str] = dataclasses.field(default_factory=dict)  # relative path -> target
+    executables: frozenset[str] = frozenset()  # regular files the commit marks 100755
 
 
 def _octal(value: int, width: int) -> bytes:
@@ -126,6 +128,7 @@ def build(repo: Path, sha: str) -> Bundle:
     blobs = git.cat_blobs(repo, [e.sha for e in entries])
     out = io.BytesIO()
     files: dict[str, str] = {}
+    symlinks: dict[str, str] = {}
     for entry, blob in zip(entries, blobs, strict=True):
         if blob is None or blob[0] != "blob":
             raise OperationalError(
@@ -138,11 +141,20 @@ def build(repo: Path, sha: str) -> Bundle:
         symlink = entry.kind == "symlink"
         mode = 0o755 if entry.mode == "100755" else 0o644
         out.write(_member(entry.path, mode=0o777 if symlink else mode, content=content, symlink=symlink))
-        if not symlink:
+        if symlink:
+            symlinks[entry.path] = content.decode("utf-8", "surrogateescape")
+        else:
             files[entry.path] = "sha256:" + hashlib.sha256(content).hexdigest()
     out.write(b"\0" * (2 * BLOCK))
     data = out.getvalue()
-    return Bundle(sha=sha, data=data, digest="sha256:" + hashlib.sha256(data).hexdigest(), files=files)
+    return Bundle(
+        sha=sha,
+        data=data,
+        digest="sha256:" + hashlib.sha256(data).hexdigest(),
+        files=files,
+        symlinks=symlinks,
+        executables=frozenset(e.path for e in entries if e.mode == "100755"),
+    )
 
 
 def _invalid(message: str) -> RefusedError:

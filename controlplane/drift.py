@@ -6,10 +6,13 @@ host. Every finding says where, what, and expected vs actual.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pydantic import BaseModel, ConfigDict
 
-from controlplane.facts import HostFacts
-from controlplane.plan import DesiredState, diff, release_tampered, unexpected_profiles
+from controlplane import releasecheck, unitcheck
+from controlplane.facts import PROFILES, HostFacts
+from controlplane.plan import DesiredState, diff, release_path, release_tampered, unexpected_profiles
 
 _WHAT = {
     "create-release": "release missing",
@@ -38,14 +41,111 @@ class DriftReport(BaseModel):
     target: str
     findings: tuple[Finding, ...]
     profiles: tuple[str, ...]
-    receipt: str | None  # the apply receipt the host was compared with
+    receipt: str | None  # the receipt the host was compared with
+    # "apply": the last good apply; "rollback-target": no good apply exists, so the state
+    # recorded before the last (failed) apply touched the host
+    baseline: str = "apply"
+    notes: tuple[str, ...] = ()
 
     @property
     def in_sync(self) -> bool:
         return not self.findings
 
 
-def find_drift(target: str, expected: DesiredState, facts: HostFacts, receipt: str | None) -> DriftReport:
+def _short(value: str | None) -> str | None:
+    return value if value is None or len(value) <= 200 else value[:197] + "..."
+
+
+def unit_findings(expected: DesiredState, facts: HostFacts) -> list[Finding]:
+    """What systemd loaded and runs for each profile, against avm's files, the template's
+    hardening and the properties the apply recorded (``unitcheck``)."""
+    out: list[Finding] = []
+    for want in expected.profiles:
+        unit = facts.unit(want.name)
+        if unit is None:
+            continue
+        name = unitcheck.unit_name(want.name)
+        for path, digest in unitcheck.foreign_files(want.name, unit).items():
+            out.append(
+                Finding(
+                    where=path,
+                    what=f"unit file avm did not write, loaded for {name}",
+                    expected=None,
+                    actual=digest,
+                )
+            )
+        if unit.need_reload:
+            out.append(
+                Finding(
+                    where=name,
+                    what="unit files changed on disk since systemd loaded them",
+                    expected="NeedDaemonReload=no",
+                    actual="NeedDaemonReload=yes",
+                )
+            )
+        gaps = unitcheck.hardening_gaps(want.name, unit)
+        for prop, granted, actual in gaps:
+            out.append(
+                Finding(
+                    where=f"{name} {prop}",
+                    what="hardening the unit template grants is not in force",
+                    expected=_short(granted),
+                    actual=_short(actual),
+                )
+            )
+        flagged = {prop for prop, _, _ in gaps}
+        for prop, was, now in unitcheck.property_drift(want.unit or {}, unit):
+            if prop not in flagged:
+                out.append(
+                    Finding(
+                        where=f"{name} {prop}",
+                        what="effective unit property differs from the apply",
+                        expected=_short(was),
+                        actual=_short(now),
+                    )
+                )
+        have = facts.profiles.get(want.name)
+        uid = have.uid if have else None
+        for key, exp, act in unitcheck.process_gaps(want.name, unit, uid, release_path(want.release)):
+            out.append(
+                Finding(
+                    where=f"{name} main process {key}",
+                    what="the running process is not the hardened unit",
+                    expected=exp,
+                    actual=act,
+                )
+            )
+    return out
+
+
+def layout_findings(expected: DesiredState, facts: HostFacts) -> list[Finding]:
+    """The directories above the releases and each profile's ``current`` link: root's alone."""
+    agent_uids = {p.uid: f"agent-{n}" for n, p in facts.profiles.items() if p.uid is not None}
+    problems = [
+        p
+        for path, info in sorted(facts.layout_meta.items())
+        for p in releasecheck.container(path, info, agent_uids)
+    ]
+    for want in expected.profiles:
+        have = facts.profiles.get(want.name)
+        if have is None:
+            continue
+        problems += releasecheck.container(f"{PROFILES}/{want.name}", have.dir_meta, agent_uids)
+        problems += releasecheck.container(
+            f"{PROFILES}/{want.name}/current", have.link_meta, agent_uids, kind="l"
+        )
+    return [Finding(where=w, what=what, expected=e, actual=a) for w, what, e, a in problems]
+
+
+def find_drift(
+    target: str,
+    expected: DesiredState,
+    facts: HostFacts,
+    receipt: str | None,
+    *,
+    baseline: str = "apply",
+    notes: tuple[str, ...] = (),
+) -> DriftReport:
     findings: list[Finding] = []
     for action in release_tampered(expected, facts):
         findings.append(
@@ -58,7 +158,7 @@ def find_drift(target: str, expected: DesiredState, facts: HostFacts, receipt: s
             action = action.model_copy(update={"reason": "unit not active"})
         where = action.target
         if action.kind == "create-release":
-            where = f"/opt/agent/releases/{action.target}"
+            where = release_path(action.target)
         findings.append(
             Finding(
                 where=where,
@@ -76,6 +176,8 @@ def find_drift(target: str, expected: DesiredState, facts: HostFacts, receipt: s
                 actual=facts.profiles[name].current,
             )
         )
+    findings += unit_findings(expected, facts)
+    findings += layout_findings(expected, facts)
     if facts.systemctl_error:
         findings.append(
             Finding(
@@ -90,4 +192,73 @@ def find_drift(target: str, expected: DesiredState, facts: HostFacts, receipt: s
         findings=tuple(findings),
         profiles=tuple(p.name for p in expected.profiles),
         receipt=receipt,
+        baseline=baseline,
+        notes=notes,
+    )
+
+
+def against_previous(
+    target: str,
+    previous: Mapping[str, str | None],
+    facts: HostFacts,
+    receipt: str,
+    *,
+    notes: tuple[str, ...] = (),
+) -> DriftReport:
+    """A host on which no apply ever succeeded, against the links recorded before the last one
+    touched it (``rollback-target``): each profile must be back where it was, its unit running
+    only if it had a release, and what runs must be avm's hardened unit."""
+    findings: list[Finding] = []
+    for name, link in sorted(previous.items()):
+        have = facts.profiles.get(name)
+        current = have.current if have else None
+        if current != link:
+            findings.append(
+                Finding(
+                    where=f"{PROFILES}/{name}/current",
+                    what="current link differs from before the failed apply",
+                    expected=link,
+                    actual=current,
+                )
+            )
+        unit = facts.unit(name)
+        active = unit is not None and unit.ActiveState == "active"
+        if active != (link is not None):
+            findings.append(
+                Finding(
+                    where=unitcheck.unit_name(name),
+                    what="unit state differs from before the failed apply",
+                    expected="active" if link else "not running",
+                    actual=unit.ActiveState if unit else "absent",
+                )
+            )
+        if unit is None:
+            continue
+        for path, digest in unitcheck.foreign_files(name, unit).items():
+            findings.append(
+                Finding(
+                    where=path,
+                    what=f"unit file avm did not write, loaded for {unit.Id}",
+                    expected=None,
+                    actual=digest,
+                )
+            )
+        if active and link:
+            uid = have.uid if have else None
+            for key, exp, act in unitcheck.process_gaps(name, unit, uid, link):
+                findings.append(
+                    Finding(
+                        where=f"{unit.Id} main process {key}",
+                        what="the running process is not the hardened unit",
+                        expected=exp,
+                        actual=act,
+                    )
+                )
+    return DriftReport(
+        target=target,
+        findings=tuple(findings),
+        profiles=tuple(sorted(previous)),
+        receipt=receipt,
+        baseline="rollback-target",
+        notes=notes,
     )

@@ -1,7 +1,9 @@
 """Tier-1 host facts: one argv, one round trip, one pure ``parse``.
 
-The gatherer is a short stdlib Python program run with the host's ``python3 -c`` (the golden
-image ships python3). It only reads: symlinks, file hashes, unit files and ``systemctl show``.
+The gatherer (``controlplane/scripts/gather_facts.py``, package data) is a stdlib Python
+program run with the host's ``python3 -c`` (the golden image ships python3). It only reads:
+every release entry (``lstat``: type, mode, owner, content), the layout's ownership, every unit
+file and drop-in systemd loaded for each profile, and the effective unit properties.
 Facts decide nothing; ``controlplane.plan`` compares them with what is wanted.
 """
 
@@ -13,6 +15,7 @@ from collections.abc import Sequence
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from controlplane.errors import OperationalError
+from controlplane.transport.base import Transport
 
 AGENT_ROOT = "/opt/agent"
 RELEASES = f"{AGENT_ROOT}/releases"
@@ -21,69 +24,12 @@ ETC = "/etc/agent"
 UNIT_DIR = "/etc/systemd/system"
 UNIT_TEMPLATE = f"{UNIT_DIR}/agent-gateway@.service"
 
-# Runs on the host. Reads only; prints one JSON document. Kept dependency-free on purpose.
-_GATHER = r"""
-import hashlib, json, os, pwd, subprocess, sys
-req = json.loads(sys.argv[1])
-R, P, E, U = req["releases"], req["profiles_dir"], req["etc"], req["unit_dir"]
-def digest(path):
-    try:
-        with open(path, "rb") as fh:
-            return "sha256:" + hashlib.sha256(fh.read()).hexdigest()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-def tree(root):
-    out = {}
-    for base, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in sorted(files):
-            full = os.path.join(base, name)
-            rel = os.path.relpath(full, root)
-            out[rel] = "symlink:" + os.readlink(full) if os.path.islink(full) else digest(full)
-    return out
-names = set(req["profiles"])
-if os.path.isdir(P):
-    names |= set(os.listdir(P))
-profiles, wanted = {}, set(req["releases_wanted"])
-for name in sorted(names):
-    link = os.path.join(P, name, "current")
-    target = os.readlink(link) if os.path.islink(link) else None
-    if target:
-        wanted.add(os.path.basename(target.rstrip("/")))
-    try:
-        pwd.getpwnam("agent-" + name)
-        user = True
-    except KeyError:
-        user = False
-    profiles[name] = {
-        "current": target,
-        "env": digest(os.path.join(E, name + ".env")),
-        "policy": digest(os.path.join(E, name + ".policy.json")),
-        "dropin": digest(os.path.join(U, "agent-gateway@" + name + ".service.d", "avm.conf")),
-        "user": user,
-    }
-releases = {}
-for sha in sorted(wanted):
-    path = os.path.join(R, sha)
-    if os.path.isdir(path):
-        releases[sha] = tree(path)
-units, systemctl_error = {}, None
-if profiles:
-    ids = ["agent-gateway@" + n + ".service" for n in sorted(profiles)]
-    try:
-        proc = subprocess.run(["systemctl", "show", "--no-pager", "-p", "Id,ActiveState,SubState,NRestarts",
-                               *ids], capture_output=True, text=True, timeout=30)
-        blocks = proc.stdout.strip().split("\n\n")
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        blocks, systemctl_error = [], str(exc)
-    for block in blocks:
-        kv = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
-        if kv.get("Id"):
-            units[kv["Id"]] = kv
-print(json.dumps({"unit_template": digest(os.path.join(U, "agent-gateway@.service")),
-                  "profiles": profiles, "releases": releases, "units": units,
-                  "systemctl_error": systemctl_error}))
-"""
+
+def _gatherer() -> str:
+    """The gatherer's source (package data: controlplane/scripts/gather_facts.py)."""
+    from importlib.resources import files
+
+    return files("controlplane").joinpath("scripts/gather_facts.py").read_text(encoding="utf-8")
 
 
 class ProfileFacts(BaseModel):
@@ -94,25 +40,44 @@ class ProfileFacts(BaseModel):
     policy: str | None
     dropin: str | None
     user: bool
+    uid: int | None = None
+    link_meta: str | None = None  # "TYPE MODE UID GID" of the current link (lstat)
+    dir_meta: str | None = None  # the same for /opt/agent/profiles/<name>
 
 
 class UnitFacts(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    """One profile's unit as systemd loaded it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     Id: str
     ActiveState: str = "unknown"
     SubState: str = "unknown"
     NRestarts: str = "0"
+    need_reload: bool = False  # unit files changed on disk since systemd loaded them
+    fragment: str = ""
+    files: dict[str, str | None] = Field(default_factory=dict)  # every loaded file -> sha256
+    properties: dict[str, str] = Field(default_factory=dict)  # effective, runtime fields removed
+    credentials: tuple[str, ...] = ()  # LoadCredential=/SetCredential= lines of the loaded files
+    # the main process as the kernel sees it (/proc/PID/status fields and cwd); None: not running
+    process: dict[str, str] | None = None
 
 
 class HostFacts(BaseModel):
-    """What the host looks like now. ``releases`` maps sha -> {relative path: sha256:... or symlink:...}."""
+    """What the host looks like now.
+
+    ``releases`` maps sha -> {relative path: sha256:... | symlink:TARGET | special} for every
+    non-directory entry; ``release_meta`` maps sha -> {relative path: "TYPE MODE UID GID"} for
+    every entry, directories and the release root (".") included.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     unit_template: str | None
     profiles: dict[str, ProfileFacts] = Field(default_factory=dict)
     releases: dict[str, dict[str, str | None]] = Field(default_factory=dict)
+    release_meta: dict[str, dict[str, str]] = Field(default_factory=dict)
+    layout_meta: dict[str, str | None] = Field(default_factory=dict)
     units: dict[str, UnitFacts] = Field(default_factory=dict)
     systemctl_error: str | None = None
 
@@ -133,7 +98,7 @@ def gather_argv(profiles: Sequence[str] = (), releases: Sequence[str] = (), *, p
         "etc": prefix + ETC,
         "unit_dir": prefix + UNIT_DIR,
     }
-    return ["python3", "-c", _GATHER, json.dumps(request, sort_keys=True)]
+    return ["python3", "-c", _gatherer(), json.dumps(request, sort_keys=True)]
 
 
 def parse(stdout: str) -> HostFacts:
@@ -147,3 +112,11 @@ def parse(stdout: str) -> HostFacts:
             hint="the host may lack python3 or run an incompatible gatherer; nothing was changed",
             details={"stdout_head": stdout[:500]},
         ) from exc
+
+
+def gather(host: Transport, profiles: Sequence[str], releases: Sequence[str]) -> HostFacts:
+    """All Tier-1 facts of the host in one round trip."""
+    result = host.run(gather_argv(profiles, releases), timeout=120).check(
+        hint="the facts gatherer failed on the host; nothing was changed"
+    )
+    return parse(result.stdout)

@@ -42,7 +42,7 @@ with tarfile.open(tar_path) as tar:
             os.chmod(dest, 0o555 if m.mode & 0o111 else 0o444)
 got = {}
 for base, dirs, files in os.walk(tmp):
-    for name in files:
+    for name in files + [d for d in dirs if os.path.islink(os.path.join(base, d))]:
         full = os.path.join(base, name)
         rel = os.path.relpath(full, tmp)
         if os.path.islink(full):
@@ -152,15 +152,24 @@ def write_profile_file(host: Transport, kind: str, profile: str, data: bytes) ->
     return path
 
 
+def credential_path(profile: str, name: str) -> str:
+    return f"{ETC}/credentials/{profile}/{name}"
+
+
 def write_credentials(host: Transport, profile: str, values: Mapping[str, bytes]) -> list[str]:
     """Write secret values as systemd credential files (root-only, 0600). Returns the paths."""
-    directory = f"{ETC}/credentials/{profile}"
-    host.run(["mkdir", "-p", "-m", "0700", directory], timeout=30).check()
+    host.run(["mkdir", "-p", "-m", "0700", f"{ETC}/credentials/{profile}"], timeout=30).check()
     paths = []
     for name, value in sorted(values.items()):
-        host.put(value, f"{directory}/{name}", mode=0o600)
-        paths.append(f"{directory}/{name}")
+        path = credential_path(profile, name)
+        host.put(value, path, mode=0o600)
+        paths.append(path)
     return paths
+
+
+def remove_user(host: Transport, profile: str) -> RunResult:
+    """Remove a profile user that a failed apply created (its unit is stopped by then)."""
+    return host.run(["userdel", f"agent-{profile}"], timeout=60)
 
 
 def flip(host: Transport, profile: str, target: str) -> RunResult:

@@ -24,8 +24,9 @@ class HealthCheck:
 class ReleaseMaterial:
     sha: str
     bundle: bytes  # the deterministic tar of the exact commit
-    files: dict[str, str]  # relative path -> sha256:... (what the release dir must hold)
+    files: dict[str, str]  # relative path -> sha256:... or symlink:TARGET (what the release dir must hold)
     bundle_digest: str
+    executables: tuple[str, ...] = ()  # files unpacked 0555 (the others 0444)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,7 @@ class Material:
         return DesiredState(
             unit_template=sha256_digest(self.unit),
             releases={sha: dict(rel.files) for sha, rel in self.releases.items()},
+            release_exec={sha: rel.executables for sha, rel in self.releases.items()},
             profiles=tuple(
                 DesiredProfile(
                     name=p.name,

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from controlplane import unitcheck
 from controlplane.canonical import canonical_bytes, domain_digest
 from controlplane.facts import PROFILES, RELEASES, HostFacts
 
@@ -37,6 +38,8 @@ class DesiredProfile(BaseModel):
     policy: str  # sha256:... of the runtime policy file
     dropin: str  # sha256:... of the per-profile unit drop-in
     canary: bool = False
+    # effective unit properties the apply observed after restarting the unit (None: not recorded)
+    unit: dict[str, str] | None = None
 
 
 class DesiredState(BaseModel):
@@ -45,6 +48,8 @@ class DesiredState(BaseModel):
     unit_template: str  # sha256:... of units/agent-gateway@.service
     releases: dict[str, dict[str, str | None]]  # sha -> {path: sha256:...}: the write-once content
     profiles: tuple[DesiredProfile, ...]
+    # sha -> the files unpacked executable (0555); a release absent here predates the record
+    release_exec: dict[str, tuple[str, ...]] = Field(default_factory=dict)
 
 
 class Action(BaseModel):
@@ -72,6 +77,10 @@ class Plan(BaseModel):
 
     def restarts(self) -> list[str]:
         return [a.target for a in self.actions if a.kind == "restart"]
+
+
+# a restart with this reason runs `systemctl daemon-reload` first
+RELOAD_REASON = "unit files changed on disk since systemd loaded them"
 
 
 def release_path(sha: str) -> str:
@@ -137,8 +146,19 @@ def diff(desired: DesiredState, facts: HostFacts) -> Plan:
         unit = facts.unit(want.name)
         active = unit is not None and unit.ActiveState == "active"
         template_changed = facts.unit_template != desired.unit_template
-        if changed or template_changed or not active:
-            reason = "configuration changed" if (changed or template_changed) else "unit not active"
+        stale = None
+        if unit is not None and unit.need_reload:
+            stale = RELOAD_REASON
+        elif unit is not None and unitcheck.process_gaps(
+            want.name, unit, have.uid if have else None, release_path(want.release)
+        ):
+            stale = "the running process is not the hardened unit"
+        if changed or template_changed or not active or stale:
+            reason = (
+                "configuration changed"
+                if (changed or template_changed)
+                else ("unit not active" if not active else str(stale))
+            )
             changed.append(
                 Action(
                     kind="restart",
@@ -153,12 +173,21 @@ def diff(desired: DesiredState, facts: HostFacts) -> Plan:
 
 
 def release_tampered(desired: DesiredState, facts: HostFacts) -> list[Action]:
-    """Files of a release that exist on the host but differ from what was signed."""
+    """Entries of a release on the host that differ from what was signed: content, type,
+    mode, owner, or an entry the signed list does not have (``releasecheck``)."""
+    from controlplane import releasecheck
+
     found: list[Action] = []
+    agent_uids = {p.uid: f"agent-{name}" for name, p in facts.profiles.items() if p.uid is not None}
     for sha, want_files in sorted(desired.releases.items()):
         have_files = facts.releases.get(sha)
         if have_files is None:
             continue
+        exe = desired.release_exec.get(sha)
+        for where, what, want, have in releasecheck.entries(
+            release_path(sha), want_files, exe, facts.release_meta.get(sha, {}), agent_uids
+        ):
+            found.append(Action(kind="create-release", target=where, reason=what, expected=want, actual=have))
         for path in sorted(set(want_files) | set(have_files)):
             want, have = want_files.get(path), have_files.get(path)
             if want != have:
@@ -168,7 +197,7 @@ def release_tampered(desired: DesiredState, facts: HostFacts) -> list[Action]:
                         target=f"{release_path(sha)}/{path}",
                         reason="release file differs from the signed bundle"
                         if want and have
-                        else ("release file missing" if want else "unexpected file in release"),
+                        else ("release file missing" if want else "unexpected entry in release (not signed)"),
                         expected=want,
                         actual=have,
                     )

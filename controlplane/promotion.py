@@ -13,7 +13,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from controlplane import auditlog, evidence, facts, governance_gate, hostlock, inventory, plan, render
+from controlplane import (
+    auditlog,
+    evidence,
+    facts,
+    governance_gate,
+    hostlock,
+    inventory,
+    plan,
+    render,
+    unitcheck,
+)
 from controlplane import secrets as secret_store
 from controlplane.apply import apply_plan, capture_previous
 from controlplane.errors import OperationalError, RefusedError, UsageError
@@ -94,16 +104,17 @@ def verify_release(home: Home, repo: Path, ref: str, step: evidence.Step, progre
     signing.verify_artifacts(manifest, built)
     step.event("gate.decision", gate="pinned-digests", outcome="pass", artifacts=len(manifest.artifacts))
     progress(f"verified signature ({keyid[:19]}) and {len(manifest.artifacts)} pinned artifact digest(s)")
-    release = ReleaseMaterial(sha=sha, bundle=built.data, files=dict(built.files), bundle_digest=built.digest)
+    release = ReleaseMaterial(
+        sha=sha,
+        bundle=built.data,
+        files={**built.files, **{path: f"symlink:{to}" for path, to in built.symlinks.items()}},
+        bundle_digest=built.digest,
+        executables=tuple(sorted(built.executables)),
+    )
     return Verified(sha=sha, manifest=manifest, release=release, keyid=keyid)
 
 
-def gather(host: Transport, profiles: Sequence[str], releases: Sequence[str]) -> facts.HostFacts:
-    """All Tier-1 facts of the host in one round trip."""
-    result = host.run(facts.gather_argv(profiles, releases), timeout=120).check(
-        hint="the facts gatherer failed on the host; nothing was changed"
-    )
-    return facts.parse(result.stdout)
+gather = facts.gather  # all Tier-1 facts of a host in one round trip
 
 
 def _connect(home: Home, target: str) -> Transport:
@@ -129,19 +140,57 @@ def recorded_state(home: Home, target: str) -> tuple[str, plan.DesiredState] | N
     return found[0], plan.DesiredState.model_validate(found[1].predicate.result["host_state"])
 
 
+def _refuse_unsafe_host(target: str, sha: str, desired: plan.DesiredState, seen: facts.HostFacts) -> None:
+    """Refuse to plan onto a tampered release or a unit avm does not fully own (exit 3)."""
+    tampered = plan.release_tampered(desired, seen)
+    if tampered:
+        raise RefusedError(
+            "release-tampered",
+            f"release {sha[:12]} on {target} differs from the signed bundle "
+            f"({len(tampered)} entr(y/ies), e.g. {tampered[0].target}: {tampered[0].reason})",
+            hint="releases are write-once: investigate the host; avm will not overwrite it",
+            details={"files": [a.target for a in tampered[:20]]},
+        )
+    foreign = {
+        path: p.name
+        for p in desired.profiles
+        if (unit := seen.unit(p.name)) is not None
+        for path in unitcheck.foreign_files(p.name, unit)
+    }
+    if foreign:
+        raise RefusedError(
+            "unit-foreign-files",
+            f"systemd on {target} loads unit files avm did not write: " + ", ".join(sorted(foreign)),
+            hint="an override can change the user, sandbox or code of the agent; remove it, run "
+            "`systemctl daemon-reload`, and promote again",
+            details={"files": foreign},
+        )
+
+
 def _merge_state(
-    prior: plan.DesiredState | None, material: Material, rolled_back: Sequence[str], skipped: Sequence[str]
+    prior: plan.DesiredState | None,
+    material: Material,
+    rolled_back: Sequence[str],
+    skipped: Sequence[str],
+    units: dict[str, dict[str, str]],
 ) -> plan.DesiredState:
-    """The host state after this apply: untouched profiles as before, promoted ones as new."""
+    """The host state after this apply: untouched profiles as before, promoted ones as new,
+    each with the effective unit properties the apply observed."""
     new = material.desired()
     keep = {p.name: p for p in (prior.profiles if prior else ())}
     for prof in new.profiles:
         if prof.name not in rolled_back and prof.name not in skipped:
-            keep[prof.name] = prof
+            keep[prof.name] = prof.model_copy(update={"unit": units.get(prof.name)})
     profiles = tuple(sorted(keep.values(), key=lambda p: p.name))
     pool = {**(prior.releases if prior else {}), **new.releases}
+    exe = {**(prior.release_exec if prior else {}), **new.release_exec}
     releases = {p.release: pool[p.release] for p in profiles if p.release in pool}
-    return plan.DesiredState(unit_template=new.unit_template, releases=releases, profiles=profiles)
+    return plan.DesiredState(
+        unit_template=new.unit_template,
+        releases=releases,
+        profiles=profiles,
+        release_exec={sha: exe[sha] for sha in releases if sha in exe},
+    )
 
 
 def _secret_values(home: Home, material: Material) -> dict[str, dict[str, bytes]]:
@@ -184,24 +233,16 @@ def run(
         host = _connect(home, target)
         desired = material.desired()
         names = [p.name for p in material.profiles]
-        host_facts = gather(host, names, list(desired.releases))
-        tampered = plan.release_tampered(desired, host_facts)
-        if tampered:
-            raise RefusedError(
-                "release-tampered",
-                f"release {verified.sha[:12]} on {target} differs from the signed bundle "
-                f"({len(tampered)} file(s), e.g. {tampered[0].target})",
-                hint="releases are write-once: investigate the host; avm will not overwrite it",
-                details={"files": [a.target for a in tampered[:20]]},
-            )
-        the_plan = plan.diff(desired, host_facts)
-        step.subject("plan", the_plan.digest)
-        step.result.update(
-            {"plan_digest": the_plan.digest, "actions": [a.model_dump() for a in the_plan.actions]}
-        )
-        step.observe("host_facts", host_facts.model_dump(mode="json"))
-        needed = governance_gate.approvers_needed(profile_tiers)[0]
         try:
+            host_facts = gather(host, names, list(desired.releases))
+            _refuse_unsafe_host(target, verified.sha, desired, host_facts)
+            the_plan = plan.diff(desired, host_facts)
+            step.subject("plan", the_plan.digest)
+            step.result.update(
+                {"plan_digest": the_plan.digest, "actions": [a.model_dump() for a in the_plan.actions]}
+            )
+            step.observe("host_facts", host_facts.model_dump(mode="json"))
+            needed = governance_gate.approvers_needed(profile_tiers)[0]
             approved = (
                 governance_gate.check_approvals(home, profile_tiers, the_plan.digest, step, apply=apply)
                 if not the_plan.empty
@@ -286,7 +327,9 @@ def _apply(
                 outcome.rolled_back,
                 outcome.skipped,
             )
-            state = _merge_state(prior[1] if prior else None, material, outcome.rolled_back, outcome.skipped)
+            state = _merge_state(
+                prior[1] if prior else None, material, outcome.rolled_back, outcome.skipped, outcome.units
+            )
             step.result.update(
                 {
                     "healthy": outcome.healthy,

@@ -6,43 +6,97 @@ Exit 0 in sync, 2 drift, 1 error. It never writes to the host; it records a ``st
 
 from __future__ import annotations
 
-from controlplane import auditevents, evidence, inventory
+from controlplane import auditevents, auditlog, drift, evidence, inventory
 from controlplane.drift import DriftReport, find_drift
 from controlplane.errors import OperationalError
+from controlplane.facts import gather
 from controlplane.home import Home
-from controlplane.promotion import gather, recorded_state
+from controlplane.plan import DesiredState
+from controlplane.receipt import Statement
 
 
 def check(home: Home, target: str) -> DriftReport:
-    """Raises ``OperationalError('nothing-applied')`` when no apply was ever recorded for target."""
+    """Compare the live host with the last good apply, or, when no apply ever succeeded, with
+    the rollback target recorded before the last apply touched the host. Raises
+    ``OperationalError('nothing-applied')`` when nothing was ever applied or attempted on target."""
     from controlplane.transport import connect
 
-    recorded = recorded_state(home, target)
-    if recorded is None:
+    baseline = _baseline(home, target)
+    if baseline is None:
         raise OperationalError(
             "nothing-applied",
-            f"no successful apply is recorded for {target}; there is nothing to compare with",
+            f"no apply is recorded for {target}; there is nothing to compare with",
             hint=f"promote first: avm promote --repo PATH --commit SHA --target {target} --apply",
         )
-    receipt_id, expected = recorded
+    receipt_id, expected, notes = baseline
+    kind = "apply" if isinstance(expected, DesiredState) else "rollback-target"
     with evidence.record_step(home, "status", inputs={"target": target, "against": receipt_id}) as step:
-        step.subject("apply-receipt", _receipt_digest(home, receipt_id))
+        step.subject(f"{kind}-receipt", _receipt_digest(home, receipt_id))
+        if isinstance(expected, DesiredState):
+            names, releases = [p.name for p in expected.profiles], list(expected.releases)
+        else:
+            names = sorted(expected)
+            releases = sorted({link.rstrip("/").rsplit("/", 1)[-1] for link in expected.values() if link})
         host = connect(inventory.load(home, target))
         try:
-            facts = gather(host, [p.name for p in expected.profiles], list(expected.releases))
-            # gateway audit events (tool denials, refusals) since that apply, into this receipt
+            facts = gather(host, names, releases)
+            # gateway audit events (tool denials, refusals) since that receipt, into this one
             since = _receipt_started(home, receipt_id)
-            for event in auditevents.gateway_events(host, [p.name for p in expected.profiles], since):
+            for event in auditevents.gateway_events(host, names, since):
                 step.event(event.pop("type"), **event)
         finally:
             host.close()
-        report = find_drift(target, expected, facts, receipt_id)
+        if isinstance(expected, DesiredState):
+            report = find_drift(target, expected, facts, receipt_id, notes=notes)
+        else:
+            report = drift.against_previous(target, expected, facts, receipt_id, notes=notes)
         step.event(
             "alignment.check", in_sync=report.in_sync, findings=len(report.findings), against=receipt_id
         )
-        step.result.update({"in_sync": report.in_sync, "findings": [f.model_dump() for f in report.findings]})
+        step.result.update(
+            {
+                "in_sync": report.in_sync,
+                "baseline": report.baseline,
+                "notes": list(notes),
+                "findings": [f.model_dump() for f in report.findings],
+            }
+        )
         step.non_claim("read-only: nothing was written to the host")
     return report
+
+
+def _baseline(
+    home: Home, target: str
+) -> tuple[str, DesiredState | dict[str, str | None], tuple[str, ...]] | None:
+    """(receipt id, expected, notes) to compare with: the state the last good apply left, or
+    the links recorded before the last (failed) apply when none ever succeeded."""
+    newest_apply: tuple[int, Statement] | None = None
+    for seq, statement in auditlog.statements(home.receipts, newest_first=True):
+        pred = statement.predicate
+        if pred.inputs.get("target") != target:
+            continue
+        if pred.kind == "apply":
+            if pred.status == "ok":
+                notes: tuple[str, ...] = ()
+                if newest_apply is not None:
+                    failed = newest_apply[1].predicate
+                    code = (failed.error or {}).get("code", failed.status)
+                    notes = (
+                        f"the last apply (#{newest_apply[0]}) ended {failed.status} ({code}); "
+                        f"compared with the last good apply #{seq}",
+                    )
+                return str(seq), DesiredState.model_validate(pred.result["host_state"]), notes
+            newest_apply = newest_apply or (seq, statement)
+        elif pred.kind == "rollback-target" and newest_apply is not None and pred.status == "ok":
+            failed = newest_apply[1].predicate
+            code = (failed.error or {}).get("code", failed.status)
+            previous: dict[str, str | None] = pred.result.get("previous", {})
+            note = (
+                f"no apply to {target} ever succeeded; the last one (#{newest_apply[0]}) ended "
+                f"{failed.status} ({code}); compared with the state recorded before it (#{seq})"
+            )
+            return str(seq), previous, (note,)
+    return None
 
 
 def _receipt_digest(home: Home, receipt_id: str) -> str:

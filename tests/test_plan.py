@@ -39,6 +39,19 @@ def desired(release: str = SHA2, canary_first: bool = False) -> DesiredState:
     )
 
 
+def hardened_unit(profile: str, state: str = "active", **changes: str) -> UnitFacts:
+    """A unit as systemd reports it with only avm's files loaded and the template's hardening."""
+    from controlplane import unitcheck
+
+    props = {k: v.format(user=f"agent-{profile}") for k, v in unitcheck.HARDENING.items()} | changes
+    return UnitFacts(
+        Id=f"agent-gateway@{profile}.service",
+        ActiveState=state,
+        files=dict.fromkeys(unitcheck.avm_files(profile), D["unit"]),
+        properties=props,
+    )
+
+
 def in_sync(release: str = SHA2) -> HostFacts:
     prof = ProfileFacts(
         current=release_path(release), env=D["env"], policy=D["policy"], dropin=D["dropin"], user=True
@@ -47,10 +60,7 @@ def in_sync(release: str = SHA2) -> HostFacts:
         unit_template=D["unit"],
         profiles={"zeta": prof, "alpha": prof},
         releases={release: {"app.py": D["a.py"]}},
-        units={
-            f"agent-gateway@{n}.service": UnitFacts(Id=f"agent-gateway@{n}.service", ActiveState="active")
-            for n in ("zeta", "alpha")
-        },
+        units={f"agent-gateway@{n}.service": hardened_unit(n) for n in ("zeta", "alpha")},
     )
 
 

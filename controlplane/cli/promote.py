@@ -136,12 +136,13 @@ def _report_doc(report: DriftReport) -> dict[str, Any]:
 
 
 def _render_report(report: DriftReport) -> None:
+    against = f"{report.baseline} receipt #{report.receipt}"
+    for note in report.notes:
+        click.echo(f"note: {note}")
     if report.in_sync:
-        click.echo(
-            f"{report.target}: in sync with apply receipt #{report.receipt} ({', '.join(report.profiles)})"
-        )
+        click.echo(f"{report.target}: in sync with {against} ({', '.join(report.profiles)})")
         return
-    click.echo(f"{report.target}: DRIFT against apply receipt #{report.receipt}")
+    click.echo(f"{report.target}: DRIFT against {against}")
     click.echo(f"  {'where':<44} {'what':<38} expected -> actual")
     for f in report.findings:
         click.echo(f"  {f.where[:44]:<44} {f.what[:38]:<38} {f.expected or '-'} -> {f.actual or '-'}")
