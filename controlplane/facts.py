@@ -57,6 +57,7 @@ class UnitFacts(BaseModel):
     need_reload: bool = False  # unit files changed on disk since systemd loaded them
     fragment: str = ""
     files: dict[str, str | None] = Field(default_factory=dict)  # every loaded file -> sha256
+    on_disk: dict[str, str | None] = Field(default_factory=dict)  # what the next reload would load
     properties: dict[str, str] = Field(default_factory=dict)  # effective, runtime fields removed
     credentials: tuple[str, ...] = ()  # LoadCredential=/SetCredential= lines of the loaded files
     # the main process as the kernel sees it (/proc/PID/status fields and cwd); None: not running

@@ -1,10 +1,11 @@
 """What systemd really runs for a profile, judged three ways. Pure: facts in, findings out.
 
-1. **Loaded files.** avm writes exactly two files a profile's unit loads: the template
+1. **Unit files.** avm writes exactly two files a profile's unit loads: the template
    ``/etc/systemd/system/agent-gateway@.service`` and the drop-in
    ``agent-gateway@<p>.service.d/avm.conf``. Any other unit file or drop-in systemd loaded (in
    ``/etc``, ``/run`` or ``/usr/lib``, a full ``agent-gateway@<p>.service`` override, a
-   ``service.d`` drop-in for every service) is a finding, and so is a unit whose files changed
+   ``service.d`` drop-in for every service), loaded now or waiting on disk for the next
+   ``daemon-reload`` in any unit search path, is a finding, and so is a unit whose files changed
    on disk since systemd loaded them (``NeedDaemonReload``).
 2. **Hardening.** The properties the unit template grants (an unprivileged user, no
    capabilities, a read-only system, ...) must be in force, whatever any file says.
@@ -50,7 +51,7 @@ HARDENING: Mapping[str, str] = {
     "MemoryDenyWriteExecute": "yes",
     "SystemCallArchitectures": "native",
     "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
-    "IPAddressDeny": "::/0 0.0.0.0/0",
+    "IPAddressDeny": "0.0.0.0/0 ::/0",
     "RootDirectory": "",
     "RootImage": "",
     "ReadWritePaths": "",
@@ -75,9 +76,11 @@ def avm_files(profile: str) -> tuple[str, str]:
 
 
 def foreign_files(profile: str, unit: UnitFacts) -> dict[str, str | None]:
-    """Loaded unit files and drop-ins that avm did not write (path -> sha256)."""
+    """Unit files and drop-ins avm did not write (path -> sha256): loaded now, or on disk where
+    the next ``daemon-reload`` would load them."""
     ours = set(avm_files(profile))
-    return {path: digest for path, digest in sorted(unit.files.items()) if path not in ours}
+    every = {**unit.on_disk, **unit.files}
+    return {path: digest for path, digest in sorted(every.items()) if path not in ours}
 
 
 def compact(value: str) -> str:

@@ -125,7 +125,7 @@ UNIT_CASES: dict[str, tuple[UnitFacts, str, str | None, str | None]] = {
     "IPAddressDeny= emptied": (
         hardened_unit("zeta", IPAddressDeny=""),
         f"{ZETA} IPAddressDeny",
-        "::/0 0.0.0.0/0",
+        "0.0.0.0/0 ::/0",
         "",
     ),
     "not reloaded": (

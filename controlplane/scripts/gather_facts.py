@@ -107,9 +107,23 @@ def tree(root: str) -> tuple[dict[str, str | None], dict[str, str]]:
 RUNTIME_FIELDS = re.compile(r" ; (?:start_time|stop_time)=\[[^\]]*\]| ; (?:pid|code|status)=[^ ;}]*")
 
 
+# Set-valued properties systemd prints in no stable order: compared as sorted words.
+_SET_WORDS = (
+    "IPAddressDeny IPAddressAllow RestrictAddressFamilies SystemCallFilter CapabilityBoundingSet "
+    "AmbientCapabilities SupplementaryGroups ReadWritePaths ReadOnlyPaths InaccessiblePaths "
+    "ExecPaths NoExecPaths"
+)
+SET_VALUED = frozenset(_SET_WORDS.split())
+
+
 def normalise(name: str, value: str) -> str:
-    """Drop what changes on every start (pids, timestamps, exit status) from Exec* values."""
-    return RUNTIME_FIELDS.sub("", value) if name.startswith("Exec") else value
+    """Drop what changes on every start (pids, timestamps, exit status) from Exec* values, and
+    put set-valued properties in one order."""
+    if name.startswith("Exec"):
+        return RUNTIME_FIELDS.sub("", value)
+    if name in SET_VALUED:
+        return " ".join(sorted(value.split()))
+    return value
 
 
 def credentials(files: list[str]) -> list[str]:
@@ -142,6 +156,53 @@ def process(pid: str) -> dict[str, str] | None:
     except OSError:
         return None
     return out
+
+
+# Where systemd looks for a system unit and its drop-ins (systemd.unit(5)).
+SEARCH_PATHS = (
+    "/etc/systemd/system.control",
+    "/run/systemd/system.control",
+    "/run/systemd/transient",
+    "/run/systemd/generator.early",
+    "/etc/systemd/system",
+    "/etc/systemd/system.attached",
+    "/run/systemd/system",
+    "/run/systemd/system.attached",
+    "/run/systemd/generator",
+    "/usr/local/lib/systemd/system",
+    "/usr/lib/systemd/system",
+    "/lib/systemd/system",
+    "/run/systemd/generator.late",
+)
+
+
+def on_disk(profile: str) -> dict[str, str | None]:
+    """Every file on disk that systemd would load for the profile's unit at the next reload."""
+    instance = "agent-gateway@" + profile + ".service"
+    names = [instance, "agent-gateway@.service"]
+    dropin_dirs = [
+        instance + ".d",
+        "agent-gateway@.service.d",
+        "agent-.service.d",
+        "agent-gateway-.service.d",
+        "service.d",
+    ]
+    found: dict[str, str | None] = {}
+    for base in SEARCH_PATHS:
+        for name in names:
+            path = os.path.join(base, name)
+            if os.path.lexists(path):
+                found[path] = digest(path)
+        for name in dropin_dirs:
+            directory = os.path.join(base, name)
+            try:
+                entries = sorted(os.listdir(directory))
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.endswith(".conf"):
+                    found[os.path.join(directory, entry)] = digest(os.path.join(directory, entry))
+    return found
 
 
 def systemctl_show(ids: list[str], props: list[str]) -> tuple[list[dict[str, str]], str | None]:
@@ -177,6 +238,7 @@ def units(profiles: list[str]) -> tuple[dict[str, Any], str | None]:
             "need_reload": kv.get("NeedDaemonReload") == "yes",
             "fragment": kv.get("FragmentPath", ""),
             "files": {p: digest(p) for p in loaded},
+            "on_disk": on_disk(kv["Id"][len("agent-gateway@") : -len(".service")]),
             "properties": {k: normalise(k, kv.get(k, "")) for k in UNIT_PROPERTIES},
             "credentials": credentials(loaded),
             "process": process(kv.get("MainPID", "")),

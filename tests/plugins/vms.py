@@ -7,10 +7,10 @@
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -57,7 +57,8 @@ def golden_home(tmp_path_factory: pytest.TempPathFactory, golden_image: object) 
 def nspawn_vm(golden_home: Home) -> Iterator[str]:
     """One running nspawn golden VM for the module; its teardown must leave nothing."""
     needs_root_and_nspawn()
-    name = "t" + Path(golden_home.root).parent.name[-8:].replace("_", "").replace("-", "")[:8]
+    # unique per run: another avm test run on this machine makes VMs of its own
+    name = "t" + secrets.token_hex(4)
     out = run_avm(golden_home, "vm", "up", name, "--backend", "nspawn", "--timeout", "120")
     assert out.returncode == 0, out.stderr
     yield name
