@@ -41,6 +41,8 @@ class Outcome:
     rolled_back: list[str] = dataclasses.field(default_factory=list)
     skipped: list[str] = dataclasses.field(default_factory=list)
     changed: list[str] = dataclasses.field(default_factory=list)  # profiles this apply wrote to
+    flipped: set[str] = dataclasses.field(default_factory=set)  # `current` moved by this apply
+    restarted: set[str] = dataclasses.field(default_factory=set)  # unit restarted by this apply
     undone: list[str] = dataclasses.field(default_factory=list)  # put back after a failure
     units: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)  # observed properties
 
@@ -190,8 +192,10 @@ def _apply_group(
         if "flip" in kinds:
             progress(f"{label} {prof.name}: flip current -> {prof.release[:12]}")
             step.command(hostops.flip(host, prof.name, hostops.release_dir(prof.release)))
+            outcome.flipped.add(prof.name)
         if "restart" in kinds:
             progress(f"{label} {prof.name}: restart and health-check")
+            outcome.restarted.add(prof.name)
             step.command(hostops.restart(host, prof.name))
         ok, body, result = hostops.health(host, prof.health, prof.release)
         step.command(result)
@@ -329,7 +333,13 @@ def _undo(
         prof, prev = material.profile(name), previous[name]
         step.event("rollback.auto", profile=name, reason=why, to=prev.current)
         try:
-            ok, _ = _restart_previous(host, prof, prev, step)
+            ok = True
+            if name in outcome.restarted:
+                ok, _ = _restart_previous(host, prof, prev, step)
+            elif name in outcome.flipped and prev.current is not None:
+                step.command(hostops.flip(host, name, prev.current))
+            elif name in outcome.flipped:
+                host.run(["rm", "-f", hostops.current_link(name)], timeout=30).check()
             if not prev.user:
                 step.command(hostops.remove_user(host, name))
         except Exception as exc:

@@ -70,33 +70,36 @@ def _baseline(
 ) -> tuple[str, DesiredState | dict[str, str | None], tuple[str, ...]] | None:
     """(receipt id, expected, notes) to compare with: the state the last good apply left, or
     the links recorded before the last (failed) apply when none ever succeeded."""
-    newest_apply: tuple[int, Statement] | None = None
+    failed: tuple[int, Statement] | None = None  # the newest apply that ended failed
+    before_failed: tuple[int, dict[str, str | None]] | None = None  # its rollback target
     for seq, statement in auditlog.statements(home.receipts, newest_first=True):
         pred = statement.predicate
         if pred.inputs.get("target") != target:
             continue
-        if pred.kind == "apply":
-            if pred.status == "ok":
-                notes: tuple[str, ...] = ()
-                if newest_apply is not None:
-                    failed = newest_apply[1].predicate
-                    code = (failed.error or {}).get("code", failed.status)
-                    notes = (
-                        f"the last apply (#{newest_apply[0]}) ended {failed.status} ({code}); "
-                        f"compared with the last good apply #{seq}",
-                    )
-                return str(seq), DesiredState.model_validate(pred.result["host_state"]), notes
-            newest_apply = newest_apply or (seq, statement)
-        elif pred.kind == "rollback-target" and newest_apply is not None and pred.status == "ok":
-            failed = newest_apply[1].predicate
-            code = (failed.error or {}).get("code", failed.status)
-            previous: dict[str, str | None] = pred.result.get("previous", {})
-            note = (
-                f"no apply to {target} ever succeeded; the last one (#{newest_apply[0]}) ended "
-                f"{failed.status} ({code}); compared with the state recorded before it (#{seq})"
-            )
-            return str(seq), previous, (note,)
+        if pred.kind == "apply" and pred.status == "ok":
+            notes: tuple[str, ...] = ()
+            if failed is not None:
+                notes = (
+                    f"the last apply (#{failed[0]}) {_ended(failed[1])}; "
+                    f"compared with the last good apply #{seq}",
+                )
+            return str(seq), DesiredState.model_validate(pred.result["host_state"]), notes
+        if pred.kind == "apply" and pred.status == "failed" and failed is None:
+            failed = (seq, statement)  # a refused apply changed nothing: it is not a failure here
+        elif pred.kind == "rollback-target" and pred.status == "ok" and failed and before_failed is None:
+            before_failed = (seq, pred.result.get("previous", {}))
+    if failed is not None and before_failed is not None:
+        note = (
+            f"no apply to {target} ever succeeded; the last one (#{failed[0]}) {_ended(failed[1])}; "
+            f"compared with the state recorded before it (#{before_failed[0]})"
+        )
+        return str(before_failed[0]), before_failed[1], (note,)
     return None
+
+
+def _ended(statement: Statement) -> str:
+    error = statement.predicate.error or {}
+    return f"ended {statement.predicate.status} ({error.get('code', 'no error code')})"
 
 
 def _receipt_digest(home: Home, receipt_id: str) -> str:

@@ -282,3 +282,22 @@ def test_a_host_whose_only_apply_failed_is_compared_with_the_state_before_it() -
         ),
     }
     assert back.baseline == "rollback-target" and back.notes == ("n",)
+
+
+def test_the_release_engineer_guide_lists_exactly_what_status_compares() -> None:
+    import re
+    import runpy
+    from pathlib import Path
+
+    from controlplane import unitcheck
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "release-engineer.md").read_text()
+    section = doc[doc.index("### What status compares") : doc.index("### A host whose apply failed")]
+    table = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|$", section, re.M))
+    granted = {k: v.replace("{user}", "agent-<profile>") or "(empty)" for k, v in unitcheck.HARDENING.items()}
+    assert table == granted
+    gatherer = runpy.run_path(
+        str(Path(unitcheck.__file__).parent / "scripts" / "gather_facts.py"), run_name="x"
+    )
+    listed = section[section.index("one by one") : section.index("the main process")]
+    assert set(re.findall(r"`(\w+)`", listed)) >= set(gatherer["UNIT_PROPERTIES"])
