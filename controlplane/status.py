@@ -14,9 +14,12 @@ from controlplane.promotion import gather, recorded_state
 
 
 def check(home: Home, target: str) -> DriftReport:
-    """Raises ``OperationalError('nothing-applied')`` when no apply was ever recorded for target."""
+    """Raises ``UsageError('invalid-vm-name' | 'unknown-target')`` (exit 64, like promote) before
+    anything else, so no unvalidated name reaches a message or hint, and
+    ``OperationalError('nothing-applied')`` when no apply was ever recorded for target."""
     from controlplane.transport import connect
 
+    entry = inventory.load(home, target)
     recorded = recorded_state(home, target)
     if recorded is None:
         raise OperationalError(
@@ -27,7 +30,7 @@ def check(home: Home, target: str) -> DriftReport:
     receipt_id, expected = recorded
     with evidence.record_step(home, "status", inputs={"target": target, "against": receipt_id}) as step:
         step.subject("apply-receipt", _receipt_digest(home, receipt_id))
-        host = connect(inventory.load(home, target))
+        host = connect(entry)
         try:
             facts = gather(host, [p.name for p in expected.profiles], list(expected.releases))
             # gateway audit events (tool denials, refusals) since that apply, into this receipt
