@@ -61,6 +61,7 @@ def summaries(directory: Path, *, last: int | None = None) -> Iterator[dict[str,
             "finished": pred.finished,
             "subject": f"{subject.name} {next(iter(subject.digest.values()))[:16]}",
             "digest": digest_of(data),
+            "error": pred.error["code"] if pred.error else None,
         }
 
 

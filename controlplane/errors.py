@@ -56,6 +56,8 @@ class AvmError(Exception):
         self.message = message
         self.hint = hint
         self.details: dict[str, Any] = dict(details or {})
+        # the number of the receipt that records this error, once one does (set by evidence)
+        self.receipt: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -67,6 +69,8 @@ class AvmError(Exception):
             out["hint"] = self.hint
         if self.details:
             out["details"] = self.details
+        if self.receipt is not None:
+            out["receipt"] = self.receipt
         return out
 
     def __str__(self) -> str:

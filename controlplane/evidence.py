@@ -13,8 +13,10 @@ Usage (the only way product code writes receipts)::
     print(step.receipt_id)
 
 On normal exit the receipt says ``status: ok``. If the block raises, the receipt is still
-written: ``refused`` for ``RefusedError``, ``failed`` for anything else, with the error code and
-message, and the exception propagates unchanged. Steps that never ran are not recorded as
+written: ``refused`` for ``RefusedError`` and ``UsageError`` (nothing was changed), ``failed`` for
+anything else, with the error code and message, and the exception propagates unchanged (an
+``AvmError`` carries the receipt's number in ``receipt``). An error raised between steps is
+recorded with ``record_unrecorded``. Steps that never ran are not recorded as
 having run. No secret value may be passed to any of these methods.
 
 The signing key is loaded before the block runs: without a key nothing runs (fail closed).
@@ -31,7 +33,7 @@ from typing import Any, Literal
 
 from controlplane import keys, ledger
 from controlplane.canonical import canonical_bytes, sha256_hex
-from controlplane.errors import AvmError, RefusedError
+from controlplane.errors import AvmError, RefusedError, UsageError
 from controlplane.home import Home
 from controlplane.receipt import (
     CheckRecord,
@@ -43,6 +45,8 @@ from controlplane.receipt import (
     seal,
 )
 from controlplane.transport.base import RunResult
+
+Status = Literal["ok", "refused", "failed"]
 
 
 def _now() -> str:
@@ -91,9 +95,7 @@ class Step:
     def non_claim(self, text: str) -> None:
         self.non_claims.append(text)
 
-    def statement(
-        self, seq: int, prev: str | None, status: Literal["ok", "refused", "failed"], timing: dict[str, Any]
-    ) -> Statement:
+    def statement(self, seq: int, prev: str | None, status: Status, timing: dict[str, Any]) -> Statement:
         subjects = self.subjects or [
             # a step refused before it touched anything still names what it was asked to do
             Subject(name=f"inputs:{self.kind}", digest={"sha256": sha256_hex(canonical_bytes(self.inputs))})
@@ -121,39 +123,76 @@ class Step:
         )
 
 
+def status_for(exc: BaseException) -> Status:
+    """How a step that raised ``exc`` is recorded: a refusal (a gate said no, or the input was
+    invalid; nothing was changed) or a failure (something broke)."""
+    return "refused" if isinstance(exc, (RefusedError, UsageError)) else "failed"
+
+
+def _error_of(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, AvmError):
+        return {"code": exc.code, "message": exc.message}
+    return {"code": "internal" if isinstance(exc, Exception) else "interrupted", "message": repr(exc)}
+
+
+def _seal(
+    home: Home,
+    signer: keys.Signer,
+    step: Step,
+    status: Status,
+    error: dict[str, Any] | None,
+    timing: dict[str, Any],
+) -> None:
+    def build(seq: int, prev: str | None) -> bytes:
+        statement = step.statement(seq, prev, status, timing)
+        if error is not None:
+            statement = statement.model_copy(
+                update={"predicate": statement.predicate.model_copy(update={"error": error})}
+            )
+        return seal(statement, signer)
+
+    head = ledger.append(home.receipts, build)
+    step.receipt_id = str(head.seq)
+    step.receipt_digest = head.digest
+
+
 @contextmanager
 def record_step(home: Home, kind: str, *, inputs: Mapping[str, Any] | None = None) -> Iterator[Step]:
     """Run a block as one evidenced step. Raises ``OperationalError('key-missing')`` before the
     block runs if the home has no signing key; re-raises whatever the block raises, after
-    writing the receipt."""
+    writing the receipt (an ``AvmError`` then names it in ``receipt``)."""
     signer = keys.load_signer(home)
     step = Step(kind, inputs or {})
     started, t0 = _now(), time.monotonic()
-    status: Literal["ok", "refused", "failed"] = "ok"
-    error: dict[str, Any] | None = None
+    status: Status = "ok"
+    raised: BaseException | None = None
     try:
         yield step
     except BaseException as exc:
-        status = "refused" if isinstance(exc, RefusedError) else "failed"
-        if isinstance(exc, AvmError):
-            error = {"code": exc.code, "message": exc.message}
-        else:
-            error = {
-                "code": "internal" if isinstance(exc, Exception) else "interrupted",
-                "message": repr(exc),
-            }
+        status, raised = status_for(exc), exc
         raise
     finally:
         timing = {"started": started, "finished": _now(), "duration_s": round(time.monotonic() - t0, 4)}
+        _seal(home, signer, step, status, _error_of(raised) if raised else None, timing)
+        if isinstance(raised, AvmError) and raised.receipt is None:
+            raised.receipt = step.receipt_id
 
-        def build(seq: int, prev: str | None) -> bytes:
-            statement = step.statement(seq, prev, status, timing)
-            if error is not None:
-                statement = statement.model_copy(
-                    update={"predicate": statement.predicate.model_copy(update={"error": error})}
-                )
-            return seal(statement, signer)
 
-        head = ledger.append(home.receipts, build)
-        step.receipt_id = str(head.seq)
-        step.receipt_digest = head.digest
+def record_unrecorded(
+    home: Home, kind: str, exc: AvmError, *, inputs: Mapping[str, Any] | None = None
+) -> None:
+    """Give an error that was raised outside every step its own receipt of ``kind``: a refusal
+    between two steps (a secret that does not resolve, a plan that changed, a locked host) must
+    leave evidence too. Does nothing if a step already recorded ``exc``. Never raises: the error
+    being reported stays the one raised, and ``details['receipt_error']`` says why it could not
+    be recorded (no key, an unwritable store)."""
+    if exc.receipt is not None:
+        return
+    step, now = Step(kind, inputs or {}), _now()
+    timing = {"started": now, "finished": now, "duration_s": 0.0}
+    try:
+        _seal(home, keys.load_signer(home), step, status_for(exc), _error_of(exc), timing)
+    except (OSError, AvmError) as err:
+        exc.details["receipt_error"] = str(err)
+        return
+    exc.receipt = step.receipt_id

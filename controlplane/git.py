@@ -5,9 +5,9 @@ classified) and never with a user-supplied string in an option position: refs ar
 before git sees them and passed after ``--end-of-options``.
 
 Errors are classified: a bad ref string is a ``UsageError('ref-invalid')``, a ref git does not
-know is ``RefusedError('ref-unknown')``, an ambiguous short SHA is ``RefusedError('ref-ambiguous')``
-and a path that is not a repository is ``UsageError('repo-not-found')``. Any other failure is a
-``CommandFailed`` that keeps rc and stderr.
+know is ``RefusedError('ref-unknown')``, a ref that could name more than one object is
+``RefusedError('ref-ambiguous')`` and a path that is not a repository is
+``UsageError('repo-not-found')``. Any other failure is a ``CommandFailed`` that keeps rc and stderr.
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 # Branches, tags, full or short SHAs and ~N / ^N suffixes. No whitespace, no shell or option
 # syntax, no ranges, no reflog braces, no `:path` lookups.
 _REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/+~^-]{0,254}$")
+_SHORT_HEX_RE = re.compile(r"^[0-9a-f]{4,39}$")
+# The refs git tries for a short name, in its order (refs.c, ref_rev_parse_rules)
+_REF_RULES = ("{}", "refs/{}", "refs/tags/{}", "refs/heads/{}", "refs/remotes/{}", "refs/remotes/{}/HEAD")
 _ENV_OVERRIDES = {
     "GIT_TERMINAL_PROMPT": "0",
     "GIT_PAGER": "cat",
@@ -128,25 +131,75 @@ def _failed(proc: subprocess.CompletedProcess[bytes]) -> CommandFailed:
     return CommandFailed([str(a) for a in proc.args], proc.returncode, _text(proc.stdout), _text(proc.stderr))
 
 
+def candidates(repo: Path, ref: str) -> list[str]:
+    """Every object ``ref`` could name in ``repo``, as ``NAME: TYPE OID`` lines: each ref that
+    git's lookup rules would try for it, and each object whose SHA starts with it. Empty for a
+    full 40-hex SHA, which names exactly one object (git ignores refs spelled like one)."""
+    base = re.split(r"[~^]", ref, maxsplit=1)[0]
+    if _SHA_RE.fullmatch(base):
+        return []
+    wanted = [rule.format(base) for rule in _REF_RULES]
+    proc = run(repo, ["for-each-ref", "--format=%(refname) %(objecttype) %(objectname)", "--", *wanted])
+    if proc.returncode != 0:
+        raise _failed(proc)
+    found = []
+    for line in _text(proc.stdout).splitlines():
+        name, kind, oid = line.rsplit(" ", 2)
+        if name in wanted:  # for-each-ref patterns also match refs below them (v1/x)
+            found.append(f"{name}: {kind} {oid}")
+    if _SHORT_HEX_RE.fullmatch(base):
+        proc = run(repo, ["rev-parse", f"--disambiguate={base}"])
+        oids = _text(proc.stdout).split() if proc.returncode == 0 else []
+        if oids:
+            check = run(
+                repo,
+                ["cat-file", "--batch-check=%(objectname) %(objecttype)"],
+                stdin="".join(f"{oid}\n" for oid in oids).encode(),
+            )
+            for line in _text(check.stdout).splitlines():
+                oid, _, kind = line.partition(" ")
+                found.append(f"object {oid}: {kind}")
+    return found
+
+
+def _ambiguous(repo: Path, ref: str, found: list[str], err: str) -> RefusedError:
+    warning = [ln for ln in err.splitlines() if "ambiguous" in ln]
+    return RefusedError(
+        "ref-ambiguous",
+        f"{ref!r} names more than one object in {repo}; a promotion must name exactly one",
+        hint="pass the full 40-hex commit SHA, or a full ref name such as refs/tags/NAME or refs/heads/NAME",
+        details={"repo": str(repo), "ref": ref, "candidates": found or warning, "git_warning": warning},
+    )
+
+
 def resolve(repo: Path, ref: str) -> str:
-    """The full 40-hex SHA of the commit ``ref`` names in ``repo``.
+    """The full 40-hex SHA of the one commit ``ref`` names in ``repo``.
 
     Raises ``UsageError('ref-invalid')`` before running git for option-like or injection-like
-    refs, ``RefusedError('ref-ambiguous')`` when a short SHA matches several commits,
-    ``RefusedError('ref-unknown')`` when nothing matches, ``UsageError('repo-not-found')``.
+    refs; ``RefusedError('ref-ambiguous')``, listing the candidates, when ``ref`` could name more
+    than one object (a short SHA matching several objects, a tag and a branch of the same name,
+    a branch named like another commit's short SHA; git's "refname is ambiguous" warning is a
+    refusal too, never dropped); ``RefusedError('ref-unknown')`` when nothing matches;
+    ``UsageError('repo-not-found')``. A full 40-hex SHA always names its object.
     """
     check_ref(ref)
-    proc = run(repo, ["rev-parse", "--verify", "--end-of-options", f"{ref}^{{commit}}"])
+    proc = run(
+        repo,
+        [
+            "-c",
+            "core.warnAmbiguousRefs=true",
+            "rev-parse",
+            "--verify",
+            "--end-of-options",
+            f"{ref}^{{commit}}",
+        ],
+    )
     err = _text(proc.stderr)
+    exact = _SHA_RE.fullmatch(re.split(r"[~^]", ref, maxsplit=1)[0]) is not None
     if proc.returncode != 0:
         details = {"repo": str(repo), "ref": ref, "rc": proc.returncode, "stderr": err[-800:]}
         if "is ambiguous" in err:
-            raise RefusedError(
-                "ref-ambiguous",
-                f"short SHA {ref!r} matches more than one commit in {repo}",
-                hint="pass more hex digits, ideally the full 40-hex commit SHA",
-                details=details,
-            )
+            raise _ambiguous(repo, ref, candidates(repo, ref), err)
         if proc.returncode == 128 and ("Needed a single revision" in err or "unknown revision" in err):
             raise RefusedError(
                 "ref-unknown",
@@ -155,6 +208,10 @@ def resolve(repo: Path, ref: str) -> str:
                 details=details,
             )
         raise _failed(proc)
+    if not exact:
+        found = candidates(repo, ref)
+        if len(found) > 1 or "is ambiguous" in err:
+            raise _ambiguous(repo, ref, found, err)
     sha = proc.stdout.decode("ascii", "replace").strip()
     if not _SHA_RE.fullmatch(sha):
         raise OperationalError(

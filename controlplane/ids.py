@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import AfterValidator, StringConstraints
+from pydantic import AfterValidator, StringConstraints, WithJsonSchema
 
 from controlplane.errors import UsageError
 
@@ -18,6 +18,16 @@ _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 # A name that is safe as a path component, a systemd instance name and a Linux user suffix.
 _NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
 _JOB_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
+# A profile name also becomes the Linux user ``agent-<name>``, and useradd takes at most 32
+# characters: the name is validated for everything derived from it, not only for itself.
+LINUX_USER_MAX = 32
+PROFILE_USER_PREFIX = "agent-"
+PROFILE_NAME_MAX = LINUX_USER_MAX - len(PROFILE_USER_PREFIX)
+_PROFILE_RE = re.compile(rf"^[a-z0-9](?:[a-z0-9-]{{0,{PROFILE_NAME_MAX - 2}}}[a-z0-9])?$")
+_PROFILE_RULE = (
+    f"1-{PROFILE_NAME_MAX} of a-z 0-9 '-', starting and ending alphanumeric "
+    f"(the Linux user {PROFILE_USER_PREFIX}<name> is at most {LINUX_USER_MAX} characters)"
+)
 
 
 def pattern_validator(pattern: re.Pattern[str], what: str, rule: str = "") -> AfterValidator:
@@ -45,7 +55,11 @@ Digest = Annotated[
 ProfileName = Annotated[
     str,
     StringConstraints(strict=True),
-    pattern_validator(_NAME_RE, "profile name", "1-32 of a-z 0-9 '-', starting and ending alphanumeric"),
+    pattern_validator(_PROFILE_RE, "profile name", _PROFILE_RULE),
+    # the exported schema carries the same rule, so a manifest checked without avm agrees
+    WithJsonSchema(
+        {"type": "string", "pattern": _PROFILE_RE.pattern, "maxLength": PROFILE_NAME_MAX, "minLength": 1}
+    ),
 ]
 VmName = Annotated[
     str,
@@ -81,7 +95,7 @@ def parse_digest(value: str) -> str:
 
 
 def parse_profile(value: str) -> str:
-    return _parse(_NAME_RE, value, "invalid-profile-name", "profile name", "1-32 of a-z 0-9 '-'")
+    return _parse(_PROFILE_RE, value, "invalid-profile-name", "profile name", _PROFILE_RULE)
 
 
 def parse_vm_name(value: str) -> str:

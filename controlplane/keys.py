@@ -142,3 +142,20 @@ def load_trusted(paths: list[Path]) -> TrustedKeys:
             raise UsageError("key-unreadable", f"{path} is not an ed25519 public key")
         keys[key_id(pub)] = pub
     return TrustedKeys(keys)
+
+
+def load_own_trusted(home: Home) -> TrustedKeys:
+    """Trust this home's own receipt key (the default of ``avm receipts verify``).
+
+    Raises ``UsageError('no-trusted-key')`` when the home has no receipt key yet, saying how to
+    make one, instead of a bare "No such file or directory"."""
+    path = public_path(home)
+    if not path.exists():
+        raise UsageError(
+            "no-trusted-key",
+            f"there is no receipt key in {home.root} yet, so there is nothing to verify against",
+            hint="`avm keys init` makes this home's receipt key; to check another chain, "
+            "pass its signer's public key with --key receipt-signing.pub",
+            details={"expected": f"a public key at {path}", "actual": "no such file"},
+        )
+    return load_trusted([path])

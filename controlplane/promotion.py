@@ -26,10 +26,10 @@ from controlplane import (
 )
 from controlplane import secrets as secret_store
 from controlplane.apply import apply_plan, capture_previous
-from controlplane.errors import OperationalError, RefusedError, UsageError
+from controlplane.errors import AvmError, OperationalError, RefusedError, UsageError
 from controlplane.home import Home
 from controlplane.ids import parse_profile
-from controlplane.manifest import MANIFEST_PATH, ReleaseManifest, parse_manifest
+from controlplane.manifest import ReleaseManifest
 from controlplane.material import Material, ReleaseMaterial
 from controlplane.receipt import Statement
 from controlplane.transport.base import Transport
@@ -93,14 +93,7 @@ def verify_release(home: Home, repo: Path, ref: str, step: evidence.Step, progre
     step.subject("bundle", built.digest)
     keyid = signing.verify_release(home, built)
     step.event("gate.decision", gate="signature", outcome="pass", keyid=keyid)
-    raw = git.read_file(repo, sha, MANIFEST_PATH)
-    if raw is None:
-        raise RefusedError(
-            "manifest-missing",
-            f"commit {sha[:12]} has no {MANIFEST_PATH}",
-            hint="add avm.yaml to the agent repo",
-        )
-    manifest = parse_manifest(raw, source=f"{MANIFEST_PATH}@{sha[:12]}")
+    manifest = signing.load_manifest(repo, sha)
     signing.verify_artifacts(manifest, built)
     step.event("gate.decision", gate="pinned-digests", outcome="pass", artifacts=len(manifest.artifacts))
     progress(f"verified signature ({keyid[:19]}) and {len(manifest.artifacts)} pinned artifact digest(s)")
@@ -219,9 +212,15 @@ def run(
     changed, host locked) with the host unchanged, ``UsageError`` for bad input, and
     ``OperationalError('apply-unhealthy')`` (exit 1) after an automatic rollback.
     """
-    profiles = [parse_profile(p) for p in profiles]
-    inputs = {"operation": operation, "repo": str(repo), "ref": ref, "target": target, "profiles": profiles}
+    inputs = {
+        "operation": operation,
+        "repo": str(repo),
+        "ref": ref,
+        "target": target,
+        "profiles": list(profiles),
+    }
     with evidence.record_step(home, "plan", inputs={**inputs, "apply": apply}) as step:
+        profiles = [parse_profile(p) for p in profiles]  # refused inside the step: recorded
         verified = verify_release(home, repo, ref, step, progress)
         profile_tiers = governance_gate.check_tiers(home, verified.manifest, profiles, target, step)
         progress(
@@ -260,9 +259,18 @@ def run(
     if not apply or the_plan.empty:
         host.close()
         return result
-    credentials = _secret_values(home, material)
     try:
+        credentials = _secret_values(home, material)
         _apply(home, host, result, verified, material, credentials, inputs, progress)
+    except AvmError as exc:
+        # a refusal between the plan and the apply steps (a secret that does not resolve, a
+        # changed plan, a locked host) is evidence too: an `apply` receipt that says why. An
+        # error after the apply step (apply-unhealthy) is already in that step's receipt.
+        if "apply" not in result.receipts:
+            evidence.record_unrecorded(home, "apply", exc, inputs=inputs)
+        elif exc.receipt is None:
+            exc.receipt = result.receipts["apply"]
+        raise
     finally:
         host.close()
     return result

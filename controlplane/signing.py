@@ -28,7 +28,7 @@ from controlplane.bundle import build as build_bundle
 from controlplane.errors import OperationalError, RefusedError, UsageError
 from controlplane.home import Home
 from controlplane.ids import parse_commit
-from controlplane.manifest import ReleaseManifest
+from controlplane.manifest import MANIFEST_PATH, ReleaseManifest, parse_manifest
 
 TRUSTED_DIR = "release-trusted"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -165,13 +165,20 @@ def trusted_keys(home: Home) -> list[TrustedKey]:
 def sign_release(
     home: Home, repo: Path, ref: str, key_path: Path, password: bytes, *, bundle_out: Path | None = None
 ) -> SignedRelease:
-    """Resolve ``ref``, build the bundle, sign its exact bytes, store the signature, write a
-    ``sign`` receipt (even when refused). Raises what ``git.resolve`` and ``bundle.build`` raise,
+    """Resolve ``ref``, check the commit's release manifest, build the bundle, sign its exact
+    bytes, store the signature, write a ``sign`` receipt (even when refused).
+
+    Nothing is signed for a commit that could never be promoted: ``RefusedError('manifest-missing')``
+    without ``avm.yaml``, ``UsageError('manifest-invalid')`` when it does not validate (bad
+    fields, or a profile name too long for its derived Linux user), and the ``artifact-*``
+    refusals of ``verify_artifacts``. Also raises what ``git.resolve`` and ``bundle.build`` raise,
     ``UsageError('key-unreadable' | 'key-invalid' | 'key-password-wrong')``."""
     inputs = {"repo": str(repo), "ref": ref, "key": str(key_path)}
     with evidence.record_step(home, "sign", inputs=inputs) as step:
         sha = git.resolve(repo, ref)
         step.subject(f"commit:{sha}", f"sha1:{sha}")
+        manifest = load_manifest(repo, sha)
+        step.check("manifest-valid", ok=True, detail=f"{len(manifest.profiles)} profile(s)")
         try:
             key_bytes = key_path.read_bytes()
         except OSError as exc:
@@ -183,6 +190,7 @@ def sign_release(
         keyid = cosign.public_key_id(public_pem)
         built = build_bundle(repo, sha)
         step.subject("bundle", built.digest)
+        verify_artifacts(manifest, built)
         signature = cosign.sign_blob(private, built.data)
         cosign.verify_blob(public_pem, built.data, signature)  # never store what does not verify
         record = {"commit": sha, "bundle_digest": built.digest, "signature": signature, "keyid": keyid}
@@ -214,6 +222,20 @@ def sign_release(
         bundle_path=bundle_out,
         receipt_id=step.receipt_id,
     )
+
+
+def load_manifest(repo: Path, sha: str) -> ReleaseManifest:
+    """The validated ``avm.yaml`` of commit ``sha``: one rule for signing and for promotion.
+
+    Raises ``RefusedError('manifest-missing')`` and ``UsageError('manifest-invalid')``."""
+    raw = git.read_file(repo, sha, MANIFEST_PATH)
+    if raw is None:
+        raise RefusedError(
+            "manifest-missing",
+            f"commit {sha[:12]} has no {MANIFEST_PATH}",
+            hint="add avm.yaml to the agent repo",
+        )
+    return parse_manifest(raw, source=f"{MANIFEST_PATH}@{sha[:12]}")
 
 
 # -- verify --------------------------------------------------------------------------------------

@@ -17,10 +17,14 @@ from controlplane.receipt import Statement
 
 def check(home: Home, target: str) -> DriftReport:
     """Compare the live host with the last good apply, or, when no apply ever succeeded, with
-    the rollback target recorded before the last apply touched the host. Raises
+    the rollback target recorded before the last apply touched the host.
+
+    Raises ``UsageError('invalid-vm-name' | 'unknown-target')`` (exit 64, like promote) before
+    anything else, so no unvalidated name reaches a message or hint, and
     ``OperationalError('nothing-applied')`` when nothing was ever applied or attempted on target."""
     from controlplane.transport import connect
 
+    entry = inventory.load(home, target)
     baseline = _baseline(home, target)
     if baseline is None:
         raise OperationalError(
@@ -37,7 +41,7 @@ def check(home: Home, target: str) -> DriftReport:
         else:
             names = sorted(expected)
             releases = sorted({link.rstrip("/").rsplit("/", 1)[-1] for link in expected.values() if link})
-        host = connect(inventory.load(home, target))
+        host = connect(entry)
         try:
             facts = gather(host, names, releases)
             # gateway audit events (tool denials, refusals) since that receipt, into this one

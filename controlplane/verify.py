@@ -137,13 +137,7 @@ def verify(
     items = _from_dir(directory) if directory is not None else _from_bundle(bundle)  # type: ignore[arg-type]
     report = Report(source=str(directory or bundle))
     prev: str | None = None
-    pending: list[tuple[str, bytes | None]] = []
-
-    def take() -> tuple[str, bytes | None] | None:
-        return pending.pop() if pending else next(items, None)
-
-    while (item := take()) is not None:
-        where, data = item
+    for where, data in items:
         seq = report.count + 1
         if data is None:
             raise _refuse("receipt-missing", where, f"receipt #{seq} is missing", f"#{seq}", "no file")
@@ -158,13 +152,18 @@ def verify(
                 got,
             )
         if got > seq:
-            nxt = take()
-            if nxt is not None:
-                pending.append(nxt)
-                if _peek_seq(nxt, trusted) == seq:
-                    raise _refuse(
-                        "receipt-out-of-order", where, f"receipt #{got} stands where #{seq} belongs", seq, got
-                    )
+            # Refused either way; which code depends on whether #seq turns up anywhere later (a
+            # swap of receipts far apart is a reorder, not a deletion). The rest of the stream is
+            # read one receipt at a time, so memory stays flat however far ahead it is.
+            found = next((later for later in items if _peek_seq(later, trusted) == seq), None)
+            if found is not None:
+                raise _refuse(
+                    "receipt-out-of-order",
+                    where,
+                    f"receipt #{got} stands where #{seq} belongs (#{seq} is at {found[0]})",
+                    seq,
+                    got,
+                )
             raise _refuse(
                 "receipt-missing", where, f"receipt #{seq} is missing (chain jumps to #{got})", seq, got
             )

@@ -83,7 +83,76 @@ def test_json_errors_are_one_document_on_stdout(tmp_path: Path) -> None:
     assert doc["error"]["exit_code"] == out.returncode
 
 
-def test_debug_reraises_with_traceback(tmp_path: Path) -> None:
-    out = avm("--debug", "--home", str(tmp_path / "h"), "receipts", "show", "999999")
-    assert out.returncode != 0
-    assert "Traceback" in out.stderr
+def _home_with_a_tampered_chain(tmp_path: Path) -> Path:
+    """A home whose receipt #1 had one byte of its signature changed: verify refuses, exit 3."""
+    root = tmp_path / "h"
+    assert avm("--home", str(root), "keys", "init").returncode == 0
+    first = root / "receipts" / "00000001.json"
+    doc = json.loads(first.read_bytes())
+    sig = doc["signatures"][0]["sig"]
+    doc["signatures"][0]["sig"] = ("B" if sig[0] == "A" else "A") + sig[1:]
+    first.write_bytes(json.dumps(doc, separators=(",", ":"), sort_keys=True).encode())
+    return root
+
+
+@pytest.mark.parametrize(
+    ("args", "rc", "code"),
+    [
+        (["receipts", "verify"], 3, "receipt-signature-invalid"),
+        (["receipts", "show", "nothex"], 64, "receipt-id-invalid"),
+        (["receipts", "show", "999999"], 1, "receipt-not-found"),
+    ],
+)
+def test_debug_adds_a_traceback_and_changes_nothing_else(
+    tmp_path: Path, args: list[str], rc: int, code: str
+) -> None:
+    root = _home_with_a_tampered_chain(tmp_path)
+    plain = avm("--home", str(root), *args)
+    debug = avm("--debug", "--home", str(root), *args)
+    assert plain.returncode == rc and debug.returncode == rc, debug.stderr
+    assert "Traceback" not in plain.stderr and "Traceback" in debug.stderr
+    assert f"error[{code}]" in plain.stderr and f"error[{code}]" in debug.stderr
+    assert debug.stdout == plain.stdout
+    as_json = avm("--json", "--debug", "--home", str(root), *args)
+    assert as_json.returncode == rc
+    assert json.loads(as_json.stdout)["error"]["code"] == code  # stdout is still the one document
+    assert "Traceback" in as_json.stderr
+
+
+def test_json_and_debug_are_accepted_after_any_command(tmp_path: Path) -> None:
+    root = tmp_path / "h"
+    assert avm("--home", str(root), "keys", "init", "--json").returncode == 0
+    before = avm("--json", "--home", str(root), "receipts", "list")
+    after = avm("--home", str(root), "receipts", "list", "--json")
+    assert after.returncode == 0, after.stderr
+    assert json.loads(after.stdout) == json.loads(before.stdout)
+    # on a group, on a subcommand, and as an error document
+    assert json.loads(avm("--home", str(root), "receipts", "--json", "list").stdout) == json.loads(
+        before.stdout
+    )
+    err = avm("--home", str(root), "status", "--target", "nope", "--json", "--debug")
+    assert err.returncode == 64
+    assert json.loads(err.stdout)["error"]["code"] == "unknown-target"
+    assert "Traceback" in err.stderr
+    # every command and group lists them in its help
+    for command in (["status"], ["receipts"], ["receipts", "verify"], ["vm", "up"], ["job", "run"]):
+        helped = avm(*command, "--help")
+        assert helped.returncode == 0, command
+        assert "--json" in helped.stdout and "--debug" in helped.stdout, command
+
+
+def test_status_of_an_unknown_target_is_a_usage_error_like_promote(tmp_path: Path) -> None:
+    root = tmp_path / "h"
+    assert avm("--home", str(root), "keys", "init").returncode == 0
+    out = avm("--json", "--home", str(root), "status", "--target", "nope")
+    assert out.returncode == 64, out.stdout + out.stderr
+    error = json.loads(out.stdout)["error"]
+    assert error["code"] == "unknown-target"
+    assert error["details"] == {"expected": "a name from the inventory", "actual": "nope"}
+    # a name that is not a name at all is refused before it can reach a message's hint
+    hostile = "x;$(touch /tmp/avm-pwned)"
+    bad = avm("--json", "--home", str(root), "status", "--target", hostile)
+    assert bad.returncode == 64
+    error = json.loads(bad.stdout)["error"]
+    assert error["code"] == "invalid-vm-name"
+    assert hostile not in error["hint"]

@@ -28,6 +28,7 @@ PIN = "sha256:" + "ab" * 32
         (ids.parse_profile, "x; touch /tmp/pwned"),
         (ids.parse_profile, "-rf"),
         (ids.parse_profile, ""),
+        (ids.parse_profile, "a" * 27),  # agent-<27 chars> is longer than a Linux user may be
         (ids.parse_vm_name, "demo/../../root"),
         (ids.parse_job_id, "job id"),
         (ids.parse_job_id, ".hidden"),
@@ -46,6 +47,7 @@ def test_invalid_identifiers_are_usage_errors(parse: object, value: str) -> None
         (ids.parse_commit, "0123456789abcdef0123456789abcdef01234567"),
         (ids.parse_digest, PIN),
         (ids.parse_profile, "support-bot"),
+        (ids.parse_profile, "a" * 26),  # agent-<26 chars> is exactly 32
         (ids.parse_vm_name, "demo"),
         (ids.parse_job_id, "nightly.build_7"),
     ],

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from controlplane import evidence, keys, ledger, verify
-from controlplane.errors import OperationalError, RefusedError
+from controlplane.errors import OperationalError, RefusedError, UsageError
 from controlplane.home import Home
 from controlplane.receipt import open_receipt, pae, seal
 
@@ -151,6 +151,7 @@ TAMPERING: dict[str, Callable[[Home, Path], object]] = {
     "deleted-last": lambda h, t: ledger.receipt_path(h.receipts, 6).unlink(),
     "inserted": lambda h, t: _insert_at(h, 3),
     "reordered": lambda h, t: _swap(h, 3, 4),
+    "reordered-far": lambda h, t: _swap(h, 2, 5),  # not adjacent: #2 turns up three receipts later
     "other-key": lambda h, t: ledger.receipt_path(h.receipts, 4).write_bytes(_other_key_receipt(h, t, 4)),
     "truncated": lambda h, t: ledger.receipt_path(h.receipts, 5).write_bytes(
         ledger.read(h.receipts, 5)[:-40]
@@ -166,6 +167,7 @@ EXPECTED = {
     "deleted-last": "receipt-missing",
     "inserted": "receipt-inserted",
     "reordered": "receipt-out-of-order",
+    "reordered-far": "receipt-out-of-order",
     "other-key": "receipt-untrusted-key",
     "truncated": "receipt-truncated",
     "empty-file": "receipt-truncated",
@@ -184,7 +186,7 @@ def test_verify_refuses_each_tampering_with_its_own_code(case: str, chain: Home,
     assert "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("case", ["edited-byte", "reordered", "truncated", "inserted"])
+@pytest.mark.parametrize("case", ["edited-byte", "reordered", "reordered-far", "truncated", "inserted"])
 def test_bundle_tampering_is_caught_too(case: str, chain: Home, tmp_path: Path) -> None:
     TAMPERING[case](chain, tmp_path)
     bundle = tmp_path / "b.jsonl"
@@ -268,3 +270,63 @@ def test_verify_with_unreadable_key_is_a_usage_error(chain: Home, tmp_path: Path
     bad.write_text("not a key")
     out = avm(chain, "receipts", "verify", "--key", str(bad))
     assert out.returncode == 64 and "error[key-unreadable]" in out.stderr
+
+
+def test_usage_refusals_are_recorded_as_refused_and_listed_with_their_code(chain: Home) -> None:
+    with pytest.raises(UsageError), evidence.record_step(chain, "gate", inputs={"profile": "x" * 40}):
+        raise UsageError("invalid-profile-name", "too long")
+    predicate = open_receipt(ledger.read(chain.receipts, 7))[2].predicate
+    assert predicate.status == "refused"
+    assert predicate.error == {"code": "invalid-profile-name", "message": "too long"}
+    out = avm(chain, "receipts", "list", "--last", "1")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[2:4] == ["gate", "refused"]
+    assert out.stdout.rstrip().endswith("error[invalid-profile-name]")
+
+
+def test_an_error_raised_between_steps_gets_its_own_receipt_once(chain: Home) -> None:
+    refusal = RefusedError("secret-unresolved", "secret://local/x cannot be resolved")
+    evidence.record_unrecorded(chain, "apply", refusal, inputs={"target": "t"})
+    assert refusal.receipt == "7"
+    evidence.record_unrecorded(chain, "apply", refusal)  # already recorded: no second receipt
+    assert ledger.last_seq(chain.receipts) == 7
+    predicate = open_receipt(ledger.read(chain.receipts, 7))[2].predicate
+    assert (predicate.kind, predicate.status, predicate.inputs) == ("apply", "refused", {"target": "t"})
+    assert predicate.error == {"code": "secret-unresolved", "message": "secret://local/x cannot be resolved"}
+    # an error a step recorded names that step's receipt, and is not recorded again
+    with pytest.raises(OperationalError) as info, evidence.record_step(chain, "apply"):
+        raise OperationalError("host-unreachable", "no route")
+    assert info.value.receipt == "8"
+    evidence.record_unrecorded(chain, "apply", info.value)
+    assert ledger.last_seq(chain.receipts) == 8
+    assert verify.verify(trusted(chain), directory=chain.receipts).count == 8
+
+
+def test_verify_in_a_home_without_a_key_says_so_and_creates_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "never-made"
+    out = subprocess.run(
+        [*AVM, "--home", str(root), "receipts", "verify"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 64, out.stderr
+    assert out.stderr.splitlines()[0] == (
+        f"error[no-trusted-key]: there is no receipt key in {root} yet, so there is nothing to verify against"
+    )
+    assert "`avm keys init`" in out.stderr
+    assert "Errno" not in out.stderr and "No such file" not in out.stderr
+    assert not root.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "rc"),
+    [
+        (["receipts", "list"], 0),
+        (["receipts", "show", "1"], 1),  # receipt-not-found
+        (["receipts", "verify"], 64),  # no-trusted-key
+        (["status", "--target", "demo"], 64),  # unknown-target
+    ],
+)
+def test_read_only_commands_do_not_create_the_home(tmp_path: Path, args: list[str], rc: int) -> None:
+    root = tmp_path / "never-made"
+    out = subprocess.run([*AVM, "--home", str(root), *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == rc, out.stderr
+    assert not root.exists(), sorted(str(p) for p in root.rglob("*"))

@@ -59,13 +59,24 @@ def commit_all(repo: Path, message: str) -> str:
     return sh_git(repo, "rev-parse", "HEAD")
 
 
+VALID_MANIFEST = """\
+profiles:
+  - name: web
+    risk_tier: L1
+    entrypoint: [python3, agent.py]
+    health: {port: 8081}
+"""
+
+
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
-    """An agent repo with a regular file, an executable, a symlink, a nested and a pinned file."""
+    """An agent repo with a regular file, an executable, a symlink, a nested and a pinned file,
+    and a valid release manifest (signing refuses a commit that could never be promoted)."""
     path = tmp_path / "agent"
     path.mkdir()
     sh_git(path, "init", "-q", "-b", "main")
     (path / "agent.py").write_text("print('hello')\n")
+    (path / "avm.yaml").write_text(VALID_MANIFEST)
     (path / "run.sh").write_text("#!/bin/sh\nexec python3 agent.py\n")
     (path / "run.sh").chmod(0o755)
     (path / "model").mkdir()
@@ -152,6 +163,59 @@ def test_ambiguous_short_sha_is_refused(repo: Path) -> None:
     assert exc.value.code == "ref-ambiguous"
 
 
+def _second_commit(repo: Path) -> str:
+    (repo / "agent.py").write_text("print('hello again')\n")
+    return commit_all(repo, "second")
+
+
+@pytest.mark.parametrize("same_commit", [False, True])
+def test_tag_and_branch_of_the_same_name_are_ambiguous(repo: Path, same_commit: bool) -> None:
+    first = git.resolve(repo, "refs/tags/v1")
+    second = _second_commit(repo)
+    sh_git(repo, "branch", "v1", first if same_commit else second)
+    with pytest.raises(RefusedError) as exc:
+        git.resolve(repo, "v1")
+    assert exc.value.code == "ref-ambiguous" and exc.value.exit_code == 3
+    branch_at = first if same_commit else second
+    assert exc.value.details["candidates"] == [
+        f"refs/heads/v1: commit {branch_at}",
+        f"refs/tags/v1: commit {first}",
+    ]
+    assert exc.value.details["git_warning"] == ["warning: refname 'v1' is ambiguous."]
+    with pytest.raises(RefusedError) as exc:  # a suffix does not make the base unambiguous
+        git.resolve(repo, "v1~0")
+    assert exc.value.code == "ref-ambiguous"
+    # exact spellings still work: the full SHA and the full ref names
+    assert git.resolve(repo, first) == first
+    assert git.resolve(repo, "refs/tags/v1") == first
+    assert git.resolve(repo, "refs/heads/v1") == branch_at
+
+
+def test_branch_named_like_another_commits_short_sha_is_ambiguous(repo: Path) -> None:
+    first = git.resolve(repo, "HEAD")
+    second = _second_commit(repo)
+    short = first[:7]
+    sh_git(repo, "branch", short, second)  # git itself would silently take the branch
+    with pytest.raises(RefusedError) as exc:
+        git.resolve(repo, short)
+    assert exc.value.code == "ref-ambiguous"
+    assert exc.value.details["candidates"] == [
+        f"refs/heads/{short}: commit {second}",
+        f"object {first}: commit",
+    ]
+    assert git.resolve(repo, first) == first  # the full SHA names its object, never the branch
+
+
+def test_ambiguity_is_refused_even_when_git_is_told_not_to_warn(repo: Path) -> None:
+    second = _second_commit(repo)
+    sh_git(repo, "branch", "v1", second)
+    sh_git(repo, "config", "core.warnAmbiguousRefs", "false")
+    with pytest.raises(RefusedError) as exc:
+        git.resolve(repo, "v1")
+    assert exc.value.code == "ref-ambiguous"
+    assert len(exc.value.details["candidates"]) == 2
+
+
 INJECTION_REFS = [
     "--upload-pack=touch /tmp/x",
     "-x",
@@ -187,10 +251,11 @@ def test_not_a_repository(tmp_path: Path) -> None:
 def test_read_file_and_tree(repo: Path) -> None:
     sha = git.resolve(repo, "HEAD")
     assert git.read_file(repo, sha, "agent.py") == b"print('hello')\n"
-    assert git.read_file(repo, sha, "avm.yaml") is None
+    assert git.read_file(repo, sha, "no-such.yaml") is None
     modes = {e.path: (e.mode, e.kind) for e in git.tree(repo, sha)}
     assert modes == {
         "agent.py": ("100644", "blob"),
+        "avm.yaml": ("100644", "blob"),
         "run.sh": ("100755", "blob"),
         "latest": ("120000", "symlink"),
         "model/weights.bin": ("100644", "blob"),
@@ -227,14 +292,14 @@ def test_bundle_tar_layout(repo: Path) -> None:
     built = bundle.build(repo, git.resolve(repo, "HEAD"))
     with tarfile.open(fileobj=io.BytesIO(built.data), mode="r:") as tar:
         members = tar.getmembers()
-        assert [m.name for m in members] == ["agent.py", "latest", "model/weights.bin", "run.sh"]
+        assert [m.name for m in members] == ["agent.py", "avm.yaml", "latest", "model/weights.bin", "run.sh"]
         by_name = {m.name: m for m in members}
         assert all(m.mtime == 0 and m.uid == 0 and m.gid == 0 for m in members)
         assert all(m.uname == "" and m.gname == "" for m in members)
         assert by_name["agent.py"].mode == 0o644
         assert by_name["run.sh"].mode == 0o755
         assert by_name["latest"].issym() and by_name["latest"].linkname == "model/weights.bin"
-    assert set(built.files) == {"agent.py", "model/weights.bin", "run.sh"}
+    assert set(built.files) == {"agent.py", "avm.yaml", "model/weights.bin", "run.sh"}
     assert built.files["agent.py"] == "sha256:" + hashlib.sha256(b"print('hello')\n").hexdigest()
     assert bundle.unpack_listing(built.data) == built.files
 
@@ -567,6 +632,80 @@ def test_cli_release_flow(tmp_path: Path, repo: Path) -> None:
     assert wrong.returncode == 64 and "key-password-wrong" in wrong.stderr
     unknown = avm(home, *sign_args, "--commit", "nope")
     assert unknown.returncode == 3 and "ref-unknown" in unknown.stderr
+
+
+def _last_receipt(home: Path) -> dict[str, Any]:
+    listed = json.loads(avm(home, "--json", "receipts", "list", "--last", "1").stdout)["receipts"]
+    shown = json.loads(avm(home, "--json", "receipts", "show", str(listed[0]["seq"])).stdout)
+    predicate: dict[str, Any] = shown["statement"]["predicate"]
+    return predicate
+
+
+def test_cli_refuses_an_ambiguous_ref_and_lists_the_candidates(
+    tmp_path: Path, repo: Path, keypair: tuple[bytes, bytes]
+) -> None:
+    home = tmp_path / "home"
+    assert avm(home, "keys", "init").returncode == 0
+    key, _pub = write_key(tmp_path, keypair)
+    tag = git.resolve(repo, "refs/tags/v1")
+    second = _second_commit(repo)
+    sh_git(repo, "branch", "v1", second)
+    out = avm(home, "sign", "--repo", str(repo), "--commit", "v1", "--key", str(key))
+    assert out.returncode == 3, out.stderr
+    assert "error[ref-ambiguous]" in out.stderr
+    lines = out.stderr.splitlines()
+    assert lines[lines.index("  candidates:") + 1 :][:2] == [
+        f"    refs/heads/v1: commit {second}",
+        f"    refs/tags/v1: commit {tag}",
+    ]
+    assert not (home / "signatures").exists()  # nothing signed
+    predicate = _last_receipt(home)
+    assert predicate["kind"] == "sign" and predicate["status"] == "refused"
+    assert predicate["error"]["code"] == "ref-ambiguous"
+    exact = avm(home, "--json", "sign", "--repo", str(repo), "--commit", "refs/tags/v1", "--key", str(key))
+    assert exact.returncode == 0, exact.stderr
+    assert json.loads(exact.stdout)["commit"] == tag
+
+
+@pytest.mark.parametrize(("length", "rc"), [(26, 0), (27, 64), (32, 64)])
+def test_sign_refuses_a_commit_whose_manifest_is_invalid(
+    tmp_path: Path, repo: Path, keypair: tuple[bytes, bytes], length: int, rc: int
+) -> None:
+    """A profile name must fit everything derived from it: `agent-<name>` is a Linux user, at
+    most 32 characters, so 26 is the longest name; nothing is signed for a longer one."""
+    home = tmp_path / "home"
+    assert avm(home, "keys", "init").returncode == 0
+    key, _pub = write_key(tmp_path, keypair)
+    name = ("p" * length)[: length - 1] + "1"
+    (repo / "avm.yaml").write_text(VALID_MANIFEST.replace("name: web", f"name: {name}"))
+    sha = commit_all(repo, f"profile name of {length} characters")
+    out = avm(home, "--json", "sign", "--repo", str(repo), "--commit", sha, "--key", str(key))
+    assert out.returncode == rc, out.stdout + out.stderr
+    predicate = _last_receipt(home)
+    assert predicate["kind"] == "sign"
+    if rc == 0:
+        assert json.loads(out.stdout)["commit"] == sha and predicate["status"] == "ok"
+        return
+    error = json.loads(out.stdout)["error"]
+    assert error["code"] == "manifest-invalid"
+    assert "profiles.0.name" in error["message"] and "agent-<name> is at most 32" in error["message"]
+    assert not (home / "signatures").exists()  # nothing signed
+    # a usage refusal is recorded as refused (nothing was changed), not as failed
+    assert predicate["status"] == "refused" and predicate["error"]["code"] == "manifest-invalid"
+
+
+def test_sign_refuses_a_commit_without_a_manifest(
+    tmp_path: Path, repo: Path, keypair: tuple[bytes, bytes]
+) -> None:
+    home = tmp_path / "home"
+    assert avm(home, "keys", "init").returncode == 0
+    key, _pub = write_key(tmp_path, keypair)
+    (repo / "avm.yaml").unlink()
+    sha = commit_all(repo, "no manifest")
+    out = avm(home, "--json", "sign", "--repo", str(repo), "--commit", sha, "--key", str(key))
+    assert out.returncode == 3, out.stderr
+    assert json.loads(out.stdout)["error"]["code"] == "manifest-missing"
+    assert not (home / "signatures").exists()
 
 
 @pytest.mark.parametrize("ref", ["--upload-pack=touch {marker}", "HEAD;touch {marker}", "../x", "-x"])

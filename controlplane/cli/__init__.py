@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -49,7 +49,11 @@ class _AvmGroup(click.Group):
     help="State directory [default: $AVM_HOME, else ~/.avm].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one machine-readable JSON document.")
-@click.option("--debug", is_flag=True, help="Show tracebacks; re-raise errors instead of diagnosing them.")
+@click.option(
+    "--debug",
+    is_flag=True,
+    help="Add a traceback to error output (stderr); exit code and stdout stay the same.",
+)
 @click.version_option(package_name="agent-vm", prog_name="avm")
 @click.pass_context
 def cli(ctx: click.Context, home: Path | None, as_json: bool, debug: bool) -> None:
@@ -69,9 +73,45 @@ def cli(ctx: click.Context, home: Path | None, as_json: bool, debug: bool) -> No
 groups.register(cli)
 
 
+def _set_flag(name: str) -> Callable[[click.Context, click.Parameter, bool], None]:
+    def callback(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+        if not value:
+            return
+        _STATE[name] = True
+        app = ctx.find_object(AppContext)
+        if app is not None:
+            setattr(app, name, True)
+
+    return callback
+
+
+def _accept_output_flags(command: click.Command) -> None:
+    """``--json`` and ``--debug`` mean the same after any command as before it
+    (``avm status --target VM --json`` == ``avm --json status --target VM``): added here, once,
+    to every command and group, rather than declared by each."""
+    for name, text in (("json", "Same as `avm --json`."), ("debug", "Same as `avm --debug`.")):
+        if not any(f"--{name}" in param.opts for param in command.params):
+            command.params.append(
+                click.Option(
+                    [f"--{name}"],
+                    is_flag=True,
+                    expose_value=False,
+                    callback=_set_flag(name),
+                    help=text,
+                )
+            )
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _accept_output_flags(sub)
+
+
+for _command in cli.commands.values():
+    _accept_output_flags(_command)
+
+
 def _print_error(err: AvmError) -> None:
     if _STATE["json"]:
-        click.echo(json.dumps({"error": err.to_dict()}, indent=2, sort_keys=True, default=str))
+        _print_json_error(err.to_dict())
         return
     click.secho(f"error[{err.code}]: {err.message}", fg="red", err=True)
     expected = err.details.get("expected")
@@ -79,13 +119,31 @@ def _print_error(err: AvmError) -> None:
     if expected is not None or actual is not None:
         click.echo(f"  expected: {expected}", err=True)
         click.echo(f"  actual:   {actual}", err=True)
+    candidates = err.details.get("candidates")
+    if isinstance(candidates, list) and candidates:
+        click.echo("  candidates:", err=True)
+        for candidate in candidates:
+            click.echo(f"    {candidate}", err=True)
     if err.hint:
         click.echo(f"  hint: {err.hint}", err=True)
+    if err.receipt is not None:
+        click.echo(f"  evidence: receipt #{err.receipt} (`avm receipts show {err.receipt}`)", err=True)
+
+
+def _print_json_error(doc: dict[str, Any]) -> None:
+    click.echo(json.dumps({"error": doc}, indent=2, sort_keys=True, default=str))
+
+
+def _traceback_if_debug() -> None:
+    """``--debug`` adds the traceback on stderr; the exit code and stdout stay what they are."""
+    if _STATE["debug"]:
+        traceback.print_exc()
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point: the one error boundary. Exits with a code from ``ExitCode``."""
     args = list(sys.argv[1:] if argv is None else argv)
+    _STATE.update(json=False, debug=False)
     try:
         rv: Any = cli.main(args=args, prog_name="avm", standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -95,24 +153,25 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         sys.exit(130)
     except click.ClickException as exc:
         # Click's usage errors would exit 2, which means "drift" here.
+        _traceback_if_debug()
         if _STATE["json"] or "--json" in args:
-            doc = {"code": "usage", "message": exc.format_message(), "exit_code": int(ExitCode.USAGE)}
-            click.echo(json.dumps({"error": doc}, indent=2, sort_keys=True))
+            _print_json_error(
+                {"code": "usage", "message": exc.format_message(), "exit_code": int(ExitCode.USAGE)}
+            )
         else:
             exc.show()
         sys.exit(int(ExitCode.USAGE))
     except AvmError as exc:
-        if _STATE["debug"]:
-            raise
+        _traceback_if_debug()
         _print_error(exc)
         sys.exit(int(exc.exit_code))
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
-    except Exception:
-        if _STATE["debug"]:
-            raise
+    except Exception as exc:
         click.secho("internal error (a bug in avm); traceback follows:", fg="red", err=True)
         traceback.print_exc()
+        if _STATE["json"]:
+            _print_json_error({"code": "internal", "message": repr(exc), "exit_code": int(ExitCode.ERROR)})
         sys.exit(int(ExitCode.ERROR))
     sys.exit(int(rv) if isinstance(rv, int) else 0)

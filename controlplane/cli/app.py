@@ -22,7 +22,14 @@ class AppContext:
 
     @property
     def home(self) -> Home:
+        """The home, its layout created if missing: for commands that write state."""
         return Home(self.home_path).ensure()
+
+    @property
+    def home_as_is(self) -> Home:
+        """The home as it is, nothing created: read-only commands (``status``, ``receipts
+        list|show|verify``) must not make a home tree as a side effect."""
+        return Home(self.home_path)
 
     def say(self, message: str) -> None:
         """Progress and explanations go to stderr, so stdout stays one document."""

@@ -126,7 +126,7 @@ def status(app: AppContext, target: str) -> int:
     """
     from controlplane import status as status_mod
 
-    report = status_mod.check(app.home, target)
+    report = status_mod.check(app.home_as_is, target)
     app.emit(_report_doc(report), lambda: _render_report(report))
     return 0 if report.in_sync else 2
 
@@ -142,10 +142,14 @@ def _render_report(report: DriftReport) -> None:
     if report.in_sync:
         click.echo(f"{report.target}: in sync with {against} ({', '.join(report.profiles)})")
         return
-    click.echo(f"{report.target}: DRIFT against {against}")
-    click.echo(f"  {'where':<44} {'what':<38} expected -> actual")
+    count = len(report.findings)
+    click.echo(f"{report.target}: DRIFT against {against} ({count} finding{'s' if count != 1 else ''})")
+    # each finding's path on its own line, never cut: it is what the on-call engineer opens next
     for f in report.findings:
-        click.echo(f"  {f.where[:44]:<44} {f.what[:38]:<38} {f.expected or '-'} -> {f.actual or '-'}")
+        click.echo(f"  {f.where}")
+        click.echo(f"      {f.what}")
+        click.echo(f"      expected: {f.expected or '-'}")
+        click.echo(f"      actual:   {f.actual or '-'}")
 
 
 commands = [promote, status, rollback]

@@ -24,19 +24,21 @@ def receipts() -> None:
 @click.option("--last", type=click.IntRange(min=1), default=None, help="Only the last N receipts.")
 @pass_app
 def list_(app: AppContext, last: int | None) -> None:
-    """One line per receipt: number, time, kind, status, first subject."""
+    """One line per receipt: number, time, kind, status (ok, refused, failed), first subject, and
+    the error code of a refused or failed step."""
     from controlplane import auditlog
 
-    rows = list(auditlog.summaries(app.home.receipts, last=last))
+    rows = list(auditlog.summaries(app.home_as_is.receipts, last=last))
     if app.json:
         app.emit({"receipts": rows}, "")
         return
     if not rows:
         click.echo("no receipts yet (`avm keys init` writes the first)")
     for row in rows:
-        click.echo(
-            f"{row['seq']:>6}  {row['finished']}  {row['kind']:<16} {row['status']:<8} {row['subject']}"
-        )
+        # a refused or failed step names its error code: the reason is one `receipts show` away
+        error = f"  error[{row['error']}]" if row["error"] else ""
+        line = f"{row['seq']:>6}  {row['finished']}  {row['kind']:<16} {row['status']:<8} {row['subject']}"
+        click.echo(line + error)
 
 
 @receipts.command("show")
@@ -46,7 +48,7 @@ def show(app: AppContext, receipt_id: str) -> None:
     """Print one receipt's statement. RECEIPT_ID is its number or a prefix of its digest."""
     from controlplane import auditlog
 
-    doc = auditlog.show(app.home.receipts, receipt_id)
+    doc = auditlog.show(app.home_as_is.receipts, receipt_id)
     app.emit(doc, json.dumps(doc, indent=2, sort_keys=True))
 
 
@@ -81,8 +83,8 @@ def verify(
     from controlplane import keys
     from controlplane import verify as verifier
 
-    home = app.home
-    trusted = keys.load_trusted(list(key_paths) or [keys.public_path(home)])
+    home = app.home_as_is
+    trusted = keys.load_trusted(list(key_paths)) if key_paths else keys.load_own_trusted(home)
     if bundle is None and directory is None:
         directory = home.receipts
     report = verifier.verify(trusted, directory=directory, bundle=bundle, expect_head=expect_head)
@@ -132,7 +134,7 @@ def export(app: AppContext, out: Path | None, html_out: Path | None, key_paths: 
     if html_out is not None:
         from controlplane import auditreport, keys
 
-        trusted = keys.load_trusted(list(key_paths) or [keys.public_path(app.home)])
+        trusted = keys.load_trusted(list(key_paths)) if key_paths else keys.load_own_trusted(app.home)
         counts = auditreport.write(app.home.receipts, trusted, html_out)
         doc["html"] = {"path": str(html_out), **counts}
         lines.append(
