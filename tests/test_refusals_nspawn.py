@@ -215,8 +215,13 @@ def test_status_json_after_the_command_and_the_whole_drifted_path(
         assert human.returncode == 2
         lines = human.stdout.splitlines()
         assert f"  {path}" in lines, human.stdout
-        below = lines[lines.index(f"  {path}") + 1 :]
-        assert below[0] == "      release file differs from the signed bundle"
+        # the path heads each of its findings: the mode made writable, then the content edit
+        heads = [i for i, line in enumerate(lines) if line == f"  {path}"]
+        assert [lines[i + 1] for i in heads] == [
+            "      release entry mode differs (writable)",
+            "      release file differs from the signed bundle",
+        ]
+        below = lines[heads[1] + 1 :]
         assert below[1].startswith("      expected: sha256:") and below[2].startswith(
             "      actual:   sha256:"
         )
