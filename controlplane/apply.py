@@ -225,19 +225,16 @@ def _prove_units(
     for prof in group:
         unit = seen.unit(prof.name)
         have = seen.profiles.get(prof.name)
-        gaps: list[str] = []
-        if unit is None:
-            gaps.append("unit not loaded")
-        else:
-            gaps += [f"foreign unit file {path}" for path in unitcheck.foreign_files(prof.name, unit)]
-            gaps += [
-                f"{k}={a!r} (template grants {e!r})" for k, e, a in unitcheck.hardening_gaps(prof.name, unit)
+        uid = have.uid if have else None
+        release = hostops.release_dir(prof.release)
+        gaps = (
+            ["unit not loaded"]
+            if unit is None
+            else [
+                f"{where}: {what} (expected {e!r}, got {a!r})"
+                for where, what, e, a in unitcheck.problems(prof.name, unit, uid, release)
             ]
-            uid = have.uid if have else None
-            gaps += [
-                f"main process {k}={a!r} (expected {e!r})"
-                for k, e, a in unitcheck.process_gaps(prof.name, unit, uid, hostops.release_dir(prof.release))
-            ]
+        )
         step.check(
             f"unit-effective:{prof.name}",
             ok=not gaps,

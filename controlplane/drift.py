@@ -64,57 +64,14 @@ def unit_findings(expected: DesiredState, facts: HostFacts) -> list[Finding]:
         unit = facts.unit(want.name)
         if unit is None:
             continue
-        name = unitcheck.unit_name(want.name)
-        for path, digest in unitcheck.foreign_files(want.name, unit).items():
-            out.append(
-                Finding(
-                    where=path,
-                    what=f"unit file avm did not write, loaded for {name}",
-                    expected=None,
-                    actual=digest,
-                )
-            )
-        if unit.need_reload:
-            out.append(
-                Finding(
-                    where=name,
-                    what="unit files changed on disk since systemd loaded them",
-                    expected="NeedDaemonReload=no",
-                    actual="NeedDaemonReload=yes",
-                )
-            )
-        gaps = unitcheck.hardening_gaps(want.name, unit)
-        for prop, granted, actual in gaps:
-            out.append(
-                Finding(
-                    where=f"{name} {prop}",
-                    what="hardening the unit template grants is not in force",
-                    expected=_short(granted),
-                    actual=_short(actual),
-                )
-            )
-        flagged = {prop for prop, _, _ in gaps}
-        for prop, was, now in unitcheck.property_drift(want.unit or {}, unit):
-            if prop not in flagged:
-                out.append(
-                    Finding(
-                        where=f"{name} {prop}",
-                        what="effective unit property differs from the apply",
-                        expected=_short(was),
-                        actual=_short(now),
-                    )
-                )
         have = facts.profiles.get(want.name)
-        uid = have.uid if have else None
-        for key, exp, act in unitcheck.process_gaps(want.name, unit, uid, release_path(want.release)):
-            out.append(
-                Finding(
-                    where=f"{name} main process {key}",
-                    what="the running process is not the hardened unit",
-                    expected=exp,
-                    actual=act,
-                )
-            )
+        found = unitcheck.problems(want.name, unit, have.uid if have else None, release_path(want.release))
+        flagged = {where for where, *_ in found}
+        for prop, was, now in unitcheck.property_drift(want.unit or {}, unit):
+            where = f"{unit.Id} {prop}"
+            if where not in flagged:
+                found.append((where, "effective unit property differs from the apply", was, now))
+        out += [Finding(where=w, what=what, expected=_short(e), actual=_short(a)) for w, what, e, a in found]
     return out
 
 
@@ -234,26 +191,10 @@ def against_previous(
             )
         if unit is None:
             continue
-        for path, digest in unitcheck.foreign_files(name, unit).items():
-            findings.append(
-                Finding(
-                    where=path,
-                    what=f"unit file avm did not write, loaded for {unit.Id}",
-                    expected=None,
-                    actual=digest,
-                )
-            )
-        if active and link:
-            uid = have.uid if have else None
-            for key, exp, act in unitcheck.process_gaps(name, unit, uid, link):
-                findings.append(
-                    Finding(
-                        where=f"{unit.Id} main process {key}",
-                        what="the running process is not the hardened unit",
-                        expected=exp,
-                        actual=act,
-                    )
-                )
+        # a unit that should not run is still judged on its files, but has no process to judge
+        uid = have.uid if have else None
+        for w, what, e, a in unitcheck.problems(name, unit, uid, link if active and link else None):
+            findings.append(Finding(where=w, what=what, expected=_short(e), actual=_short(a)))
     return DriftReport(
         target=target,
         findings=tuple(findings),

@@ -51,6 +51,7 @@ class UnitFacts(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     Id: str
+    LoadState: str = "loaded"  # "not-found" when no unit file exists for it
     ActiveState: str = "unknown"
     SubState: str = "unknown"
     NRestarts: str = "0"

@@ -132,3 +132,41 @@ def process_gaps(
         "cwd": release,
     }
     return [(key, value, proc.get(key)) for key, value in want.items() if proc.get(key) != value]
+
+
+# (where, what, expected, actual)
+Problem = tuple[str, str, str | None, str | None]
+
+
+def problems(profile: str, unit: UnitFacts, uid: int | None, release: str | None) -> list[Problem]:
+    """Everything about a loaded unit that makes it not avm's hardened unit, whatever was
+    recorded: foreign unit files, a reload pending, hardening not in force, and (when
+    ``release`` is given) a main process that is not the unprivileged agent running it."""
+    name = unit_name(profile)
+    out: list[Problem] = [
+        (path, f"unit file avm did not write, loaded for {name}", None, digest)
+        for path, digest in foreign_files(profile, unit).items()
+    ]
+    if (
+        unit.LoadState != "loaded"
+    ):  # nothing of the template is loaded: its files are judged, not its properties
+        return out
+    if unit.need_reload:
+        out.append(
+            (
+                name,
+                "unit files changed on disk since systemd loaded them",
+                "NeedDaemonReload=no",
+                "NeedDaemonReload=yes",
+            )
+        )
+    out += [
+        (f"{name} {prop}", "hardening the unit template grants is not in force", want, got)
+        for prop, want, got in hardening_gaps(profile, unit)
+    ]
+    if release is not None:
+        out += [
+            (f"{name} main process {key}", "the running process is not the hardened unit", want, got)
+            for key, want, got in process_gaps(profile, unit, uid, release)
+        ]
+    return out

@@ -39,6 +39,7 @@ UNIT_PROPERTIES = tuple(_PROPERTY_WORDS.split())
 PROC_FIELDS = ("Uid", "Gid", "NoNewPrivs", "CapEff", "CapBnd", "Seccomp")
 STATE_PROPERTIES = (
     "MainPID",
+    "LoadState",
     "Id",
     "ActiveState",
     "SubState",
@@ -234,7 +235,7 @@ def units(profiles: list[str]) -> tuple[dict[str, Any], str | None]:
             continue
         loaded = [p for p in [kv.get("FragmentPath", ""), *kv.get("DropInPaths", "").split()] if p]
         out[kv["Id"]] = {
-            **{k: kv.get(k, "") for k in ("Id", "ActiveState", "SubState", "NRestarts")},
+            **{k: kv.get(k, "") for k in ("Id", "LoadState", "ActiveState", "SubState", "NRestarts")},
             "need_reload": kv.get("NeedDaemonReload") == "yes",
             "fragment": kv.get("FragmentPath", ""),
             "files": {p: digest(p) for p in loaded},
