@@ -32,10 +32,10 @@ $(VENV)/.stamp-$(EXTRAS): pyproject.toml
 
 venv: $(VENV)/.stamp-$(EXTRAS)
 
-# the tests of the libvirt and gcp backends need their extras; `make demo` needs only dev
+# the tests of the libvirt, gcp and sigstore code need their extras; `make demo` needs only dev
 test:
-	@$(MAKE) --no-print-directory setup EXTRAS=dev,libvirt,gcp
-	@$(PY) -c 'import libvirt, pulumi, pulumi_gcp' 2>/dev/null || echo "WARNING: extras libvirt/gcp not importable: their tests will skip" >&2
+	@$(MAKE) --no-print-directory setup EXTRAS=dev,libvirt,gcp,sigstore
+	@$(PY) -c 'import libvirt, pulumi, pulumi_gcp, sigstore' 2>/dev/null || echo "WARNING: extras libvirt/gcp/sigstore not importable: their tests will fail" >&2
 	$(VENV)/bin/pytest
 
 lint: setup
