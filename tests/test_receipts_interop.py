@@ -1,6 +1,6 @@
 """Receipts verified by tools avm did not write: securesystemslib's DSSE verifier and in-toto-attestation.
 
-A realistic run on a real nspawn golden host (keys, image build, release key trust, approver
+A realistic run on a real nspawn golden host (keys, image build and its SLSA provenance, release key trust, approver
 trust, an approval, vm up, a dry-run and an applied promotion, status, vm down) writes every
 kind the Tier-1 story has. Then each stored receipt is checked with nothing but the receipt
 key's public PEM: securesystemslib's ``Envelope.verify`` (the DSSE spec's reference library)
@@ -35,6 +35,7 @@ from tests.plugins.vms import needs_root_and_nspawn, run_avm
 # golden_home's key is made through the library (no receipt); key-created is checked on its own
 KINDS = {
     "image-build",
+    "image-provenance",
     "release-key-trusted",
     "approver-trusted",
     "approval",
