@@ -1,8 +1,8 @@
 """Receipts verified by tools avm did not write: securesystemslib's DSSE verifier and in-toto-attestation.
 
-A realistic run on a real nspawn golden host (keys, image build and its SLSA provenance, release key trust, approver
-trust, an approval, vm up, a dry-run and an applied promotion, status, vm down) writes every
-kind the Tier-1 story has. Then each stored receipt is checked with nothing but the receipt
+A realistic run on a real nspawn golden host (keys, image build and its SLSA provenance, release
+key trust, approver trust, an approval, vm up, a dry-run and an applied promotion, status, vm
+down) writes every kind the Tier-1 story has. Then each stored receipt is checked with nothing but the receipt
 key's public PEM: securesystemslib's ``Envelope.verify`` (the DSSE spec's reference library)
 with a key whose id follows avm's convention, and in-toto-attestation's Statement v1 validator
 over the decoded payload. Tier-2 job kinds (job-run, job-probe-egress) need a QEMU microVM and
