@@ -18,14 +18,21 @@ Each refusal is a ``RefusedError`` (exit 3) with one code:
 ==============================  ============================================================
 sigstore-bundle-malformed       not JSON, or not a loadable bundle
 sigstore-bundle-unsupported     a bundle media type or version avm does not know
-sigstore-bundle-invalid         sigstore-python refused the bundle itself (chain, log, SCT,
-                                timestamp, signature); its reason is in the message
+sigstore-certificate-invalid    the signing certificate does not chain to a trusted CA at the
+                                signing time (another instance, a time in the future)
+sigstore-sct-invalid            the certificate's SCT does not verify with a trusted CT log
+sigstore-time-unverified        no trusted source of time (log or TSA) vouches for the signature
+sigstore-signature-invalid      the signature does not verify over the artifact / envelope
+sigstore-tlog-invalid           the log entry's inclusion proof, checkpoint or SET is wrong
+sigstore-tlog-mismatch          the log entry is for another artifact, signature or certificate
+sigstore-entry-unsupported      a log entry kind sigstore-python cannot establish a time from
+sigstore-bundle-invalid         sigstore-python refused the bundle for another reason (in the
+                                message)
 sigstore-identity-untrusted     keyless, and no Sigstore identity is trusted
 sigstore-identity-mismatch      a valid bundle, but not from a trusted identity (or another
                                 repository / commit)
 sigstore-digest-mismatch        the bundle signs another artifact
 sigstore-key-untrusted          key pair, and the signature verifies with no trusted key
-sigstore-tlog-invalid           key pair: the log entry, its proof or checkpoint is wrong
 sigstore-tlog-untrusted         key pair: the log entry is from a log not in the trusted root
 sigstore-tlog-unsupported       key pair: a log entry kind avm does not check
 sigstore-trusted-root-mismatch  the shipped trusted root is not the pinned file
@@ -224,7 +231,7 @@ def _verify_keyless(
             raise _refuse(
                 "sigstore-digest-mismatch", f"the bundle signs another artifact: {message}"
             ) from exc
-        raise _refuse("sigstore-bundle-invalid", f"the bundle does not verify: {message}") from exc
+        raise _refuse(_code_for(message), f"the bundle does not verify: {message}") from exc
     finally:
         quiet.disabled = was
     cert = bundle.signing_certificate
@@ -235,6 +242,25 @@ def _verify_keyless(
         actual=_cert_identity(cert),
         reasons=reasons[:3],
     )
+
+
+# sigstore-python's reasons, mapped to avm's codes (first match wins; the reason stays in the message)
+_REASONS = (
+    ("Integrated time only supported", "sigstore-entry-unsupported"),
+    ("invalid log entry", "sigstore-tlog-invalid"),
+    ("inconsistent with other materials", "sigstore-tlog-mismatch"),
+    ("log entry payload hash does not match", "sigstore-tlog-mismatch"),
+    ("log entry signatures do not match", "sigstore-tlog-mismatch"),
+    ("SCT", "sigstore-sct-invalid"),
+    ("timestamp certificate chain", "sigstore-certificate-invalid"),
+    ("not enough sources of verified time", "sigstore-time-unverified"),
+    ("invalid signature", "sigstore-signature-invalid"),
+    ("Signature is invalid", "sigstore-signature-invalid"),
+)
+
+
+def _code_for(message: str) -> str:
+    return next((code for needle, code in _REASONS if needle in message), "sigstore-bundle-invalid")
 
 
 def _cert_identity(cert: Any) -> dict[str, Any]:

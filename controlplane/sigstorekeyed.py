@@ -199,7 +199,7 @@ def check_tlog_entry(
         or logged_sig != signature
         or _spki(logged_key) != _spki(public)
     ):
-        raise _refuse("sigstore-tlog-invalid", "the log entry is for another artifact, signature or key")
+        raise _refuse("sigstore-tlog-mismatch", "the log entry is for another artifact, signature or key")
     log_id = _b64(entry.get("logId", {}).get("keyId"), "logId")
     log_key = _log_key(trusted_root, log_id)
     proof = entry.get("inclusionProof")

@@ -160,7 +160,7 @@ def test_the_log_body_must_name_this_artifact_signature_and_key() -> None:
     )
     body["spec"]["data"]["hash"]["value"] = "0" * 64
     doc = mutate(f"{ENTRY}.canonicalizedBody", base64.b64encode(json.dumps(body).encode()).decode())
-    assert refused(lambda: keyed(doc)).code == "sigstore-tlog-invalid"
+    assert refused(lambda: keyed(doc)).code == "sigstore-tlog-mismatch"
 
 
 def test_a_log_not_in_the_trusted_root_is_refused(tmp_path: Path) -> None:

@@ -148,9 +148,10 @@ def verify_bundle(
     Keyless bundles: a trusted identity (avm keys trust --sigstore-identity) and the trusted
     root. Key-pair bundles: a trusted release key (avm keys trust --release), with the
     transparency-log entry checked when present. The receipt records the trust material.
-    Codes: sigstore-bundle-malformed, sigstore-bundle-unsupported, sigstore-bundle-invalid,
-    sigstore-identity-untrusted, sigstore-identity-mismatch, sigstore-digest-mismatch,
-    sigstore-key-untrusted, sigstore-tlog-invalid, sigstore-tlog-untrusted.
+    Codes (exit 3): sigstore-bundle-malformed, -bundle-unsupported, -certificate-invalid,
+    -sct-invalid, -time-unverified, -signature-invalid, -tlog-invalid, -tlog-mismatch,
+    -tlog-untrusted, -entry-unsupported, -identity-untrusted, -identity-mismatch,
+    -digest-mismatch, -key-untrusted, -trusted-root-invalid (all prefixed sigstore-).
     """
     from controlplane import evidence, sigstoretrust
     from controlplane.canonical import sha256_digest
