@@ -52,7 +52,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from controlplane.errors import RefusedError, UsageError
+from controlplane.errors import AvmError, RefusedError, UsageError
 from controlplane.sigstorekeyed import dsse_subject_matches, verify_keyed
 
 SHIPPED_ROOT = Path(__file__).resolve().parent / "data" / "sigstore" / "trusted_root.json"
@@ -135,8 +135,12 @@ def verify(
     release_keys: Mapping[str, bytes],
     commit: str | None = None,
     trusted_root: Path | None = None,
+    commit_required: bool = True,
 ) -> Verified:
-    """Verify a Sigstore bundle over ``artifact``. Raises ``RefusedError`` (exit 3)."""
+    """Verify a Sigstore bundle over ``artifact``. Raises ``RefusedError`` (exit 3).
+
+    A CI identity (``repository`` set) is checked against ``commit``; with
+    ``commit_required=False`` (an image, which has no commit) only its repository is checked."""
     doc = parse(raw)
     root_bytes, root_digest = load_root(trusted_root)
     base = {
@@ -148,22 +152,26 @@ def verify(
     if is_keyed(doc):
         keyid, checked = verify_keyed(doc, artifact, release_keys, json.loads(root_bytes))
         return Verified("sigstore-key", {**base, "keyid": keyid, **checked})
-    who = _verify_keyless(artifact, raw, doc, identities, commit, trusted_root or SHIPPED_ROOT)
+    who = _verify_keyless(
+        artifact, raw, doc, identities, commit, trusted_root or SHIPPED_ROOT, commit_required
+    )
     return Verified(
         "sigstore-keyless", {**base, **who.to_dict(), "commit": commit if who.repository else None}
     )
 
 
-def _policy(who: TrustedIdentity, commit: str | None) -> Any:
+def _policy(who: TrustedIdentity, commit: str | None, commit_required: bool) -> Any:
     from sigstore.verify import policy
 
     rules: list[Any] = [policy.Identity(identity=who.identity, issuer=who.issuer)]
     if who.repository is not None:
-        if commit is None:
+        if commit is None and commit_required:
             raise UsageError(
                 "sigstore-commit-required", "a CI identity is bound to a commit: pass the commit"
             )
-        rules += [policy.GitHubWorkflowRepository(who.repository), policy.GitHubWorkflowSHA(commit)]
+        rules.append(policy.GitHubWorkflowRepository(who.repository))
+        if commit is not None:
+            rules.append(policy.GitHubWorkflowSHA(commit))
     return policy.AllOf(rules)
 
 
@@ -174,6 +182,7 @@ def _verify_keyless(
     identities: Sequence[TrustedIdentity],
     commit: str | None,
     root_path: Path,
+    commit_required: bool,
 ) -> TrustedIdentity:
     try:
         from sigstore.models import Bundle, TrustedRoot
@@ -212,9 +221,9 @@ def _verify_keyless(
     reasons = []
     for who in identities:
         try:
-            run(_policy(who, commit))
+            run(_policy(who, commit, commit_required))
             return who
-        except RefusedError:
+        except AvmError:
             raise
         except Exception as exc:  # VerificationError, rfc3161-client's, pydantic's: all refusals
             reasons.append(f"{type(exc).__name__}: {exc}")

@@ -87,7 +87,13 @@ def release_keys(home: Home) -> dict[str, bytes]:
 
 
 def verify_blob(
-    home: Home, artifact: bytes, raw: bytes, *, commit: str | None = None, trusted_root: Path | None = None
+    home: Home,
+    artifact: bytes,
+    raw: bytes,
+    *,
+    commit: str | None = None,
+    trusted_root: Path | None = None,
+    commit_required: bool = True,
 ) -> Verified:
     """Verify a bundle over ``artifact`` with this home's trust. Raises ``RefusedError``."""
     return verify(
@@ -97,6 +103,7 @@ def verify_blob(
         release_keys=release_keys(home),
         commit=commit,
         trusted_root=trusted_root,
+        commit_required=commit_required,
     )
 
 
@@ -148,4 +155,4 @@ def describe(verified: Verified) -> str:
     m = verified.material
     if verified.method == "sigstore-key":
         return f"sigstore key {m['keyid']}"
-    return f"sigstore {m['identity']} ({m['issuer']}), root {m['trusted_root'][:19]}"
+    return f"sigstore {m['identity']} ({m['issuer']}), trusted root {m['trusted_root']}"

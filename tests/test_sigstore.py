@@ -20,8 +20,10 @@ from controlplane import (
     bundle,
     cosign,
     evidence,
+    imagesign,
     keys,
     ledger,
+    ocistore,
     signing,
     sigstorebundle,
     sigstoretrust,
@@ -308,3 +310,42 @@ def test_keys_trust_sigstore_identity_records_identity_issuer_and_root(home: Hom
     other = avm("verify-bundle", str(BASE / "a.txt"), "--bundle", bundle_file, "--commit", "1" * 40)
     assert other.returncode == 3
     assert json.loads(other.stdout)["error"]["code"] == "sigstore-identity-mismatch"
+
+
+def test_a_tier2_image_signed_with_a_sigstore_bundle(tmp_path: Path, home: Home) -> None:
+    keys.init(home)
+    (tmp_path / "hello").write_text("hi\n")
+    image = ocistore.build_job_image(home, "avm/bundle-test", {"/hello": tmp_path / "hello"})
+    other = ocistore.build_job_image(home, "avm/other", {"/other": tmp_path / "hello"})
+    password = b"pw"
+    key_pem, pub_pem = cosign.generate_keypair(password)
+    private = cosign.load_private_key(key_pem, password)
+    (tmp_path / "cosign.pub").write_bytes(pub_pem)
+    signing.trust_release_key(home, tmp_path / "cosign.pub", "ci")
+    good = tmp_path / "image.sigstore.json"
+    good.write_bytes(key_bundle(private, pub_pem, imagesign.payload(image.name, image.digest)))
+
+    def avm(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "controlplane", "--home", str(home.root), "--json", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    wrong = avm("image", "sign", other.ref, "--sigstore-bundle", str(good))
+    assert wrong.returncode == 3, wrong.stderr
+    assert json.loads(wrong.stdout)["error"]["code"] == "sigstore-digest-mismatch"
+    assert not imagesign.sigstore_bundle_file(home, other.digest).exists()
+    out = avm("image", "sign", image.ref, "--sigstore-bundle", str(good))
+    assert out.returncode == 0, out.stderr
+    assert imagesign.sigstore_bundle_file(home, image.digest).read_bytes() == good.read_bytes()
+    # the job gate's check: the bundle over the payload rebuilt from the pin, with a trusted key
+    assert (
+        imagesign.verify_image(home, image.name, image.digest)
+        == f"sigstore key {cosign.public_key_id(pub_pem)}"
+    )
+    with pytest.raises(RefusedError) as info:
+        imagesign.verify_image(home, "avm/renamed", image.digest)  # the payload names the reference
+    assert info.value.code == "sigstore-digest-mismatch"

@@ -137,19 +137,37 @@ def build_job(app: AppContext, name: str, files: tuple[str, ...], busybox: bool)
 
 @image.command("sign")
 @click.argument("ref")
-@click.option("--key", "key_path", required=True, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--key", "key_path", default=None, type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--sigstore-bundle",
+    "bundle_path",
+    default=None,
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="Instead of --key: a Sigstore bundle over the image's simple-signing payload, verified "
+    "offline (keyless or key pair) and stored.",
+)
 @pass_app
-def sign(app: AppContext, ref: str, key_path: Path) -> None:
+def sign(app: AppContext, ref: str, key_path: Path | None, bundle_path: Path | None) -> None:
     """Sign NAME@sha256:... with a cosign key ($COSIGN_PASSWORD) and store the signature.
 
-    The signed bytes are cosign's simple-signing payload naming the manifest digest.
+    The signed bytes are cosign's simple-signing payload naming the manifest digest. With
+    --sigstore-bundle, a bundle made elsewhere over those bytes is verified and stored instead.
     """
     from controlplane.errors import UsageError
-    from controlplane.imagesign import sign_image
+    from controlplane.imagesign import import_sigstore_bundle, sign_image
     from controlplane.ocistore import resolve
     from controlplane.signing import password_from_env
 
+    if (key_path is None) == (bundle_path is None):
+        raise UsageError("sign-how", "pass exactly one of --key cosign.key or --sigstore-bundle FILE")
     stored = resolve(app.home, ref)
+    if bundle_path is not None:
+        path, who = import_sigstore_bundle(app.home, stored.name, stored.digest, bundle_path.read_bytes())
+        app.emit(
+            {"image": stored.ref, "signature": str(path), "signer": who}, f"verified {who}\nstored {path}"
+        )
+        return
+    assert key_path is not None
     try:
         key = key_path.read_bytes()
     except OSError as exc:
