@@ -6,7 +6,9 @@ host. Every finding says where, what, and expected vs actual.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from controlplane.facts import HostFacts
 from controlplane.plan import DesiredState, diff, release_tampered, unexpected_profiles
@@ -39,6 +41,8 @@ class DriftReport(BaseModel):
     findings: tuple[Finding, ...]
     profiles: tuple[str, ...]
     receipt: str | None  # the apply receipt the host was compared with
+    # per profile, what the sandbox probe observed in force (controlplane.enforcement)
+    controls: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @property
     def in_sync(self) -> bool:

@@ -135,16 +135,31 @@ def _report_doc(report: DriftReport) -> dict[str, Any]:
     return {**report.model_dump(mode="json"), "in_sync": report.in_sync}
 
 
+def _render_controls(report: DriftReport) -> None:
+    for name, seen in sorted(report.controls.items()):
+        click.echo(
+            f"  {name}: egress {seen.get('egress')}, limits {seen.get('limits')} (observed in the sandbox)"
+        )
+        for kind, reading in sorted(seen.get("limit_readings", {}).items()):
+            if reading.get("status") == "not-enforced":
+                click.echo(
+                    f"    {kind} not-enforced: configured {reading.get('configured')}, "
+                    f"kernel {reading.get('file')} = {reading.get('kernel')}"
+                )
+
+
 def _render_report(report: DriftReport) -> None:
     if report.in_sync:
         click.echo(
             f"{report.target}: in sync with apply receipt #{report.receipt} ({', '.join(report.profiles)})"
         )
+        _render_controls(report)
         return
     click.echo(f"{report.target}: DRIFT against apply receipt #{report.receipt}")
     click.echo(f"  {'where':<44} {'what':<38} expected -> actual")
     for f in report.findings:
         click.echo(f"  {f.where[:44]:<44} {f.what[:38]:<38} {f.expected or '-'} -> {f.actual or '-'}")
+    _render_controls(report)
 
 
 commands = [promote, status, rollback]
