@@ -28,14 +28,19 @@ from tests.plugins.vms import run_avm
 CONNECT_AS = r"""
 import json, socket, subprocess, sys
 addr, user = sys.argv[1], sys.argv[2]
-connect = ("import socket,sys\ns=socket.socket();s.settimeout(3)\ntry:\n s.connect((sys.argv[1],int(sys.argv[2])));"
-           "print('connected')\nexcept OSError as e:\n print('errno',e.errno)")
+connect = (
+    "import socket,sys\ns=socket.socket();s.settimeout(3)\ntry:\n"
+    " s.connect((sys.argv[1],int(sys.argv[2])));print('connected')\n"
+    "except OSError as e:\n print('errno',e.errno)"
+)
+def run(prefix, port):
+    argv = [*prefix, "python3", "-c", connect, addr, port]
+    return subprocess.run(argv, capture_output=True, text=True).stdout.strip()
 with socket.socket() as listener:
     listener.bind((addr, 0)); listener.listen(4)
     port = str(listener.getsockname()[1])
-    root = subprocess.run(["python3", "-c", connect, addr, port], capture_output=True, text=True).stdout.strip()
-    agent = subprocess.run(["setpriv", "--reuid", user, "--regid", user, "--clear-groups",
-                            "python3", "-c", connect, addr, port], capture_output=True, text=True).stdout.strip()
+    root = run([], port)
+    agent = run(["setpriv", "--reuid", user, "--regid", user, "--clear-groups"], port)
 print(json.dumps({"root": root, "agent": agent}))
 """
 
