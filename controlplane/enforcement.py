@@ -226,11 +226,15 @@ def install_host_side(target: Target, host: Transport, material: Material, step:
     net = host_network(target)
     if net is None:
         return
-    wanted = []
-    for prof in material.profiles:
-        step.command(hostops.ensure_user(host, prof.name))
-        uid = int(host.run(["id", "-u", f"agent-{prof.name}"], timeout=30).check().stdout.strip())
-        wanted.append(nspawnnet.ProfileEgress(prof.name, uid, prof.egress))
+    users = {prof.name: f"agent-{prof.name}" for prof in material.profiles}
+    uids = _uids(host, list(users.values()))
+    for name, user in users.items():
+        if user not in uids:  # a new profile: its user must exist before its rule can name it
+            step.command(hostops.ensure_user(host, name))
+    uids = _uids(host, list(users.values())) if len(uids) < len(users) else uids
+    wanted = [
+        nspawnnet.ProfileEgress(prof.name, uids[users[prof.name]], prof.egress) for prof in material.profiles
+    ]
     local = LocalTransport()
     nspawnnet.install(local, net.netns, wanted)
     rules = nspawnnet.parse_rules(nspawnnet.read_rules(local, net.netns))
@@ -244,6 +248,16 @@ def install_host_side(target: Target, host: Transport, material: Material, step:
             detail=f"netns {net.netns} table inet {nspawnnet.TABLE}: uid {got.get('uid')}, "
             f"{len(want.allow)} allow rule(s), default reject {reject}",
         )
+
+
+def _uids(host: Transport, users: Sequence[str]) -> dict[str, int]:
+    """user -> uid for those of ``users`` that exist on the host (one ``getent`` round trip)."""
+    result = host.run(["getent", "passwd", *users], timeout=30)  # rc 2 when one is missing
+    return {
+        fields[0]: int(fields[2])
+        for line in result.stdout.splitlines()
+        if len(fields := line.split(":")) > 2 and fields[2].isdigit()
+    }
 
 
 def host_side_findings(target: Target, profiles: Sequence[str]) -> tuple[list[Finding], dict[str, Any]]:

@@ -122,7 +122,9 @@ def status(app: AppContext, target: str) -> int:
     Compares the host, read in one round trip, with what the last apply receipt says it left:
     which release each `current` points at, every release file's hash, the unit template and
     drop-ins, env and policy files, whether each unit is active, unexpected profiles.
-    It never writes to the host.
+    Then it probes each profile's sandbox: an unlisted destination must be refused to the
+    unit's user (else drift), and the kernel's cgroup limits are shown (not-enforced where the
+    backend does not apply them). It never writes to the host.
     """
     from controlplane import status as status_mod
 
