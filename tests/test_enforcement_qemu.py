@@ -13,6 +13,9 @@ from controlplane.home import Home
 from tests.plugins.agentrepo import AgentRepo
 from tests.plugins.vms import run_avm
 
+# the web profile's cgroup on the guest's cgroup2 (systemd escapes "-" in the slice name)
+UNIT_CGROUP = "/sys/fs/cgroup/system.slice/system-agent\\x2dgateway.slice/agent-gateway@web.service"
+
 
 def avm(home: Home, *args: str, timeout: float = 600) -> tuple[int, dict[str, Any]]:
     out = run_avm(home, "--json", *args, timeout=timeout)
@@ -50,7 +53,7 @@ def test_qemu_probe_observes_the_deny_and_the_limits_in_force(
         assert web["memory"] == {
             "configured": "134217728",
             "kernel": "134217728",
-            "file": "/sys/fs/cgroup/system.slice/system-agent\\x2dgateway.slice/agent-gateway@web.service/memory.max",
+            "file": UNIT_CGROUP + "/memory.max",
             "status": "enforced",
         }
         assert (web["tasks"]["kernel"], web["tasks"]["status"]) == ("32", "enforced")

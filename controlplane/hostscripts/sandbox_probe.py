@@ -28,11 +28,19 @@ PROPS = "Id,ActiveState,MainPID,User,Group,ControlGroup,MemoryMax,TasksMax,CPUQu
 CLONE_NEWNET = 0x40000000
 
 
-def show(unit: str) -> dict[str, str]:
+def show(units: list[str]) -> dict[str, dict[str, str]]:
+    """``systemctl show`` of every unit in one call: Id -> properties."""
+    if not units:
+        return {}
     out = subprocess.run(
-        ["systemctl", "show", "--no-pager", "-p", PROPS, unit], capture_output=True, text=True, timeout=30
+        ["systemctl", "show", "--no-pager", "-p", PROPS, *units], capture_output=True, text=True, timeout=60
     ).stdout
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    found = {}
+    for block in out.strip().split("\n\n"):
+        props = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+        if props.get("Id"):
+            found[props["Id"]] = props
+    return found
 
 
 def cgroup_mounts() -> list[tuple[str, str, set[str], bool]]:
@@ -172,8 +180,7 @@ def sandboxed_connect(
     return doc
 
 
-def probe(name: str, address: str | None, timeout: float) -> dict[str, Any]:
-    unit = show(f"agent-gateway@{name}.service")
+def probe(unit: dict[str, str], address: str | None, timeout: float) -> dict[str, Any]:
     out: dict[str, Any] = {"unit": unit}
     main_pid = int(unit.get("MainPID", "0") or 0)
     if unit.get("ActiveState") != "active" or main_pid == 0:
@@ -204,7 +211,11 @@ def main() -> None:
     request = json.loads(sys.argv[1])
     address = own_address()
     timeout = float(request.get("timeout", 3.0))
-    report = {"address": address, "profiles": {p: probe(p, address, timeout) for p in request["profiles"]}}
+    units = show([f"agent-gateway@{p}.service" for p in request["profiles"]])
+    profiles = {
+        p: probe(units.get(f"agent-gateway@{p}.service", {}), address, timeout) for p in request["profiles"]
+    }
+    report = {"address": address, "profiles": profiles}
     print(json.dumps(report, sort_keys=True))
 
 

@@ -20,7 +20,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from controlplane.errors import OperationalError
+from controlplane.errors import OperationalError, UsageError
 from controlplane.transport.local import LocalTransport
 from controlplane.vm import cgroup, nspawnnet, procs
 from controlplane.vm.base import Booted, BootRequest, Check, VmRecord, VmSpec
@@ -90,6 +90,14 @@ class NspawnBackend:
     host_network = False  # its own namespace (nspawnnet): sshd listens on port 22 there
 
     def preflight(self, spec: VmSpec) -> None:
+        if spec.ssh_port is not None:
+            raise UsageError(
+                "ssh-port-not-applicable",
+                f"--ssh-port {spec.ssh_port} does not apply to the nspawn backend: each nspawn VM has "
+                "its own network namespace and address, and sshd listens on port 22 there",
+                hint="omit --ssh-port; the inventory entry and `avm vm status` show the VM's address",
+                details={"expected": "no --ssh-port", "actual": spec.ssh_port},
+            )
         if shutil.which(NSPAWN) is None:
             raise OperationalError(
                 "tool-missing",
