@@ -15,6 +15,7 @@ Nothing outlives the probe: the listener closes, the child exits.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -136,15 +137,16 @@ def connect(addr: tuple[str, int], timeout: float) -> str:
         sock.close()
 
 
-def sandboxed_connect(
+def start_sandboxed_connect(
     main_pid: int,
     groups: dict[str, tuple[str, bool]],
     uid: int,
     gid: int,
     addr: tuple[str, int],
     timeout: float,
-) -> dict[str, Any]:
-    """Fork a child into the unit's netns and cgroups, as its user; it connects to ``addr``."""
+) -> tuple[int, int]:
+    """Fork a child into the unit's netns and cgroups, as its user; it connects to ``addr``.
+    Returns (pid, read end of its report pipe): the children of all profiles run at once."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: every failure is reported, never raised past here
@@ -171,6 +173,10 @@ def sandboxed_connect(
         os.write(write_end, json.dumps(report).encode())
         os._exit(0)
     os.close(write_end)
+    return pid, read_end
+
+
+def collect(pid: int, read_end: int) -> dict[str, Any]:
     chunks = []
     while chunk := os.read(read_end, 65536):
         chunks.append(chunk)
@@ -180,31 +186,34 @@ def sandboxed_connect(
     return doc
 
 
-def probe(unit: dict[str, str], address: str | None, timeout: float) -> dict[str, Any]:
+def probe(
+    unit: dict[str, str], address: str | None, timeout: float, stack: contextlib.ExitStack
+) -> tuple[dict[str, Any], tuple[int, int] | None]:
+    """Read the unit's cgroups and limits, open its listener (closed by ``stack``), make the
+    control connection and start the sandboxed one. Returns the report and the pending child."""
     out: dict[str, Any] = {"unit": unit}
     main_pid = int(unit.get("MainPID", "0") or 0)
     if unit.get("ActiveState") != "active" or main_pid == 0:
         out["error"] = f"unit not running (ActiveState={unit.get('ActiveState')}, MainPID={main_pid})"
-        return out
+        return out, None
     groups = unit_cgroups(main_pid)
     out["cgroups"] = {k: v[0] for k, v in sorted(groups.items())}
     out["limits"] = kernel_limits(groups)
     if address is None:
         out["error"] = "the host has no global IPv4 address to probe"
-        return out
+        return out, None
     try:
         user = pwd.getpwnam(unit.get("User") or "")
     except KeyError:
         out["error"] = f"unit user {unit.get('User')!r} does not exist"
-        return out
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
-        listener.bind((address, 0))
-        listener.listen(8)
-        dest = (address, listener.getsockname()[1])
-        out["destination"] = f"{dest[0]}:{dest[1]}"
-        out["control"] = connect(dest, timeout)
-        out["sandboxed"] = sandboxed_connect(main_pid, groups, user.pw_uid, user.pw_gid, dest, timeout)
-    return out
+        return out, None
+    listener = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+    listener.bind((address, 0))
+    listener.listen(8)
+    dest = (address, listener.getsockname()[1])
+    out["destination"] = f"{dest[0]}:{dest[1]}"
+    out["control"] = connect(dest, timeout)
+    return out, start_sandboxed_connect(main_pid, groups, user.pw_uid, user.pw_gid, dest, timeout)
 
 
 def main() -> None:
@@ -212,11 +221,18 @@ def main() -> None:
     address = own_address()
     timeout = float(request.get("timeout", 3.0))
     units = show([f"agent-gateway@{p}.service" for p in request["profiles"]])
-    profiles = {
-        p: probe(units.get(f"agent-gateway@{p}.service", {}), address, timeout) for p in request["profiles"]
-    }
-    report = {"address": address, "profiles": profiles}
-    print(json.dumps(report, sort_keys=True))
+    profiles: dict[str, dict[str, Any]] = {}
+    with contextlib.ExitStack() as stack:
+        pending = {}
+        for name in request["profiles"]:
+            profiles[name], child = probe(
+                units.get(f"agent-gateway@{name}.service", {}), address, timeout, stack
+            )
+            if child is not None:
+                pending[name] = child
+        for name, (pid, read_end) in pending.items():
+            profiles[name]["sandboxed"] = collect(pid, read_end)
+    print(json.dumps({"address": address, "profiles": profiles}, sort_keys=True))
 
 
 if __name__ == "__main__":
