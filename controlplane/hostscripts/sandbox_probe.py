@@ -27,6 +27,7 @@ from typing import Any
 
 PROPS = "Id,ActiveState,MainPID,User,Group,ControlGroup,MemoryMax,TasksMax,CPUQuotaPerSecUSec"
 CLONE_NEWNET = 0x40000000
+LIBC = ctypes.CDLL(None, use_errno=True)  # loaded once, before the children fork
 
 
 def show(units: list[str]) -> dict[str, dict[str, str]]:
@@ -153,9 +154,8 @@ def start_sandboxed_connect(
         os.close(read_end)
         report: dict[str, Any] = {"joined": []}
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
             fd = os.open(f"/proc/{main_pid}/ns/net", os.O_RDONLY)
-            if libc.setns(fd, CLONE_NEWNET) != 0:
+            if LIBC.setns(fd, CLONE_NEWNET) != 0:
                 raise OSError(ctypes.get_errno(), "setns(net) failed")
             os.close(fd)
             for key, (path, writable) in sorted(groups.items()):
