@@ -45,6 +45,15 @@ print(json.dumps({"root": root, "agent": agent}))
 """
 
 
+TRANSIENT = ("systemd-run", "--quiet", "--wait", "--pipe", "--collect")
+ALLOC_300M = "b = b'x' * (300 * 2**20); print(len(b))"  # every page written, not just reserved
+FORK_100 = (
+    "import os, time\npids = []\nfor _ in range(100):\n    pid = os.fork()\n"
+    "    if pid == 0:\n        time.sleep(2); os._exit(0)\n    pids.append(pid)\n"
+    "print(len(pids))\nfor pid in pids: os.waitpid(pid, 0)"
+)
+
+
 def avm(home: Home, *args: str) -> tuple[int, dict[str, Any]]:
     out = run_avm(home, "--json", *args)
     return out.returncode, json.loads(out.stdout) if out.stdout.strip() else {"stderr": out.stderr}
@@ -212,6 +221,11 @@ def test_status_in_sync_says_limits_are_not_enforced(golden_home: Home, nspawn_v
         "tasks": "not-enforced",
         "cpu": "not-enforced",
     }
+    # and the verdict is true: under the same kind of limits a process goes past them here
+    over = on_host(golden_home, nspawn_vm, *TRANSIENT, "-p", "MemoryMax=50M", "python3", "-c", ALLOC_300M)
+    assert (over.returncode, over.stdout.strip()) == (0, str(300 * 2**20)), over
+    forks = on_host(golden_home, nspawn_vm, *TRANSIENT, "-p", "TasksMax=10", "python3", "-c", FORK_100)
+    assert (forks.returncode, forks.stdout.strip()) == (0, "100"), forks
     human = run_avm(golden_home, "status", "--target", nspawn_vm).stdout
     assert "web: egress denied, limits not-enforced" in human
     assert "memory not-enforced: configured 134217728" in human
