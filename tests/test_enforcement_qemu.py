@@ -9,10 +9,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from controlplane import inventory
 from controlplane.home import Home
+from controlplane.transport.ssh import SshTransport
 from tests.plugins.agentrepo import AgentRepo
 from tests.plugins.vms import run_avm
 
+TRANSIENT = ("systemd-run", "--quiet", "--wait", "--pipe", "--unit=avm-oomtest")
+ALLOC_300M = "b = b'x' * (300 * 2**20); print(len(b))"  # every page written, not just reserved
 # the web profile's cgroup on the guest's cgroup2 (systemd escapes "-" in the slice name)
 UNIT_CGROUP = "/sys/fs/cgroup/system.slice/system-agent\\x2dgateway.slice/agent-gateway@web.service"
 
@@ -59,6 +63,14 @@ def test_qemu_probe_observes_the_deny_and_the_limits_in_force(
         }
         assert (web["tasks"]["kernel"], web["tasks"]["status"]) == ("32", "enforced")
         assert (web["cpu"]["kernel"], web["cpu"]["status"]) == ("25000 100000", "enforced")
+        # and the verdict is true: here a process past its memory limit is killed
+        with SshTransport.from_target(inventory.load(golden_home, "qenf")) as ssh:
+            ssh.run([*TRANSIENT, "-p", "MemoryMax=50M", "python3", "-c", ALLOC_300M], timeout=120)
+            result = ssh.run(
+                ["systemctl", "show", "-p", "Result", "--value", "avm-oomtest.service"], timeout=30
+            )
+            ssh.run(["systemctl", "reset-failed", "avm-oomtest.service"], timeout=30)
+        assert result.stdout.strip() == "oom-kill"
         rc, status = avm(golden_home, "status", "--target", "qenf")
         assert rc == 0, status
         assert {p: (c["egress"], c["limits"]) for p, c in status["controls"].items()} == {
