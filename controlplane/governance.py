@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 # Evaluated after planning (they bind to the plan digest), not before.
 POST_PLAN = frozenset({"approval"})
+# Evaluated again after the restart, from what the sandbox probe observed in force
+# (controlplane.enforcement): configured is not enough.
+OBSERVED = frozenset({"default-deny-egress"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +126,20 @@ def evaluate(tier: tiers.Tier, ev: Evidence, *, only: Iterable[str] | None = Non
         for control in tier.controls
         if (chosen is None or control in chosen) and (reason := _check(control, tier, ev)) is not None
     ]
+
+
+def evaluate_observed(tier: tiers.Tier, egress: str | None, detail: str = "") -> list[Missing]:
+    """After the restart: the ``OBSERVED`` controls of ``tier`` the probe did not see in force.
+    ``egress`` is the probe's verdict (``denied``, ``allowed``, ``inconclusive``); None means no
+    probe ran, which counts as failed. Pure."""
+    if "default-deny-egress" not in tier.controls or egress == "denied":
+        return []
+    reason = (
+        _unchecked("no sandbox probe ran")
+        if egress is None
+        else f"configured but not observed in force ({egress}): {detail}"
+    )
+    return [Missing("default-deny-egress", reason)]
 
 
 def _open(hosts: Iterable[str]) -> tuple[str, ...]:

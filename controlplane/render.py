@@ -103,6 +103,7 @@ def material(
             canary=p.canary,
             soak_s=manifest.soak_s,
             secret_refs=tuple(sorted(p.secrets.items())),
+            egress=tuple((r.host, r.port, r.proto) for r in p.egress),
         )
         for p in chosen
     )

@@ -39,7 +39,10 @@ CONTROLS: dict[str, str] = {
     "signature": "the release (Tier-1) or job image (Tier-2) verifies against a trusted key",
     "digest-pins": "every artifact / image is pinned by sha256 digest",
     "no-raw-secrets": "env holds no secret-looking value; secrets are secret://STORE/NAME references",
-    "default-deny-egress": "egress denies by default and lists destinations (no 0.0.0.0/0 or ::/0)",
+    "default-deny-egress": (
+        "egress denies by default and lists destinations (no 0.0.0.0/0 or ::/0); Tier-1: observed "
+        "in force from the sandbox after the restart"
+    ),
     "tool-allowlist": "an explicit MCP tool allowlist, each tool pinned by its schema sha256",
     "approval": "N distinct trusted approvers (never the promoter) signed this exact plan digest",
     "canary-soak": "a canary profile goes first and soaks for at least soak_min_s",
