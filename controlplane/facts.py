@@ -1,6 +1,6 @@
 """Tier-1 host facts: one argv, one round trip, one pure ``parse``.
 
-The gatherer (``controlplane/scripts/gather_facts.py``, package data) is a stdlib Python
+The gatherer (``controlplane/hostscripts/gather_facts.py``, package data) is a stdlib Python
 program run with the host's ``python3 -c`` (the golden image ships python3). It only reads:
 every release entry (``lstat``: type, mode, owner, content), the layout's ownership, every unit
 file and drop-in systemd loaded for each profile, and the effective unit properties.
@@ -26,10 +26,10 @@ UNIT_TEMPLATE = f"{UNIT_DIR}/agent-gateway@.service"
 
 
 def _gatherer() -> str:
-    """The gatherer's source (package data: controlplane/scripts/gather_facts.py)."""
-    from importlib.resources import files
+    """The gatherer's source (package data: controlplane/hostscripts/gather_facts.py)."""
+    from controlplane import hostscripts
 
-    return files("controlplane").joinpath("scripts/gather_facts.py").read_text(encoding="utf-8")
+    return hostscripts.text("gather_facts")
 
 
 class ProfileFacts(BaseModel):

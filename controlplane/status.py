@@ -51,7 +51,9 @@ def check(home: Home, target: str) -> DriftReport:
         try:
             facts = gather(host, names, releases)
             # controls observed in force from each sandbox, not read from configuration
-            observed = enforcement.probe(host, names)
+            # (profiles that should not run at all have no sandbox to probe)
+            running = names if isinstance(expected, DesiredState) else [n for n in names if expected[n]]
+            observed = enforcement.probe(host, running) if running else {}
             # gateway audit events (tool denials, refusals) since that receipt, into this one
             since = _receipt_started(home, receipt_id)
             for event in auditevents.gateway_events(host, names, since):
@@ -64,7 +66,7 @@ def check(home: Home, target: str) -> DriftReport:
             report = drift.against_previous(target, expected, facts, receipt_id, notes=notes)
         enforcement.record(step, observed)
         extra = enforcement.findings(observed, _recorded_controls(home, receipt_id))
-        rule_findings, rules = enforcement.host_side_findings(entry, names)
+        rule_findings, rules = enforcement.host_side_findings(entry, running)
         if rules:
             step.observe("host_side_egress_rules", rules)
         report = report.model_copy(
