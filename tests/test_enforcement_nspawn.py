@@ -232,17 +232,23 @@ def test_status_in_sync_says_limits_are_not_enforced(golden_home: Home, nspawn_v
     assert " ok" not in human
 
 
-def test_a_unit_running_as_another_user_fails_the_observed_gate_at_exit_3(
+def test_a_deny_that_is_only_configured_fails_the_observed_gate_at_exit_3(
     golden_home: Home, agent_repo: AgentRepo, nspawn_vm: str
 ) -> None:
-    dropin = "/etc/systemd/system/agent-gateway@batch.service.d/zz-user.conf"
-    assert (
-        on_host(
-            golden_home, nspawn_vm, "sh", "-c", f"printf '[Service]\\nUser=nobody\\n' > {dropin}"
-        ).returncode
-        == 0
+    """An nspawn host whose inventory has no network record (made before per-VM networks) gets
+    no host-side rules, and the unit's IPAddressDeny= alone is not enforced there: the probe sees
+    the connection go through and the promote is refused, the unit stopped (fail closed)."""
+    target = inventory.load(golden_home, nspawn_vm)
+    netns = netns_of(golden_home, nspawn_vm)
+    inventory.save(
+        golden_home,
+        target.model_copy(update={"meta": {k: v for k, v in target.meta.items() if k != "network"}}),
     )
-    assert on_host(golden_home, nspawn_vm, "systemctl", "daemon-reload").returncode == 0
+    subprocess.run(
+        ["ip", "netns", "exec", netns, "nft", "flush", "chain", "inet", "avm_egress", "profile-batch"],
+        check=True,
+    )
+    assert on_host(golden_home, nspawn_vm, "systemctl", "stop", "agent-gateway@batch.service").returncode == 0
     try:
         rc, doc = promote(
             golden_home, agent_repo, agent_repo.commits["v2"], nspawn_vm, "--apply", "--profile", "batch"
@@ -255,16 +261,20 @@ def test_a_unit_running_as_another_user_fails_the_observed_gate_at_exit_3(
         state = on_host(golden_home, nspawn_vm, "systemctl", "is-active", "agent-gateway@batch.service")
         assert state.stdout.strip() == "inactive"  # fail closed: stopped
     finally:
-        on_host(golden_home, nspawn_vm, "rm", "-f", dropin)
-        on_host(golden_home, nspawn_vm, "systemctl", "daemon-reload")
+        inventory.save(golden_home, target)
     receipts = avm(golden_home, "receipts", "list")[1]["receipts"]
     last_apply = next(r for r in reversed(receipts) if r["kind"] == "apply")
     pred = predicate(golden_home, str(last_apply["seq"]))
     checks = {c["name"]: c for c in pred["checks"]}
     assert checks["egress-denied:batch"]["ok"] is False
-    assert checks["egress-denied:batch"]["detail"].startswith("allowed: uid 65534")
+    assert checks["egress-denied:batch"]["detail"].startswith("allowed: uid ")
     assert checks["fail-closed:batch"]["ok"] is True
     assert pred["result"]["refused_controls"] == ["profile batch"]
+    # with its network record back, the next promote reinstalls the rule and passes the gate
+    rc, doc = promote(
+        golden_home, agent_repo, agent_repo.commits["v2"], nspawn_vm, "--apply", "--profile", "batch"
+    )
+    assert rc == 0, doc
 
 
 def test_a_host_side_rule_removed_is_drift(golden_home: Home, nspawn_vm: str) -> None:
