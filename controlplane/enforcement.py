@@ -32,6 +32,7 @@ from controlplane.errors import OperationalError
 if TYPE_CHECKING:
     from controlplane.drift import Finding
     from controlplane.evidence import Step
+    from controlplane.facts import Then
     from controlplane.inventory import Target
     from controlplane.material import Material
     from controlplane.transport.base import Transport
@@ -183,6 +184,20 @@ def probe(host: Transport, profiles: Sequence[str]) -> dict[str, Observed]:
     result = host.run(probe_argv(profiles), timeout=60 + PROBE_TIMEOUT_S * 2)
     result.check(hint="the sandbox probe failed on the host; nothing was changed")
     return parse(result.stdout)
+
+
+def from_gather(then: Then | None) -> dict[str, Observed]:
+    """The probe's result when it ran inside the facts gatherer's round trip
+    (``facts.gather(..., then=probe_argv(...))``). Raises ``OperationalError('probe-failed')``."""
+    if then is None:
+        return {}
+    if then.rc != 0:
+        raise OperationalError(
+            "probe-failed",
+            f"the sandbox probe failed on the host (rc {then.rc}): {then.stderr.strip()[-300:]}",
+            hint="nothing was changed; run the status again, or inspect the host",
+        )
+    return parse(then.stdout)
 
 
 def limits_detail(obs: Observed) -> str:
