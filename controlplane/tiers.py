@@ -134,6 +134,6 @@ def load(path: Traversable = TIERS_FILE) -> TierTable:
         raise OperationalError(
             "tiers-missing",
             f"cannot read the tier table {path}: {exc.strerror}",
-            hint="the tiers/ directory ships with avm; reinstall it",
+            hint="tiers.yaml ships with avm as package data (controlplane/data/); reinstall avm",
         ) from None
     return parse_tiers(data, source=str(path))
