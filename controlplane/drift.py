@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pydantic import BaseModel, ConfigDict
 
 from controlplane import releasecheck, unitcheck
-from controlplane.facts import PROFILES, HostFacts
+from controlplane.facts import PROFILES, HostFacts, UnitFacts
 from controlplane.plan import DesiredState, diff, release_path, release_tampered, unexpected_profiles
 
 _WHAT = {
@@ -56,6 +56,13 @@ def _short(value: str | None) -> str | None:
     return value if value is None or len(value) <= 200 else value[:197] + "..."
 
 
+def _foreign(path: str, unit: UnitFacts, name: str) -> str:
+    """A unit file avm did not write: loaded now, or on disk for the next daemon-reload."""
+    if path in unit.files:
+        return f"unit file avm did not write, loaded for {name}"
+    return f"unit file avm did not write, on disk for {name} (loaded at the next daemon-reload)"
+
+
 def unit_findings(expected: DesiredState, facts: HostFacts) -> list[Finding]:
     """What systemd loaded and runs for each profile, against avm's files, the template's
     hardening and the properties the apply recorded (``unitcheck``)."""
@@ -69,7 +76,7 @@ def unit_findings(expected: DesiredState, facts: HostFacts) -> list[Finding]:
             out.append(
                 Finding(
                     where=path,
-                    what=f"unit file avm did not write, loaded for {name}",
+                    what=_foreign(path, unit, name),
                     expected=None,
                     actual=digest,
                 )
@@ -238,7 +245,7 @@ def against_previous(
             findings.append(
                 Finding(
                     where=path,
-                    what=f"unit file avm did not write, loaded for {unit.Id}",
+                    what=_foreign(path, unit, unit.Id),
                     expected=None,
                     actual=digest,
                 )
