@@ -9,7 +9,8 @@ can never weaken a gate. The control ids are the fixed vocabulary ``CONTROLS``.
 from __future__ import annotations
 
 import functools
-from pathlib import Path
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from typing import Literal
 
 import yaml
@@ -18,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from controlplane.canonical import canonical_bytes, sha256_digest
 from controlplane.errors import OperationalError, UsageError
 
-TIERS_FILE = Path(__file__).resolve().parent.parent / "tiers" / "tiers.yaml"
+# package data (``tiers/tiers.yaml`` at the top of the source tree is a symlink to it), so a wheel
+# install reads the same bytes as a checkout
+TIERS_FILE: Traversable = files("controlplane").joinpath("data/tiers.yaml")
 TierId = Literal["L0", "L1", "L2", "L3", "L4", "L5"]
 Control = Literal[
     "signature",
@@ -126,7 +129,7 @@ def parse_tiers(data: bytes, *, source: str = "tiers.yaml") -> TierTable:
 
 
 @functools.cache
-def load(path: Path = TIERS_FILE) -> TierTable:
+def load(path: Traversable = TIERS_FILE) -> TierTable:
     """The shipped tier table. Raises ``OperationalError('tiers-missing'|'tiers-invalid')``."""
     try:
         data = path.read_bytes()
@@ -134,6 +137,6 @@ def load(path: Path = TIERS_FILE) -> TierTable:
         raise OperationalError(
             "tiers-missing",
             f"cannot read the tier table {path}: {exc.strerror}",
-            hint="the tiers/ directory ships with avm; reinstall it",
+            hint="tiers.yaml ships with avm as package data (controlplane/data/); reinstall avm",
         ) from None
     return parse_tiers(data, source=str(path))

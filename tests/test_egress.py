@@ -189,7 +189,11 @@ def test_tap_path_is_created_and_torn_down_even_when_the_job_fails() -> None:
         assert net.counters()["allowed"] == {"packets": 0, "bytes": 0}
         raise RuntimeError("job failed")
     assert [name for name, ok, _ in net.teardown_checks() if not ok] == []
-    assert subprocess.run(["ip", "-n", net.netns, "link"], capture_output=True, check=False).returncode != 0
+    gone = subprocess.run(["ip", "-n", net.netns, "link"], capture_output=True, text=True, check=False)
+    assert (gone.returncode, gone.stderr) == (
+        255,
+        f'Cannot open network namespace "{net.netns}": No such file or directory\n',
+    )
     assert net.host_dev not in sh("ip", "-br", "link")
     assert egress.leftovers("tap-1", LABEL) == []
 
