@@ -50,7 +50,7 @@ GIT_ENV = {
 
 def make_repo(root: Path, n: int) -> Path:
     repo = root / f"agent-{n}"
-    shutil.copytree(EXAMPLE, repo)
+    shutil.copytree(EXAMPLE, repo, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     profiles = [
         {
             "name": f"p{i:02d}",
