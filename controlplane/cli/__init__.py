@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
-        sys.exit(130)
+        sys.exit(int(ExitCode.INTERRUPTED))
     except click.ClickException as exc:
         # Click's usage errors would exit 2, which means "drift" here.
         if _STATE["json"] or "--json" in args:
@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         sys.exit(int(exc.exit_code))
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
-        sys.exit(130)
+        sys.exit(int(ExitCode.INTERRUPTED))
     except Exception:
         if _STATE["debug"]:
             raise
