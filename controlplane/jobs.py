@@ -199,6 +199,7 @@ def run_job(
         watchdog = jobwatch.start(workdir, spec.timeout) if local else None
         secret = secrets.token_hex(16)  # frames the result; only the guest's init can read it
         outcome: Outcome | None = None
+        collected = False
         done: tuple[str, int | None, jobresult.GuestResult | None, list[str]] = ("timeout", None, None, [])
         try:
             opts = dict(network_options or {})
@@ -212,6 +213,7 @@ def run_job(
                 home, spec, rt, image, choice, workdir, host_inputs, machine, stream, step, opts, secret
             )
             done = _collect(spec, outcome, secret, out, step, on_result)
+            collected = True
         finally:
             pid = outcome.pid if outcome else None
             log, log_checks = jobfiles.keep_console_log(
@@ -226,7 +228,8 @@ def run_job(
             if watchdog is not None:
                 jobwatch.stop(watchdog)
             if out is not None:
-                out.release(keep=bool(done[3]) or output_dir is not None)
+                # a directory this run created stays if it holds outputs or the run finished
+                out.release(keep=bool(done[3]) or (collected and output_dir is not None))
         step.observe("accel", outcome.accel)
         step.observe("machine", outcome.machine)
         step.observe("qemu_argv", outcome.argv)
