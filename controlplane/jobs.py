@@ -35,7 +35,7 @@ from controlplane import (
 )
 from controlplane.errors import ExitCode, OperationalError, UsageError
 from controlplane.home import Home
-from controlplane.jobspec import JobSpec
+from controlplane.jobspec import JobLimits, JobSpec
 from controlplane.runtime import CONSOLE_LOG_MAX, Launch, Outcome, get_runtime
 
 RESULT_SLACK = 16 << 20  # tar headers and padding on top of the byte limits
@@ -193,8 +193,10 @@ def run_job(
             (home.root / "jobs-out").mkdir(mode=0o700, exist_ok=True)
             out = jobfiles.claim_out_dir(output_dir or home.root / "jobs-out" / run)
         workdir = jobteardown.jobs_dir(home) / jobteardown.label(spec.id, nonce)
-        workdir.mkdir(parents=True, mode=0o700)
-        (workdir / "runner.pid").write_text(str(os.getpid()))
+        fresh = workdir.with_name(f".new-{nonce}")  # gc of a concurrent run never sees it without a pid
+        fresh.mkdir(parents=True, mode=0o700)
+        (fresh / "runner.pid").write_text(str(os.getpid()))
+        fresh.rename(workdir)
         local = rt.name == "qemu" and (transport is None or transport.url == "local://")
         watchdog = jobwatch.start(workdir, spec.timeout) if local else None
         secret = secrets.token_hex(16)  # frames the result; only the guest's init can read it
@@ -305,6 +307,12 @@ def _collect(
     return ("ok" if res.rc == 0 else "failed"), res.rc, res, written
 
 
+def guest_limits(limits: JobLimits) -> dict[str, int]:
+    """The byte limits the guest's init enforces (``/.avm/limits``)."""
+    return {"AVM_STDIO_LIMIT": limits.stdio_bytes, "AVM_OUTPUT_LIMIT": limits.output_bytes,
+            "AVM_CONSOLE_LIMIT": CONSOLE_STREAM_MAX}  # fmt: skip
+
+
 def outcome_limit(spec: JobSpec) -> int:
     """Bytes the result port may hold: outputs, stdout and stderr, plus tar headers and padding."""
     return spec.limits.output_bytes + 2 * spec.limits.stdio_bytes + RESULT_SLACK
@@ -344,13 +352,11 @@ def _boot(
     busybox = Path(shutil.which("busybox") or "/bin/busybox")
     with _network(spec, jobteardown.egress_label(workdir.name), net_options) as net:
         initramfs = workdir / "initramfs.cpio"
-        limits = {"AVM_STDIO_LIMIT": spec.limits.stdio_bytes, "AVM_OUTPUT_LIMIT": spec.limits.output_bytes,
-                  "AVM_CONSOLE_LIMIT": CONSOLE_STREAM_MAX}  # fmt: skip
         size, hit, stripped = guestinit.build_initramfs(
             rootfs_cache(home), ocistore.store_dir(home), image, initramfs,
             busybox=busybox, modules=choice.modules, argv=spec.command, env=spec.env,
             outputs=spec.outputs, inputs=host_inputs, net=net.guest_env if net else None,
-            secret=secret, limits=limits,
+            secret=secret, limits=guest_limits(spec.limits),
             probe_script=probe(dict(net.guest_env) if net else {}) if probe else None,
         )  # fmt: skip
         step.observe("initramfs_bytes", size)
