@@ -27,6 +27,14 @@ TRAILER = b"AVM-RESULT-END "
 SMALL = {"rc": 32, "stdout.rest": 32, "stderr.rest": 32, "netdevs": 4096, "mounts": 4096}
 SMALL_MAX = 1 << 20  # probes.txt, truncated
 MAX_PADDING = 64 << 10  # tar end-of-archive blocks and record padding
+# What a result proves and what it does not: stated in every job receipt (docs/jobs.md too).
+NON_CLAIMS = (
+    "the result (exit code, stdout, stderr, outputs) is what avm's init observed inside the guest and "
+    "framed with this run's secret; it proves what the job printed, wrote and exited with, not that "
+    "any of it is correct, and not what the job did inside the guest meanwhile",
+    "the guest kernel and avm's init are trusted: a job that subverts the guest kernel could forge the "
+    "result; the host checks the frame, not the guest's integrity",
+)
 
 
 @dataclasses.dataclass(frozen=True)

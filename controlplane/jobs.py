@@ -248,7 +248,7 @@ def run_job(
             "output_dir": str(out.path) if out else None, "console_log": str(log) if log else None,
             "truncated": bool(truncated), "truncation": truncated,
         })  # fmt: skip
-        for text in NON_CLAIMS:
+        for text in jobresult.NON_CLAIMS:
             step.non_claim(text)
         if not all(ok for _, ok, _ in checks):
             raise OperationalError(
@@ -260,15 +260,6 @@ def run_job(
         wall_s=outcome.wall_s, peak_rss_kib=outcome.peak_rss_kib, receipt_id=step.receipt_id, checks=checks,
         truncated=truncated, console_log=log,
     )  # fmt: skip
-
-
-NON_CLAIMS = (
-    "the result (exit code, stdout, stderr, outputs) is what avm's init observed inside the guest and "
-    "framed with this run's secret; it proves what the job printed, wrote and exited with, not that "
-    "any of it is correct, and not what the job did inside the guest meanwhile",
-    "the guest kernel and avm's init are trusted: a job that subverts the guest kernel could forge the "
-    "result; the host checks the frame, not the guest's integrity",
-)
 
 
 def exit_code_for(status: str) -> ExitCode:
