@@ -33,16 +33,15 @@ run_job(home, load_jobspec(spec), spec_dir=spec.parent, kernel=kernel, network_o
 
 
 def host_state(home: Home) -> dict[str, list[str]]:
+    """What of this test's jobs exists on the host (other avm runs may share the machine)."""
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
     tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=False).stdout
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=False).stdout
     return {
         "qemu": [str(p) for p in home_pids(home)],
-        "netns": [n.split()[0] for n in netns.splitlines() if n.startswith("avm-j")],
+        "netns": [n.split()[0] for n in netns.splitlines() if n.startswith("avm-j") and "--mix-" in n],
         "nft": [t for t in tables.splitlines() if " avm_" in t],
-        "links": [
-            line.split(":")[1].strip() for line in links.splitlines() if ": j" in line and "--" in line
-        ],
+        "links": [line.split(":")[1].strip() for line in links.splitlines() if ":mix-" in line],
     }
 
 

@@ -166,13 +166,17 @@ class QemuRuntime:
 
 
 def _die_with_parent(parent: int) -> Callable[[], None]:
-    """QEMU gets SIGKILL the moment the runner dies (PR_SET_PDEATHSIG), even by ``kill -9``."""
+    """QEMU gets SIGKILL the moment the runner dies (PR_SET_PDEATHSIG), even by ``kill -9``.
+
+    The signal follows the *thread* that forked: the thread that starts QEMU also waits for it."""
+
+    import ctypes
+
+    # resolved before the fork: the child only makes the call (no dlopen between fork and exec)
+    prctl, sig = ctypes.CDLL(None, use_errno=True).prctl, int(signal.SIGKILL)
 
     def preexec() -> None:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != parent:
+        if prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0 or os.getppid() != parent:
             os._exit(127)  # the runner is already gone: do not start a guest nobody supervises
 
     return preexec
