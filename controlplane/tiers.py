@@ -74,9 +74,14 @@ class Tier(_Frozen):
     approvers: int = Field(default=0, ge=0, le=10)
     soak_min_s: float = Field(default=0.0, ge=0, le=86400)
     rollback_drill: RollbackDrill | None = None
+    egress_max_addresses: int | None = Field(
+        default=None, ge=1, le=1 << 32, description="IPv4 addresses an egress allowlist may open in all"
+    )
 
     @model_validator(mode="after")
     def _bounds_present(self) -> Tier:
+        if ("default-deny-egress" in self.controls) != (self.egress_max_addresses is not None):
+            raise ValueError(f"{self.id}: 'default-deny-egress' and egress_max_addresses go together")
         if ("approval" in self.controls) != (self.approvers > 0):
             raise ValueError(f"{self.id}: 'approval' and approvers >= 1 go together")
         if "canary-soak" in self.controls and self.soak_min_s <= 0:
