@@ -30,8 +30,8 @@ from pathlib import Path
 
 from controlplane import cosign, guestinit, imagesign, keys, ocistore, signing
 from controlplane.home import Home
-from controlplane.jobs import pick_kernel, rootfs_cache, run_job
-from controlplane.jobspec import load_jobspec
+from controlplane.jobs import guest_limits, pick_kernel, rootfs_cache, run_job
+from controlplane.jobspec import JobLimits, load_jobspec
 from controlplane.runtime import Launch
 from controlplane.runtime.qemu import host_tsc_khz, qemu_argv
 
@@ -60,7 +60,8 @@ def floor_once(home: Home, ref: str, kernel: str, machine: str, tmp: Path) -> tu
         busybox = Path(shutil.which("busybox") or "/bin/busybox")
         guestinit.build_initramfs(rootfs_cache(home), ocistore.store_dir(home), ocistore.resolve(home, ref),
                                   initramfs, busybox=busybox, modules=choice.modules, argv=COMMAND, env={},
-                                  outputs=(), inputs={}, net=None)  # fmt: skip
+                                  outputs=(), inputs={}, net=None, secret="0" * 32,
+                                  limits=guest_limits(JobLimits()))  # fmt: skip
     launch = Launch(job_id="floor", marker="avm-bench-floor", workdir=tmp, kernel=choice.kernel,
                     initramfs=initramfs, vcpus=1, memory_mib=256, timeout_s=120, machine=machine,
                     acpi=choice.acpi, extra_append=choice.append)  # fmt: skip

@@ -3,7 +3,8 @@
 Boots an nspawn golden VM, promotes a generated hello-agent with N profiles (1, 10, 50), then
 measures in one run, side by side:
 
-- ``avm status`` (one gather round trip + pure drift diff + receipt);
+- ``avm status`` (one round trip: the facts gatherer, with the sandbox probe run inside it; then
+  the pure drift diff and a receipt);
 - ``avm promote`` dry-run (resolve, verify signature, gather, plan, receipt);
 - the shell reference's way: one SSH command per check (readlink, sha256sum of each file,
   systemctl is-active, id) over the same paramiko connection.
@@ -49,7 +50,7 @@ GIT_ENV = {
 
 def make_repo(root: Path, n: int) -> Path:
     repo = root / f"agent-{n}"
-    shutil.copytree(EXAMPLE, repo)
+    shutil.copytree(EXAMPLE, repo, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     profiles = [
         {
             "name": f"p{i:02d}",
@@ -136,7 +137,10 @@ def main() -> None:
     for n, first_apply, st, dry, loop, calls in rows:
         s, d, lp = statistics.median(st), statistics.median(dry), statistics.median(loop)
         print(f"{n:>8} {first_apply:>8.1f} {s:>9.2f} {d:>10.2f} {lp:>12.2f} {calls:>6} {lp / s:>16.1f}x")
-    print(f"(medians of {args.runs} runs; status and dry-run each make one gather round trip)")
+    print(
+        f"(medians of {args.runs} runs; status and dry-run each make one SSH round trip; "
+        "status's includes the sandbox probe)"
+    )
 
 
 if __name__ == "__main__":

@@ -153,6 +153,7 @@ def _run(
                     _rollback(host, prof, previous[prof.name], step, progress, str(body))
                     outcome.rolled_back.append(prof.name)
                     outcome.healthy.remove(prof.name)
+                    outcome.units.pop(prof.name, None)  # observed of a release no longer running
 
 
 def _touched(plan: Plan, profile: str) -> bool:
@@ -258,6 +259,8 @@ def _rollback(
     _restore_files(host, prof, prev)
     step.command(hostops.daemon_reload(host))
     ok, body = _restart_previous(host, prof, prev, step)
+    if ok and not prev.user:
+        step.command(hostops.remove_user(host, prof.name))  # the user this apply created
     if not ok:
         commit = (prev.current or "").rstrip("/").rsplit("/", 1)[-1]
         raise OperationalError(
@@ -315,17 +318,25 @@ def _undo(
     pending = [n for n in reversed(outcome.changed) if n not in outcome.rolled_back]
     progress(f"apply failed ({why}); undoing {', '.join(pending) or 'nothing'}")
     step.event("apply.failed", reason=why, changed=list(outcome.changed))
+    restored: set[str] = set()
     try:
         if unit_before:
             if unit_before[0] is None:
                 host.run(["rm", "-f", UNIT_TEMPLATE], timeout=30)
             else:
                 host.put(unit_before[0], UNIT_TEMPLATE, mode=0o644)
-        for name in pending:
-            _restore_files(host, material.profile(name), previous[name])
-        host.run(["systemctl", "daemon-reload"], timeout=60)
     except Exception as exc:  # keep undoing the rest; the receipt says what failed
-        step.check("undo:files", ok=False, detail=repr(exc))
+        step.check("undo:unit-template", ok=False, detail=repr(exc))
+    for name in pending:  # one profile that cannot be put back does not stop the others
+        try:
+            _restore_files(host, material.profile(name), previous[name])
+            restored.add(name)
+        except Exception as exc:
+            step.check(f"undo:files:{name}", ok=False, detail=repr(exc))
+    try:
+        host.run(["systemctl", "daemon-reload"], timeout=60)
+    except Exception as exc:
+        step.check("undo:daemon-reload", ok=False, detail=repr(exc))
     for name in pending:
         prof, prev = material.profile(name), previous[name]
         step.event("rollback.auto", profile=name, reason=why, to=prev.current)
@@ -342,7 +353,7 @@ def _undo(
         except Exception as exc:
             ok = False
             step.check(f"rollback:{name}", ok=False, detail=repr(exc))
-        if ok:
+        if ok and name in restored:
             outcome.undone.append(name)
     outcome.healthy = [n for n in outcome.healthy if n not in outcome.undone]
     step.result.update({"changed": list(outcome.changed), "undone": list(outcome.undone)})

@@ -19,7 +19,10 @@ from controlplane.transport.base import Transport
 EVENT_PREFIX = "avm-event "
 # type -> (emitted by, fields)
 EVENT_TYPES: dict[str, tuple[str, str]] = {
-    "gate.decision": ("promote (plan receipt)", "gate, outcome (pass/fail/deferred), and the gate's inputs"),
+    "gate.decision": (
+        "promote (plan receipt; gate=observed in the apply receipt)",
+        "gate, outcome (pass/fail/deferred), and the gate's inputs",
+    ),
     "approval.signed": ("avm approve (approval receipt)", "approver key id, plan digest, ttl_s"),
     "approval.accepted": ("promote --apply (apply receipt)", "approver, receipt, expires, plan"),
     "secret.load": ("promote --apply (apply receipt)", "profile, credential, ref, version; never the value"),

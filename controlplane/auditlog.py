@@ -48,6 +48,12 @@ def _statement(seq: int, data: bytes) -> Statement:
         ) from exc
 
 
+def outcome(status: str, result: dict[str, Any]) -> str:
+    """What a list shows: a step that completed but whose job failed or timed out says so."""
+    job = result.get("status")
+    return str(job) if status == "ok" and job in ("failed", "timeout") else status
+
+
 def summaries(directory: Path, *, last: int | None = None) -> Iterator[dict[str, Any]]:
     top = ledger.last_seq(directory)
     first = max(1, top - last + 1) if last else 1
@@ -57,7 +63,7 @@ def summaries(directory: Path, *, last: int | None = None) -> Iterator[dict[str,
         yield {
             "seq": seq,
             "kind": pred.kind,
-            "status": pred.status,
+            "status": outcome(pred.status, pred.result),
             "finished": pred.finished,
             "subject": f"{subject.name} {next(iter(subject.digest.values()))[:16]}",
             "digest": digest_of(data),

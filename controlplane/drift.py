@@ -7,8 +7,9 @@ host. Every finding says where, what, and expected vs actual.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from controlplane import releasecheck, unitcheck
 from controlplane.facts import PROFILES, HostFacts
@@ -46,6 +47,8 @@ class DriftReport(BaseModel):
     # recorded before the last (failed) apply touched the host
     baseline: str = "apply"
     notes: tuple[str, ...] = ()
+    # per profile, what the sandbox probe observed in force (controlplane.enforcement)
+    controls: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @property
     def in_sync(self) -> bool:

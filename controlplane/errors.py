@@ -22,7 +22,10 @@ class ExitCode(enum.IntEnum):
     ERROR = 1  # operational error (a host, a tool or the disk failed)
     DRIFT = 2  # `avm status` found the host differs from the last applied receipt
     REFUSED = 3  # verification, policy or a gate refused; nothing was changed
+    JOB_FAILED = 4  # `avm job run`: the job ran and exited non-zero (its own code is in the output)
     USAGE = 64  # bad command line or bad input file (EX_USAGE); Click's 2 would collide with DRIFT
+    TIMEOUT = 124  # `avm job run`: the job hit its hard timeout and was killed
+    INTERRUPTED = 130  # SIGINT/SIGTERM: the command stopped after tearing down what it started
 
 
 EXIT_CODE_HELP = {
@@ -30,7 +33,10 @@ EXIT_CODE_HELP = {
     ExitCode.ERROR: "operational error",
     ExitCode.DRIFT: "drift found (status)",
     ExitCode.REFUSED: "refused: verification, policy or gate failed, nothing changed",
+    ExitCode.JOB_FAILED: "job run: the job exited non-zero (its code is in the output)",
     ExitCode.USAGE: "usage error: bad arguments or invalid input",
+    ExitCode.TIMEOUT: "job run: the job hit its hard timeout",
+    ExitCode.INTERRUPTED: "interrupted (SIGINT/SIGTERM), after teardown",
 }
 
 

@@ -1,6 +1,6 @@
 """Tier-1 host facts: one argv, one round trip, one pure ``parse``.
 
-The gatherer (``controlplane/scripts/gather_facts.py``, package data) is a stdlib Python
+The gatherer (``controlplane/hostscripts/gather_facts.py``, package data) is a stdlib Python
 program run with the host's ``python3 -c`` (the golden image ships python3). It only reads:
 every release entry (``lstat``: type, mode, owner, content), the layout's ownership, every unit
 file and drop-in systemd loaded for each profile, and the effective unit properties.
@@ -26,10 +26,10 @@ UNIT_TEMPLATE = f"{UNIT_DIR}/agent-gateway@.service"
 
 
 def _gatherer() -> str:
-    """The gatherer's source (package data: controlplane/scripts/gather_facts.py)."""
-    from importlib.resources import files
+    """The gatherer's source (package data: controlplane/hostscripts/gather_facts.py)."""
+    from controlplane import hostscripts
 
-    return files("controlplane").joinpath("scripts/gather_facts.py").read_text(encoding="utf-8")
+    return hostscripts.text("gather_facts")
 
 
 class ProfileFacts(BaseModel):
@@ -65,6 +65,16 @@ class UnitFacts(BaseModel):
     process: dict[str, str] | None = None
 
 
+class Then(BaseModel):
+    """What a second read-only program run by the gatherer printed (one round trip for both)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rc: int
+    stdout: str
+    stderr: str
+
+
 class HostFacts(BaseModel):
     """What the host looks like now.
 
@@ -82,17 +92,27 @@ class HostFacts(BaseModel):
     layout_meta: dict[str, str | None] = Field(default_factory=dict)
     units: dict[str, UnitFacts] = Field(default_factory=dict)
     systemctl_error: str | None = None
+    then: Then | None = None  # the result of ``gather(..., then=ARGV)``
 
     def unit(self, profile: str) -> UnitFacts | None:
         return self.units.get(f"agent-gateway@{profile}.service")
 
 
-def gather_argv(profiles: Sequence[str] = (), releases: Sequence[str] = (), *, prefix: str = "") -> list[str]:
+def gather_argv(
+    profiles: Sequence[str] = (),
+    releases: Sequence[str] = (),
+    *,
+    prefix: str = "",
+    then: Sequence[str] | None = None,
+) -> list[str]:
     """The one command that gathers every Tier-1 fact of a host.
 
-    ``prefix`` relocates the layout (tests point it at a scratch directory).
+    ``prefix`` relocates the layout (tests point it at a scratch directory); ``then`` is
+    another read-only program of avm's (an argv) that the gatherer runs afterwards, so that
+    both cost one round trip (``HostFacts.then``).
     """
-    request = {
+    request: dict[str, object] = {
+        "then": list(then) if then else None,
         "profiles": sorted(profiles),
         "releases_wanted": sorted(releases),
         "releases": prefix + RELEASES,
@@ -116,9 +136,11 @@ def parse(stdout: str) -> HostFacts:
         ) from exc
 
 
-def gather(host: Transport, profiles: Sequence[str], releases: Sequence[str]) -> HostFacts:
-    """All Tier-1 facts of the host in one round trip."""
-    result = host.run(gather_argv(profiles, releases), timeout=120).check(
+def gather(
+    host: Transport, profiles: Sequence[str], releases: Sequence[str], *, then: Sequence[str] | None = None
+) -> HostFacts:
+    """All Tier-1 facts of the host in one round trip (and ``then``'s output, see gather_argv)."""
+    result = host.run(gather_argv(profiles, releases, then=then), timeout=240 if then else 120).check(
         hint="the facts gatherer failed on the host; nothing was changed"
     )
     return parse(result.stdout)

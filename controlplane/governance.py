@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 # Evaluated after planning (they bind to the plan digest), not before.
 POST_PLAN = frozenset({"approval"})
+# Evaluated again after the restart, from what the sandbox probe observed in force
+# (controlplane.enforcement): configured is not enough.
+OBSERVED = frozenset({"default-deny-egress"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +52,7 @@ class Evidence:
     digest_pins: bool | None = None
     secret_env: dict[str, str] | None = None  # env key -> why it looks like a secret
     open_egress: tuple[str, ...] | None = None  # destinations that allow everything
+    egress_addresses: int | None = None  # IPv4 addresses the allowlist opens (union of its CIDRs)
     tools_declared: bool | None = None
     approvers: int | None = None  # distinct valid approvers of this exact plan digest
     canary: bool | None = None
@@ -87,7 +91,12 @@ def _check(control: str, tier: tiers.Tier, ev: Evidence) -> str | None:
     if control == "default-deny-egress":
         if ev.open_egress is None:
             return _unchecked("egress not declared")
-        return f"egress allows everything: {', '.join(ev.open_egress)}" if ev.open_egress else None
+        if ev.open_egress:
+            return f"egress allows everything: {', '.join(ev.open_egress)}"
+        bound = tier.egress_max_addresses
+        if bound is not None and ev.egress_addresses is not None and ev.egress_addresses > bound:
+            return f"the allowlist opens {ev.egress_addresses} addresses, at most {bound} at {tier.id}"
+        return None
     if control == "tool-allowlist":
         return None if ev.tools_declared else "no explicit `tools:` allowlist (each tool with schema_sha256)"
     if control == "approval":
@@ -125,8 +134,28 @@ def evaluate(tier: tiers.Tier, ev: Evidence, *, only: Iterable[str] | None = Non
     ]
 
 
+def evaluate_observed(tier: tiers.Tier, egress: str | None, detail: str = "") -> list[Missing]:
+    """After the restart: the ``OBSERVED`` controls of ``tier`` the probe did not see in force.
+    ``egress`` is the probe's verdict (``denied``, ``allowed``, ``inconclusive``); None means no
+    probe ran, which counts as failed. Pure."""
+    if "default-deny-egress" not in tier.controls or egress == "denied":
+        return []
+    reason = (
+        _unchecked("no sandbox probe ran")
+        if egress is None
+        else f"configured but not observed in force ({egress}): {detail}"
+    )
+    return [Missing("default-deny-egress", reason)]
+
+
 def _open(hosts: Iterable[str]) -> tuple[str, ...]:
     return tuple(h for h in hosts if ipaddress.ip_network(h, strict=False).prefixlen == 0)
+
+
+def address_count(hosts: Iterable[str]) -> int:
+    """IPv4 addresses a list of IPs/CIDRs opens, overlaps counted once."""
+    nets = [n for h in hosts if (n := ipaddress.ip_network(h, strict=False)).version == 4]
+    return sum(n.num_addresses for n in ipaddress.collapse_addresses(nets))
 
 
 def profile_evidence(
@@ -144,6 +173,7 @@ def profile_evidence(
         digest_pins=verified,
         secret_env=secretscan.scan_env(dict(profile.env)),
         open_egress=_open(r.host for r in profile.egress),
+        egress_addresses=address_count(r.host for r in profile.egress),
         tools_declared="tools" in profile.model_fields_set,
         approvers=approvers,
         canary=any(p.canary for p in chosen),
@@ -167,6 +197,7 @@ def job_evidence(spec: JobSpec, *, image_signature: bool | None, approvers: int 
         digest_pins="@sha256:" in spec.image,
         secret_env=secretscan.scan_env(dict(spec.env)),
         open_egress=_open(r.host for r in spec.egress.allow) if spec.egress.default == "deny" else ("*",),
+        egress_addresses=address_count(r.host for r in spec.egress.allow),
         tools_declared=True,
         approvers=approvers,
         tier2=True,

@@ -1,8 +1,11 @@
-"""The tier gate inside ``avm promote``: before planning, and (approvals) after it.
+"""The tier gate inside ``avm promote``: before planning, (approvals) after it, and (controls
+observed in force) after the restart.
 
-Every decision becomes a ``gate.decision`` event in the plan receipt: one per profile for the
-tier controls (``gate=risk-tier``), and one for the approvals of the plan digest
-(``gate=approval``). Refusals are ``RefusedError`` (exit 3) and leave the host untouched.
+Every decision becomes a ``gate.decision`` event: one per profile for the tier controls
+(``gate=risk-tier``), one for the approvals of the plan digest (``gate=approval``), both in the
+plan receipt, and one per probed profile for the observed controls (``gate=observed``, in the
+apply receipt). The first two refuse (exit 3) with the host untouched; the observed gate runs
+after the apply, and its caller stops the units that failed it (fail closed) before refusing.
 """
 
 from __future__ import annotations
@@ -120,3 +123,31 @@ def check_approvals(
         approvers=[a["approver"] for a in accepted],
     )
     return accepted
+
+
+def check_observed(
+    profile_tiers: dict[str, str], observed: dict[str, Any], step: Step
+) -> dict[str, tuple[str, list[governance.Missing]]]:
+    """After the restart: per probed profile (``enforcement.Observed``), the tier controls in
+    ``governance.OBSERVED`` the probe did not see in force. Records one ``gate.decision``
+    (``gate=observed``) per profile; returns the failures for ``governance.refuse``."""
+    table = tiers.load()
+    failures: dict[str, tuple[str, list[governance.Missing]]] = {}
+    for name, obs in sorted(observed.items()):
+        tier = table.get(profile_tiers[name]) if name in profile_tiers else None
+        if tier is None:
+            continue
+        missing = governance.evaluate_observed(tier, obs.egress, obs.egress_detail)
+        step.event(
+            "gate.decision",
+            gate="observed",
+            outcome="fail" if missing else "pass",
+            profile=name,
+            tier=tier.id,
+            egress=obs.egress,
+            limits=obs.limits,
+            missing=[m.control for m in missing],
+        )
+        if missing:
+            failures[f"profile {name}"] = (tier.id, missing)
+    return failures

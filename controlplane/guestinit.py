@@ -9,6 +9,8 @@ and the job is unprivileged, so the job can print anything but cannot forge the 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shlex
 import shutil
@@ -18,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from controlplane.atomicfile import write_atomic
 from controlplane.errors import OperationalError
 
 if TYPE_CHECKING:
@@ -30,12 +33,17 @@ DEFAULT_PATH = "/bin:/usr/bin:/sbin:/usr/sbin"
 INIT = """#!/.avm/bin/busybox sh
 B=/.avm/bin/busybox
 $B mkdir -p /proc /sys /dev /tmp /run
-$B mount -t proc proc /proc
+$B mount -t proc -o nosuid,nodev,noexec proc /proc
 $B --install -s /.avm/bin
 export PATH=/.avm/bin
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
+mount -t sysfs -o nosuid,nodev,noexec sys /sys
+mount -t devtmpfs -o nosuid,noexec dev /dev
+# no set-id program can raise privileges anywhere in the guest (bits are also stripped on import)
+mount -o remount,bind,nosuid,nodev / || echo "avm-init: remount / nosuid failed"
 chmod 1777 /tmp
+# the run's secret frames the result; the job never sees it (read, then removed, before it starts)
+read -r S < /.avm/secret; rm -f /.avm/secret
+. /.avm/limits
 while read -r m; do [ -n "$m" ] && insmod "/.avm/kmod/$m.ko"; done < /.avm/modules
 ip link set lo up 2>/dev/null
 if [ -f /.avm/net ]; then
@@ -43,31 +51,61 @@ if [ -f /.avm/net ]; then
   ip link set eth0 up && ip addr add "$AVM_NET_ADDR" dev eth0 && ip route add default via "$AVM_NET_GW"
 fi
 R=/run/avm; IO=/run/avmio
-mkdir -p $R/res $IO /job/out; chmod 700 $R; chmod 755 $IO
+mkdir -p $R/res/out $IO /job/out; chmod 700 $R; chmod 755 $IO
 chown -R 65534:65534 /job
+ls /sys/class/net > $R/res/netdevs
+grep ' / ' /proc/mounts > $R/res/mounts
 # egress probes run as root (ICMP needs a raw socket), before the job, into the result itself
 [ -f /.avm/probe.sh ] && sh /.avm/probe.sh > $R/res/probes.txt 2>&1
-mkfifo $IO/o $IO/e; chown 65534:65534 $IO/o $IO/e
-tee $R/res/stdout < $IO/o > /dev/console & T1=$!
-tee $R/res/stderr < $IO/e > /dev/console & T2=$!
+mkfifo $IO/o $IO/e $IO/oc $IO/ec; chown 65534:65534 $IO/o $IO/e
+# each stream: a bounded copy for the result, a bounded copy for the console, the rest counted
+# (dd with fullblock reads exactly the limit from the pipe: head's stdio buffer would read ahead)
+keep() { dd bs=1024 count=$((AVM_STDIO_LIMIT / 1024)) iflag=fullblock of="$1" 2>/dev/null
+  wc -c > "$1.rest"; }
+tee $IO/oc < $IO/o | keep $R/res/stdout &
+tee $IO/ec < $IO/e | keep $R/res/stderr &
+{ head -c "$AVM_CONSOLE_LIMIT"; cat > /dev/null; } < $IO/oc > /dev/console &
+{ head -c "$AVM_CONSOLE_LIMIT"; cat > /dev/null; } < $IO/ec > /dev/console &
 echo "avm-init: job start"
-su -s /.avm/bin/sh avmjob -c 'exec /.avm/bin/sh /.avm/job.sh' > $IO/o 2> $IO/e < /dev/null
+setpriv --nnp su -s /.avm/bin/sh avmjob -c 'exec /.avm/bin/sh /.avm/job.sh' > $IO/o 2> $IO/e < /dev/null
 rc=$?
-wait $T1 $T2
+# nothing of the job may outlive it: no process can change a file between the checks below and the tar
+setpriv --nnp su -s /.avm/bin/sh avmjob -c 'kill -9 -1' 2>/dev/null
+wait
 echo "$rc" > $R/res/rc
 cd /job/out
 set --
 while read -r p; do
-  if [ -n "$p" ] && { [ -e "$p" ] || [ -L "$p" ]; }; then set -- "$@" "$p"; fi
+  if [ -n "$p" ] && { [ -e "$p" ] || [ -L "$p" ]; }; then set -- "$@" "./$p"; fi
 done < /.avm/outputs
-[ $# -gt 0 ] && tar -cf $R/res/out.tar "$@"
-cd /
+# the output budget, applied as the job user (it can only shorten the job's own files)
+[ $# -gt 0 ] && setpriv --nnp su -s /.avm/bin/sh avmjob -c '. /.avm/budget.sh' sh "$@" > $R/res/truncated
+mount --bind /job/out $R/res/out
+cd $R/res
+set -- rc stdout stdout.rest stderr stderr.rest netdevs mounts
+[ -f probes.txt ] && set -- "$@" probes.txt
+[ -s truncated ] && set -- "$@" truncated
+while read -r p; do
+  if [ -n "$p" ] && { [ -e "out/$p" ] || [ -L "out/$p" ]; }; then set -- "$@" "out/$p"; fi
+done < /.avm/outputs
 P=
 for d in /sys/class/virtio-ports/*; do [ "$(cat "$d/name" 2>/dev/null)" = avm.result ] && P=${d##*/}; done
-if [ -n "$P" ]; then (cd $R/res && tar -cf /dev/$P *); else echo "avm-init: no result port"; fi
+if [ -n "$P" ]; then
+  { echo "AVM-RESULT-1 $S"; tar -cf - "$@"; echo "AVM-RESULT-END $S"; } > /dev/$P
+else echo "avm-init: no result port"; fi
 sync
 echo "avm-init: job exit $rc"
 reboot -f
+"""
+
+# Run as the job user after the job: cut output files so that all of them together stay within
+# the budget; print "<bytes seen> <path>" for each file that was cut.
+BUDGET = """. /.avm/limits; left=$AVM_OUTPUT_LIMIT
+find "$@" -type f 2>/dev/null | sort | while IFS= read -r f; do
+  s=$(stat -c %s "$f") || continue
+  if [ "$s" -gt "$left" ]; then truncate -s "$left" "$f" && echo "$s ${f#./}"; left=0
+  else left=$((left - s)); fi
+done
 """
 
 
@@ -117,9 +155,14 @@ def assemble(
     outputs: Sequence[str],
     inputs: Mapping[str, Path],
     net: Mapping[str, str] | None,
+    secret: str,
+    limits: Mapping[str, int],
     probe_script: str | None = None,
 ) -> None:
-    """Add /.avm, /job (with inputs) and the job user to an unpacked image root."""
+    """Add /.avm, /job (with inputs) and the job user to an unpacked image root.
+
+    ``secret`` frames the result (root-only file, removed by init before the job starts);
+    ``limits`` are ``AVM_*_LIMIT`` byte counts the init enforces."""
     avm = root / ".avm"
     (avm / "bin").mkdir(parents=True, exist_ok=True)
     (avm / "kmod").mkdir(exist_ok=True)
@@ -131,6 +174,9 @@ def assemble(
     _write(avm / "init", INIT, 0o755)
     _write(avm / "job.sh", job_script(argv, env), 0o644)
     _write(avm / "outputs", "".join(f"{o}\n" for o in outputs), 0o644)
+    _write(avm / "secret", secret + "\n", 0o600)
+    _write(avm / "limits", "".join(f"{k}={int(v)}\n" for k, v in sorted(limits.items())), 0o644)
+    _write(avm / "budget.sh", BUDGET, 0o644)
     if net:
         _write(avm / "net", "".join(f"{k}={shlex.quote(v)}\n" for k, v in net.items()), 0o644)
     if probe_script is not None:
@@ -159,8 +205,14 @@ def _write(path: Path, text: str, mode: int) -> None:
     os.chmod(path, mode)
 
 
-def write_cpio(root: Path, out: Path) -> int:
-    """Write ``root`` as an uncompressed newc cpio (all files owned by root). Returns its size."""
+SETID = stat.S_ISUID | stat.S_ISGID
+
+
+def write_cpio(root: Path, out: Path, stripped: list[str] | None = None) -> int:
+    """Write ``root`` as an uncompressed newc cpio (all files owned by root). Returns its size.
+
+    Set-uid and set-gid bits never reach the guest: they are cleared, and each such path is
+    appended to ``stripped``."""
     ino = 1
     with open(out, "wb") as fh:
 
@@ -179,25 +231,50 @@ def write_cpio(root: Path, out: Path) -> int:
                 path = os.path.join(dirpath, name)
                 rel = name if rel_dir == "." else f"{rel_dir}/{name}"
                 st = os.lstat(path)
-                if stat.S_ISLNK(st.st_mode):
-                    entry(rel, st.st_mode, os.readlink(path).encode())
-                elif stat.S_ISDIR(st.st_mode):
-                    entry(rel, st.st_mode, b"")
-                elif stat.S_ISREG(st.st_mode):
-                    entry(rel, st.st_mode, Path(path).read_bytes())
+                mode = st.st_mode
+                if stat.S_ISLNK(mode):
+                    entry(rel, mode, os.readlink(path).encode())
+                    continue
+                if mode & SETID:
+                    mode &= ~SETID
+                    if stripped is not None:
+                        stripped.append(rel)
+                if stat.S_ISDIR(mode):
+                    entry(rel, mode, b"")
+                elif stat.S_ISREG(mode):
+                    entry(rel, mode, Path(path).read_bytes())
         entry("TRAILER!!!", 0, b"")
         return fh.tell()
 
 
-def image_cpio(cache: Path, store: Path, image: StoredImage) -> tuple[Path, bool]:
-    """The image's layers, unpacked (whiteouts honoured) and written as a newc cpio, cached by
-    manifest digest under ``cache`` (inside the 0700 avm home). Returns (path, cache hit)."""
-    from controlplane.ocilayers import unpack
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
 
+
+def image_cpio(cache: Path, store: Path, image: StoredImage) -> tuple[Path, bool, list[str]]:
+    """The image's layers, unpacked (whiteouts honoured) and written as a newc cpio, cached by
+    manifest digest under ``cache`` (inside the 0700 avm home). Returns (path, cache hit, paths
+    whose set-id bits were stripped).
+
+    Every use re-hashes the image's blobs (``RefusedError('oci-blob-corrupt')``) and the cached
+    cpio against the digest recorded when it was built; a cache that does not match is rebuilt."""
+    from controlplane.ocilayers import unpack
+    from controlplane.ocistore import verify_blob
+
+    for blob in [image.manifest["config"], *image.layers]:
+        verify_blob(store, blob["digest"])
     out = cache / f"{image.digest.split(':')[1]}.cpio"
-    if out.is_file():
-        return out, True
+    meta = out.with_suffix(".json")
+    if out.is_file() and meta.is_file():
+        recorded = json.loads(meta.read_text())
+        if recorded.get("cpio_sha256") == _file_sha256(out):
+            return out, True, list(recorded.get("setid_stripped", []))
     cache.mkdir(parents=True, exist_ok=True)
+    stripped: list[str] = []
     with tempfile.TemporaryDirectory(prefix=".build-", dir=cache) as tmp:
         root = Path(tmp) / "root"
         unpack(store, image, root)
@@ -207,24 +284,27 @@ def image_cpio(cache: Path, store: Path, image: StoredImage) -> tuple[Path, bool
             src = root / "etc" / name
             if src.is_file() and not src.is_symlink():
                 shutil.copy(src, etc / name)
-        write_cpio(root, Path(tmp) / "image.cpio")
+        write_cpio(root, Path(tmp) / "image.cpio", stripped)
+        doc = {"cpio_sha256": _file_sha256(Path(tmp) / "image.cpio"), "setid_stripped": stripped}
         os.replace(Path(tmp) / "image.cpio", out)
-    return out, False
+        write_atomic(meta, json.dumps(doc, sort_keys=True).encode())
+    return out, False, stripped
 
 
 def build_initramfs(
     cache: Path, store: Path, image: StoredImage, out: Path, **overlay: Any
-) -> tuple[int, bool]:
+) -> tuple[int, bool, list[str]]:
     """The guest's initramfs: the cached image cpio followed by a small per-job cpio (/.avm, /job,
     /etc/passwd and /etc/group with the job user); the kernel unpacks both, the second over the
-    first. ``overlay`` are the arguments of ``assemble``. Returns (bytes, image cache hit)."""
-    base, hit = image_cpio(cache, store, image)
+    first. ``overlay`` are the arguments of ``assemble``. Returns (bytes, image cache hit, set-id
+    paths stripped)."""
+    base, hit, stripped = image_cpio(cache, store, image)
     root = out.parent / "overlay"
     (root / "etc").mkdir(parents=True)
     for side in sorted(base.with_suffix(".etc").iterdir()):
         shutil.copy(side, root / "etc" / side.name)
     assemble(root, **overlay)
-    write_cpio(root, out.parent / "overlay.cpio")
+    write_cpio(root, out.parent / "overlay.cpio", stripped)
     with open(out, "wb") as fh:
         for part in (base, out.parent / "overlay.cpio"):
             with open(part, "rb") as src:
@@ -232,4 +312,4 @@ def build_initramfs(
         size = fh.tell()
     shutil.rmtree(root)
     (out.parent / "overlay.cpio").unlink()
-    return size, hit
+    return size, hit, stripped

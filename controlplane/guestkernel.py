@@ -10,18 +10,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 import subprocess
 import tarfile
 import tempfile
 from collections.abc import Callable
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from controlplane.atomicfile import write_atomic
 from controlplane.errors import CommandFailed, OperationalError
 
 SOURCE = Path("/usr/src/linux-source-6.1.tar.xz")
-FRAGMENT = Path(__file__).resolve().parent.parent / "images" / "guest-kernel.config"
+# package data; ``images/guest-kernel.config`` at the top of the source tree is a symlink to it
+FRAGMENT: Traversable = files("controlplane").joinpath("data/guest-kernel.config")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,14 +34,14 @@ class GuestKernel:
     cached: bool
 
 
-def config_digest(source: Path = SOURCE, fragment: Path = FRAGMENT) -> str:
+def config_digest(source: Path = SOURCE, fragment: Traversable = FRAGMENT) -> str:
     h = hashlib.sha256(b"avm-guest-kernel-v1\0")
     h.update(f"{source.name}\0{source.stat().st_size}\0".encode())
     h.update(fragment.read_bytes())
     return "sha256:" + h.hexdigest()
 
 
-def cached(cache: Path, source: Path = SOURCE, fragment: Path = FRAGMENT) -> GuestKernel | None:
+def cached(cache: Path, source: Path = SOURCE, fragment: Traversable = FRAGMENT) -> GuestKernel | None:
     if not source.is_file():
         return None
     digest = config_digest(source, fragment)
@@ -52,7 +54,10 @@ def cached(cache: Path, source: Path = SOURCE, fragment: Path = FRAGMENT) -> Gue
 
 
 def build(
-    cache: Path, source: Path = SOURCE, fragment: Path = FRAGMENT, progress: Callable[[str], None] = print
+    cache: Path,
+    source: Path = SOURCE,
+    fragment: Traversable = FRAGMENT,
+    progress: Callable[[str], None] = print,
 ) -> GuestKernel:
     """Build (or return the cached) minimal kernel. Raises ``OperationalError('kernel-source-missing')``
     when linux-source is not installed and ``CommandFailed`` when make fails."""
@@ -74,7 +79,7 @@ def build(
         with tarfile.open(source) as tar:
             tar.extractall(tmp, filter="fully_trusted")  # noqa: S202 - Debian-packaged source
         tree = next(p for p in Path(tmp).iterdir() if p.is_dir())
-        shutil.copy(fragment, tree / "avm.config")
+        (tree / "avm.config").write_bytes(fragment.read_bytes())
         steps = [
             ["make", "tinyconfig"],
             ["scripts/kconfig/merge_config.sh", "-m", ".config", "avm.config"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import ipaddress
+import json
 import logging
 import time
 from typing import Any, Literal
@@ -42,6 +43,7 @@ class JobNetwork:
     closed: bool = False
     final_counters: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     final_denials: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    inside: list[Check] = dataclasses.field(default_factory=list)  # observed in the namespace at close
 
     @property
     def netns(self) -> str:
@@ -132,8 +134,11 @@ class JobNetwork:
         links = nx.Ip(self.host, self.uplink_netns).links()
         left_dev = [str(k["ifname"]) for k in links if k.get("ifalias") == self.names.alias]
         left_dev += [self.host_dev] if self.host_dev in {k["ifname"] for k in links} else []
-        gone = not left_ns and not held and not left_dev
         in_host = self.spec.table in nx.host_tables(self.host)
+        inside = self.inside or [
+            ("tap-gone", False, "not observed: the namespace was not closed by this runner"),
+            ("nft-table-gone", False, "not observed: the namespace was not closed by this runner"),
+        ]
         return [
             (
                 "netns-gone",
@@ -142,8 +147,35 @@ class JobNetwork:
             ),
             ("no-process-in-netns", not held, f"net namespace inode {self.inode} held={held}"),
             ("veth-gone", not left_dev, f"left: {sorted(set(left_dev))}" if left_dev else "veth pair reaped"),
-            ("tap-gone", gone, f"{self.tap} lived only in the destroyed namespace" if gone else "not proven"),
-            ("nft-table-gone", gone and not in_host, f"table {self.spec.table}: in host ruleset={in_host}"),
+            *inside,
+            ("nft-table-not-in-host", not in_host, f"table {self.spec.table}: in the host ruleset={in_host}"),
+        ]
+
+    def _remove_inside(self) -> list[Check]:
+        """Delete the tap and the table inside the namespace and list what is left there, before
+        the namespace itself goes: these checks observe the namespace's own ruleset and links."""
+        inner = nx.Ip(self.host, self.netns)
+        nx.kill_all(self.host, nx.netns_pids(self.host, self.netns))
+        inner.run("link", "del", self.tap, check=False)
+        dropped = self.host.run(
+            nx.in_netns(self.netns, ["nft", "delete", "table", "inet", self.spec.table]), timeout=15.0
+        )
+        listed = self.host.run(nx.in_netns(self.netns, ["nft", "-j", "list", "tables"]), timeout=15.0)
+        tables = [
+            str(i["table"]["name"])
+            for i in (json.loads(listed.stdout or "{}").get("nftables", []) if listed.ok else [])
+            if "table" in i
+        ]
+        links = [str(k["ifname"]) for k in inner.links()]
+        table_ok = dropped.ok and listed.ok and self.spec.table not in tables
+        return [
+            ("tap-gone", self.tap not in links, f"links left in {self.netns} before deletion: {links}"),
+            (
+                "nft-table-gone",
+                table_ok,
+                f"table {self.spec.table} deleted from {self.netns}'s own ruleset (rc {dropped.rc}); "
+                f"tables left there: {tables}",
+            ),
         ]
 
     def close(self, *, strict: bool = True) -> list[Check]:
@@ -158,6 +190,10 @@ class JobNetwork:
         with contextlib.suppress(Exception):
             self.final_counters, self.final_denials = self.counters(), self.denials()
         self.closed = True
+        try:
+            self.inside = self._remove_inside()
+        except Exception as exc:  # a failed observation is a failed check, never a skipped one
+            self.inside = [("tap-gone", False, f"check failed: {exc}"), ("nft-table-gone", False, f"{exc}")]
         for name in (self.guest_netns, self.netns):
             if name:
                 nx.delete_netns(self.host, name)

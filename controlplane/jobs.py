@@ -1,9 +1,11 @@
 """Run one Tier-2 job: verify the pinned, signed image, boot it, collect the result, tear down.
 
 Stages: refuse bad input (spec, inputs, image pin, signature) before anything is created ->
-clean stale leftovers of the same id -> build the guest root (layers + /.avm) -> network (none,
-or the egress module's netns) -> boot (runtime) -> result from the result port -> teardown,
-verified. One ``job-run`` receipt records every check, refused runs included.
+clean stale leftovers of the same id -> claim the output directory -> start the watchdog (it
+tears the run down if the runner dies) -> build the guest root (layers + /.avm) -> network
+(none, or the egress module's netns) -> boot (runtime) -> the result the init framed for this
+run -> outputs streamed to disk -> teardown, verified. One ``job-run`` receipt records every
+check, refused runs included.
 """
 
 from __future__ import annotations
@@ -25,16 +27,19 @@ from controlplane import (
     governance,
     guestinit,
     imagesign,
+    jobfiles,
     jobresult,
     jobteardown,
+    jobwatch,
     ocistore,
 )
-from controlplane.errors import OperationalError, UsageError
+from controlplane.errors import ExitCode, OperationalError, UsageError
 from controlplane.home import Home
-from controlplane.jobspec import JobSpec
-from controlplane.runtime import Launch, Outcome, get_runtime
+from controlplane.jobspec import JobLimits, JobSpec
+from controlplane.runtime import CONSOLE_LOG_MAX, Launch, Outcome, get_runtime
 
-TIMEOUT_RC = 124
+RESULT_SLACK = 16 << 20  # tar headers and padding on top of the byte limits
+CONSOLE_STREAM_MAX = 1 << 20  # bytes of each of stdout/stderr the guest echoes to its console
 ACCEL_CACHE = Path("/var/tmp/avm-accel-probe")  # a fact about this host and kernel, shared by homes
 MICROVM_MODULES = ("virtio_mmio", "virtio_console")
 Q35_MODULES = ("virtio_pci", "virtio_console")
@@ -46,15 +51,21 @@ MINIMAL_APPEND = "noapictimer"  # lab: 0.66 s instead of 0.85 s a job with the m
 class JobResult:
     job_id: str
     status: str  # ok | failed | timeout
-    exit_code: int
+    exit_code: int | None  # the job's own exit code; None when it timed out
     stdout: str
     stderr: str
     outputs: list[str]
-    output_dir: Path
+    output_dir: Path | None
     wall_s: float
     peak_rss_kib: int
     receipt_id: str | None
     checks: list[tuple[str, bool, str]]
+    truncated: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    console_log: Path | None = None
+
+    @property
+    def avm_exit_code(self) -> int:
+        return int(exit_code_for(self.status))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,19 +122,6 @@ def rootfs_cache(home: Home) -> Path:
     return home.cache / "job-rootfs"
 
 
-def check_inputs(spec: JobSpec, base: Path) -> dict[str, Path]:
-    """Host input files, resolved against the spec's directory. Raises ``UsageError('job-input-missing')``."""
-    found = {}
-    for item in spec.inputs:
-        src = (base / item.src).resolve()
-        if not src.is_file():
-            raise UsageError(
-                "job-input-missing", f"input {item.src} ({src}) is not a file", hint="fix inputs[].src"
-            )
-        found[item.dest] = src
-    return found
-
-
 @contextlib.contextmanager
 def _terminate_as_interrupt() -> Iterator[None]:
     """SIGINT/SIGTERM/SIGHUP raise KeyboardInterrupt so teardown runs (main thread only).
@@ -161,18 +159,20 @@ def run_job(
     on_result: Callable[[evidence.Step, jobresult.GuestResult], None] | None = None,
     probe_script: Callable[[dict[str, str]], str] | None = None,
 ) -> JobResult:
-    """Run ``spec`` to completion. Raises ``RefusedError`` (pin, signature) and ``UsageError``
-    (inputs) before anything is created, ``OperationalError`` when the guest yields no result."""
+    """Run ``spec`` to completion. Raises ``RefusedError`` (pin, signature, inputs) and
+    ``UsageError`` (inputs, ``--out``) before anything is created, ``OperationalError`` when the
+    guest yields no result, ``RefusedError`` for a result this run's init did not frame."""
     inputs = {
         **{"job_id": spec.id, "image": spec.image, "runtime": runtime, "machine": machine, "kernel": kernel},
         **{
             "command": list(spec.command),
             "egress": spec.egress.model_dump(mode="json"),
             "timeout_s": spec.timeout,
+            "limits": spec.limits.model_dump(mode="json"),
         },
     }
     with evidence.record_step(home, kind, inputs=inputs) as step, _terminate_as_interrupt():
-        host_inputs = check_inputs(spec, spec_dir)
+        found = jobfiles.confine_inputs([(i.src, i.dest) for i in spec.inputs], spec_dir, home)
         name = spec.image.split("@")[0]
         image = ocistore.resolve(home, spec.image)
         step.subject(f"image:{name}", image.digest)
@@ -187,11 +187,22 @@ def run_job(
         step.subject(f"guest-kernel:{choice.source}", choice.digest)
         rt = get_runtime(runtime, **_runtime_options(runtime, transport, choice))
         nonce = secrets.token_hex(4)
+        run = f"{spec.id}+{nonce}"
+        out = None
+        if output_dir is not None or spec.outputs:
+            (home.root / "jobs-out").mkdir(mode=0o700, exist_ok=True)
+            out = jobfiles.claim_out_dir(output_dir or home.root / "jobs-out" / run)
         workdir = jobteardown.jobs_dir(home) / jobteardown.label(spec.id, nonce)
-        workdir.mkdir(parents=True, mode=0o700)
-        (workdir / "runner.pid").write_text(str(os.getpid()))
-        out_dir = output_dir or home.root / "jobs-out" / spec.id
+        fresh = workdir.with_name(f".new-{nonce}")  # gc of a concurrent run never sees it without a pid
+        fresh.mkdir(parents=True, mode=0o700)
+        (fresh / "runner.pid").write_text(str(os.getpid()))
+        fresh.rename(workdir)
+        local = rt.name == "qemu" and (transport is None or transport.url == "local://")
+        watchdog = jobwatch.start(workdir, spec.timeout) if local else None
+        secret = secrets.token_hex(16)  # frames the result; only the guest's init can read it
         outcome: Outcome | None = None
+        collected = False
+        done: tuple[str, int | None, jobresult.GuestResult | None, list[str]] = ("timeout", None, None, [])
         try:
             opts = dict(network_options or {})
             if transport is not None and transport.url != "local://":
@@ -199,42 +210,105 @@ def run_job(
             if opts.get("uplink_netns"):
                 (workdir / "uplink_netns").write_text(str(opts["uplink_netns"]))
             opts["probe_script"] = probe_script
-            outcome = _boot(home, spec, rt, image, choice, workdir, host_inputs, machine, stream, step, opts)
+            host_inputs = jobfiles.copy_inputs(found, workdir / "inputs")
+            outcome = _boot(
+                home, spec, rt, image, choice, workdir, host_inputs, machine, stream, step, opts, secret
+            )
+            done = _collect(spec, outcome, secret, out, step, on_result)
+            collected = True
         finally:
             pid = outcome.pid if outcome else None
-            if outcome is not None:
-                shutil.copy(outcome.console_log, workdir.parent / f"{spec.id}.console.log")
+            log, log_checks = jobfiles.keep_console_log(
+                home, spec.id, run, outcome.console_log if outcome else None
+            )
             uplink = jobteardown.uplink_of(workdir)
             jobteardown.remove(workdir)
             checks = jobteardown.checks(workdir, spec.id, pid, uplink) + (outcome.checks if outcome else [])
+            checks += log_checks
             for cname, ok, detail in checks:
                 step.check(cname, ok=ok, detail=detail)
+            if watchdog is not None:
+                jobwatch.stop(watchdog)
+            if out is not None:
+                # a directory this run created stays if it holds outputs or the run finished
+                out.release(keep=bool(done[3]) or (collected and output_dir is not None))
         step.observe("accel", outcome.accel)
         step.observe("machine", outcome.machine)
         step.observe("qemu_argv", outcome.argv)
         step.observe("wall_s", round(outcome.wall_s, 3))
         step.observe("peak_rss_kib", outcome.peak_rss_kib)
-        if outcome.timed_out:
-            status, rc, res = "timeout", TIMEOUT_RC, None
-        else:
-            res = jobresult.parse(outcome.result_tar)
-            status, rc = ("ok" if res.rc == 0 else "failed"), res.rc
-            if on_result is not None:
-                on_result(step, res)
-        written: list[str] = []
-        if res is not None:
-            shutil.rmtree(out_dir, ignore_errors=True)
-            written = jobresult.extract_outputs(res.out_tar, spec.outputs, out_dir)
-        step.result.update({"status": status, "exit_code": rc, "outputs": written})
+        status, rc, res, written = done
+        truncated = list(res.truncated) if res else []
+        if outcome.console_bytes_seen > CONSOLE_LOG_MAX:
+            truncated.append({"name": "console_log", "truncated": True, "limit": CONSOLE_LOG_MAX,
+                              "bytes_seen": outcome.console_bytes_seen})  # fmt: skip
+        step.result.update({
+            "status": status, "exit_code": rc, "avm_exit_code": int(exit_code_for(status)),
+            "outputs": written,
+            "output_dir": str(out.path) if out else None, "console_log": str(log) if log else None,
+            "truncated": bool(truncated), "truncation": truncated,
+        })  # fmt: skip
+        for text in jobresult.NON_CLAIMS:
+            step.non_claim(text)
         if not all(ok for _, ok, _ in checks):
             raise OperationalError(
                 "job-teardown-incomplete", f"job {spec.id} left {[c for c in checks if not c[1]]}"
             )
     return JobResult(
         job_id=spec.id, status=status, exit_code=rc, stdout=res.stdout if res else "",
-        stderr=res.stderr if res else "", outputs=written, output_dir=out_dir, wall_s=outcome.wall_s,
-        peak_rss_kib=outcome.peak_rss_kib, receipt_id=step.receipt_id, checks=checks,
+        stderr=res.stderr if res else "", outputs=written, output_dir=out.path if out else None,
+        wall_s=outcome.wall_s, peak_rss_kib=outcome.peak_rss_kib, receipt_id=step.receipt_id, checks=checks,
+        truncated=truncated, console_log=log,
     )  # fmt: skip
+
+
+def exit_code_for(status: str) -> ExitCode:
+    """avm's own exit code for a job outcome; the job's code is reported, never passed through."""
+    return {"ok": ExitCode.OK, "failed": ExitCode.JOB_FAILED, "timeout": ExitCode.TIMEOUT}[status]
+
+
+def _collect(
+    spec: JobSpec, outcome: Outcome, secret: str, out: jobfiles.OutDir | None, step: evidence.Step,
+    on_result: Callable[[evidence.Step, jobresult.GuestResult], None] | None,
+) -> tuple[str, int | None, jobresult.GuestResult | None, list[str]]:  # fmt: skip
+    """The run's outcome from the framed result (the guest is gone by now)."""
+    if outcome.result_overflow:
+        raise OperationalError(
+            "job-result-too-large",
+            f"the guest wrote more than {outcome_limit(spec)} bytes to the result port and was stopped",
+            hint="fewer or smaller outputs; limits.output_bytes bounds what is kept",
+        )
+    vm = outcome.machine != "kata"  # kata: containerd's VM, not a command line or an init of avm's
+    if vm and not spec.egress.allow:
+        nic = [a for a in outcome.argv if a in ("-netdev", "-nic", "-net")]
+        detail = f"-nodefaults and no NIC option on the QEMU command line ({nic or 'none'})"
+        step.check("egress-no-nic-qemu-argv", ok="-nodefaults" in outcome.argv and not nic, detail=detail)
+    if outcome.timed_out:
+        step.non_claim("the job timed out: no result, so the guest's own view (NICs, mounts) is not recorded")
+        return "timeout", None, None, []
+    res = jobresult.parse(outcome.result_path, secret, spec.limits.stdio_bytes, spec.limits.output_bytes)
+    step.check("result-framed", ok=True, detail="one archive framed with this run's secret, nothing else")
+    fields = res.root_mount.split()
+    nosuid = len(fields) > 3 and "nosuid" in fields[3].split(",")
+    if vm:
+        step.check("guest-root-nosuid", ok=nosuid, detail=res.root_mount or "no mount line for /")
+    if vm and not spec.egress.allow:
+        step.check("egress-no-nic-in-guest", ok=res.netdevs == ["lo"], detail=f"guest links: {res.netdevs}")
+    if on_result is not None:
+        on_result(step, res)
+    written = jobresult.extract_outputs(res, spec.outputs, out.path, spec.limits.output_bytes) if out else []
+    return ("ok" if res.rc == 0 else "failed"), res.rc, res, written
+
+
+def guest_limits(limits: JobLimits) -> dict[str, int]:
+    """The byte limits the guest's init enforces (``/.avm/limits``)."""
+    return {"AVM_STDIO_LIMIT": limits.stdio_bytes, "AVM_OUTPUT_LIMIT": limits.output_bytes,
+            "AVM_CONSOLE_LIMIT": CONSOLE_STREAM_MAX}  # fmt: skip
+
+
+def outcome_limit(spec: JobSpec) -> int:
+    """Bytes the result port may hold: outputs, stdout and stderr, plus tar headers and padding."""
+    return spec.limits.output_bytes + 2 * spec.limits.stdio_bytes + RESULT_SLACK
 
 
 def _runtime_options(runtime: str, transport: Any, choice: GuestKernelChoice) -> dict[str, Any]:
@@ -251,7 +325,7 @@ def _runtime_options(runtime: str, transport: Any, choice: GuestKernelChoice) ->
 def _boot(
     home: Home, spec: JobSpec, rt: Any, image: ocistore.StoredImage, choice: GuestKernelChoice, workdir: Path,
     host_inputs: dict[str, Path], machine: str, stream: Callable[[str], None] | None, step: evidence.Step,
-    net_options: dict[str, Any],
+    net_options: dict[str, Any], secret: str,
 ) -> Outcome:  # fmt: skip
     probe = net_options.pop("probe_script", None)
     if rt.name == "kata":  # containerd unpacks the image itself; no NIC (egress is not wired for kata)
@@ -265,23 +339,27 @@ def _boot(
         return rt.run(  # type: ignore[no-any-return]
             Launch(job_id=spec.id, marker=workdir.name, workdir=workdir, kernel=choice.kernel,
                    initramfs=archive, vcpus=spec.vcpus, memory_mib=spec.memory, timeout_s=spec.timeout,
-                   image_archive=archive, image_ref=tag, argv=spec.command, env=spec.env, stream=stream)
+                   image_archive=archive, image_ref=tag, argv=spec.command, env=spec.env, stream=stream,
+                   secret=secret, stdio_max=spec.limits.stdio_bytes, result_max=outcome_limit(spec))
         )  # fmt: skip
     busybox = Path(shutil.which("busybox") or "/bin/busybox")
     with _network(spec, jobteardown.egress_label(workdir.name), net_options) as net:
         initramfs = workdir / "initramfs.cpio"
-        size, hit = guestinit.build_initramfs(
+        size, hit, stripped = guestinit.build_initramfs(
             rootfs_cache(home), ocistore.store_dir(home), image, initramfs,
             busybox=busybox, modules=choice.modules, argv=spec.command, env=spec.env,
             outputs=spec.outputs, inputs=host_inputs, net=net.guest_env if net else None,
+            secret=secret, limits=guest_limits(spec.limits),
             probe_script=probe(dict(net.guest_env) if net else {}) if probe else None,
         )  # fmt: skip
         step.observe("initramfs_bytes", size)
-        step.observe("image_rootfs_cache", "hit" if hit else "built")
+        step.observe("image_rootfs_cache", "hit, blobs and cpio re-hashed" if hit else "built")
+        step.observe("setid_bits_stripped", stripped)
         launch = Launch(
             job_id=spec.id, marker=workdir.name, workdir=workdir, kernel=choice.kernel, initramfs=initramfs,
             vcpus=spec.vcpus, memory_mib=spec.memory, timeout_s=spec.timeout, machine=machine, stream=stream,
-            acpi=choice.acpi, extra_append=choice.append,
+            acpi=choice.acpi, extra_append=choice.append, secret=secret,
+            stdio_max=spec.limits.stdio_bytes, result_max=outcome_limit(spec),
             net_args=net.qemu_args_for(machine) if net else (), netns=net.netns if net else None,
         )  # fmt: skip
         outcome: Outcome = rt.run(launch)

@@ -38,9 +38,18 @@ def _relative_inside(value: str) -> str:
 
 
 def _env_keys(value: dict[str, str]) -> dict[str, str]:
-    for key in value:
+    for key, text in value.items():
         if not _ENV_KEY_RE.fullmatch(key):
             raise ValueError(f"env name {key!r} must match {_ENV_KEY_RE.pattern}")
+        _no_nul(text)
+    return value
+
+
+def _no_nul(value: str) -> str:
+    # a NUL cannot pass through execve: it would silently cut the value short
+    at = value.find("\x00")
+    if at >= 0:
+        raise ValueError(f"expected no NUL byte, got one at offset {at} of {value!r}")
     return value
 
 
@@ -55,17 +64,28 @@ def _host(value: str) -> str:
 
 
 # the exported schema carries what the validators check (ipaddress's CIDR grammar excepted)
-_JOB_PATH = r"(?!/)(?!\.(?![\s\S]))(?!(?:[\s\S]*/)?\.\.(?:/|(?![\s\S])))[\s\S]+"
+_NO_NUL = r"[^\x00]*"
+_JOB_PATH = r"(?![\s\S]*\x00)(?!/)(?!\.(?![\s\S]))(?!(?:[\s\S]*/)?\.\.(?:/|(?![\s\S])))[\s\S]+"
 ImageRef = Annotated[
     str, AfterValidator(_pinned_image), JsonSchemaExtra({"pattern": json_pattern(_IMAGE_RE.pattern)})
 ]
 JobPath = Annotated[
-    str, AfterValidator(_relative_inside), JsonSchemaExtra({"pattern": json_pattern(_JOB_PATH)})
+    str,
+    AfterValidator(_relative_inside),
+    AfterValidator(_no_nul),
+    JsonSchemaExtra({"pattern": json_pattern(_JOB_PATH)}),
 ]
+Arg = Annotated[str, AfterValidator(_no_nul), JsonSchemaExtra({"pattern": json_pattern(_NO_NUL)})]
+MIB = 1 << 20
 _HOST_SCHEMA = JsonSchemaExtra(
     {"$comment": "an IP address or CIDR as Python's ipaddress.ip_network(strict=False)"}
 )
-_ENV_SCHEMA = JsonSchemaExtra({"propertyNames": {"pattern": json_pattern(_ENV_KEY_RE.pattern)}})
+_ENV_SCHEMA = JsonSchemaExtra(
+    {
+        "propertyNames": {"pattern": json_pattern(_ENV_KEY_RE.pattern)},
+        "additionalProperties": {"type": "string", "pattern": json_pattern(_NO_NUL)},
+    }
+)
 
 
 class _Frozen(BaseModel):
@@ -86,10 +106,22 @@ class Egress(_Frozen):
 
 
 class JobInput(_Frozen):
-    """A host file copied into the guest at ``dest`` (relative to the job directory)."""
+    """A host file copied into the guest at ``dest`` (relative to the job directory).
 
-    src: str
+    ``src`` is relative to the spec's directory and may not leave it (checked again on the host
+    after symlinks are resolved, see ``controlplane.jobinputs``)."""
+
+    src: JobPath
     dest: JobPath
+
+
+class JobLimits(_Frozen):
+    """What the guest may hand back. Beyond a limit the data is cut and the result says so."""
+
+    stdio_bytes: int = Field(
+        default=MIB, ge=1024, le=16 * MIB, multiple_of=1024, description="stdout and stderr, each"
+    )
+    output_bytes: int = Field(default=64 * MIB, ge=0, le=2048 * MIB, description="all outputs together")
 
 
 class JobSpec(_Frozen):
@@ -97,7 +129,7 @@ class JobSpec(_Frozen):
 
     id: JobId
     image: ImageRef
-    command: tuple[str, ...] = Field(min_length=1)
+    command: tuple[Arg, ...] = Field(min_length=1)
     env: Annotated[dict[str, str], AfterValidator(_env_keys), _ENV_SCHEMA] = Field(default_factory=dict)
     egress: Egress = Egress()
     timeout: float = Field(default=60.0, gt=0, le=24 * 3600, description="hard deadline, seconds")
@@ -105,6 +137,7 @@ class JobSpec(_Frozen):
     memory: int = Field(default=256, ge=64, le=16384, description="MiB")
     inputs: tuple[JobInput, ...] = ()
     outputs: tuple[JobPath, ...] = ()
+    limits: JobLimits = JobLimits()
     risk_tier: Literal["L0", "L1", "L2", "L3", "L4", "L5"] = "L2"
 
 

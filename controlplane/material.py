@@ -40,6 +40,9 @@ class ProfileMaterial:
     canary: bool = False
     soak_s: float = 0.0
     secret_refs: tuple[tuple[str, str], ...] = ()  # (credential name, secret://STORE/NAME)
+    # the manifest's egress allowlist as (host or CIDR, port, proto): the unit's IPAddressAllow=
+    # on cgroup2 hosts, the host-side nftables chain on nspawn (controlplane.vm.nspawnnet)
+    egress: tuple[tuple[str, int, str], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

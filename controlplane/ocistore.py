@@ -84,6 +84,28 @@ def read_blob(store: Path, digest: str) -> bytes:
     return data
 
 
+def verify_blob(store: Path, digest: str) -> None:
+    """Re-hash a blob on disk in chunks (no whole-blob read). Raises what ``read_blob`` raises."""
+    path = _blob_path(store, digest)
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    except FileNotFoundError:
+        raise RefusedError(
+            "oci-blob-missing", f"blob {digest} is not in {store}", hint="re-import the image"
+        ) from None
+    actual = "sha256:" + h.hexdigest()
+    if actual != digest:
+        raise RefusedError(
+            "oci-blob-corrupt",
+            f"blob {path} hashes to {actual}, expected {digest}",
+            hint="the store was modified; re-import the image",
+            details={"expected": digest, "actual": actual},
+        )
+
+
 def put_blob(store: Path, data: bytes) -> str:
     digest = _digest(data)
     path = _blob_path(store, digest)

@@ -15,10 +15,13 @@ from typing import Any
 
 from controlplane import (
     auditlog,
+    enforcement,
     evidence,
     facts,
+    governance,
     governance_gate,
     hostlock,
+    hostops,
     inventory,
     plan,
     render,
@@ -327,8 +330,11 @@ def _apply(
                         ref=ref,
                         version=secret_store.version(home, ref),
                     )
+            # where egress is enforced outside the VM (nspawn), the rules go in before any restart
+            enforcement.install_host_side(inventory.load(home, result.target), host, material, step)
             outcome = apply_plan(host, result.plan, material, previous, step, progress, credentials)
             result.applied = True
+            refused = _observe_controls(host, result, outcome.healthy, step, progress)
             result.healthy, result.rolled_back, result.skipped = (
                 outcome.healthy,
                 outcome.rolled_back,
@@ -346,6 +352,8 @@ def _apply(
                 }
             )
         result.receipts["apply"] = step.receipt_id or ""
+    if refused:
+        raise governance.refuse(refused)
     if not outcome.ok:
         raise OperationalError(
             "apply-unhealthy",
@@ -354,6 +362,27 @@ def _apply(
             hint=f"`avm receipts show {result.receipts['apply']}` has the failure and the rollback",
             details={"rolled_back": outcome.rolled_back, "skipped": outcome.skipped},
         )
+
+
+def _observe_controls(
+    host: Transport, result: Result, healthy: list[str], step: evidence.Step, progress: Progress
+) -> dict[str, tuple[str, list[governance.Missing]]]:
+    """Probe every restarted profile's sandbox; a profile whose tier requires a control the
+    probe did not see in force is stopped (fail closed) and returned for the refusal (exit 3)."""
+    observed = enforcement.probe(host, healthy)
+    enforcement.record(step, observed)
+    step.result["controls"] = {name: obs.summary() for name, obs in observed.items()}
+    for name, obs in sorted(observed.items()):
+        progress(f"{name}: egress {obs.egress}, limits {obs.limits} (observed in the sandbox)")
+    refused = governance_gate.check_observed(result.tiers, dict(observed), step)
+    for label in sorted(refused):
+        name = label.removeprefix("profile ")
+        step.command(hostops.stop(host, name))
+        step.check(f"fail-closed:{name}", ok=True, detail="unit stopped: a required control is not in force")
+        healthy.remove(name)
+        progress(f"{name}: stopped, its tier requires a control that is not in force")
+    step.result["refused_controls"] = sorted(refused)
+    return refused
 
 
 def rollback_ref(home: Home, target: str, profiles: Sequence[str], to: str | None) -> tuple[str, list[str]]:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path, PurePosixPath
+from importlib.resources import files
+from importlib.resources.abc import Traversable
+from pathlib import PurePosixPath
 from typing import Annotated, Literal
 
 import yaml
@@ -25,7 +27,8 @@ from controlplane.canonical import canonical_bytes, domain_digest
 from controlplane.errors import UsageError
 from controlplane.ids import JsonSchemaExtra, json_pattern, pattern_validator
 
-DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "images" / "golden.yaml"
+# package data; ``images/golden.yaml`` at the top of the source tree is a symlink to it
+DEFAULT_RECIPE: Traversable = files("controlplane").joinpath("data/golden.yaml")
 # Bump when the build itself changes what a recipe produces (imagehook, imagebuild): the recipe
 # digest covers it, so images cached by an older build are not reused.
 BUILD_FORMAT = 6
@@ -203,7 +206,7 @@ class Recipe(_Frozen):
         return domain_digest("image-recipe", canonical_bytes(doc))
 
 
-def load_recipe(path: Path) -> Recipe:
+def load_recipe(path: Traversable) -> Recipe:
     """Read and validate a recipe file (YAML or JSON).
 
     Raises ``UsageError('recipe-unreadable')`` when the file cannot be read or parsed, and
@@ -211,7 +214,7 @@ def load_recipe(path: Path) -> Recipe:
     """
     try:
         text = path.read_text()
-        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        raw = json.loads(text) if path.name.endswith(".json") else yaml.safe_load(text)
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
         raise UsageError(
             "recipe-unreadable",

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from pathlib import Path
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 
 from controlplane.canonical import canonical_bytes
 from controlplane.errors import OperationalError
@@ -17,7 +18,8 @@ from controlplane.facts import ETC
 from controlplane.manifest import Profile, ReleaseManifest
 from controlplane.material import HealthCheck, Material, ProfileMaterial, ReleaseMaterial
 
-UNIT_FILE = Path(__file__).resolve().parent.parent / "units" / "agent-gateway@.service"
+# package data; ``units/agent-gateway@.service`` at the top of the source tree is a symlink to it
+UNIT_FILE: Traversable = files("controlplane").joinpath("data/agent-gateway@.service")
 CREDENTIALS = f"{ETC}/credentials"
 
 
@@ -103,6 +105,7 @@ def material(
             canary=p.canary,
             soak_s=manifest.soak_s,
             secret_refs=tuple(sorted(p.secrets.items())),
+            egress=tuple((r.host, r.port, r.proto) for r in p.egress),
         )
         for p in chosen
     )

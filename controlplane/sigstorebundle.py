@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.resources
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -55,7 +56,10 @@ from typing import Any
 from controlplane.errors import AvmError, RefusedError, UsageError
 from controlplane.sigstorekeyed import dsse_subject_matches, verify_keyed
 
-SHIPPED_ROOT = Path(__file__).resolve().parent / "data" / "sigstore" / "trusted_root.json"
+# package data, read where the package is installed (never a copy fetched at run time)
+SHIPPED_ROOT = Path(
+    str(importlib.resources.files("controlplane") / "data" / "sigstore" / "trusted_root.json")
+)
 SHIPPED_ROOT_SHA256 = "6494e21ea73fa7ee769f85f57d5a3e6a08725eae1e38c755fc3517c9e6bc0b66"
 MEDIA_TYPES = {
     "application/vnd.dev.sigstore.bundle+json;version=0.1": "0.1",

@@ -1,12 +1,18 @@
 """``avm status``: the live host against what the last apply receipt says it left. Read-only.
 
 One round trip gathers every fact; ``drift.find_drift`` compares them with the recorded state.
-Exit 0 in sync, 2 drift, 1 error. It never writes to the host; it records a ``status`` receipt.
+A second runs the sandbox probe (``controlplane.enforcement``): egress not observed denied is
+drift, and so are limits the apply saw enforced and that are not now; limits a backend never
+enforced are reported as ``not-enforced`` in ``controls``. Exit 0 in sync, 2 drift, 1 error.
+It never writes to the host (the probe's listener and child end with it); it records a
+``status`` receipt.
 """
 
 from __future__ import annotations
 
-from controlplane import auditevents, auditlog, drift, evidence, inventory
+from typing import Any
+
+from controlplane import auditevents, auditlog, drift, enforcement, evidence, inventory
 from controlplane.drift import DriftReport, find_drift
 from controlplane.errors import OperationalError
 from controlplane.facts import gather
@@ -42,8 +48,12 @@ def check(home: Home, target: str) -> DriftReport:
             names = sorted(expected)
             releases = sorted({link.rstrip("/").rsplit("/", 1)[-1] for link in expected.values() if link})
         host = connect(entry)
+        # controls observed in force from each sandbox, not read from configuration (profiles
+        # that should not run have no sandbox to probe); the probe runs in the gather's round trip
+        running = names if isinstance(expected, DesiredState) else [n for n in names if expected[n]]
         try:
-            facts = gather(host, names, releases)
+            facts = gather(host, names, releases, then=enforcement.probe_argv(running) if running else None)
+            observed = enforcement.from_gather(facts.then)
             # gateway audit events (tool denials, refusals) since that receipt, into this one
             since = _receipt_started(home, receipt_id)
             for event in auditevents.gateway_events(host, names, since):
@@ -54,6 +64,18 @@ def check(home: Home, target: str) -> DriftReport:
             report = find_drift(target, expected, facts, receipt_id, notes=notes)
         else:
             report = drift.against_previous(target, expected, facts, receipt_id, notes=notes)
+        enforcement.record(step, observed)
+        extra = enforcement.findings(observed, _recorded_controls(home, receipt_id))
+        rule_findings, rules = enforcement.host_side_findings(entry, running)
+        if rules:
+            step.observe("host_side_egress_rules", rules)
+        report = report.model_copy(
+            update={
+                "findings": (*report.findings, *extra, *rule_findings),
+                "controls": {name: obs.summary() for name, obs in observed.items()},
+            }
+        )
+        step.result["controls"] = report.controls
         step.event(
             "alignment.check", in_sync=report.in_sync, findings=len(report.findings), against=receipt_id
         )
@@ -118,3 +140,13 @@ def _receipt_started(home: Home, receipt_id: str) -> str:
     from controlplane.receipt import open_receipt
 
     return open_receipt(ledger.read(home.receipts, int(receipt_id)))[2].predicate.started
+
+
+def _recorded_controls(home: Home, receipt_id: str) -> dict[str, Any]:
+    """What the apply observed in force per profile (empty for an apply before there was a probe)."""
+    from controlplane import ledger
+    from controlplane.receipt import open_receipt
+
+    result = open_receipt(ledger.read(home.receipts, int(receipt_id)))[2].predicate.result
+    controls = result.get("controls", {})
+    return controls if isinstance(controls, dict) else {}

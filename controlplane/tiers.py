@@ -9,7 +9,8 @@ can never weaken a gate. The control ids are the fixed vocabulary ``CONTROLS``.
 from __future__ import annotations
 
 import functools
-from pathlib import Path
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from typing import Literal
 
 import yaml
@@ -18,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from controlplane.canonical import canonical_bytes, sha256_digest
 from controlplane.errors import OperationalError, UsageError
 
-TIERS_FILE = Path(__file__).resolve().parent.parent / "tiers" / "tiers.yaml"
+# package data (``tiers/tiers.yaml`` at the top of the source tree is a symlink to it), so a wheel
+# install reads the same bytes as a checkout
+TIERS_FILE: Traversable = files("controlplane").joinpath("data/tiers.yaml")
 TierId = Literal["L0", "L1", "L2", "L3", "L4", "L5"]
 Control = Literal[
     "signature",
@@ -39,7 +42,10 @@ CONTROLS: dict[str, str] = {
     "signature": "the release (Tier-1) or job image (Tier-2) verifies against a trusted key",
     "digest-pins": "every artifact / image is pinned by sha256 digest",
     "no-raw-secrets": "env holds no secret-looking value; secrets are secret://STORE/NAME references",
-    "default-deny-egress": "egress denies by default and lists destinations (no 0.0.0.0/0 or ::/0)",
+    "default-deny-egress": (
+        "egress denies by default and lists destinations (no 0.0.0.0/0 or ::/0); Tier-1: observed "
+        "in force from the sandbox after the restart"
+    ),
     "tool-allowlist": "an explicit MCP tool allowlist, each tool pinned by its schema sha256",
     "approval": "N distinct trusted approvers (never the promoter) signed this exact plan digest",
     "canary-soak": "a canary profile goes first and soaks for at least soak_min_s",
@@ -68,9 +74,14 @@ class Tier(_Frozen):
     approvers: int = Field(default=0, ge=0, le=10)
     soak_min_s: float = Field(default=0.0, ge=0, le=86400)
     rollback_drill: RollbackDrill | None = None
+    egress_max_addresses: int | None = Field(
+        default=None, ge=1, le=1 << 32, description="IPv4 addresses an egress allowlist may open in all"
+    )
 
     @model_validator(mode="after")
     def _bounds_present(self) -> Tier:
+        if ("default-deny-egress" in self.controls) != (self.egress_max_addresses is not None):
+            raise ValueError(f"{self.id}: 'default-deny-egress' and egress_max_addresses go together")
         if ("approval" in self.controls) != (self.approvers > 0):
             raise ValueError(f"{self.id}: 'approval' and approvers >= 1 go together")
         if "canary-soak" in self.controls and self.soak_min_s <= 0:
@@ -123,7 +134,7 @@ def parse_tiers(data: bytes, *, source: str = "tiers.yaml") -> TierTable:
 
 
 @functools.cache
-def load(path: Path = TIERS_FILE) -> TierTable:
+def load(path: Traversable = TIERS_FILE) -> TierTable:
     """The shipped tier table. Raises ``OperationalError('tiers-missing'|'tiers-invalid')``."""
     try:
         data = path.read_bytes()
@@ -131,6 +142,6 @@ def load(path: Path = TIERS_FILE) -> TierTable:
         raise OperationalError(
             "tiers-missing",
             f"cannot read the tier table {path}: {exc.strerror}",
-            hint="the tiers/ directory ships with avm; reinstall it",
+            hint="tiers.yaml ships with avm as package data (controlplane/data/); reinstall avm",
         ) from None
     return parse_tiers(data, source=str(path))

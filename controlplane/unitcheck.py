@@ -144,7 +144,14 @@ def problems(profile: str, unit: UnitFacts, uid: int | None, release: str | None
     ``release`` is given) a main process that is not the unprivileged agent running it."""
     name = unit_name(profile)
     out: list[Problem] = [
-        (path, f"unit file avm did not write, loaded for {name}", None, digest)
+        (
+            path,
+            f"unit file avm did not write, loaded for {name}"
+            if path in unit.files
+            else f"unit file avm did not write, on disk for {name} (loaded at the next daemon-reload)",
+            None,
+            digest,
+        )
         for path, digest in foreign_files(profile, unit).items()
     ]
     if (

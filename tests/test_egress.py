@@ -189,9 +189,35 @@ def test_tap_path_is_created_and_torn_down_even_when_the_job_fails() -> None:
         assert net.counters()["allowed"] == {"packets": 0, "bytes": 0}
         raise RuntimeError("job failed")
     assert [name for name, ok, _ in net.teardown_checks() if not ok] == []
-    assert subprocess.run(["ip", "-n", net.netns, "link"], capture_output=True, check=False).returncode != 0
+    gone = subprocess.run(["ip", "-n", net.netns, "link"], capture_output=True, text=True, check=False)
+    assert (gone.returncode, gone.stderr) == (
+        255,
+        f'Cannot open network namespace "{net.netns}": No such file or directory\n',
+    )
     assert net.host_dev not in sh("ip", "-br", "link")
     assert egress.leftovers("tap-1", LABEL) == []
+
+
+@needs_root
+def test_nft_table_gone_is_observed_in_the_namespace_and_can_fail() -> None:
+    # the table is deleted from the job namespace's own ruleset before the namespace goes: observed
+    with egress.job_network("nft-ok", [rule(ALLOWED)], LABEL) as net:
+        pass
+    checks = {name: (ok, detail) for name, ok, detail in net.teardown_checks(wait=0)}
+    assert checks["nft-table-gone"] == (
+        True,
+        f"table {net.spec.table} deleted from {net.netns}'s own ruleset (rc 0); tables left there: []",
+    )
+    assert checks["tap-gone"][0] and checks["nft-table-not-in-host"][0]
+    # a table that is not where it must be (removed behind avm's back) fails the check
+    with (
+        pytest.raises(OperationalError) as exc,
+        egress.job_network("nft-gone", [rule(ALLOWED)], LABEL) as net,
+    ):
+        sh("ip", "netns", "exec", net.netns, "nft", "delete", "table", "inet", net.spec.table)
+    failed = [c for c in exc.value.details["checks"] if not c[1]]
+    assert [c[0] for c in failed] == ["nft-table-gone"], failed
+    assert egress.leftovers("nft-gone", LABEL) == []
 
 
 @needs_root

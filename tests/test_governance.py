@@ -194,6 +194,8 @@ def test_docs_tier_table_and_event_vocabulary_match_the_code() -> None:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[1] == tier.name
         assert cells[2] == ", ".join(tier.controls), tier.id
+        if tier.egress_max_addresses is not None:
+            assert f"allowlist <= {tier.egress_max_addresses} addresses" in cells[3], tier.id
     documented = set(re.findall(r"^\| `([a-z0-9.-]+)` \|", text, re.MULTILINE)) - set(tiers.CONTROLS)
     assert documented == set(EVENT_TYPES)
 

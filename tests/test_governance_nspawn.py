@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from controlplane import approvals, inventory, secrets, signing
 from controlplane.auditevents import EVENT_TYPES
 from controlplane.home import Home
 from controlplane.transport.ssh import SshTransport
-from tests.plugins.agentrepo import EXAMPLE, PASSWORD, _commit, git
+from tests.plugins.agentrepo import PASSWORD, _commit, copy_example, git
 from tests.plugins.vms import run_avm
 
 PORT = 18081
@@ -50,7 +49,7 @@ def _manifest(tier: str, **extra: Any) -> str:
 def gov(tmp_path_factory: pytest.TempPathFactory, golden_home: Home) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("gov")
     repo = root / "gov-agent"
-    shutil.copytree(EXAMPLE, repo)
+    copy_example(repo)
     git(repo, "init", "-q", "-b", "main")
     commits = {}
     for name, text in (

@@ -19,8 +19,7 @@ import pytest
 
 from controlplane.jobprobe import probe_egress
 from controlplane.jobspec import load_jobspec
-from controlplane.vm.procs import pids_with_marker
-from tests.plugins.jobimages import JobEnv
+from tests.plugins.jobimages import JobEnv, home_pids
 from tests.plugins.vms import run_avm
 
 ALLOWED = "198.51.100.10"
@@ -102,7 +101,7 @@ def test_probe_matrix_from_a_real_guest(jobenv: JobEnv, world: tuple[str, Path])
     checks = {c["name"]: c["ok"] for c in predicate["checks"]}
     assert checks["egress-netns-gone"] and checks["egress-nft-table-gone"] and checks["qemu-process-gone"]
     assert all(checks.values()), predicate["checks"]
-    assert pids_with_marker("avmjob+") == []
+    assert home_pids(jobenv.home) == []
 
 
 def test_deny_all_job_has_no_nic_and_every_class_is_denied(jobenv: JobEnv) -> None:

@@ -25,9 +25,9 @@ def vm_jobenv(golden_home: Home, tmp_path_factory: pytest.TempPathFactory) -> Jo
 def test_job_runs_on_the_golden_vm_through_the_transport(vm_jobenv: JobEnv, nspawn_vm: str) -> None:
     spec = vm_jobenv.spec("vm-exit", id="on-vm", command=["sh", "-c", "echo on-the-vm; exit 3"])
     out = run_avm(vm_jobenv.home, "--json", "job", "run", str(spec), "--target", nspawn_vm, timeout=300)
-    assert out.returncode == 3, (out.stdout, out.stderr)
+    assert out.returncode == 4, (out.stdout, out.stderr)  # the job failed; 3 would mean "refused"
     doc = json.loads(out.stdout)
-    assert doc["stdout"] == "on-the-vm\n" and doc["status"] == "failed"
+    assert doc["stdout"] == "on-the-vm\n" and doc["status"] == "failed" and doc["exit_code"] == 3
     checks = {c["name"]: c["ok"] for c in doc["checks"]}
     assert checks["remote-qemu-process-gone"] and checks["remote-workdir-removed"], doc["checks"]
     assert all(checks.values()), doc["checks"]

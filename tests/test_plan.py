@@ -1,9 +1,13 @@
-"""Planning is pure; facts are gathered by one real command. Drift is exactly a non-empty plan."""
+"""Planning is pure; facts are gathered by one real command. Drift is exactly a non-empty plan.
+
+The plan and fact-parsing cases are data: tests/cases/plan.yaml and tests/cases/facts.yaml.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,6 +17,7 @@ from controlplane.errors import OperationalError
 from controlplane.facts import HostFacts, ProfileFacts, UnitFacts
 from controlplane.plan import DesiredProfile, DesiredState, diff, release_path, release_tampered
 from controlplane.transport.local import LocalTransport
+from tests.plugins import cases
 
 SHA1 = "1" * 40
 SHA2 = "2" * 40
@@ -64,101 +69,43 @@ def in_sync(release: str = SHA2) -> HostFacts:
     )
 
 
-def test_in_sync_is_an_empty_plan_with_a_stable_digest() -> None:
-    plan = diff(desired(), in_sync())
-    assert plan.empty
-    assert plan.digest == diff(desired(), in_sync()).digest
+TOKENS = {
+    "SHA1": SHA1,
+    "SHA2": SHA2,
+    "REL1": release_path(SHA1),
+    "REL2": release_path(SHA2),
+    **{f"D.{name}": digest for name, digest in D.items()},
+}
+BASES = {
+    "in_sync": lambda: in_sync(),
+    "in_sync_v1": lambda: in_sync(SHA1),
+    "template_only": lambda: HostFacts(unit_template=D["unit"]),
+    "fresh": lambda: HostFacts(unit_template=None),
+}
 
 
-def kinds(plan: object) -> list[tuple[str, str]]:
-    return [(a.kind, a.target) for a in plan.actions]  # type: ignore[attr-defined]
+def case_facts(case: dict[str, Any]) -> HostFacts:
+    base = BASES[case["base"]]().model_dump(mode="json")
+    return HostFacts.model_validate(cases.merge(base, cases.expand(case.get("patch", {}), TOKENS)))
 
 
-def test_fresh_host_gets_every_step_in_apply_order() -> None:
-    plan = diff(desired(), HostFacts(unit_template=None))
-    assert kinds(plan)[:2] == [("create-release", SHA2), ("install-unit", "agent-gateway@.service")]
-    per_profile = [k for k, t in kinds(plan) if t == "alpha"]
-    assert per_profile == ["create-user", "write-env", "write-policy", "write-dropin", "flip", "restart"]
-
-
-def test_promoting_v2_over_v1_flips_and_restarts_only() -> None:
-    host = in_sync(SHA1)
-    plan = diff(desired(SHA2), host)
-    assert kinds(plan) == [
-        ("create-release", SHA2),
-        ("flip", "alpha"),
-        ("restart", "alpha"),
-        ("flip", "zeta"),
-        ("restart", "zeta"),
-    ]
-
-
-def test_canaries_are_planned_first() -> None:
-    plan = diff(desired(canary_first=False), HostFacts(unit_template=D["unit"]))
-    assert [t for k, t in kinds(plan) if k == "restart"] == ["alpha", "zeta"]
+def case_desired(case: dict[str, Any]) -> DesiredState:
     want = desired()
-    swapped = DesiredState(
-        unit_template=want.unit_template,
-        releases=want.releases,
-        profiles=(want.profiles[0].model_copy(update={"canary": True}), want.profiles[1]),
+    canary = set(case.get("canary", []))
+    return want.model_copy(
+        update={"profiles": tuple(p.model_copy(update={"canary": p.name in canary}) for p in want.profiles)}
     )
-    plan = diff(swapped, HostFacts(unit_template=D["unit"]))
-    assert [t for k, t in kinds(plan) if k == "restart"] == ["zeta", "alpha"]
 
 
-@pytest.mark.parametrize(
-    ("mutate", "expected"),
-    [
-        (lambda f: f.model_copy(update={"unit_template": "sha256:" + "f" * 64}), "install-unit"),
-        (
-            lambda f: f.model_copy(
-                update={
-                    "profiles": {**f.profiles, "zeta": f.profiles["zeta"].model_copy(update={"env": None})}
-                }
-            ),
-            "write-env",
-        ),
-        (
-            lambda f: f.model_copy(
-                update={
-                    "profiles": {
-                        **f.profiles,
-                        "zeta": f.profiles["zeta"].model_copy(update={"current": release_path(SHA1)}),
-                    }
-                }
-            ),
-            "flip",
-        ),
-        (
-            lambda f: f.model_copy(
-                update={
-                    "units": {
-                        **f.units,
-                        "agent-gateway@zeta.service": UnitFacts(
-                            Id="agent-gateway@zeta.service", ActiveState="inactive"
-                        ),
-                    }
-                }
-            ),
-            "restart",
-        ),
-    ],
-)
-def test_each_kind_of_drift_is_a_specific_action(mutate: object, expected: str) -> None:
-    plan = diff(desired(), mutate(in_sync()))  # type: ignore[operator]
-    assert not plan.empty
-    assert expected in [a.kind for a in plan.actions]
-    assert plan.digest != diff(desired(), in_sync()).digest
-
-
-def test_tampered_release_file_is_reported_with_expected_and_actual() -> None:
-    host = in_sync()
-    host = host.model_copy(update={"releases": {SHA2: {"app.py": D["b.py"], "extra": D["a.py"]}}})
-    found = release_tampered(desired(), host)
-    assert [(a.target.rsplit("/", 1)[-1], a.expected, a.actual) for a in found] == [
-        ("app.py", D["a.py"], D["b.py"]),
-        ("extra", None, D["a.py"]),
-    ]
+@pytest.mark.parametrize("case", cases.load("plan", keys={"base", "patch", "canary", "actions", "tampered"}))
+def test_plan_case(case: dict[str, Any]) -> None:
+    host, want = case_facts(case), case_desired(case)
+    plan = diff(want, host)
+    assert [f"{a.kind} {a.target}" for a in plan.actions] == cases.expand(case["actions"], TOKENS)
+    assert plan.digest == diff(want, host).digest  # stable
+    assert (plan.digest == diff(desired(), in_sync()).digest) == plan.empty
+    found = [f"{a.target.rsplit('/', 1)[-1]} {a.expected} {a.actual}" for a in release_tampered(want, host)]
+    assert found == cases.expand(case.get("tampered", []), TOKENS)
 
 
 def test_real_gatherer_reads_a_host_tree_in_one_command(tmp_path: Path) -> None:
@@ -197,7 +144,15 @@ def test_real_gatherer_reads_a_host_tree_in_one_command(tmp_path: Path) -> None:
     )
 
 
-def test_unparseable_facts_are_an_operational_error() -> None:
-    with pytest.raises(OperationalError) as info:
-        facts_mod.parse("Traceback (most recent call last): ...")
-    assert info.value.code == "facts-unparseable"
+@pytest.mark.parametrize("case", cases.load("facts", keys={"stdout", "facts", "error"}))
+def test_facts_parse_case(case: dict[str, Any]) -> None:
+    """The gatherer's output parses into exactly these facts, or is refused with this code."""
+    if "error" in case:
+        with pytest.raises(OperationalError) as info:
+            facts_mod.parse(case["stdout"])
+        assert info.value.code == case["error"]
+        assert info.value.details == {"stdout_head": case["stdout"][:500]}
+        return
+    empty = HostFacts(unit_template=None).model_dump(mode="json")
+    want = cases.merge(empty, cases.expand(case["facts"], TOKENS))
+    assert facts_mod.parse(cases.expand(case["stdout"], TOKENS)).model_dump(mode="json") == want

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import pytest
 from controlplane import bundle, cosign, inventory, promotion, secrets, signing
 from controlplane.home import Home
 from controlplane.transport.ssh import SshTransport
-from tests.plugins.agentrepo import EXAMPLE, PASSWORD, SECRET_REF, AgentRepo, _commit, git
+from tests.plugins.agentrepo import PASSWORD, SECRET_REF, AgentRepo, _commit, copy_example, git
 from tests.plugins.vms import run_avm
 
 PROFILES = ("canary", "web", "batch")
@@ -61,7 +60,7 @@ def _signed_as_an_older_avm_did(home: Home, repo: AgentRepo) -> tuple[Path, str]
     """A commit whose canary profile is named with 32 characters, signed by the trusted release
     key the way avm signed before it validated the manifest (today's `avm sign` refuses it)."""
     path = repo.path.parent / "long-name-agent"
-    shutil.copytree(EXAMPLE, path)
+    copy_example(path)
     manifest = path / "avm.yaml"
     manifest.write_text(manifest.read_text().replace("name: canary", f"name: {LONG_NAME}"))
     git(path, "init", "-q", "-b", "main")
@@ -175,7 +174,7 @@ profiles:
 def _solo_release(home: Home, repo: AgentRepo) -> tuple[Path, str]:
     """A one-profile agent, signed with today's `avm sign` by the trusted release key."""
     path = repo.path.parent / "solo-agent"
-    shutil.copytree(EXAMPLE, path)
+    copy_example(path)
     (path / "avm.yaml").write_text(SOLO_MANIFEST)
     git(path, "init", "-q", "-b", "main")
     sha = _commit(path, "solo")

@@ -64,8 +64,11 @@ def test_bad_input_is_refused_before_anything_starts(golden_home: Home) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", taken))
         sock.listen()
-        busy = run_avm(golden_home, "vm", "up", "porttest", "--backend", "nspawn", "--ssh-port", str(taken))
+        busy = run_avm(golden_home, "vm", "up", "porttest", "--backend", "qemu", "--ssh-port", str(taken))
     assert busy.returncode == 64 and "error[port-taken]" in busy.stderr
+    # an nspawn VM has its own address and port 22: a port option would be silently ignored
+    port = run_avm(golden_home, "vm", "up", "porttest", "--backend", "nspawn", "--ssh-port", "2222")
+    assert port.returncode == 64 and "error[ssh-port-not-applicable]" in port.stderr
     after = (
         sorted(os.listdir(lifecycle.vms_dir(golden_home))) if lifecycle.vms_dir(golden_home).exists() else []
     )

@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
-        sys.exit(130)
+        sys.exit(int(ExitCode.INTERRUPTED))
     except click.ClickException as exc:
         # Click's usage errors would exit 2, which means "drift" here.
         _traceback_if_debug()
@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         sys.exit(int(exc.exit_code))
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
-        sys.exit(130)
+        sys.exit(int(ExitCode.INTERRUPTED))
     except Exception as exc:
         click.secho("internal error (a bug in avm); traceback follows:", fg="red", err=True)
         traceback.print_exc()

@@ -28,7 +28,14 @@ def job() -> None:
     show_default=True,
     help="golden: the golden image's kernel; minimal: the cached tinyconfig kernel (3x faster boot).",
 )
-@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), default=None)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="A new or empty directory for the outputs (refused if not empty). Default: a new "
+    "<home>/jobs-out/<id>+<run> per run.",
+)
 @pass_app
 def run(
     app: AppContext,
@@ -39,12 +46,14 @@ def run(
     guest_kernel: str,
     out_dir: Path | None,
 ) -> int:
-    """Run a job spec in a microVM; exit with the job's exit code (124 on timeout).
+    """Run a job spec in a microVM. Exit 0 ok, 4 the job exited non-zero, 124 timeout.
 
     \b
+    The job's own exit code is in the output (exit_code) and the receipt, never passed through.
     Refused with exit 3, before anything boots: an image digest that is not the pin, a missing,
-    untrusted or wrong signature. Exit 64: an invalid spec (unpinned image, bad id, outputs
-    escaping with ../). The guest console streams live to stderr; stdout gets the job's stdout.
+    untrusted or wrong signature, an input outside the spec's directory. Exit 64: an invalid spec
+    (unpinned image, bad id, ../ paths, NUL bytes), a non-empty --out. The guest console streams
+    live to stderr; stdout gets the job's stdout.
     """
     from controlplane.jobs import run_job
     from controlplane.jobspec import load_jobspec
@@ -71,10 +80,14 @@ def run(
         "job_id": result.job_id,
         "status": result.status,
         "exit_code": result.exit_code,
+        "avm_exit_code": result.avm_exit_code,
         "stdout": result.stdout,
         "stderr": result.stderr,
         "outputs": result.outputs,
-        "output_dir": str(result.output_dir),
+        "output_dir": str(result.output_dir) if result.output_dir else None,
+        "console_log": str(result.console_log) if result.console_log else None,
+        "truncated": bool(result.truncated),
+        "truncation": result.truncated,
         "wall_s": round(result.wall_s, 3),
         "receipt_id": result.receipt_id,
         "checks": [{"name": n, "ok": ok, "detail": d} for n, ok, d in result.checks],
@@ -82,15 +95,17 @@ def run(
 
     def human() -> None:
         click.echo(result.stdout, nl=False)
-        click.echo(
-            f"job {result.job_id}: {result.status}, exit {result.exit_code}, {result.wall_s:.2f}s", err=True
-        )
+        code = "none (killed at the timeout)" if result.exit_code is None else result.exit_code
+        click.echo(f"job {result.job_id}: {result.status}, job exit {code}, {result.wall_s:.2f}s", err=True)
+        for cut in result.truncated:
+            seen, limit = cut["bytes_seen"], cut["limit"]
+            click.echo(f"  TRUNCATED {cut['name']}: {seen} bytes seen, limit {limit}", err=True)
         for name, ok, detail in result.checks:
             click.echo(f"  {'ok  ' if ok else 'FAIL'} {name}: {detail}", err=True)
         click.echo(f"  receipt: {result.receipt_id}", err=True)
 
     app.emit(doc, human)
-    return result.exit_code
+    return result.avm_exit_code
 
 
 @job.command("probe-egress")

@@ -122,7 +122,9 @@ def status(app: AppContext, target: str) -> int:
     Compares the host, read in one round trip, with what the last apply receipt says it left:
     which release each `current` points at, every release file's hash, the unit template and
     drop-ins, env and policy files, whether each unit is active, unexpected profiles.
-    It never writes to the host.
+    Then it probes each profile's sandbox: an unlisted destination must be refused to the
+    unit's user (else drift), and the kernel's cgroup limits are shown (not-enforced where the
+    backend does not apply them). It never writes to the host.
     """
     from controlplane import status as status_mod
 
@@ -135,12 +137,26 @@ def _report_doc(report: DriftReport) -> dict[str, Any]:
     return {**report.model_dump(mode="json"), "in_sync": report.in_sync}
 
 
+def _render_controls(report: DriftReport) -> None:
+    for name, seen in sorted(report.controls.items()):
+        click.echo(
+            f"  {name}: egress {seen.get('egress')}, limits {seen.get('limits')} (observed in the sandbox)"
+        )
+        for kind, reading in sorted(seen.get("limit_readings", {}).items()):
+            if reading.get("status") == "not-enforced":
+                click.echo(
+                    f"    {kind} not-enforced: configured {reading.get('configured')}, "
+                    f"kernel {reading.get('file')} = {reading.get('kernel')}"
+                )
+
+
 def _render_report(report: DriftReport) -> None:
     against = f"{report.baseline} receipt #{report.receipt}"
     for note in report.notes:
         click.echo(f"note: {note}")
     if report.in_sync:
         click.echo(f"{report.target}: in sync with {against} ({', '.join(report.profiles)})")
+        _render_controls(report)
         return
     count = len(report.findings)
     click.echo(f"{report.target}: DRIFT against {against} ({count} finding{'s' if count != 1 else ''})")
@@ -150,6 +166,7 @@ def _render_report(report: DriftReport) -> None:
         click.echo(f"      {f.what}")
         click.echo(f"      expected: {f.expected or '-'}")
         click.echo(f"      actual:   {f.actual or '-'}")
+    _render_controls(report)
 
 
 commands = [promote, status, rollback]

@@ -105,7 +105,7 @@ def status(app: AppContext, name: str | None) -> None:
             up_s = f"{s.uptime_s:.0f}s" if s.uptime_s is not None else "-"
             click.echo(
                 f"{s.name:<16} {s.status.value:<8} {s.backend:<8} {s.accelerator or '-':<9} "
-                f"pid {s.pid}  ssh 127.0.0.1:{s.ssh_port}  up {up_s}  {s.detail}".rstrip()
+                f"pid {s.pid}  ssh {s.ssh_host}:{s.ssh_port}  up {up_s}  {s.detail}".rstrip()
             )
 
     app.emit({"vms": [s.model_dump(mode="json") for s in states]}, human)

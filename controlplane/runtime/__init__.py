@@ -15,6 +15,7 @@ from typing import Protocol
 from controlplane.errors import UsageError
 
 RUNTIMES = ("qemu", "kata")
+CONSOLE_LOG_MAX = 4 << 20  # bytes of console kept per run; the rest is counted, not stored
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,15 +40,18 @@ class Launch:
     image_ref: str = ""
     argv: Sequence[str] = ()
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    secret: str = ""  # frames the result (kata frames the exit status containerd reports with it)
+    stdio_max: int = 1 << 20  # bytes of stdout (and of stderr) the result may carry
+    result_max: int = 1 << 30  # bytes the result port may hold; beyond it the guest is stopped
 
 
 @dataclasses.dataclass
 class Outcome:
-    """What the runtime observed. ``result_tar`` is the raw bytes from the result channel."""
+    """What the runtime observed. ``result_path`` holds the raw bytes of the result channel."""
 
     timed_out: bool
     qemu_rc: int | None
-    result_tar: bytes
+    result_path: Path
     console_log: Path
     wall_s: float
     accel: str
@@ -57,6 +61,8 @@ class Outcome:
     pid: int | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
     checks: list[tuple[str, bool, str]] = dataclasses.field(default_factory=list)  # runtime-side teardown
+    console_bytes_seen: int = 0  # the console log keeps at most CONSOLE_LOG_MAX of them
+    result_overflow: bool = False  # the guest wrote more than the result cap: it was stopped
 
 
 class Runtime(Protocol):

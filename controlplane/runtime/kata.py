@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import tarfile
 import time
+from pathlib import Path
 
 from controlplane.errors import CommandFailed, OperationalError
 from controlplane.runtime import Launch, Outcome
@@ -94,7 +95,7 @@ class KataRuntime:
                 subprocess.run([*ctr, "containers", "rm", cid], capture_output=True, timeout=30, check=False)
         left = self.leftovers(launch.marker)
         return Outcome(
-            timed_out=timed_out, qemu_rc=rc, result_tar=_result(rc, log.read_bytes()), console_log=log,
+            timed_out=timed_out, qemu_rc=rc, result_path=_result(rc, log, launch), console_log=log,
             wall_s=time.monotonic() - start, accel="kata", machine="kata", argv=argv,
             checks=[("kata-container-removed", not left, f"container {cid}: {left or 'gone'}")],
             notes=["outputs are not copied out of Kata containers"],
@@ -105,14 +106,23 @@ def container_id(marker: str) -> str:
     return marker.replace("+", "-")
 
 
-def _result(rc: int | None, console: bytes) -> bytes:
-    """The exit status containerd reported (from the shim, not from the job's output) as a result tar."""
+def _result(rc: int | None, log: Path, launch: Launch) -> Path:
+    """The exit status containerd reported (from the shim, not from the job's output) as a framed
+    result tar (see ``controlplane.jobresult``)."""
+    from controlplane.jobresult import HEADER, TRAILER
+
+    path = launch.workdir / "result.tar"
+    path.write_bytes(b"")
     if rc is None:
-        return b""
+        return path
+    with open(log, "rb") as fh:
+        console = fh.read(launch.stdio_max)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for name, data in (("rc", f"{rc}\n".encode()), ("stdout", console), ("stderr", b"")):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    secret = launch.secret.encode()
+    path.write_bytes(HEADER + secret + b"\n" + buf.getvalue() + TRAILER + secret + b"\n")
+    return path

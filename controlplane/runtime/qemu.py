@@ -16,16 +16,19 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
 from controlplane.errors import OperationalError
-from controlplane.runtime import Launch, Outcome
+from controlplane.runtime import CONSOLE_LOG_MAX, Launch, Outcome
 from controlplane.transport.base import Transport
 
 QEMU = "qemu-system-x86_64"
 MACHINES = ("microvm", "q35")
 PROBE_TIMEOUT_S = 10.0
+PR_SET_PDEATHSIG = 1
+STREAM_LINE_MAX = 4096
 
 
 def host_tsc_khz(cpuinfo: str) -> int:
@@ -136,18 +139,20 @@ class QemuRuntime:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_die_with_parent(os.getpid()),  # prctl only: safe with threads
         )
         (launch.workdir / "qemu.pid").write_text(str(proc.pid))
         assert proc.stdout is not None
+        pump = _Pump(launch)
         with open(log_path, "wb") as log:
-            reader = threading.Thread(target=_pump, args=(proc.stdout, log, launch), daemon=True)
+            reader = threading.Thread(target=pump.run, args=(proc.stdout, log), daemon=True)
             reader.start()
-            rc, rss, timed_out = _wait(proc, start + launch.timeout_s)
+            rc, rss, timed_out, overflow = _wait(proc, start + launch.timeout_s, result, launch.result_max)
             reader.join(timeout=5)
         return Outcome(
             timed_out=timed_out,
             qemu_rc=rc,
-            result_tar=result.read_bytes(),
+            result_path=result,
             console_log=log_path,
             wall_s=time.monotonic() - start,
             accel=self.accel,
@@ -155,30 +160,84 @@ class QemuRuntime:
             argv=argv,
             peak_rss_kib=rss,
             pid=proc.pid,
+            console_bytes_seen=pump.seen,
+            result_overflow=overflow,
         )
 
 
-def _pump(stream: IO[bytes], log: IO[bytes], launch: Launch) -> None:
-    for line in iter(stream.readline, b""):
-        log.write(line)
-        log.flush()
-        if launch.stream is not None:
-            launch.stream(line.decode("utf-8", "replace").rstrip("\r\n"))
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """QEMU gets SIGKILL the moment the runner dies (PR_SET_PDEATHSIG), even by ``kill -9``.
+
+    The signal follows the *thread* that forked: the thread that starts QEMU also waits for it."""
+
+    import ctypes
+
+    # resolved before the fork: the child only makes the call (no dlopen between fork and exec)
+    prctl, sig = ctypes.CDLL(None, use_errno=True).prctl, int(signal.SIGKILL)
+
+    def preexec() -> None:
+        if prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0 or os.getppid() != parent:
+            os._exit(127)  # the runner is already gone: do not start a guest nobody supervises
+
+    return preexec
 
 
-def _wait(proc: subprocess.Popen[bytes], deadline: float) -> tuple[int | None, int, bool]:
-    """Wait for QEMU, SIGKILL its process group at the deadline. Returns (rc, peak RSS KiB, timed_out)."""
+class _Pump:
+    """Console bytes from QEMU into the log, in chunks: at most CONSOLE_LOG_MAX bytes are kept,
+    every byte is counted, and a line streamed live is cut at STREAM_LINE_MAX (a flood without
+    newlines never accumulates)."""
+
+    def __init__(self, launch: Launch) -> None:
+        self.launch = launch
+        self.seen = 0
+        self.partial = b""
+
+    def run(self, stream: IO[bytes], log: IO[bytes]) -> None:
+        fd = stream.fileno()
+        while chunk := os.read(fd, 1 << 16):
+            kept = max(0, min(len(chunk), CONSOLE_LOG_MAX - self.seen))
+            self.seen += len(chunk)
+            if kept:
+                log.write(chunk[:kept])
+                log.flush()
+                self._stream(chunk[:kept])
+        if self.partial:
+            self._emit(self.partial)
+
+    def _stream(self, data: bytes) -> None:
+        if self.launch.stream is None:
+            return
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        for line in lines:
+            self._emit(line)
+        while len(self.partial) >= STREAM_LINE_MAX:
+            self._emit(self.partial[:STREAM_LINE_MAX])
+            self.partial = self.partial[STREAM_LINE_MAX:]
+
+    def _emit(self, line: bytes) -> None:
+        assert self.launch.stream is not None
+        self.launch.stream(line.decode("utf-8", "replace").rstrip("\r"))
+
+
+def _wait(
+    proc: subprocess.Popen[bytes], deadline: float, result: Path, result_max: int
+) -> tuple[int | None, int, bool, bool]:
+    """Wait for QEMU; SIGKILL its process group at the deadline, or as soon as the result port
+    holds more than ``result_max`` bytes. Returns (rc, peak RSS KiB, timed_out, overflow)."""
     try:
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 proc.returncode = os.waitstatus_to_exitcode(status)
-                return proc.returncode, int(usage.ru_maxrss), False
-            if time.monotonic() >= deadline:
+                return proc.returncode, int(usage.ru_maxrss), False, False
+            timed_out = time.monotonic() >= deadline
+            overflow = not timed_out and result.stat().st_size > result_max
+            if timed_out or overflow:
                 os.killpg(proc.pid, signal.SIGKILL)
                 _, status, usage = os.wait4(proc.pid, 0)
                 proc.returncode = os.waitstatus_to_exitcode(status)
-                return None, int(usage.ru_maxrss), True
+                return None, int(usage.ru_maxrss), timed_out, overflow
             time.sleep(0.02)
     except BaseException:
         # interrupted (SIGINT/SIGTERM): the guest must not outlive the runner

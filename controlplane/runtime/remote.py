@@ -51,6 +51,8 @@ def run_remote(transport: Transport, launch: Launch, accel: str) -> Outcome:
     finally:
         transport.run(["pkill", "-KILL", "-f", launch.marker], timeout=30)
         transport.run(["rm", "-rf", rdir], timeout=60)
+    result_path = launch.workdir / "result.tar"
+    result_path.write_bytes(result[: launch.result_max])
     log = launch.workdir / "console.log"
     log.write_text(console)
     if launch.stream is not None:
@@ -59,7 +61,7 @@ def run_remote(transport: Transport, launch: Launch, accel: str) -> Outcome:
     left = transport.run(["pgrep", "-f", launch.marker], timeout=30).stdout.split()
     gone = transport.run(["test", "-e", rdir], timeout=30).rc != 0
     return Outcome(
-        timed_out=timed_out, qemu_rc=rc, result_tar=result, console_log=log, wall_s=wall, accel=accel,
+        timed_out=timed_out, qemu_rc=rc, result_path=result_path, console_log=log, wall_s=wall, accel=accel,
         machine=launch.machine, argv=argv,
         checks=[
             ("remote-qemu-process-gone", not left, f"{transport.url}: pids {left}"),

@@ -92,6 +92,7 @@ class VmState(BaseModel):
     status: VmStatus
     pid: int | None
     accelerator: str | None
+    ssh_host: str = "127.0.0.1"
     ssh_port: int | None
     uptime_s: float | None
     image_digest: str

@@ -135,6 +135,16 @@ def up(home: Home, spec: VmSpec, image: GoldenImageLike, *, progress: Progress =
                 observations=booted.observations,
             )
             _save_record(record)
+            if (booted.ssh_host, booted.ssh_port) != ("127.0.0.1", port):
+                # the backend gave the VM its own address (nspawn's private netns): the entry
+                # moves there, with the same pinned key, still before the first connection
+                target = target.model_copy(
+                    update={
+                        "url": f"ssh://{booted.ssh_user}@{booted.ssh_host}:{booted.ssh_port}",
+                        "meta": {"network": booted.observations.get("network")},
+                    }
+                )
+                inventory.save(home, target)
             step.observe("accelerator", booted.accelerator)
             step.observe("backend", booted.observations)
             if spec.wait:
@@ -156,7 +166,14 @@ def up(home: Home, spec: VmSpec, image: GoldenImageLike, *, progress: Progress =
             if isinstance(exc, AvmError):
                 exc.details.setdefault("console_tail", tail)
             raise
-        step.result.update({"ssh_port": port, "pid": booted.pid, "state_dir": str(state)})
+        step.result.update(
+            {
+                "ssh_host": booted.ssh_host,
+                "ssh_port": booted.ssh_port,
+                "pid": booted.pid,
+                "state_dir": str(state),
+            }
+        )
     return record
 
 
@@ -265,6 +282,7 @@ def status(home: Home, name: str | None = None) -> list[VmState]:
                 status=VmStatus.RUNNING if running else VmStatus.DEAD,
                 pid=record.pid,
                 accelerator=record.accelerator,
+                ssh_host=record.ssh_host,
                 ssh_port=record.ssh_port,
                 uptime_s=round(time.time() - record.started_at, 1) if running else None,
                 image_digest=record.image_digest,

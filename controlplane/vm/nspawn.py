@@ -1,9 +1,11 @@
 """The ``nspawn`` backend: the golden rootfs booted as a container with real systemd and sshd.
 
 ``systemd-nspawn -b --volatile=overlay`` boots the read-only image rootfs with a throw-away
-overlay, so the image is never written. The container shares the host's network, so sshd is
-told (by a bind-mounted drop-in) to listen on 127.0.0.1:<ssh_port> only, and
-systemd-networkd is masked (bind of /dev/null) so it never touches the host's NICs. Flags and
+overlay, so the image is never written. The container runs in a network namespace avm makes
+for it (``controlplane.vm.nspawnnet``: a veth pair and a /30), so SSH goes to the container's
+own address on port 22 and two VMs never collide on a port; the Tier-1 egress rules are
+installed into that namespace from the host side, where the container's root cannot change
+them. systemd-networkd is masked (bind of /dev/null): the addresses are set from outside. Flags and
 why (``shared/lab/substrate.md`` 3.4): ``--keep-unit`` because there is no host D-Bus,
 ``--register=no`` because there is no machined, ``--volatile=overlay`` because without it every
 missing ``--bind-ro`` target is left behind as an empty file in the rootfs.
@@ -18,8 +20,9 @@ import signal
 import subprocess
 from pathlib import Path
 
-from controlplane.errors import OperationalError
-from controlplane.vm import cgroup, procs
+from controlplane.errors import OperationalError, UsageError
+from controlplane.transport.local import LocalTransport
+from controlplane.vm import cgroup, nspawnnet, procs
 from controlplane.vm.base import Booted, BootRequest, Check, VmRecord, VmSpec
 
 NSPAWN = "systemd-nspawn"
@@ -28,7 +31,7 @@ INOTIFY_LIMIT = Path("/proc/sys/fs/inotify/max_user_instances")
 INOTIFY_SAFE_CONTAINERS = 10
 
 
-def nspawn_argv(request: BootRequest) -> list[str]:
+def nspawn_argv(request: BootRequest, netns: str) -> list[str]:
     files = request.seed.files
     binds = {
         files["host_key"]: "/etc/ssh/ssh_host_ed25519_key",
@@ -52,6 +55,7 @@ def nspawn_argv(request: BootRequest) -> list[str]:
         "--console=passive",
         # the marker shows in nspawn's command line: teardown finds it even if the pid is lost
         f"--setenv=AVM_VM_MARKER={request.marker}",
+        f"--network-namespace-path=/run/netns/{netns}",
         *(f"--bind-ro={src}:{dst}" for src, dst in binds.items()),
         *(f"--bind-ro=/dev/null:/etc/systemd/system/{unit}" for unit in masked),
     ]
@@ -83,9 +87,17 @@ def spawn_nspawn(argv: list[str], log: Path, group: str) -> subprocess.Popen[byt
 
 class NspawnBackend:
     name = "nspawn"
-    host_network = True
+    host_network = False  # its own namespace (nspawnnet): sshd listens on port 22 there
 
     def preflight(self, spec: VmSpec) -> None:
+        if spec.ssh_port is not None:
+            raise UsageError(
+                "ssh-port-not-applicable",
+                f"--ssh-port {spec.ssh_port} does not apply to the nspawn backend: each nspawn VM has "
+                "its own network namespace and address, and sshd listens on port 22 there",
+                hint="omit --ssh-port; the inventory entry and `avm vm status` show the VM's address",
+                details={"expected": "no --ssh-port", "actual": spec.ssh_port},
+            )
         if shutil.which(NSPAWN) is None:
             raise OperationalError(
                 "tool-missing",
@@ -105,18 +117,23 @@ class NspawnBackend:
 
     def boot(self, request: BootRequest) -> Booted:
         group = request.marker
-        cgroup.create(group)
+        local = LocalTransport()
+        net = nspawnnet.create(local, request.spec.name, request.marker)
         log = request.state_dir / "console.log"
         try:
-            proc = spawn_nspawn(nspawn_argv(request), log, group)
+            cgroup.create(group)
+            proc = spawn_nspawn(nspawn_argv(request, net.netns), log, group)
         except BaseException:
             cgroup.remove(group)
+            nspawnnet.remove(local, net)
             raise
         return Booted(
             pid=proc.pid,
             accelerator="container",
-            ssh_port=request.ssh_port,
+            ssh_host=net.guest_addr,
+            ssh_port=22,
             observations={
+                "network": net.to_json(),
                 "cgroup": [str(p) for p in cgroup.paths(group)],
                 "console_log": str(log),
                 "inotify_max_user_instances": _inotify_limit(),
@@ -163,12 +180,21 @@ class NspawnBackend:
         by_pid = record.pid is not None and procs.alive(record.pid, record.marker)
         by_marker = procs.pids_with_marker(record.marker)
         mounts = [line for line in Path("/proc/mounts").read_text().splitlines() if record.state_dir in line]
+        net = network(record)
+        net_checks = nspawnnet.remove(LocalTransport(), net) if net else []
         return [
             Check("nspawn-pid-gone", not by_pid, f"pid {record.pid}"),
             Check("no-process-with-marker", not by_marker, f"marker {record.marker}: {by_marker or 'none'}"),
             Check("cgroup-removed", not stuck, ", ".join(stuck) or "removed"),
             Check("no-mounts-left", not mounts, "; ".join(mounts) or "none under the state dir"),
+            *net_checks,
         ]
+
+
+def network(record: VmRecord) -> nspawnnet.VmNet | None:
+    """The VM's private network, from its record (None for a VM booted before there was one)."""
+    data = record.observations.get("network")
+    return nspawnnet.VmNet.from_json(data) if isinstance(data, dict) else None
 
 
 def _inotify_limit() -> int | None:

@@ -49,9 +49,15 @@ def _commit(repo: Path, message: str) -> str:
     return git(repo, "rev-parse", "HEAD")
 
 
+def copy_example(dest: Path) -> Path:
+    """The example agent's files, without the bytecode a test that imported them left behind
+    (it would be committed and signed as part of the release)."""
+    shutil.copytree(EXAMPLE, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dest
+
+
 def make_agent_repo(root: Path, home: Home) -> AgentRepo:
-    repo = root / "hello-agent"
-    shutil.copytree(EXAMPLE, repo)
+    repo = copy_example(root / "hello-agent")
     git(repo, "init", "-q", "-b", "main")
     commits = {"v1": _commit(repo, "hello-agent v1")}
     agent = repo / "agent.py"

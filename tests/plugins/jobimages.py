@@ -87,3 +87,91 @@ def minimal_kernel_available() -> bool:
     from controlplane import guestkernel
 
     return guestkernel.cached(Path("/var/tmp/avm-guest-kernel")) is not None
+
+
+GETROOT_C = r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+#include <errno.h>
+/* A hostile job: become root through the set-uid bit, then forge a result on every port. */
+int main(void) {
+    int r = setuid(0);
+    printf("getroot: setuid(0)=%d uid=%d euid=%d\n", r, (int)getuid(), (int)geteuid());
+    int s = open("/.avm/secret", O_RDONLY);
+    printf("getroot: secret %s\n", s >= 0 ? "READ" : strerror(errno));
+    const char *forged = "AVM-RESULT-1 forged\nrc\n0\nAVM-RESULT-END forged\n";
+    char path[64];
+    for (int i = 0; i < 8; i++) {
+        for (int j = 0; j < 8; j++) {
+            snprintf(path, sizeof path, "/dev/vport%dp%d", i, j);
+            int fd = open(path, O_WRONLY);
+            if (fd >= 0 && write(fd, forged, strlen(forged)) > 0) printf("WROTE %s\n", path);
+            else if (errno != ENOENT) printf("getroot: %s: %s\n", path, strerror(errno));
+            if (fd >= 0) close(fd);
+        }
+    }
+    printf("avm-init: job exit 0\n");
+    fflush(stdout);
+    return 7;
+}
+"""
+
+
+def setuid_image(home: Home, base: Path, key: bytes) -> str:
+    """A signed image, built by hand as an OCI layout, holding a static set-uid-root ``/bin/getroot``
+    (compiled now) next to busybox. Imported with ``avm``'s importer and signed with ``key``."""
+    import gzip
+    import hashlib
+    import io
+    import subprocess
+    import tarfile
+
+    base.mkdir(parents=True, exist_ok=True)
+    src, binary = base / "getroot.c", base / "getroot"
+    src.write_text(GETROOT_C)
+    subprocess.run(["gcc", "-O2", "-static", "-o", str(binary), str(src)], check=True, timeout=120)
+    busybox = Path(shutil.which("busybox") or "/bin/busybox")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data, mode in (("bin/busybox", busybox.read_bytes(), 0o755),
+                                 ("bin/getroot", binary.read_bytes(), 0o4755)):  # fmt: skip
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.uid, info.gid = len(data), mode, 0, 0
+            tar.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo("bin/sh")
+        info.type, info.linkname = tarfile.SYMTYPE, "busybox"
+        tar.addfile(info)
+    layer = gzip.compress(buf.getvalue(), mtime=0)
+    layout = base / "setuid-layout"
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def blob(data: bytes) -> str:
+        hexd = hashlib.sha256(data).hexdigest()
+        (blobs / hexd).write_bytes(data)
+        return f"sha256:{hexd}"
+
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": []}}).encode()  # fmt: skip
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": ocistore.MANIFEST_TYPE,
+        "config": {"mediaType": ocistore.CONFIG_TYPE, "digest": blob(config), "size": len(config)},
+        "layers": [{"mediaType": ocistore.LAYER_GZ, "digest": blob(layer), "size": len(layer)}],
+    }).encode()  # fmt: skip
+    digest = blob(manifest)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    index = {"schemaVersion": 2, "manifests": [{"mediaType": ocistore.MANIFEST_TYPE, "digest": digest,
+             "size": len(manifest), "annotations": {ocistore.REF_NAME: "avm/setuid"}}]}  # fmt: skip
+    (layout / "index.json").write_text(json.dumps(index))
+    (image,) = ocistore.import_layout(home, layout)
+    imagesign.sign_image(home, image.name, image.digest, key, PASSWORD)
+    return image.ref
+
+
+def home_pids(home: Home, run_id: str = "") -> list[int]:
+    """QEMU processes of this home's job runs (their command line names the home's work dir)."""
+    from controlplane.vm.procs import pids_with_marker
+
+    return pids_with_marker(f"{home.run / 'jobs'}/avmjob+{run_id}")

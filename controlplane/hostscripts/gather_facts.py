@@ -284,6 +284,15 @@ def main() -> None:
     for path in (os.path.dirname(rel_root), rel_root, prof_root):
         layout[path] = meta(path)
     unit_facts, systemctl_error = units(sorted(profiles))
+    then = None
+    if req.get("then"):  # a second read-only program of avm's, in the same round trip
+        try:
+            done = subprocess.run(
+                req["then"], capture_output=True, text=True, timeout=req.get("then_timeout", 120)
+            )
+            then = {"rc": done.returncode, "stdout": done.stdout, "stderr": done.stderr[-2000:]}
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            then = {"rc": -1, "stdout": "", "stderr": str(exc)}
     print(
         json.dumps(
             {
@@ -294,6 +303,7 @@ def main() -> None:
                 "layout_meta": layout,
                 "units": unit_facts,
                 "systemctl_error": systemctl_error,
+                "then": then,
             }
         )
     )
