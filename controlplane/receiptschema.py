@@ -108,6 +108,8 @@ def _path(parts: Any) -> str:
 def check(where: str, stem: str, doc: Any, prefix: tuple[str | int, ...] = ()) -> None:
     """Refuse ``doc`` with ``receipt-schema-invalid`` unless it is valid under schema ``stem``."""
     validator = _validators()[stem]
+    if validator.is_valid(doc):
+        return
     error = min(
         validator.iter_errors(doc), key=lambda e: (list(map(str, e.absolute_path)), e.message), default=None
     )
