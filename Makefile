@@ -32,13 +32,13 @@ $(VENV)/.stamp-$(EXTRAS): pyproject.toml
 
 venv: $(VENV)/.stamp-$(EXTRAS)
 
-# the tests of the libvirt and gcp backends need their extras, and mypy checks those tests, so
-# `make test` and `make lint` set up the same venv; `make demo` needs only dev
-ALL_EXTRAS := dev,libvirt,gcp
+# the tests of the libvirt, gcp and sigstore code need their extras, and mypy checks those
+# tests, so `make test` and `make lint` set up the same venv; `make demo` needs only dev
+ALL_EXTRAS := dev,libvirt,gcp,sigstore
 
 test:
 	@$(MAKE) --no-print-directory setup EXTRAS=$(ALL_EXTRAS)
-	@$(PY) -c 'import libvirt, pulumi, pulumi_gcp' 2>/dev/null || echo "WARNING: extras libvirt/gcp not importable: their tests will skip" >&2
+	@$(PY) -c 'import libvirt, pulumi, pulumi_gcp, sigstore' 2>/dev/null || echo "WARNING: extras libvirt/gcp/sigstore not importable: their tests will fail" >&2
 	$(VENV)/bin/pytest
 
 lint:

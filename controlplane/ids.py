@@ -6,10 +6,14 @@ them validate on construction, and ``parse_*`` helpers give CLI-friendly ``Usage
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from typing import Annotated
+from collections.abc import Mapping
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, StringConstraints, WithJsonSchema
+from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler, StringConstraints
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, core_schema
 
 from controlplane.errors import UsageError
 
@@ -30,16 +34,58 @@ _PROFILE_RULE = (
 )
 
 
-def pattern_validator(pattern: re.Pattern[str], what: str, rule: str = "") -> AfterValidator:
-    """A pydantic validator: the whole value must match ``pattern``; the error names the field
-    and, when given, the rule. Every model's string patterns go through this one function."""
+def json_pattern(pattern: str) -> str:
+    """``pattern`` (a Python regex used with ``fullmatch``) as a JSON Schema ``pattern`` that
+    accepts exactly the same strings under both ECMA-262 and Python ``re.search`` semantics:
+    anchored at both ends, and refusing the trailing newline that Python's ``$`` lets through."""
+    core = pattern.removeprefix("^")
+    if core.endswith("$") and not core.endswith("\\$"):
+        core = core[:-1]
+    return f"^(?:{core})$(?!\\n)"
 
-    def validate(value: str) -> str:
-        if not pattern.fullmatch(value):
+
+@dataclasses.dataclass(frozen=True)
+class JsonSchemaExtra:
+    """Metadata that adds keywords to a field's exported JSON Schema, for constraints a function
+    validator enforces (so an auditor's validator refuses what avm refuses)."""
+
+    keywords: Mapping[str, Any]
+
+    def __get_pydantic_json_schema__(self, schema: Any, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        out = handler(schema)
+        out.update(self.keywords)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class PatternCheck:
+    """A pydantic validator: the whole value must match ``pattern``; the error names the field
+    and, when given, the rule. The exported JSON Schema carries the same pattern."""
+
+    pattern: re.Pattern[str]
+    what: str
+    rule: str = ""
+
+    def _validate(self, value: str) -> str:
+        if not self.pattern.fullmatch(value):
+            rule, what = self.rule, self.what
             raise ValueError(f"{what} {value!r} is invalid: {rule}" if rule else f"invalid {what}: {value!r}")
         return value
 
-    return AfterValidator(validate)
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.no_info_after_validator_function(self._validate, handler(source))
+
+    def __get_pydantic_json_schema__(
+        self, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        out = handler(schema)
+        out["pattern"] = json_pattern(self.pattern.pattern)
+        return out
+
+
+def pattern_validator(pattern: re.Pattern[str], what: str, rule: str = "") -> PatternCheck:
+    """Every model's string patterns go through this one function (see ``PatternCheck``)."""
+    return PatternCheck(pattern, what, rule)
 
 
 CommitSha = Annotated[
@@ -56,10 +102,6 @@ ProfileName = Annotated[
     str,
     StringConstraints(strict=True),
     pattern_validator(_PROFILE_RE, "profile name", _PROFILE_RULE),
-    # the exported schema carries the same rule, so a manifest checked without avm agrees
-    WithJsonSchema(
-        {"type": "string", "pattern": _PROFILE_RE.pattern, "maxLength": PROFILE_NAME_MAX, "minLength": 1}
-    ),
 ]
 VmName = Annotated[
     str,

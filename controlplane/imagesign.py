@@ -10,6 +10,9 @@ We store it with the base64 signature at ``<home>/oci/signatures/sha256-<hex>.js
 checks the signature over the exact stored payload bytes with each trusted key
 (``keys/release-trusted``), then that ``critical.image.docker-manifest-digest`` equals the pin,
 so a valid signature of another image is refused.
+
+A Sigstore bundle over the same payload (``avm image sign REF --sigstore-bundle FILE``, stored as
+``sha256-<hex>.sigstore.json``) is accepted instead, verified by ``sigstorebundle``.
 """
 
 from __future__ import annotations
@@ -56,6 +59,22 @@ def signature_file(home: Home, digest: str) -> Path:
     return store_dir(home) / "signatures" / (digest.replace(":", "-") + ".json")
 
 
+def sigstore_bundle_file(home: Home, digest: str) -> Path:
+    return store_dir(home) / "signatures" / (digest.replace(":", "-") + ".sigstore.json")
+
+
+def import_sigstore_bundle(home: Home, name: str, digest: str, raw: bytes) -> tuple[Path, str]:
+    """Store a Sigstore bundle over NAME@DIGEST's simple-signing payload once it verifies (the
+    same checks as ``verify_image``). Returns (path, who signed). Nothing is stored on refusal."""
+    from controlplane import sigstoretrust
+
+    verified = sigstoretrust.verify_blob(home, payload(name, digest), raw, commit_required=False)
+    path = sigstore_bundle_file(home, digest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, raw)
+    return path, sigstoretrust.describe(verified)
+
+
 def sign_image(home: Home, name: str, digest: str, key_bytes: bytes, password: bytes) -> Path:
     """Sign NAME@DIGEST with a cosign private key and store the signature. Raises what
     ``cosign.load_private_key`` raises (wrong password, not a key)."""
@@ -77,6 +96,16 @@ def verify_image(home: Home, name: str, digest: str) -> str:
     """Return the keyid of the trusted key whose signature over the stored payload verifies and
     whose payload names ``digest``. Raises ``RefusedError('image-signature-missing' |
     'image-signature-invalid' | 'image-signature-untrusted' | 'image-signature-digest-mismatch')``."""
+    bundle_file = sigstore_bundle_file(home, digest)
+    if bundle_file.exists():
+        # a Sigstore bundle (keyless or key pair) over the payload rebuilt from the pin: a bundle
+        # for another image does not verify. An image has no commit: a CI identity's repository
+        # is checked, not a commit.
+        from controlplane import sigstoretrust
+
+        raw = bundle_file.read_bytes()
+        verified = sigstoretrust.verify_blob(home, payload(name, digest), raw, commit_required=False)
+        return sigstoretrust.describe(verified)
     path = signature_file(home, digest)
     try:
         record = SignatureRecord.model_validate_json(path.read_bytes())

@@ -16,7 +16,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from controlplane.errors import UsageError
-from controlplane.ids import JobId
+from controlplane.ids import JobId, JsonSchemaExtra, json_pattern
 
 _IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}@sha256:[0-9a-f]{64}$")
 _ENV_KEY_RE = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")
@@ -63,10 +63,29 @@ def _host(value: str) -> str:
     return value
 
 
-ImageRef = Annotated[str, AfterValidator(_pinned_image)]
-JobPath = Annotated[str, AfterValidator(_relative_inside), AfterValidator(_no_nul)]
-Arg = Annotated[str, AfterValidator(_no_nul)]
+# the exported schema carries what the validators check (ipaddress's CIDR grammar excepted)
+_NO_NUL = r"[^\x00]*"
+_JOB_PATH = r"(?![\s\S]*\x00)(?!/)(?!\.(?![\s\S]))(?!(?:[\s\S]*/)?\.\.(?:/|(?![\s\S])))[\s\S]+"
+ImageRef = Annotated[
+    str, AfterValidator(_pinned_image), JsonSchemaExtra({"pattern": json_pattern(_IMAGE_RE.pattern)})
+]
+JobPath = Annotated[
+    str,
+    AfterValidator(_relative_inside),
+    AfterValidator(_no_nul),
+    JsonSchemaExtra({"pattern": json_pattern(_JOB_PATH)}),
+]
+Arg = Annotated[str, AfterValidator(_no_nul), JsonSchemaExtra({"pattern": json_pattern(_NO_NUL)})]
 MIB = 1 << 20
+_HOST_SCHEMA = JsonSchemaExtra(
+    {"$comment": "an IP address or CIDR as Python's ipaddress.ip_network(strict=False)"}
+)
+_ENV_SCHEMA = JsonSchemaExtra(
+    {
+        "propertyNames": {"pattern": json_pattern(_ENV_KEY_RE.pattern)},
+        "additionalProperties": {"type": "string", "pattern": json_pattern(_NO_NUL)},
+    }
+)
 
 
 class _Frozen(BaseModel):
@@ -76,7 +95,7 @@ class _Frozen(BaseModel):
 class EgressRule(_Frozen):
     """One allowed destination. Everything else is denied outside the guest."""
 
-    host: Annotated[str, AfterValidator(_host)]
+    host: Annotated[str, AfterValidator(_host), _HOST_SCHEMA]
     port: int = Field(ge=1, le=65535)
     proto: Literal["tcp", "udp"] = "tcp"
 
@@ -111,7 +130,7 @@ class JobSpec(_Frozen):
     id: JobId
     image: ImageRef
     command: tuple[Arg, ...] = Field(min_length=1)
-    env: Annotated[dict[str, str], AfterValidator(_env_keys)] = Field(default_factory=dict)
+    env: Annotated[dict[str, str], AfterValidator(_env_keys), _ENV_SCHEMA] = Field(default_factory=dict)
     egress: Egress = Egress()
     timeout: float = Field(default=60.0, gt=0, le=24 * 3600, description="hard deadline, seconds")
     vcpus: int = Field(default=1, ge=1, le=8)

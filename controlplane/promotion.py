@@ -86,7 +86,7 @@ class Result:
 
 def verify_release(home: Home, repo: Path, ref: str, step: evidence.Step, progress: Progress) -> Verified:
     """Resolve and verify. Raises ``RefusedError`` (exit 3) on any failed gate; touches no host."""
-    from controlplane import bundle, git, signing
+    from controlplane import bundle, git, signing, sigstoretrust
 
     sha = git.resolve(repo, ref)
     step.subject(f"commit:{sha}", f"sha1:{sha}")
@@ -94,8 +94,7 @@ def verify_release(home: Home, repo: Path, ref: str, step: evidence.Step, progre
     progress(f"resolved {ref} -> {sha}")
     built = bundle.build(repo, sha)
     step.subject("bundle", built.digest)
-    keyid = signing.verify_release(home, built)
-    step.event("gate.decision", gate="signature", outcome="pass", keyid=keyid)
+    keyid = sigstoretrust.verify_signature_gate(home, built, step)
     manifest = signing.load_manifest(repo, sha)
     signing.verify_artifacts(manifest, built)
     step.event("gate.decision", gate="pinned-digests", outcome="pass", artifacts=len(manifest.artifacts))

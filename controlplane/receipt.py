@@ -13,16 +13,29 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Any, Final, Literal
+import re
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from controlplane.canonical import canonical_bytes, sha256_hex
+from controlplane.ids import pattern_validator
 from controlplane.keys import Signer
 
 STATEMENT_TYPE: Final = "https://in-toto.io/Statement/v1"
 PAYLOAD_TYPE: Final = "application/vnd.in-toto+json"
 PREDICATE_PREFIX = "https://agent-vm.dev/receipt/"
+
+
+# what evidence writes: a kebab-case step kind, sha256 hex chain links, UTC timestamps in ms
+_KIND_RE = re.compile(r"^[a-z][a-z0-9-]{0,63}$")
+_HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+_TIME_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?Z$")
+Kind = Annotated[str, pattern_validator(_KIND_RE, "receipt kind", "kebab-case, 1-64 characters")]
+Hex64 = Annotated[str, pattern_validator(_HEX64_RE, "sha256", "expected 64 lowercase hex")]
+Timestamp = Annotated[
+    str, pattern_validator(_TIME_RE, "timestamp", "expected UTC like 2026-01-01T00:00:00.000Z")
+]
 
 
 def predicate_type(kind: str) -> str:
@@ -51,12 +64,12 @@ class CheckRecord(_Frozen):
 
 
 class Predicate(_Frozen):
-    kind: str
+    kind: Kind
     seq: int = Field(ge=1)
-    prev: str | None = Field(description="sha256 hex of the previous stored receipt; null for the first")
+    prev: Hex64 | None = Field(description="sha256 hex of the previous stored receipt; null for the first")
     status: Literal["ok", "refused", "failed"]
-    started: str
-    finished: str
+    started: Timestamp
+    finished: Timestamp
     duration_s: float
     control_host: str
     inputs: dict[str, Any] = {}

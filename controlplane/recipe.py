@@ -25,7 +25,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from controlplane.canonical import canonical_bytes, domain_digest
 from controlplane.errors import UsageError
-from controlplane.ids import pattern_validator
+from controlplane.ids import JsonSchemaExtra, json_pattern, pattern_validator
 
 # package data; ``images/golden.yaml`` at the top of the source tree is a symlink to it
 DEFAULT_RECIPE: Traversable = files("controlplane").joinpath("data/golden.yaml")
@@ -69,7 +69,7 @@ def _cmdline(value: str) -> str:
 
 
 def _shell(value: str) -> str:
-    if value not in ("/bin/sh", "/bin/bash", "/usr/sbin/nologin", "/bin/false"):
+    if value not in _SHELLS:
         raise ValueError(f"shell {value!r} must be one of /bin/sh, /bin/bash, /usr/sbin/nologin, /bin/false")
     return value
 
@@ -88,8 +88,22 @@ Mirror = Annotated[
 Package = Annotated[str, pattern_validator(_PACKAGE_RE, "package", "a Debian package name (Policy 5.6.1)")]
 Unit = Annotated[str, pattern_validator(_UNIT_RE, "unit", "a systemd unit name with a known suffix, no '/'")]
 UserName = Annotated[str, pattern_validator(_USER_RE, "user", "a POSIX user name of [a-z0-9_-], at most 32")]
-ImageGlob = Annotated[str, AfterValidator(_image_glob)]
-ModuleGlob = Annotated[str, AfterValidator(_module_glob)]
+# the exported schema carries what the function validators check
+_NO_DOTDOT = r"(?!(?:[\s\S]*/)?\.\.(?:/|(?![\s\S])))"
+_GLOB_CHARS = _SAFE_PATH_CHARS.pattern.removeprefix("^").removesuffix("$")
+_CMDLINE_TOKEN = _CMDLINE_TOKEN_RE.pattern.removeprefix("^").removesuffix("$")
+_SHELLS = ("/bin/sh", "/bin/bash", "/usr/sbin/nologin", "/bin/false")
+ImageGlob = Annotated[
+    str,
+    AfterValidator(_image_glob),
+    JsonSchemaExtra({"pattern": json_pattern(f"(?=/){_NO_DOTDOT}{_GLOB_CHARS}")}),
+]
+ModuleGlob = Annotated[
+    str,
+    AfterValidator(_module_glob),
+    JsonSchemaExtra({"pattern": json_pattern(f"(?!/){_NO_DOTDOT}{_GLOB_CHARS}")}),
+]
+_UNIQUE = JsonSchemaExtra({"uniqueItems": True})
 
 
 class _Frozen(BaseModel):
@@ -101,7 +115,9 @@ class User(_Frozen):
 
     name: UserName
     uid: int | None = Field(default=None, ge=0, le=60000, description="None: root, or the next free uid")
-    shell: Annotated[str, AfterValidator(_shell)] = "/usr/sbin/nologin"
+    shell: Annotated[str, AfterValidator(_shell), JsonSchemaExtra({"enum": list(_SHELLS)})] = (
+        "/usr/sbin/nologin"
+    )
     lock_password: Literal[True] = True
 
 
@@ -144,7 +160,11 @@ class Disk(_Frozen):
 
 
 class Boot(_Frozen):
-    cmdline: Annotated[str, AfterValidator(_cmdline)] = "console=ttyS0 root=/dev/vda rw"
+    cmdline: Annotated[
+        str,
+        AfterValidator(_cmdline),
+        JsonSchemaExtra({"pattern": json_pattern(f"{_CMDLINE_TOKEN}(?: {_CMDLINE_TOKEN})*")}),
+    ] = "console=ttyS0 root=/dev/vda rw"
 
 
 class Recipe(_Frozen):
@@ -159,13 +179,13 @@ class Recipe(_Frozen):
     components: tuple[Literal["main", "contrib", "non-free", "non-free-firmware"], ...] = ("main",)
     variant: Literal["minbase", "essential", "apt", "required", "important", "standard"] = "minbase"
     architecture: Literal["amd64"] = "amd64"
-    packages: Annotated[tuple[Package, ...], AfterValidator(_unique)] = Field(min_length=1)
+    packages: Annotated[tuple[Package, ...], AfterValidator(_unique), _UNIQUE] = Field(min_length=1)
     hostname: Annotated[str, pattern_validator(_HOSTNAME_RE, "hostname", "an RFC 1123 label")] = "golden"
     users: tuple[User, ...] = (User(name="root"),)
     hardening: Hardening = Hardening()
     first_boot: FirstBoot = FirstBoot()
-    enable_units: Annotated[tuple[Unit, ...], AfterValidator(_unique)] = ()
-    mask_units: Annotated[tuple[Unit, ...], AfterValidator(_unique)] = ()
+    enable_units: Annotated[tuple[Unit, ...], AfterValidator(_unique), _UNIQUE] = ()
+    mask_units: Annotated[tuple[Unit, ...], AfterValidator(_unique), _UNIQUE] = ()
     trim: Trim = Trim()
     disk: Disk = Disk()
     boot: Boot = Boot()

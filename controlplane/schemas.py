@@ -13,12 +13,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from controlplane.receiptschema import receipt_schemas, schema_id
+
 # file stem -> "module:Model"
 SCHEMAS = {
     "jobspec": "controlplane.jobspec:JobSpec",
     "recipe": "controlplane.recipe:Recipe",
     "image-manifest": "controlplane.image:ImageManifest",
-    "receipt": "controlplane.receipt:Statement",
     "receipt-envelope": "controlplane.receipt:Envelope",
     "image-signature": "controlplane.imagesign:SignatureRecord",
     "manifest": "controlplane.manifest:ReleaseManifest",
@@ -26,16 +27,23 @@ SCHEMAS = {
 }
 
 
+def finish(stem: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """A model's schema as a standalone Draft 2020-12 document with its stable ``$id``."""
+    return {**schema, "$schema": "https://json-schema.org/draft/2020-12/schema", "$id": schema_id(stem)}
+
+
 def export_all() -> dict[str, bytes]:
-    out: dict[str, bytes] = {}
+    schemas: dict[str, dict[str, Any]] = {}
     for stem, ref in SCHEMAS.items():
         module_name, _, attr = ref.partition(":")
         model: Any = getattr(importlib.import_module(module_name), attr)
-        schema = model.model_json_schema()
-        schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-        schema["$id"] = f"urn:agent-vm:schema:{stem}:v1"
-        out[f"{stem}.schema.json"] = (json.dumps(schema, indent=2, sort_keys=True) + "\n").encode()
-    return out
+        schemas[stem] = model.model_json_schema()
+    # the statement and one schema per receipt kind's predicate (what `avm receipts verify` checks)
+    schemas.update(receipt_schemas())
+    return {
+        f"{stem}.schema.json": (json.dumps(finish(stem, schema), indent=2, sort_keys=True) + "\n").encode()
+        for stem, schema in sorted(schemas.items())
+    }
 
 
 def write_all(directory: Path) -> list[Path]:

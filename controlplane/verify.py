@@ -9,6 +9,8 @@ receipt-truncated               a receipt file (or bundle line) stops mid-docume
 receipt-malformed               bytes that are not a canonical, schema-valid receipt
 receipt-untrusted-key           signed by a key that is not among the trusted keys
 receipt-signature-invalid       a trusted key id, but the signature does not match the bytes
+receipt-schema-invalid          signed, but the statement or its predicate fails the exported JSON
+                                Schema (jsonschema, Draft 2020-12); the JSON path is reported
 receipt-missing                 a sequence number with no receipt (deleted, or cut from the end)
 receipt-inserted                a receipt whose sequence number was already used before it
 receipt-out-of-order            a later receipt stands where an earlier one belongs
@@ -26,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from controlplane import ledger
+from controlplane import ledger, receiptschema
 from controlplane.errors import RefusedError, UsageError
 from controlplane.keys import TrustedKeys
 from controlplane.receipt import (
@@ -109,6 +111,7 @@ def check_receipt(where: str, data: bytes, trusted: TrustedKeys) -> tuple[Statem
         raise _refuse("receipt-malformed", where, "signature is not base64") from exc
     if not trusted.verify(signature.keyid, raw_sig, pae(PAYLOAD_TYPE, payload)):
         raise _refuse("receipt-signature-invalid", where, "signature does not match the receipt bytes")
+    receiptschema.check_statement(where, payload)
     try:
         statement = parse_statement(payload)
     except MalformedReceipt as exc:

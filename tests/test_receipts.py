@@ -128,7 +128,11 @@ def _insert_at(home: Home, seq: int) -> None:
     prev = ledger.receipt_path(directory, seq - 1).read_bytes()
     step = evidence.Step("forged", {})
     step.subject("forged", "sha256:" + "f" * 64)
-    timing = {"started": "x", "finished": "x", "duration_s": 0.0}
+    timing = {
+        "started": "2026-01-01T00:00:00.000Z",
+        "finished": "2026-01-01T00:00:00.000Z",
+        "duration_s": 0.0,
+    }
     from controlplane.receipt import digest_of
 
     data = seal(step.statement(seq, digest_of(prev), "ok", timing), keys.load_signer(home))

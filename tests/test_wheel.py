@@ -76,6 +76,7 @@ def test_the_wheel_carries_the_data_and_the_scripts(installed: tuple[Path, Path]
     for canonical in SHIPPED.values():
         assert canonical in names
     assert {"controlplane/hostscripts/gather_facts.py", "controlplane/hostscripts/sandbox_probe.py"} <= names
+    assert "controlplane/data/sigstore/trusted_root.json" in names  # keyless Sigstore verification
 
 
 def test_avm_runs_from_the_wheel_outside_the_source_tree(

@@ -40,7 +40,14 @@ def build(app: AppContext, recipe_path: Path | None, force: bool) -> None:
     result, receipt_id = build_and_record(
         app.home, recipe, source=str(source), force=force, progress=lambda line: click.echo(line, err=True)
     )
-    doc = {**result.summary(), "receipt_id": receipt_id}
+    from controlplane import provenance
+
+    path, prov_digest, prov_receipt = provenance.attest(app.home, result.image, receipt_id)
+    doc = {
+        **result.summary(),
+        "receipt_id": receipt_id,
+        "provenance": {"path": str(path), "digest": prov_digest, "receipt_id": prov_receipt},
+    }
 
     def human() -> None:
         click.echo(result.image.digest)
@@ -48,8 +55,41 @@ def build(app: AppContext, recipe_path: Path | None, force: bool) -> None:
         click.echo(f"  cached:    {str(result.cached).lower()}", err=True)
         if receipt_id:
             click.echo(f"  receipt:   {receipt_id}", err=True)
+        click.echo(f"  provenance: {path} (SLSA v1, receipt {prov_receipt})", err=True)
 
     app.emit(doc, human)
+
+
+@image.command("verify")
+@click.option("--digest", default=None, help="The image digest (sha256:...) [default: the newest image].")
+@click.option(
+    "--key",
+    "key_paths",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    multiple=True,
+    help="Receipt public key(s) to trust [default: this home's own].",
+)
+@pass_app
+def verify(app: AppContext, digest: str | None, key_paths: tuple[Path, ...]) -> None:
+    """Check a golden image against its SLSA provenance (exit 3 if it does not match).
+
+    \b
+    The provenance (<home>/provenance/<digest>.intoto.json) must be signed by a trusted receipt
+    key and recorded by an image-provenance receipt; the manifest digest and every artifact,
+    re-hashed, must be what it names. Codes: provenance-missing, provenance-malformed,
+    provenance-untrusted-key, provenance-signature-invalid, provenance-subject-mismatch,
+    provenance-not-recorded, image-artifact-mismatch.
+    """
+    from controlplane import keys, provenance
+    from controlplane.image import load_image
+
+    home = app.home_as_is
+    trusted = keys.load_trusted(list(key_paths)) if key_paths else keys.load_own_trusted(home)
+    report = provenance.verify(home, load_image(home, digest), trusted)
+    app.emit(
+        {"ok": True, **report},
+        f"ok: {report['image']} matches its provenance ({len(report['artifacts'])} artifacts)",
+    )
 
 
 # -- Tier-2 job images: a local OCI image layout store ----------------------------------------
@@ -97,19 +137,37 @@ def build_job(app: AppContext, name: str, files: tuple[str, ...], busybox: bool)
 
 @image.command("sign")
 @click.argument("ref")
-@click.option("--key", "key_path", required=True, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--key", "key_path", default=None, type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--sigstore-bundle",
+    "bundle_path",
+    default=None,
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="Instead of --key: a Sigstore bundle over the image's simple-signing payload, verified "
+    "offline (keyless or key pair) and stored.",
+)
 @pass_app
-def sign(app: AppContext, ref: str, key_path: Path) -> None:
+def sign(app: AppContext, ref: str, key_path: Path | None, bundle_path: Path | None) -> None:
     """Sign NAME@sha256:... with a cosign key ($COSIGN_PASSWORD) and store the signature.
 
-    The signed bytes are cosign's simple-signing payload naming the manifest digest.
+    The signed bytes are cosign's simple-signing payload naming the manifest digest. With
+    --sigstore-bundle, a bundle made elsewhere over those bytes is verified and stored instead.
     """
     from controlplane.errors import UsageError
-    from controlplane.imagesign import sign_image
+    from controlplane.imagesign import import_sigstore_bundle, sign_image
     from controlplane.ocistore import resolve
     from controlplane.signing import password_from_env
 
+    if (key_path is None) == (bundle_path is None):
+        raise UsageError("sign-how", "pass exactly one of --key cosign.key or --sigstore-bundle FILE")
     stored = resolve(app.home, ref)
+    if bundle_path is not None:
+        path, who = import_sigstore_bundle(app.home, stored.name, stored.digest, bundle_path.read_bytes())
+        app.emit(
+            {"image": stored.ref, "signature": str(path), "signer": who}, f"verified {who}\nstored {path}"
+        )
+        return
+    assert key_path is not None
     try:
         key = key_path.read_bytes()
     except OSError as exc:

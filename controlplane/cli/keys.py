@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from controlplane.cli.app import AppContext, pass_app
+from controlplane.errors import UsageError
 
 
 @click.group("keys")
@@ -87,16 +88,46 @@ def release_init(app: AppContext, out_dir: Path) -> None:
     "--release",
     "pub_file",
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    required=True,
-    help="A cosign.pub (PKIX PEM, ECDSA P-256) to trust for release signatures.",
+    default=None,
+    help="A cosign.pub (PKIX PEM, ECDSA P-256) to trust for release signatures and key-pair bundles.",
 )
-@click.option("--name", default=None, help="Name for the key [default: release-<keyid prefix>].")
+@click.option("--sigstore-identity", default=None, help="A keyless signer: the certificate's identity (SAN).")
+@click.option("--issuer", default=None, help="With --sigstore-identity: the OIDC issuer URL it must carry.")
+@click.option(
+    "--repository",
+    default=None,
+    help="With --sigstore-identity, for CI signers: OWNER/REPO the certificate must name; the "
+    "certificate must then also name exactly the commit being verified.",
+)
+@click.option("--name", default=None, help="Name for the key or identity [default: derived].")
 @pass_app
-def trust(app: AppContext, pub_file: Path, name: str | None) -> None:
-    """Trust a release signer's public key (copied into keys/release-trusted/NAME.pub)."""
+def trust(
+    app: AppContext,
+    pub_file: Path | None,
+    sigstore_identity: str | None,
+    issuer: str | None,
+    repository: str | None,
+    name: str | None,
+) -> None:
+    """Trust a release signer: a cosign key pair (--release) or a keyless Sigstore identity.
+
+    \b
+    --release copies cosign.pub into keys/release-trusted/NAME.pub.
+    --sigstore-identity ID --issuer URL [--repository OWNER/REPO] writes
+    keys/sigstore-trusted/NAME.json; keyless bundles are verified offline against the trusted
+    root avm ships (its digest is recorded in the receipt).
+    """
     from controlplane import evidence, signing
 
     home = app.home
+    if (pub_file is None) == (sigstore_identity is None):
+        raise UsageError("trust-what", "pass exactly one of --release FILE or --sigstore-identity ID")
+    if sigstore_identity is not None:
+        _trust_identity(app, sigstore_identity, issuer, repository, name)
+        return
+    if issuer is not None or repository is not None:
+        raise UsageError("trust-what", "--issuer and --repository go with --sigstore-identity")
+    assert pub_file is not None
     with evidence.record_step(
         home, "release-key-trusted", inputs={"public_key": str(pub_file), "name": name}
     ) as step:
@@ -106,6 +137,34 @@ def trust(app: AppContext, pub_file: Path, name: str | None) -> None:
     app.emit(
         {"name": trusted.name, "keyid": trusted.keyid, "path": str(trusted.path), "receipt": step.receipt_id},
         f"trusted release key {trusted.name} {trusted.keyid}\n{trusted.path}\nreceipt #{step.receipt_id}",
+    )
+
+
+def _trust_identity(
+    app: AppContext, identity: str, issuer: str | None, repository: str | None, name: str | None
+) -> None:
+    from controlplane import evidence, sigstorebundle, sigstoretrust
+    from controlplane.canonical import canonical_bytes, sha256_hex
+
+    if issuer is None:
+        raise UsageError("sigstore-issuer-required", "--sigstore-identity needs --issuer URL")
+    inputs = {"identity": identity, "issuer": issuer, "repository": repository, "name": name}
+    with evidence.record_step(app.home, "sigstore-identity-trusted", inputs=inputs) as step:
+        saved, path, who = sigstoretrust.trust_identity(app.home, identity, issuer, repository, name)
+        _, root_digest = sigstorebundle.load_root(None)
+        step.subject(f"sigstore-identity:{saved}", "sha256:" + sha256_hex(canonical_bytes(who.to_dict())))
+        step.subject("sigstore-trusted-root", root_digest)
+        step.observe("path", str(path))
+        step.result.update({**who.to_dict(), "trusted_root": root_digest})
+    doc = {
+        "name": saved,
+        **who.to_dict(),
+        "trusted_root": root_digest,
+        "path": str(path),
+        "receipt": step.receipt_id,
+    }
+    app.emit(
+        doc, f"trusted sigstore identity {saved}: {identity} ({issuer})\n{path}\nreceipt #{step.receipt_id}"
     )
 
 

@@ -77,7 +77,8 @@ def verify(
 
     \b
     Codes: receipt-truncated, receipt-malformed, receipt-untrusted-key,
-    receipt-signature-invalid, receipt-missing, receipt-inserted, receipt-out-of-order,
+    receipt-signature-invalid, receipt-schema-invalid,
+    receipt-missing, receipt-inserted, receipt-out-of-order,
     receipt-chain-broken, receipt-head-mismatch.
     """
     from controlplane import keys
