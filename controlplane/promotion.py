@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from controlplane import (
-    auditlog,
     enforcement,
     evidence,
     facts,
@@ -24,17 +23,17 @@ from controlplane import (
     hostops,
     inventory,
     plan,
+    promotestate,
     render,
     unitcheck,
 )
 from controlplane import secrets as secret_store
 from controlplane.apply import apply_plan, capture_previous
-from controlplane.errors import AvmError, OperationalError, RefusedError, UsageError
+from controlplane.errors import AvmError, OperationalError, RefusedError
 from controlplane.home import Home
 from controlplane.ids import parse_profile
 from controlplane.manifest import ReleaseManifest
 from controlplane.material import Material, ReleaseMaterial
-from controlplane.receipt import Statement
 from controlplane.transport.base import Transport
 
 Progress = Callable[[str], None]
@@ -118,23 +117,6 @@ def _connect(home: Home, target: str) -> Transport:
     return connect(inventory.load(home, target))
 
 
-def last_receipt(home: Home, kind: str, target: str) -> tuple[str, Statement] | None:
-    """The newest receipt of ``kind`` for ``target`` with status ok (scanned from HEAD down)."""
-    for seq, statement in auditlog.statements(home.receipts, newest_first=True):
-        pred = statement.predicate
-        if pred.kind == kind and pred.inputs.get("target") == target and pred.status == "ok":
-            return str(seq), statement
-    return None
-
-
-def recorded_state(home: Home, target: str) -> tuple[str, plan.DesiredState] | None:
-    """What the last successful apply left on ``target`` (receipt id, state)."""
-    found = last_receipt(home, "apply", target)
-    if found is None:
-        return None
-    return found[0], plan.DesiredState.model_validate(found[1].predicate.result["host_state"])
-
-
 def _refuse_unsafe_host(target: str, sha: str, desired: plan.DesiredState, seen: facts.HostFacts) -> None:
     """Refuse to plan onto a tampered release or a unit avm does not fully own (exit 3)."""
     tampered = plan.release_tampered(desired, seen)
@@ -160,32 +142,6 @@ def _refuse_unsafe_host(target: str, sha: str, desired: plan.DesiredState, seen:
             "`systemctl daemon-reload`, and promote again",
             details={"files": foreign},
         )
-
-
-def _merge_state(
-    prior: plan.DesiredState | None,
-    material: Material,
-    rolled_back: Sequence[str],
-    skipped: Sequence[str],
-    units: dict[str, dict[str, str]],
-) -> plan.DesiredState:
-    """The host state after this apply: untouched profiles as before, promoted ones as new,
-    each with the effective unit properties the apply observed."""
-    new = material.desired()
-    keep = {p.name: p for p in (prior.profiles if prior else ())}
-    for prof in new.profiles:
-        if prof.name not in rolled_back and prof.name not in skipped:
-            keep[prof.name] = prof.model_copy(update={"unit": units.get(prof.name)})
-    profiles = tuple(sorted(keep.values(), key=lambda p: p.name))
-    pool = {**(prior.releases if prior else {}), **new.releases}
-    exe = {**(prior.release_exec if prior else {}), **new.release_exec}
-    releases = {p.release: pool[p.release] for p in profiles if p.release in pool}
-    return plan.DesiredState(
-        unit_template=new.unit_template,
-        releases=releases,
-        profiles=profiles,
-        release_exec={sha: exe[sha] for sha in releases if sha in exe},
-    )
 
 
 def _secret_values(home: Home, material: Material) -> dict[str, dict[str, bytes]]:
@@ -310,7 +266,7 @@ def _apply(
             target_step.observe("lock", lock)
         result.receipts["rollback-target"] = target_step.receipt_id or ""
         previous = capture_previous(host, material, regathered)
-        prior = recorded_state(home, result.target)
+        prior = promotestate.recorded_state(home, result.target)
         with evidence.record_step(home, "apply", inputs=inputs) as step:
             step.subject(f"commit:{verified.sha}", f"sha1:{verified.sha}")
             step.subject("plan", result.plan.digest)
@@ -340,7 +296,7 @@ def _apply(
                 outcome.rolled_back,
                 outcome.skipped,
             )
-            state = _merge_state(
+            state = promotestate.merge_state(
                 prior[1] if prior else None, material, outcome.rolled_back, outcome.skipped, outcome.units
             )
             step.result.update(
@@ -383,35 +339,3 @@ def _observe_controls(
         progress(f"{name}: stopped, its tier requires a control that is not in force")
     step.result["refused_controls"] = sorted(refused)
     return refused
-
-
-def rollback_ref(home: Home, target: str, profiles: Sequence[str], to: str | None) -> tuple[str, list[str]]:
-    """The release to roll back to: ``--to`` or what was recorded before the last promotion."""
-    if to is not None:
-        return to, list(profiles)
-    found = last_receipt(home, "rollback-target", target)
-    if found is None:
-        raise UsageError(
-            "no-rollback-target",
-            f"no rollback target is recorded for {target}",
-            hint="pass --to REF; a target is recorded by every `avm promote --apply`",
-        )
-    previous: dict[str, str | None] = found[1].predicate.result["previous"]
-    wanted = list(profiles) or sorted(previous)
-    shas = {previous.get(p) for p in wanted}
-    if None in shas:
-        missing = [p for p in wanted if previous.get(p) is None]
-        raise UsageError(
-            "no-rollback-target",
-            f"profile(s) {', '.join(missing)} had no release before the last promotion",
-            hint="pass --to REF, or --profile for the profiles that have one",
-        )
-    if len(shas) != 1:
-        raise UsageError(
-            "rollback-targets-differ",
-            "the profiles had different releases before the last promotion",
-            hint="roll them back one at a time with --profile",
-            details={"previous": previous},
-        )
-    link = shas.pop() or ""
-    return link.rstrip("/").rsplit("/", 1)[-1], wanted

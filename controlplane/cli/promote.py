@@ -95,9 +95,9 @@ def rollback(
     The target release is verified again (signature, pinned digests, release intact on the
     host) and promoted exactly like a new one, with its own receipts.
     """
-    from controlplane import promotion
+    from controlplane import promotestate, promotion
 
-    ref, chosen = promotion.rollback_ref(app.home, target, profiles, to)
+    ref, chosen = promotestate.rollback_ref(app.home, target, profiles, to)
     app.say(f"rollback target: {ref}")
     result = promotion.run(
         app.home,
