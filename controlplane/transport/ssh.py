@@ -10,22 +10,20 @@ paramiko is imported inside the functions that need it, so ``avm --help`` stays 
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import posixpath
 import secrets as _secrets
 import select
 import shlex
-import socket
 import stat
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
-from controlplane.errors import CommandTimeout, OperationalError, RefusedError, UsageError
+from controlplane.errors import CommandTimeout, OperationalError, RefusedError
+from controlplane.transport.banner import wait_for_ssh
 from controlplane.transport.base import MASK, RunResult, masked
+from controlplane.transport.hostkey import fingerprint, load_identity, parse_host_key, parse_url, same_key
 
 if TYPE_CHECKING:
     import paramiko
@@ -40,38 +38,6 @@ LOCAL_GRACE_S = 1.0
 # Exit statuses of GNU `timeout` when it had to end the command (TERM, or KILL after -k).
 _TIMED_OUT_RCS = (124, 128 + 9)
 _CHUNK = 1 << 15
-
-
-def fingerprint(key: paramiko.PKey) -> str:
-    """OpenSSH's ``SHA256:...`` fingerprint of a public key, as ``ssh-keygen -lf`` prints it."""
-    digest = hashlib.sha256(key.asbytes()).digest()
-    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
-
-
-def parse_host_key(line: str) -> paramiko.PKey:
-    """The public key in an OpenSSH line (``ssh-ed25519 AAAA... [comment]``; a leading
-    known_hosts host field is tolerated). Raises ``UsageError('host-key-invalid')``."""
-    import paramiko
-    from paramiko.pkey import UnknownKeyType
-
-    fields = line.split()
-    if len(fields) >= 3 and not _looks_like_key_type(fields[0]):
-        fields = fields[1:]
-    try:
-        if len(fields) < 2:
-            raise ValueError("expected '<type> <base64>'")
-        return paramiko.PKey.from_type_string(fields[0], base64.b64decode(fields[1], validate=True))
-    except (ValueError, paramiko.SSHException, UnknownKeyType) as exc:
-        raise UsageError(
-            "host-key-invalid",
-            f"the pinned host key is not an OpenSSH public key line: {exc}",
-            hint="pin the line from the host's /etc/ssh/ssh_host_ed25519_key.pub",
-            details={"expected": "ssh-ed25519 AAAA...", "actual": line[:80]},
-        ) from exc
-
-
-def _looks_like_key_type(token: str) -> bool:
-    return token.startswith(("ssh-", "ecdsa-", "sk-", "rsa-"))
 
 
 class SshTransport:
@@ -112,20 +78,7 @@ class SshTransport:
         pinned key; ``UsageError`` for a bad URL, key line or identity; and what ``connect``
         raises.
         """
-        import paramiko
-
-        parts = urlsplit(target.url)
-        try:
-            port = parts.port or 22
-        except ValueError:
-            port = -1
-        if parts.scheme != "ssh" or not parts.hostname or not parts.username or port < 1:
-            raise UsageError(
-                "bad-url",
-                f"target {target.name!r} has URL {target.url!r}",
-                hint="write it as ssh://USER@HOST:PORT",
-                details={"expected": "ssh://USER@HOST:PORT", "actual": target.url},
-            )
+        user, hostname, port = parse_url(target.name, target.url)
         if not target.host_key:
             raise RefusedError(
                 "host-key-not-pinned",
@@ -136,26 +89,12 @@ class SshTransport:
                 details={"expected": "a pinned host key", "actual": None},
             )
         host_key = parse_host_key(target.host_key)
-        if not target.identity:
-            raise UsageError(
-                "identity-missing",
-                f"target {target.name!r} has no identity (private key file) to log in with",
-                hint="set identity in its inventory entry to the private key path",
-            )
-        try:
-            identity = paramiko.PKey.from_path(target.identity)
-        except (OSError, paramiko.SSHException, ValueError) as exc:
-            raise OperationalError(
-                "identity-unreadable",
-                f"cannot load the SSH identity {target.identity}: {exc}",
-                hint="check that the file exists, is readable and is an unencrypted OpenSSH private key",
-                details={"path": target.identity},
-            ) from exc
+        identity = load_identity(target.name, target.identity)
         transport = cls(
             target.url,
-            host=parts.hostname,
+            host=hostname,
             port=port,
-            user=parts.username,
+            user=user,
             host_key=host_key,
             identity=identity,
             connect_timeout=connect_timeout,
@@ -214,7 +153,7 @@ class SshTransport:
             # that is not pinned; the transport still holds the key it was shown.
             offered = _remote_key(client)
             client.close()
-            if offered is not None and not _same_key(offered, self._host_key):
+            if offered is not None and not same_key(offered, self._host_key):
                 raise self._mismatch(offered) from None
             raise self._unreachable(exc) from exc
         except (OSError, EOFError) as exc:
@@ -414,47 +353,6 @@ class SshTransport:
         return CommandTimeout(shown, timeout, _text(out, secrets), _text(err, secrets))
 
 
-def wait_for_ssh(host: str, port: int, deadline_s: float) -> str:
-    """Wait up to ``deadline_s`` seconds until an SSH server greets on host:port, and return its
-    ``SSH-2.0-...`` banner. An open port is not enough (a VM's port forward accepts before
-    sshd runs). Raises ``OperationalError('host-unreachable')`` when the time is up."""
-    end = time.monotonic() + deadline_s
-    last = "no attempt"
-    while True:
-        remaining = end - time.monotonic()
-        if remaining <= 0:
-            raise OperationalError(
-                "host-unreachable",
-                f"no SSH banner from {host}:{port} within {deadline_s:g}s (last: {last})",
-                hint="the machine may still be booting, or sshd failed to start; check its console log",
-                details={"host": host, "port": port, "deadline_s": deadline_s, "last": last},
-            )
-        try:
-            with socket.create_connection((host, port), timeout=min(remaining, 2.0)) as sock:
-                sock.settimeout(min(max(end - time.monotonic(), 0.05), 2.0))
-                banner = _read_banner(sock)
-            if banner is not None:
-                return banner
-            last = "connection closed without an SSH-2.0 banner"
-        except OSError as exc:
-            last = f"{type(exc).__name__}: {exc}"
-        time.sleep(min(0.1, max(end - time.monotonic(), 0)))
-
-
-def _read_banner(sock: socket.socket) -> str | None:
-    buf = b""
-    while len(buf) < 8192:
-        chunk = sock.recv(1024)
-        if not chunk:
-            return None
-        buf += chunk
-        # RFC 4253 4.2: a server may send other lines before the version line.
-        for line in buf.split(b"\n")[:-1]:
-            if line.startswith(b"SSH-2.0-"):
-                return line.rstrip(b"\r").decode("ascii", "replace")
-    return None
-
-
 def _active(client: paramiko.SSHClient) -> bool:
     transport = client.get_transport()
     return transport is not None and transport.is_active()
@@ -469,10 +367,6 @@ def _remote_key(client: paramiko.SSHClient) -> paramiko.PKey | None:
     except Exception:
         # No key was exchanged; the caller reports the original error.
         return None
-
-
-def _same_key(a: paramiko.PKey, b: paramiko.PKey) -> bool:
-    return a.get_name() == b.get_name() and a.asbytes() == b.asbytes()
 
 
 def _remove_quietly(sftp: paramiko.SFTPClient, path: str) -> None:
