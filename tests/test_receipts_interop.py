@@ -2,11 +2,12 @@
 
 A realistic run on a real nspawn golden host (keys, image build and its SLSA provenance, release
 key trust, approver trust, an approval, vm up, a dry-run and an applied promotion, status, vm
-down) writes every kind the Tier-1 story has. Then each stored receipt is checked with nothing but the receipt
-key's public PEM: securesystemslib's ``Envelope.verify`` (the DSSE spec's reference library)
-with a key whose id follows avm's convention, and in-toto-attestation's Statement v1 validator
-over the decoded payload. Tier-2 job kinds (job-run, job-probe-egress) need a QEMU microVM and
-are covered by the same envelope code, not by this run.
+down) writes every kind the Tier-1 story has; a real microVM job and its egress probe write the
+Tier-2 kinds (job-run, job-probe-egress). Together with key-created that is every kind `make
+demo` writes. Each stored receipt is checked with nothing but the receipt key's public PEM:
+securesystemslib's ``Envelope.verify`` (the DSSE spec's reference library) with a key whose id
+follows avm's convention, and in-toto-attestation's Statement v1 validator over the decoded
+payload.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from securesystemslib.signer import SSlibKey  # type: ignore[attr-defined]
 from controlplane import keys, ledger
 from controlplane.home import Home
 from tests.plugins.agentrepo import PASSWORD, AgentRepo
+from tests.plugins.jobimages import JobEnv
 from tests.plugins.vms import needs_root_and_nspawn, run_avm
 
 # golden_home's key is made through the library (no receipt); key-created is checked on its own
@@ -143,3 +145,16 @@ def test_the_third_party_verifier_refuses_a_tampered_payload_and_another_key(
     keys.init(other)
     with pytest.raises(VerificationError):
         Envelope.from_dict(json.loads(stored)).verify([sslib_key(keys.public_path(other).read_bytes())], 1)
+
+
+def test_tier2_job_receipts_verify_with_securesystemslib_and_in_toto(jobenv: JobEnv) -> None:
+    spec = jobenv.spec("interop", id="interop", command=["sh", "-c", "echo interop"])
+    for command in ("run", "probe-egress"):
+        out = run_avm(jobenv.home, "--json", "job", command, str(spec))
+        assert out.returncode == 0, out.stdout + out.stderr
+    key = sslib_key(keys.public_path(jobenv.home).read_bytes())
+    kinds = set()
+    for seq, stored in ledger.iter_stored(jobenv.home.receipts):
+        assert stored is not None, f"receipt #{seq} missing"
+        kinds.add(third_party_check(stored, key)["predicate"]["kind"])
+    assert {"job-run", "job-probe-egress"} <= kinds, kinds
