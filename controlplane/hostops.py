@@ -1,7 +1,8 @@
 """Mutating operations on a Tier-1 host, each one argv (or one put) through the transport.
 
-Small stdlib programs run with the host's ``python3 -c`` where an operation must be atomic
-or verified on the host itself (release unpacking, the ``current`` flip, health checks).
+Small stdlib programs (``controlplane/hostscripts/``) run with the host's ``python3 -c`` where
+an operation must be atomic or verified on the host itself (release unpacking, the ``current``
+flip, health checks).
 """
 
 from __future__ import annotations
@@ -9,85 +10,18 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
+from controlplane import hostscripts
 from controlplane.errors import OperationalError
 from controlplane.facts import ETC, PROFILES, RELEASES, UNIT_DIR
 from controlplane.material import HealthCheck, ReleaseMaterial
 from controlplane.transport.base import RunResult, Transport
 
-# Unpack a release tar write-once: into a temp dir, verify every file against the signed file
-# list, make it read-only, then rename into place. An existing release is never touched.
-_UNPACK = r"""
-import hashlib, json, os, shutil, sys, tarfile
-tar_path, final, want = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-if os.path.exists(final):
-    sys.exit("release exists: " + final)
-tmp = final + ".partial"
-shutil.rmtree(tmp, ignore_errors=True)
-os.makedirs(tmp)
-with tarfile.open(tar_path) as tar:
-    for m in tar.getmembers():
-        parts = m.name.split("/")
-        if m.name.startswith("/") or ".." in parts or not (m.isfile() or m.isdir() or m.issym()):
-            sys.exit("unsafe member: " + m.name)
-        dest = os.path.join(tmp, m.name)
-        if m.isdir():
-            os.makedirs(dest, exist_ok=True)
-        elif m.issym():
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            os.symlink(m.linkname, dest)
-        else:
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            with tar.extractfile(m) as src, open(dest, "wb") as out:
-                shutil.copyfileobj(src, out)
-            os.chmod(dest, 0o555 if m.mode & 0o111 else 0o444)
-got = {}
-for base, dirs, files in os.walk(tmp):
-    for name in files + [d for d in dirs if os.path.islink(os.path.join(base, d))]:
-        full = os.path.join(base, name)
-        rel = os.path.relpath(full, tmp)
-        if os.path.islink(full):
-            got[rel] = "symlink:" + os.readlink(full)
-        else:
-            with open(full, "rb") as fh:
-                got[rel] = "sha256:" + hashlib.sha256(fh.read()).hexdigest()
-if got != want:
-    shutil.rmtree(tmp)
-    bad = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
-    sys.exit("content differs from the signed file list: " + ", ".join(bad[:10]))
-for base, dirs, files in os.walk(tmp):
-    os.chmod(base, 0o555)
-os.rename(tmp, final)
-os.unlink(tar_path)
-"""
-
-_FLIP = r"""
-import os, sys
-target, link = sys.argv[1], sys.argv[2]
-os.makedirs(os.path.dirname(link), exist_ok=True)
-tmp = link + ".new"
-if os.path.lexists(tmp):
-    os.unlink(tmp)
-os.symlink(target, tmp)
-os.replace(tmp, link)
-"""
-
-# Health means the service answers and reports the expected commit, not that a symlink points at it.
-_HEALTH = r"""
-import json, sys, time, urllib.request
-port, path, commit, deadline = int(sys.argv[1]), sys.argv[2], sys.argv[3], time.time() + float(sys.argv[4])
-last = "no answer"
-while time.time() < deadline:
-    try:
-        with urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path), timeout=2) as r:
-            body = json.loads(r.read())
-        if body.get("commit") == commit:
-            print(json.dumps(body)); sys.exit(0)
-        last = "reports commit %s" % body.get("commit")
-    except Exception as exc:
-        last = "%s: %s" % (type(exc).__name__, exc)
-    time.sleep(0.2)
-print(json.dumps({"error": last})); sys.exit(1)
-"""
+# The host-side programs (stdlib Python, package data in controlplane/hostscripts/): the unpack
+# verifies every file against the signed list before the release appears; health means the
+# service reports the expected commit, not that a symlink points at it.
+_UNPACK = hostscripts.text("unpack_release")
+_FLIP = hostscripts.text("flip_link")
+_HEALTH = hostscripts.text("health_probe")
 
 
 def release_dir(sha: str) -> str:

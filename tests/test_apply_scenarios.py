@@ -15,7 +15,7 @@ import json
 
 import pytest
 
-from controlplane import facts, hostops, unitcheck
+from controlplane import facts, hostops, hostscripts, unitcheck
 from controlplane.apply import Outcome, apply_plan, capture_previous
 from controlplane.canonical import sha256_digest
 from controlplane.errors import AvmError, OperationalError
@@ -164,10 +164,10 @@ class Host:
             fail[path] = [OperationalError("remote-write-failed", f"cannot write {path}: disk full")] * times
         self.t = RecordingTransport(
             [
-                (["python3", "-c", hostops._HEALTH], self._health),
-                (["python3", "-c", hostops._FLIP], self._flip),
-                (["python3", "-c", hostops._UNPACK], self._unpack),
-                (["python3", "-c", facts._gatherer()], self._gather),
+                (["python3", "-c", hostscripts.text("health_probe")], self._health),
+                (["python3", "-c", hostscripts.text("flip_link")], self._flip),
+                (["python3", "-c", hostscripts.text("unpack_release")], self._unpack),
+                (["python3", "-c", hostscripts.text("gather_facts")], self._gather),
                 (["id", "-u"], lambda argv: Reply(rc=0 if argv[2] in self.users else 1)),
                 (["useradd"], self._useradd),
                 (["userdel"], self._userdel),
