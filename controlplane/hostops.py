@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from controlplane import hostscripts
 from controlplane.errors import OperationalError
-from controlplane.facts import ETC, PROFILES, RELEASES, UNIT_DIR
+from controlplane.hostlayout import LAYOUT
 from controlplane.material import HealthCheck, ReleaseMaterial
 from controlplane.transport.base import RunResult, Transport
 
@@ -24,35 +24,30 @@ _FLIP = hostscripts.text("flip_link")
 _HEALTH = hostscripts.text("health_probe")
 
 
-def release_dir(sha: str) -> str:
-    return f"{RELEASES}/{sha}"
-
-
-def current_link(profile: str) -> str:
-    return f"{PROFILES}/{profile}/current"
-
-
-def unit_name(profile: str) -> str:
-    return f"agent-gateway@{profile}.service"
-
-
 def create_release(host: Transport, rel: ReleaseMaterial) -> RunResult:
-    host.run(["mkdir", "-p", f"{RELEASES}/.incoming"], timeout=30).check()
-    tar_path = f"{RELEASES}/.incoming/{rel.sha}.tar"
+    host.run(["mkdir", "-p", LAYOUT.incoming], timeout=30).check()
+    tar_path = LAYOUT.incoming_tar(rel.sha)
     host.put(rel.bundle, tar_path, mode=0o600)
     result = host.run(
-        ["python3", "-c", _UNPACK, tar_path, release_dir(rel.sha), json.dumps(rel.files, sort_keys=True)],
+        [
+            "python3",
+            "-c",
+            _UNPACK,
+            tar_path,
+            LAYOUT.release_dir(rel.sha),
+            json.dumps(rel.files, sort_keys=True),
+        ],
         timeout=300,
     )
     return result.check(hint="the release directory was not created; nothing else changed")
 
 
 def install_unit(host: Transport, unit: bytes) -> None:
-    host.put(unit, f"{UNIT_DIR}/agent-gateway@.service", mode=0o644)
+    host.put(unit, LAYOUT.unit_template, mode=0o644)
 
 
 def ensure_user(host: Transport, profile: str) -> RunResult:
-    user = f"agent-{profile}"
+    user = LAYOUT.user(profile)
     if host.run(["id", "-u", user], timeout=30).ok:
         return host.run(["id", user], timeout=30)
     return host.run(
@@ -73,9 +68,9 @@ def ensure_user(host: Transport, profile: str) -> RunResult:
 def profile_file(kind: str, profile: str) -> tuple[str, int]:
     """Path and mode of a per-profile file, by the plan action that writes it."""
     return {
-        "write-env": (f"{ETC}/{profile}.env", 0o600),
-        "write-policy": (f"{ETC}/{profile}.policy.json", 0o644),
-        "write-dropin": (f"{UNIT_DIR}/agent-gateway@{profile}.service.d/avm.conf", 0o644),
+        "write-env": (LAYOUT.env_file(profile), 0o600),
+        "write-policy": (LAYOUT.policy_file(profile), 0o644),
+        "write-dropin": (LAYOUT.dropin(profile), 0o644),
     }[kind]
 
 
@@ -86,16 +81,12 @@ def write_profile_file(host: Transport, kind: str, profile: str, data: bytes) ->
     return path
 
 
-def credential_path(profile: str, name: str) -> str:
-    return f"{ETC}/credentials/{profile}/{name}"
-
-
 def write_credentials(host: Transport, profile: str, values: Mapping[str, bytes]) -> list[str]:
     """Write secret values as systemd credential files (root-only, 0600). Returns the paths."""
-    host.run(["mkdir", "-p", "-m", "0700", f"{ETC}/credentials/{profile}"], timeout=30).check()
+    host.run(["mkdir", "-p", "-m", "0700", LAYOUT.credentials_dir(profile)], timeout=30).check()
     paths = []
     for name, value in sorted(values.items()):
-        path = credential_path(profile, name)
+        path = LAYOUT.credential(profile, name)
         host.put(value, path, mode=0o600)
         paths.append(path)
     return paths
@@ -103,11 +94,11 @@ def write_credentials(host: Transport, profile: str, values: Mapping[str, bytes]
 
 def remove_user(host: Transport, profile: str) -> RunResult:
     """Remove a profile user that a failed apply created (its unit is stopped by then)."""
-    return host.run(["userdel", f"agent-{profile}"], timeout=60)
+    return host.run(["userdel", LAYOUT.user(profile)], timeout=60)
 
 
 def flip(host: Transport, profile: str, target: str) -> RunResult:
-    return host.run(["python3", "-c", _FLIP, target, current_link(profile)], timeout=30).check()
+    return host.run(["python3", "-c", _FLIP, target, LAYOUT.current_link(profile)], timeout=30).check()
 
 
 def daemon_reload(host: Transport) -> RunResult:
@@ -115,12 +106,12 @@ def daemon_reload(host: Transport) -> RunResult:
 
 
 def restart(host: Transport, profile: str) -> RunResult:
-    host.run(["systemctl", "reset-failed", unit_name(profile)], timeout=30)
-    return host.run(["systemctl", "restart", unit_name(profile)], timeout=120)
+    host.run(["systemctl", "reset-failed", LAYOUT.unit_name(profile)], timeout=30)
+    return host.run(["systemctl", "restart", LAYOUT.unit_name(profile)], timeout=120)
 
 
 def stop(host: Transport, profile: str) -> RunResult:
-    return host.run(["systemctl", "stop", unit_name(profile)], timeout=120)
+    return host.run(["systemctl", "stop", LAYOUT.unit_name(profile)], timeout=120)
 
 
 def health(host: Transport, check: HealthCheck, commit: str) -> tuple[bool, dict[str, object], RunResult]:
