@@ -10,7 +10,7 @@ EXTRAS ?= dev
 # Debian packages the product and its real tests use (checked with dpkg, installed only if missing).
 APT_PACKAGES := git openssh-server openssh-client qemu-system-x86 qemu-utils systemd-container \
   mmdebstrap e2fsprogs nftables iproute2 busybox-static cpio lz4 zstd libvirt-dev pkg-config \
-  chromium libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
+  chromium libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients shellcheck
 
 .PHONY: setup apt venv test lint demo clean schemas bench
 
@@ -46,6 +46,8 @@ lint:
 	$(VENV)/bin/ruff check controlplane tests bench
 	$(VENV)/bin/ruff format --check controlplane tests bench
 	$(VENV)/bin/mypy
+	@# the guest's busybox scripts (package data); excused findings: controlplane/guestscripts/.shellcheckrc
+	shellcheck controlplane/guestscripts/*.sh
 
 schemas: venv
 	$(PY) -m controlplane.schemas receipts/schema

@@ -30,8 +30,8 @@ from pathlib import Path
 import yaml
 
 from controlplane import inventory, keys, promotion, signing, status
-from controlplane.facts import ETC, PROFILES, UNIT_DIR
 from controlplane.home import Home
+from controlplane.hostlayout import LAYOUT
 from controlplane.image import load_image
 from controlplane.transport.ssh import SshTransport
 from controlplane.vm import lifecycle
@@ -84,14 +84,14 @@ def per_check_loop(ssh: SshTransport, names: list[str], sha: str) -> int:
     for path in files:
         ssh.run(["sha256sum", path], timeout=60)
         calls += 1
-    ssh.run(["sha256sum", f"{UNIT_DIR}/agent-gateway@.service"], timeout=60)
+    ssh.run(["sha256sum", LAYOUT.unit_template], timeout=60)
     calls += 1
     for name in names:
         for argv in (
-            ["readlink", f"{PROFILES}/{name}/current"],
-            ["sha256sum", f"{ETC}/{name}.env"],
-            ["sha256sum", f"{ETC}/{name}.policy.json"],
-            ["sha256sum", f"{UNIT_DIR}/agent-gateway@{name}.service.d/avm.conf"],
+            ["readlink", LAYOUT.current_link(name)],
+            ["sha256sum", LAYOUT.env_file(name)],
+            ["sha256sum", LAYOUT.policy_file(name)],
+            ["sha256sum", LAYOUT.dropin(name)],
             ["systemctl", "is-active", f"agent-gateway@{name}.service"],
             ["id", "-u", f"agent-{name}"],
         ):

@@ -13,7 +13,8 @@ from collections.abc import Callable, Mapping
 from controlplane import hostops, unitcheck
 from controlplane.errors import AvmError, OperationalError
 from controlplane.evidence import Step
-from controlplane.facts import UNIT_TEMPLATE, HostFacts, gather
+from controlplane.facts import HostFacts, gather
+from controlplane.hostlayout import LAYOUT, UNIT_TEMPLATE_NAME
 from controlplane.material import Material, ProfileMaterial
 from controlplane.plan import RELOAD_REASON, Plan
 from controlplane.transport.base import Transport
@@ -69,7 +70,7 @@ def capture_previous(host: Transport, material: Material, facts: HostFacts) -> d
         for kind in FILE_KINDS:
             digest = getattr(have, kind.removeprefix("write-"), None) if have else None
             files[kind] = host.get(hostops.profile_file(kind, prof.name)[0]) if digest else None
-        creds = {name: _read(host, hostops.credential_path(prof.name, name)) for name, _ in prof.secret_refs}
+        creds = {name: _read(host, LAYOUT.credential(prof.name, name)) for name, _ in prof.secret_refs}
         out[prof.name] = Previous(
             current=have.current if have else None,
             files=files,
@@ -127,10 +128,10 @@ def _run(
             progress(f"create release {action.target[:12]} (write-once, verified per file)")
             step.command(hostops.create_release(host, material.releases[action.target]))
         elif action.kind == "install-unit":
-            progress("install units/agent-gateway@.service")
-            unit_before.append(_read(host, UNIT_TEMPLATE) if action.actual else None)
+            progress(f"install units/{UNIT_TEMPLATE_NAME}")
+            unit_before.append(_read(host, LAYOUT.unit_template) if action.actual else None)
             hostops.install_unit(host, material.unit)
-            step.event("host.write", path="agent-gateway@.service", digest=action.expected)
+            step.event("host.write", path=UNIT_TEMPLATE_NAME, digest=action.expected)
     canaries = [p for p in material.profiles if p.canary and _touched(plan, p.name)]
     rest = [p for p in material.profiles if not p.canary and _touched(plan, p.name)]
     for group, label in ((canaries, "canary"), (rest, "profile")):
@@ -192,7 +193,7 @@ def _apply_group(
         kinds = {a.kind for a in plan.actions if a.target == prof.name}
         if "flip" in kinds:
             progress(f"{label} {prof.name}: flip current -> {prof.release[:12]}")
-            step.command(hostops.flip(host, prof.name, hostops.release_dir(prof.release)))
+            step.command(hostops.flip(host, prof.name, LAYOUT.release_dir(prof.release)))
             outcome.flipped.add(prof.name)
         if "restart" in kinds:
             progress(f"{label} {prof.name}: restart and health-check")
@@ -227,7 +228,7 @@ def _prove_units(
         unit = seen.unit(prof.name)
         have = seen.profiles.get(prof.name)
         uid = have.uid if have else None
-        release = hostops.release_dir(prof.release)
+        release = LAYOUT.release_dir(prof.release)
         gaps = (
             ["unit not loaded"]
             if unit is None
@@ -267,7 +268,7 @@ def _rollback(
             "rollback-unhealthy",
             f"profile {prof.name} failed its health check and its previous release {commit[:12]} "
             f"did not come back healthy either: {body}",
-            hint="inspect `journalctl -u agent-gateway@" + prof.name + "` on the host",
+            hint=f"inspect `journalctl -u {LAYOUT.unit_name(prof.name)}` on the host",
         )
 
 
@@ -279,7 +280,7 @@ def _restore_files(host: Transport, prof: ProfileMaterial, prev: Previous) -> No
         else:
             host.put(data, path, mode=mode)
     for name, value in prev.credentials.items():
-        path = hostops.credential_path(prof.name, name)
+        path = LAYOUT.credential(prof.name, name)
         if value is None:
             host.run(["rm", "-f", path], timeout=30)
         else:
@@ -290,7 +291,7 @@ def _restart_previous(host: Transport, prof: ProfileMaterial, prev: Previous, st
     """Point the profile back at its previous release (or stop it when it had none)."""
     if prev.current is None:
         step.command(hostops.stop(host, prof.name))
-        host.run(["rm", "-f", hostops.current_link(prof.name)], timeout=30)
+        host.run(["rm", "-f", LAYOUT.current_link(prof.name)], timeout=30)
         step.check(f"rollback:{prof.name}", ok=True, detail="no previous release: unit stopped, link removed")
         return True, "stopped"
     step.command(hostops.flip(host, prof.name, prev.current))
@@ -322,9 +323,9 @@ def _undo(
     try:
         if unit_before:
             if unit_before[0] is None:
-                host.run(["rm", "-f", UNIT_TEMPLATE], timeout=30)
+                host.run(["rm", "-f", LAYOUT.unit_template], timeout=30)
             else:
-                host.put(unit_before[0], UNIT_TEMPLATE, mode=0o644)
+                host.put(unit_before[0], LAYOUT.unit_template, mode=0o644)
     except Exception as exc:  # keep undoing the rest; the receipt says what failed
         step.check("undo:unit-template", ok=False, detail=repr(exc))
     for name in pending:  # one profile that cannot be put back does not stop the others
@@ -347,7 +348,7 @@ def _undo(
             elif name in outcome.flipped and prev.current is not None:
                 step.command(hostops.flip(host, name, prev.current))
             elif name in outcome.flipped:
-                host.run(["rm", "-f", hostops.current_link(name)], timeout=30).check()
+                host.run(["rm", "-f", LAYOUT.current_link(name)], timeout=30).check()
             if not prev.user:
                 step.command(hostops.remove_user(host, name))
         except Exception as exc:

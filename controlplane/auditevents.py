@@ -14,6 +14,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from controlplane.hostlayout import unit_name
 from controlplane.transport.base import Transport
 
 EVENT_PREFIX = "avm-event "
@@ -86,6 +87,6 @@ def gateway_events(host: Transport, profiles: Sequence[str], since: str) -> list
     started = dt.datetime.fromisoformat(since.replace("Z", "+00:00"))
     argv = ["journalctl", "--no-pager", "-q", "-o", "cat", f"--since=@{int(started.timestamp())}"]
     for name in profiles:
-        argv += ["-u", f"agent-gateway@{name}.service"]
+        argv += ["-u", unit_name(name)]
     result = host.run(argv, timeout=60)
     return parse_journal(result.stdout, profiles) if result.rc == 0 else []

@@ -12,8 +12,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from controlplane import releasecheck, unitcheck
-from controlplane.facts import PROFILES, HostFacts
-from controlplane.plan import DesiredState, diff, release_path, release_tampered, unexpected_profiles
+from controlplane.facts import HostFacts
+from controlplane.hostlayout import LAYOUT
+from controlplane.plan import DesiredState, diff, release_tampered, unexpected_profiles
 
 _WHAT = {
     "create-release": "release missing",
@@ -68,7 +69,9 @@ def unit_findings(expected: DesiredState, facts: HostFacts) -> list[Finding]:
         if unit is None:
             continue
         have = facts.profiles.get(want.name)
-        found = unitcheck.problems(want.name, unit, have.uid if have else None, release_path(want.release))
+        found = unitcheck.problems(
+            want.name, unit, have.uid if have else None, LAYOUT.release_dir(want.release)
+        )
         flagged = {where for where, *_ in found}
         for prop, was, now in unitcheck.property_drift(want.unit or {}, unit):
             where = f"{unit.Id} {prop}"
@@ -80,7 +83,7 @@ def unit_findings(expected: DesiredState, facts: HostFacts) -> list[Finding]:
 
 def layout_findings(expected: DesiredState, facts: HostFacts) -> list[Finding]:
     """The directories above the releases and each profile's ``current`` link: root's alone."""
-    agent_uids = {p.uid: f"agent-{n}" for n, p in facts.profiles.items() if p.uid is not None}
+    agent_uids = {p.uid: LAYOUT.user(n) for n, p in facts.profiles.items() if p.uid is not None}
     problems = [
         p
         for path, info in sorted(facts.layout_meta.items())
@@ -90,9 +93,9 @@ def layout_findings(expected: DesiredState, facts: HostFacts) -> list[Finding]:
         have = facts.profiles.get(want.name)
         if have is None:
             continue
-        problems += releasecheck.container(f"{PROFILES}/{want.name}", have.dir_meta, agent_uids)
+        problems += releasecheck.container(LAYOUT.profile_dir(want.name), have.dir_meta, agent_uids)
         problems += releasecheck.container(
-            f"{PROFILES}/{want.name}/current", have.link_meta, agent_uids, kind="l"
+            LAYOUT.current_link(want.name), have.link_meta, agent_uids, kind="l"
         )
     return [Finding(where=w, what=what, expected=e, actual=a) for w, what, e, a in problems]
 
@@ -118,7 +121,7 @@ def find_drift(
             action = action.model_copy(update={"reason": "unit not active"})
         where = action.target
         if action.kind == "create-release":
-            where = release_path(action.target)
+            where = LAYOUT.release_dir(action.target)
         findings.append(
             Finding(
                 where=where,
@@ -175,7 +178,7 @@ def against_previous(
         if current != link:
             findings.append(
                 Finding(
-                    where=f"{PROFILES}/{name}/current",
+                    where=LAYOUT.current_link(name),
                     what="current link differs from before the failed apply",
                     expected=link,
                     actual=current,
@@ -186,7 +189,7 @@ def against_previous(
         if active != (link is not None):
             findings.append(
                 Finding(
-                    where=unitcheck.unit_name(name),
+                    where=LAYOUT.unit_name(name),
                     what="unit state differs from before the failed apply",
                     expected="active" if link else "not running",
                     actual=unit.ActiveState if unit else "absent",

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from controlplane import hostscripts
 from controlplane.errors import OperationalError
+from controlplane.hostlayout import LAYOUT
 
 if TYPE_CHECKING:
     from controlplane.drift import Finding
@@ -244,7 +245,7 @@ def install_host_side(target: Target, host: Transport, material: Material, step:
     net = host_network(target)
     if net is None:
         return
-    users = {prof.name: f"agent-{prof.name}" for prof in material.profiles}
+    users = {prof.name: LAYOUT.user(prof.name) for prof in material.profiles}
     uids = _uids(host, list(users.values()))
     for name, user in users.items():
         if user not in uids:  # a new profile: its user must exist before its rule can name it
@@ -311,7 +312,7 @@ def findings(observed: Mapping[str, Observed], recorded: Mapping[str, Mapping[st
 
     out = []
     for name, obs in sorted(observed.items()):
-        unit = f"agent-gateway@{name}.service"
+        unit = LAYOUT.unit_name(name)
         if obs.egress != "denied":
             out.append(
                 Finding(

@@ -15,14 +15,8 @@ from collections.abc import Sequence
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from controlplane.errors import OperationalError
+from controlplane.hostlayout import LAYOUT, unit_name
 from controlplane.transport.base import Transport
-
-AGENT_ROOT = "/opt/agent"
-RELEASES = f"{AGENT_ROOT}/releases"
-PROFILES = f"{AGENT_ROOT}/profiles"
-ETC = "/etc/agent"
-UNIT_DIR = "/etc/systemd/system"
-UNIT_TEMPLATE = f"{UNIT_DIR}/agent-gateway@.service"
 
 
 def _gatherer() -> str:
@@ -95,7 +89,7 @@ class HostFacts(BaseModel):
     then: Then | None = None  # the result of ``gather(..., then=ARGV)``
 
     def unit(self, profile: str) -> UnitFacts | None:
-        return self.units.get(f"agent-gateway@{profile}.service")
+        return self.units.get(unit_name(profile))
 
 
 def gather_argv(
@@ -111,14 +105,15 @@ def gather_argv(
     another read-only program of avm's (an argv) that the gatherer runs afterwards, so that
     both cost one round trip (``HostFacts.then``).
     """
+    layout = LAYOUT.relocated(prefix)
     request: dict[str, object] = {
         "then": list(then) if then else None,
         "profiles": sorted(profiles),
         "releases_wanted": sorted(releases),
-        "releases": prefix + RELEASES,
-        "profiles_dir": prefix + PROFILES,
-        "etc": prefix + ETC,
-        "unit_dir": prefix + UNIT_DIR,
+        "releases": layout.releases,
+        "profiles_dir": layout.profiles,
+        "etc": layout.etc,
+        "unit_dir": layout.unit_dir,
     }
     return ["python3", "-c", _gatherer(), json.dumps(request, sort_keys=True)]
 

@@ -12,51 +12,13 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from controlplane import hostscripts
 from controlplane.errors import OperationalError
 from controlplane.netns import in_netns
 from controlplane.transport.base import Transport
 from controlplane.transport.local import LocalTransport
 
-_PROBE = r"""
-import json, socket, struct, sys, time
-targets, timeout = json.loads(sys.argv[1]), float(sys.argv[2])
-def probe(host, port, proto):
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    if proto == "icmp":
-        s = socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-        s.settimeout(timeout)
-        body = struct.pack("!BBHHH", 8, 0, 0, 0x4156, 1) + b"avm!"
-        total = sum(struct.unpack("!6H", body))
-        total = (total >> 16) + (total & 0xFFFF)
-        csum = ~(total + (total >> 16)) & 0xFFFF
-        s.sendto(body[:2] + struct.pack("!H", csum) + body[4:], (host, 0))
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            data, src = s.recvfrom(2048)
-            kind = data[(data[0] & 15) * 4]
-            if src[0] == host and kind == 0:
-                return "reply"
-            if kind == 3:
-                raise OSError("icmp unreachable code %d" % data[(data[0] & 15) * 4 + 1])
-        raise TimeoutError("timed out")
-    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
-    with socket.socket(fam, kind) as s:
-        s.settimeout(timeout)
-        s.connect((host, port))
-        if proto == "udp":
-            s.send(b"avm-probe")
-        return s.recv(64).decode("utf-8", "replace")
-out = []
-for host, port, proto in targets:
-    start = time.monotonic()
-    try:
-        answer, error = probe(host, port, proto), ""
-    except Exception as exc:
-        answer, error = "", "%s: %s" % (type(exc).__name__, exc)
-    out.append({"host": host, "port": port, "proto": proto, "reached": not error, "answer": answer,
-                "error": error, "elapsed_s": round(time.monotonic() - start, 4)})
-print(json.dumps(out))
-"""
+_PROBE = hostscripts.text("net_probe")
 
 
 def probe_targets(

@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from controlplane import unitcheck
 from controlplane.canonical import canonical_bytes, domain_digest
-from controlplane.facts import PROFILES, RELEASES, HostFacts
+from controlplane.facts import HostFacts
+from controlplane.hostlayout import LAYOUT, UNIT_TEMPLATE_NAME
 
 ActionKind = Literal[
     "create-release",
@@ -83,10 +84,6 @@ class Plan(BaseModel):
 RELOAD_REASON = "unit files changed on disk since systemd loaded them"
 
 
-def release_path(sha: str) -> str:
-    return f"{RELEASES}/{sha}"
-
-
 def _file_action(kind: ActionKind, profile: str, want: str, have: str | None, what: str) -> Action | None:
     if want == have:
         return None
@@ -108,7 +105,7 @@ def diff(desired: DesiredState, facts: HostFacts) -> Plan:
         actions.append(
             Action(
                 kind="install-unit",
-                target="agent-gateway@.service",
+                target=UNIT_TEMPLATE_NAME,
                 reason="unit template missing" if facts.unit_template is None else "unit template differs",
                 expected=desired.unit_template,
                 actual=facts.unit_template,
@@ -121,7 +118,7 @@ def diff(desired: DesiredState, facts: HostFacts) -> Plan:
         changed: list[Action] = []
         if have is None or not have.user:
             actions.append(
-                Action(kind="create-user", target=want.name, reason=f"user agent-{want.name} missing")
+                Action(kind="create-user", target=want.name, reason=f"user {LAYOUT.user(want.name)} missing")
             )
         for kind, digest, current, what in (
             ("write-env", want.env, have.env if have else None, "env file"),
@@ -131,7 +128,7 @@ def diff(desired: DesiredState, facts: HostFacts) -> Plan:
             act = _file_action(kind, want.name, digest, current, what)  # type: ignore[arg-type]
             if act:
                 changed.append(act)
-        link = release_path(want.release)
+        link = LAYOUT.release_dir(want.release)
         current_link = have.current if have else None
         if current_link != link:
             changed.append(
@@ -150,7 +147,7 @@ def diff(desired: DesiredState, facts: HostFacts) -> Plan:
         if unit is not None and unit.need_reload:
             stale = RELOAD_REASON
         elif unit is not None and unitcheck.process_gaps(
-            want.name, unit, have.uid if have else None, release_path(want.release)
+            want.name, unit, have.uid if have else None, LAYOUT.release_dir(want.release)
         ):
             stale = "the running process is not the hardened unit"
         if changed or template_changed or not active or stale:
@@ -178,14 +175,14 @@ def release_tampered(desired: DesiredState, facts: HostFacts) -> list[Action]:
     from controlplane import releasecheck
 
     found: list[Action] = []
-    agent_uids = {p.uid: f"agent-{name}" for name, p in facts.profiles.items() if p.uid is not None}
+    agent_uids = {p.uid: LAYOUT.user(name) for name, p in facts.profiles.items() if p.uid is not None}
     for sha, want_files in sorted(desired.releases.items()):
         have_files = facts.releases.get(sha)
         if have_files is None:
             continue
         exe = desired.release_exec.get(sha)
         for where, what, want, have in releasecheck.entries(
-            release_path(sha), want_files, exe, facts.release_meta.get(sha, {}), agent_uids
+            LAYOUT.release_dir(sha), want_files, exe, facts.release_meta.get(sha, {}), agent_uids
         ):
             found.append(Action(kind="create-release", target=where, reason=what, expected=want, actual=have))
         for path in sorted(set(want_files) | set(have_files)):
@@ -194,7 +191,7 @@ def release_tampered(desired: DesiredState, facts: HostFacts) -> list[Action]:
                 found.append(
                     Action(
                         kind="create-release",
-                        target=f"{release_path(sha)}/{path}",
+                        target=f"{LAYOUT.release_dir(sha)}/{path}",
                         reason="release file differs from the signed bundle"
                         if want and have
                         else ("release file missing" if want else "unexpected entry in release (not signed)"),
@@ -211,13 +208,11 @@ def unexpected_profiles(desired: DesiredState, facts: HostFacts) -> list[str]:
 
 
 __all__ = [
-    "PROFILES",
     "Action",
     "DesiredProfile",
     "DesiredState",
     "Plan",
     "diff",
-    "release_path",
     "release_tampered",
     "unexpected_profiles",
 ]

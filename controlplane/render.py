@@ -14,13 +14,13 @@ from importlib.resources.abc import Traversable
 
 from controlplane.canonical import canonical_bytes
 from controlplane.errors import OperationalError
-from controlplane.facts import ETC
+from controlplane.hostlayout import LAYOUT, UNIT_TEMPLATE_NAME
 from controlplane.manifest import Profile, ReleaseManifest
 from controlplane.material import HealthCheck, Material, ProfileMaterial, ReleaseMaterial
 
 # package data; ``units/agent-gateway@.service`` at the top of the source tree is a symlink to it
-UNIT_FILE: Traversable = files("controlplane").joinpath("data/agent-gateway@.service")
-CREDENTIALS = f"{ETC}/credentials"
+UNIT_FILE: Traversable = files("controlplane").joinpath("data", UNIT_TEMPLATE_NAME)
+CREDENTIALS = LAYOUT.credentials
 
 
 def unit_template() -> bytes:

@@ -18,7 +18,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from controlplane.canonical import sha256_hex
-from controlplane.facts import UNIT_DIR, UnitFacts
+from controlplane.facts import UnitFacts
+from controlplane.hostlayout import LAYOUT
 
 # Values longer than this are recorded and compared as a digest (SystemCallFilter is ~3 KB).
 LONG_VALUE = 256
@@ -66,13 +67,9 @@ HARDENING: Mapping[str, str] = {
 }
 
 
-def unit_name(profile: str) -> str:
-    return f"agent-gateway@{profile}.service"
-
-
 def avm_files(profile: str) -> tuple[str, str]:
     """The two unit files avm writes that a profile's unit loads."""
-    return f"{UNIT_DIR}/agent-gateway@.service", f"{UNIT_DIR}/agent-gateway@{profile}.service.d/avm.conf"
+    return LAYOUT.unit_template, LAYOUT.dropin(profile)
 
 
 def foreign_files(profile: str, unit: UnitFacts) -> dict[str, str | None]:
@@ -105,7 +102,7 @@ def property_drift(baseline: Mapping[str, str], unit: UnitFacts) -> list[tuple[s
 
 def hardening_gaps(profile: str, unit: UnitFacts) -> list[tuple[str, str, str | None]]:
     """(property, granted, actual) for each hardening property of the template not in force."""
-    user = f"agent-{profile}"
+    user = LAYOUT.user(profile)
     out = []
     for name, want in HARDENING.items():
         expected = want.format(user=user)
@@ -125,7 +122,7 @@ def process_gaps(
     if proc is None:
         return []
     want = {
-        "Uid": str(uid) if uid is not None else "agent-" + profile,
+        "Uid": str(uid) if uid is not None else LAYOUT.user(profile),
         "NoNewPrivs": "1",
         "CapEff": "0000000000000000",
         "Seccomp": "2",
@@ -142,7 +139,7 @@ def problems(profile: str, unit: UnitFacts, uid: int | None, release: str | None
     """Everything about a loaded unit that makes it not avm's hardened unit, whatever was
     recorded: foreign unit files, a reload pending, hardening not in force, and (when
     ``release`` is given) a main process that is not the unprivileged agent running it."""
-    name = unit_name(profile)
+    name = LAYOUT.unit_name(profile)
     out: list[Problem] = [
         (
             path,

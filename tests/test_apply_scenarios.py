@@ -15,14 +15,15 @@ import json
 
 import pytest
 
-from controlplane import facts, hostops, unitcheck
+from controlplane import hostops, hostscripts, unitcheck
 from controlplane.apply import Outcome, apply_plan, capture_previous
 from controlplane.canonical import sha256_digest
 from controlplane.errors import AvmError, OperationalError
 from controlplane.evidence import Step
 from controlplane.facts import HostFacts, ProfileFacts, UnitFacts
+from controlplane.hostlayout import LAYOUT
 from controlplane.material import HealthCheck, Material, ProfileMaterial, ReleaseMaterial
-from controlplane.plan import diff, release_path
+from controlplane.plan import diff
 from tests.plugins.recording import RecordingTransport, Reply
 
 OLD, NEW = "a" * 40, "b" * 40
@@ -58,14 +59,14 @@ SCENARIOS = {
     "all healthy": Scenario(
         healthy=("canary", "web"),
         changed=("canary", "web"),
-        current={"canary": release_path(NEW), "web": release_path(NEW)},
+        current={"canary": LAYOUT.release_dir(NEW), "web": LAYOUT.release_dir(NEW)},
     ),
     "canary fails its health check": Scenario(
         health={("canary", NEW): [False]},
         rolled_back=("canary",),
         skipped=("web",),
         changed=("canary",),
-        current={"canary": release_path(OLD), "web": release_path(OLD)},
+        current={"canary": LAYOUT.release_dir(OLD), "web": LAYOUT.release_dir(OLD)},
         failed_checks=("health:canary",),
         host_as_before=True,
     ),
@@ -75,7 +76,7 @@ SCENARIOS = {
         rolled_back=("canary",),
         skipped=("web",),
         changed=("canary",),
-        current={"canary": release_path(OLD), "web": release_path(OLD)},
+        current={"canary": LAYOUT.release_dir(OLD), "web": LAYOUT.release_dir(OLD)},
         failed_checks=("canary-soak:canary",),
         host_as_before=True,
     ),
@@ -84,7 +85,7 @@ SCENARIOS = {
         rolled_back=("canary",),
         skipped=("web",),
         changed=("canary",),
-        current={"canary": release_path(OLD), "web": release_path(OLD)},
+        current={"canary": LAYOUT.release_dir(OLD), "web": LAYOUT.release_dir(OLD)},
         failed_checks=("unit-effective:canary",),
         host_as_before=True,
     ),
@@ -92,7 +93,7 @@ SCENARIOS = {
         health={("canary", NEW): [False], ("canary", OLD): [False]},
         changed=("canary",),
         error=("apply-failed", "rollback-unhealthy"),
-        current={"canary": release_path(OLD), "web": release_path(OLD)},
+        current={"canary": LAYOUT.release_dir(OLD), "web": LAYOUT.release_dir(OLD)},
         failed_checks=("health:canary", "rollback:canary", "rollback:canary"),
     ),
     "no previous release": Scenario(
@@ -111,7 +112,7 @@ SCENARIOS = {
         changed=("canary", "web"),
         undone=("web", "canary"),
         error=("apply-failed", "remote-write-failed"),
-        current={"canary": release_path(OLD), "web": release_path(OLD)},
+        current={"canary": LAYOUT.release_dir(OLD), "web": LAYOUT.release_dir(OLD)},
         host_as_before=True,
     ),
     "a profile that cannot be put back does not stop the others": Scenario(
@@ -119,7 +120,7 @@ SCENARIOS = {
         changed=("canary", "web"),
         undone=("canary",),
         error=("apply-failed", "remote-write-failed"),
-        current={"canary": release_path(OLD), "web": release_path(OLD)},
+        current={"canary": LAYOUT.release_dir(OLD), "web": LAYOUT.release_dir(OLD)},
         failed_checks=("undo:files:web",),
         host_as_before=True,  # the failed write changed nothing (puts are atomic)
     ),
@@ -151,12 +152,12 @@ class Host:
         self.case = case
         self.users = {f"agent-{n}" for n in PROFILES} if case.previous else set()
         self.health_turn: dict[tuple[str, str], int] = {}
-        files: dict[str, bytes] = {facts.UNIT_TEMPLATE: case.host_unit}
+        files: dict[str, bytes] = {LAYOUT.unit_template: case.host_unit}
         if case.previous:
             for name in PROFILES:
                 for kind in ("write-env", "write-policy", "write-dropin"):
                     files[hostops.profile_file(kind, name)[0]] = f"{kind} {name} v1\n".encode()
-                files[hostops.current_link(name)] = release_path(case.previous).encode()
+                files[LAYOUT.current_link(name)] = LAYOUT.release_dir(case.previous).encode()
         fail: dict[str, list[Exception]] = {}
         profile, times = case.fail_put
         if times:
@@ -164,10 +165,10 @@ class Host:
             fail[path] = [OperationalError("remote-write-failed", f"cannot write {path}: disk full")] * times
         self.t = RecordingTransport(
             [
-                (["python3", "-c", hostops._HEALTH], self._health),
-                (["python3", "-c", hostops._FLIP], self._flip),
-                (["python3", "-c", hostops._UNPACK], self._unpack),
-                (["python3", "-c", facts._gatherer()], self._gather),
+                (["python3", "-c", hostscripts.text("health_probe")], self._health),
+                (["python3", "-c", hostscripts.text("flip_link")], self._flip),
+                (["python3", "-c", hostscripts.text("unpack_release")], self._unpack),
+                (["python3", "-c", hostscripts.text("gather_facts")], self._gather),
                 (["id", "-u"], lambda argv: Reply(rc=0 if argv[2] in self.users else 1)),
                 (["useradd"], self._useradd),
                 (["userdel"], self._userdel),
@@ -187,14 +188,14 @@ class Host:
                     for k in ("write-env", "write-policy", "write-dropin")
                 }
                 profiles[name] = ProfileFacts(
-                    current=release_path(self.case.previous),
+                    current=LAYOUT.release_dir(self.case.previous),
                     env=digest["write-env"],
                     policy=digest["write-policy"],
                     dropin=digest["write-dropin"],
                     user=True,
                     uid=UID[name],
                 )
-                units[unitcheck.unit_name(name)] = self._unit(name)
+                units[LAYOUT.unit_name(name)] = self._unit(name)
         return HostFacts(
             unit_template=sha256_digest(self.case.host_unit),
             profiles=profiles,
@@ -206,9 +207,9 @@ class Host:
         props = {k: v.format(user=f"agent-{name}") for k, v in unitcheck.HARDENING.items()}
         if name == "canary":
             props |= self.case.unit_changes
-        link = self.t.files.get(hostops.current_link(name), b"").decode()
+        link = self.t.files.get(LAYOUT.current_link(name), b"").decode()
         return UnitFacts(
-            Id=unitcheck.unit_name(name),
+            Id=LAYOUT.unit_name(name),
             ActiveState="active",
             files=dict.fromkeys(unitcheck.avm_files(name), "sha256:" + "0" * 64),
             properties=props,
@@ -241,7 +242,7 @@ class Host:
 
     def _gather(self, argv: list[str]) -> Reply:
         request = json.loads(argv[3])
-        units = {unitcheck.unit_name(n): self._unit(n) for n in request["profiles"]}
+        units = {LAYOUT.unit_name(n): self._unit(n) for n in request["profiles"]}
         profiles = {
             n: ProfileFacts(current=None, env=None, policy=None, dropin=None, user=True, uid=UID[n])
             for n in request["profiles"]
@@ -289,7 +290,7 @@ def test_apply_scenario(name: str) -> None:
         want = (case.changed, case.undone)
         assert (tuple(error.details["changed"]), tuple(error.details["undone"])) == want
         assert (tuple(step.result["changed"]), tuple(step.result["undone"])) == want
-    current = {n: host.t.files.get(hostops.current_link(n)) for n in PROFILES}
+    current = {n: host.t.files.get(LAYOUT.current_link(n)) for n in PROFILES}
     assert current == {n: (t.encode() if t else None) for n, t in case.current.items()}
     assert [c.name for c in step.checks if not c.ok] == list(case.failed_checks)
     if case.host_as_before:

@@ -11,7 +11,7 @@ import pytest
 
 from controlplane.drift import find_drift
 from controlplane.facts import HostFacts, UnitFacts
-from controlplane.plan import release_path
+from controlplane.hostlayout import LAYOUT
 from tests.plugins import cases
 from tests.test_plan import SHA2, D, desired, hardened_unit, in_sync
 from tests.test_plan import TOKENS as plan_tokens
@@ -90,13 +90,15 @@ def test_a_host_whose_only_apply_failed_is_compared_with_the_state_before_it() -
     from controlplane.drift import against_previous
 
     host = _host(**{ZETA: hardened_unit("zeta", state="active")})
-    back = against_previous("demo", {"zeta": release_path(SHA2), "alpha": None}, host, "4", notes=("n",))
+    back = against_previous(
+        "demo", {"zeta": LAYOUT.release_dir(SHA2), "alpha": None}, host, "4", notes=("n",)
+    )
     rows = {(f.where, f.what): (f.expected, f.actual) for f in back.findings}
     # alpha had no release before: its link and its running unit are both left over
     assert rows == {
         ("/opt/agent/profiles/alpha/current", "current link differs from before the failed apply"): (
             None,
-            release_path(SHA2),
+            LAYOUT.release_dir(SHA2),
         ),
         ("agent-gateway@alpha.service", "unit state differs from before the failed apply"): (
             "not running",

@@ -15,7 +15,8 @@ from controlplane import facts as facts_mod
 from controlplane.canonical import sha256_digest
 from controlplane.errors import OperationalError
 from controlplane.facts import HostFacts, ProfileFacts, UnitFacts
-from controlplane.plan import DesiredProfile, DesiredState, diff, release_path, release_tampered
+from controlplane.hostlayout import LAYOUT
+from controlplane.plan import DesiredProfile, DesiredState, diff, release_tampered
 from controlplane.transport.local import LocalTransport
 from tests.plugins import cases
 
@@ -59,7 +60,7 @@ def hardened_unit(profile: str, state: str = "active", **changes: str) -> UnitFa
 
 def in_sync(release: str = SHA2) -> HostFacts:
     prof = ProfileFacts(
-        current=release_path(release), env=D["env"], policy=D["policy"], dropin=D["dropin"], user=True
+        current=LAYOUT.release_dir(release), env=D["env"], policy=D["policy"], dropin=D["dropin"], user=True
     )
     return HostFacts(
         unit_template=D["unit"],
@@ -72,8 +73,8 @@ def in_sync(release: str = SHA2) -> HostFacts:
 TOKENS = {
     "SHA1": SHA1,
     "SHA2": SHA2,
-    "REL1": release_path(SHA1),
-    "REL2": release_path(SHA2),
+    "REL1": LAYOUT.release_dir(SHA1),
+    "REL2": LAYOUT.release_dir(SHA2),
     **{f"D.{name}": digest for name, digest in D.items()},
 }
 BASES = {
@@ -114,13 +115,13 @@ def test_real_gatherer_reads_a_host_tree_in_one_command(tmp_path: Path) -> None:
     (rel / "pkg").mkdir(parents=True)
     (rel / "pkg" / "app.py").write_bytes(b"a.py")
     (tmp_path / "opt/agent/profiles/alpha").mkdir(parents=True)
-    os.symlink(release_path(SHA1), tmp_path / "opt/agent/profiles/alpha/current")
+    os.symlink(LAYOUT.release_dir(SHA1), tmp_path / "opt/agent/profiles/alpha/current")
     (tmp_path / "etc/agent").mkdir(parents=True)
     (tmp_path / "etc/agent/alpha.env").write_bytes(b"env")
     argv = facts_mod.gather_argv(["alpha"], [SHA1], prefix=root)
     result = LocalTransport().run(argv, timeout=30).check()
     host = facts_mod.parse(result.stdout)
-    assert host.profiles["alpha"].current == release_path(SHA1)
+    assert host.profiles["alpha"].current == LAYOUT.release_dir(SHA1)
     assert host.profiles["alpha"].env == D["env"]
     assert host.profiles["alpha"].dropin is None
     assert host.releases[SHA1] == {"pkg/app.py": D["a.py"]}

@@ -75,7 +75,11 @@ def test_the_wheel_carries_the_data_and_the_scripts(installed: tuple[Path, Path]
     names = set(zipfile.ZipFile(installed[1]).namelist())
     for canonical in SHIPPED.values():
         assert canonical in names
-    assert {"controlplane/hostscripts/gather_facts.py", "controlplane/hostscripts/sandbox_probe.py"} <= names
+    scripts = {
+        f"controlplane/hostscripts/{n}.py"
+        for n in ("gather_facts", "sandbox_probe", "unpack_release", "flip_link", "health_probe", "net_probe")
+    } | {f"controlplane/guestscripts/{n}.sh" for n in ("job_init", "budget", "initramfs_init")}
+    assert scripts <= names
     assert "controlplane/data/sigstore/trusted_root.json" in names  # keyless Sigstore verification
 
 
@@ -120,12 +124,13 @@ def test_avm_runs_from_the_wheel_outside_the_source_tree(
     # every data file, read the way the product reads it, has the bytes of the source tree
     read = (
         "import hashlib, json\n"
-        "from controlplane import guestkernel, recipe, render, tiers\n"
+        "from controlplane import guestinit, guestkernel, hostops, recipe, render, tiers\n"
         "print(json.dumps({\n"
         " 'tiers/tiers.yaml': tiers.TIERS_FILE.read_bytes(),\n"
         " 'units/agent-gateway@.service': render.unit_template(),\n"
         " 'images/golden.yaml': recipe.DEFAULT_RECIPE.read_bytes(),\n"
         " 'images/guest-kernel.config': guestkernel.FRAGMENT.read_bytes(),\n"
+        " 'job_init.sh': guestinit.INIT.encode(), 'unpack_release.py': hostops._UNPACK.encode(),\n"
         "} | {'recipe': recipe.load_recipe(recipe.DEFAULT_RECIPE).digest().encode()},"
         " default=lambda b: hashlib.sha256(b).hexdigest()))\n"
     )
@@ -134,5 +139,11 @@ def test_avm_runs_from_the_wheel_outside_the_source_tree(
     from controlplane.recipe import DEFAULT_RECIPE, load_recipe
 
     want = {top: hashlib.sha256((REPO / top).read_bytes()).hexdigest() for top in SHIPPED}
+    want["job_init.sh"] = hashlib.sha256(
+        (REPO / "controlplane/guestscripts/job_init.sh").read_bytes()
+    ).hexdigest()
+    want["unpack_release.py"] = hashlib.sha256(
+        (REPO / "controlplane/hostscripts/unpack_release.py").read_bytes()
+    ).hexdigest()
     want["recipe"] = hashlib.sha256(load_recipe(DEFAULT_RECIPE).digest().encode()).hexdigest()
     assert json.loads(got.stdout) == want

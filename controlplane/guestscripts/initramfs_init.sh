@@ -1,0 +1,33 @@
+#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev /newroot
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sysfs /sys
+/bin/busybox mount -t devtmpfs devtmpfs /dev
+for m in $(/bin/busybox cat /modules.order); do /bin/busybox insmod "/modules/$m" 2>/dev/null; done
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 200 ]; do /bin/busybox usleep 20000; i=$((i+1)); done
+if ! /bin/busybox mount -t ext4 -o rw /dev/vda /newroot; then
+  echo "avm-initramfs: cannot mount /dev/vda"; exec /bin/busybox sh
+fi
+# avm.net=ADDR/PREFIX,GATEWAY (QEMU user networking): configure the NIC now, so sshd is reachable
+# as soon as it starts instead of after udev and systemd-networkd's DHCP; networkd adopts it later
+net=""
+for arg in $(/bin/busybox cat /proc/cmdline); do
+  case "$arg" in avm.net=*) net="${arg#avm.net=}";; esac
+done
+if [ -n "$net" ]; then
+  dev=$(/bin/busybox ls /sys/class/net | /bin/busybox grep -v '^lo$' | /bin/busybox head -n 1)
+  /bin/busybox ip link set lo up
+  /bin/busybox ip link set "$dev" up
+  /bin/busybox ip addr add "${net%,*}" dev "$dev"
+  /bin/busybox ip route add default via "${net#*,}" && echo "avm-initramfs: $dev ${net%,*}"
+fi
+seed=/sys/firmware/qemu_fw_cfg/by_name/@SEED@/raw
+if [ -r "$seed" ]; then
+  /bin/busybox tar -x -C /newroot -f "$seed" && echo "avm-initramfs: per-VM seed installed"
+else
+  echo "avm-initramfs: no seed (the image's first-boot unit makes a host key)"
+fi
+/bin/busybox umount /proc /sys
+/bin/busybox mount --move /dev /newroot/dev
+exec /bin/busybox switch_root /newroot /sbin/init
