@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from controlplane import ledger
-from controlplane.errors import OperationalError, UsageError
+from controlplane.errors import OperationalError, RefusedError, UsageError
 from controlplane.receipt import MalformedReceipt, Statement, digest_of, open_receipt
 
 
@@ -41,7 +41,7 @@ def _statement(seq: int, data: bytes) -> Statement:
     try:
         return open_receipt(data)[2]
     except MalformedReceipt as exc:
-        raise OperationalError(
+        raise RefusedError(
             "receipt-malformed",
             f"receipt #{seq} cannot be read: {exc}",
             hint="run `avm receipts verify` to locate the damage",

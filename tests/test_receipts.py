@@ -207,12 +207,15 @@ def test_bundle_tampering_is_caught_too(case: str, chain: Home, tmp_path: Path) 
 def test_failed_and_refused_steps_are_recorded_and_propagate(chain: Home) -> None:
     with pytest.raises(RefusedError), evidence.record_step(chain, "gate") as step:
         step.check("signature", ok=False, detail="untrusted key")
-        raise RefusedError("signature-untrusted", "no")
+        raise RefusedError("signature-untrusted-key", "no")
     with pytest.raises(ZeroDivisionError), evidence.record_step(chain, "boom", inputs={"a": 1}):
         _ = 1 / 0
     refused = open_receipt(ledger.read(chain.receipts, 7))[2].predicate
     failed = open_receipt(ledger.read(chain.receipts, 8))[2].predicate
-    assert refused.status == "refused" and refused.error == {"code": "signature-untrusted", "message": "no"}
+    assert refused.status == "refused" and refused.error == {
+        "code": "signature-untrusted-key",
+        "message": "no",
+    }
     assert refused.checks[0].ok is False
     assert failed.status == "failed" and failed.error is not None and failed.error["code"] == "internal"
     assert verify.verify(trusted(chain), directory=chain.receipts).count == 8
