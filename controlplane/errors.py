@@ -3,9 +3,8 @@
 Every expected failure is an ``AvmError`` with a stable kebab-case ``code``, a message that says
 what happened (with expected and actual values where there are any) and a ``hint`` that says what
 to do. The CLI's error boundary turns them into diagnostics and the exit code below; anything
-else is a bug and is printed with its traceback.
-
-This module imports nothing from the package, so it can never be part of an import cycle.
+else is a bug and is printed with its traceback. This module imports nothing from the package,
+so it can never be part of an import cycle; every code is registered in ``CODES`` below.
 """
 
 from __future__ import annotations
@@ -101,12 +100,6 @@ class UsageError(AvmError):
     """The command line or an input document is invalid (exit 64)."""
 
     exit_code = ExitCode.USAGE
-
-
-class DriftFound(AvmError):
-    """The live host differs from what the last receipt says was applied (exit 2)."""
-
-    exit_code = ExitCode.DRIFT
 
 
 class CommandFailed(OperationalError):
@@ -337,10 +330,13 @@ CODES: Mapping[str, tuple[type[AvmError], str]] = {
     "signature-missing": (_R, "no stored signature for the commit"),
     "signature-store-corrupt": (_O, "a stored signature record lacks required fields"),
     "signature-untrusted-key": (_R, "the commit is signed by a key that is not a trusted release key"),
+    "sigstore-bundle-invalid": (_R, "the Sigstore bundle does not verify (no finer code fits)"),
     "sigstore-bundle-malformed": (_R, "the Sigstore bundle is malformed"),
     "sigstore-bundle-unsupported": (_R, "the Sigstore bundle has a media type avm does not verify"),
+    "sigstore-certificate-invalid": (_R, "a certificate chain in the Sigstore bundle does not verify"),
     "sigstore-commit-required": (_U, "a CI identity is bound to a commit, and none was given"),
     "sigstore-digest-mismatch": (_R, "no subject of the Sigstore envelope names the artifact"),
+    "sigstore-entry-unsupported": (_R, "the bundle's log entry is of a form avm does not verify"),
     "sigstore-extra-missing": (_U, "keyless Sigstore bundles need the sigstore extra"),
     "sigstore-identity-exists": (_R, "another Sigstore identity is already trusted under that name"),
     "sigstore-identity-invalid": (_U, "a Sigstore identity or issuer is missing or malformed"),
@@ -350,6 +346,9 @@ CODES: Mapping[str, tuple[type[AvmError], str]] = {
     "sigstore-key-untrusted": (_R, "the bundle's signature does not verify with any trusted release key"),
     "sigstore-name-invalid": (_U, "a Sigstore trust name is not 1-64 of [A-Za-z0-9._-]"),
     "sigstore-repository-invalid": (_U, "a repository is not OWNER/NAME"),
+    "sigstore-sct-invalid": (_R, "the signing certificate's SCT does not verify"),
+    "sigstore-signature-invalid": (_R, "the Sigstore bundle's signature does not verify"),
+    "sigstore-time-unverified": (_R, "the bundle has not enough sources of verified time"),
     "sigstore-tlog-invalid": (_R, "the transparency-log checkpoint is not signed by the log's key"),
     "sigstore-tlog-mismatch": (_R, "the transparency-log entry is for another artifact, signature or key"),
     "sigstore-tlog-unsupported": (_R, "the transparency-log entry is of a kind avm does not check"),

@@ -37,15 +37,30 @@ def _code_arg(call: ast.Call, index: int, keyword: str = "code") -> ast.expr | N
     return next((k.value for k in call.keywords if k.arg == keyword), None)
 
 
-def _literals(node: ast.expr | None, local: dict[str, list[str]]) -> list[str]:
-    """The codes an argument can be: a string literal, either side of ``a if c else b``, or a
-    local name assigned such literals in the module (``code = "x" if t else "y"``)."""
+KEBAB = re.compile(r"[a-z0-9]+(-[a-z0-9]+)+")
+
+
+def _kebab_strings(node: ast.AST) -> list[str]:
+    return [
+        n.value
+        for n in ast.walk(node)
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and KEBAB.fullmatch(n.value)
+    ]
+
+
+def _literals(node: ast.expr | None, local: dict[str, list[str]], funcs: dict[str, list[str]]) -> list[str]:
+    """The codes an argument can be: a string literal, either side of ``a if c else b``, a name
+    assigned such literals in the module (``code = "x" if t else "y"``), or the result of a module
+    function (``_code_for(message)``: every kebab-case string in it and in the module-level
+    tables it reads)."""
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         return [node.value]
     if isinstance(node, ast.IfExp):
-        return _literals(node.body, local) + _literals(node.orelse, local)
+        return _literals(node.body, local, funcs) + _literals(node.orelse, local, funcs)
     if isinstance(node, ast.Name):
         return local.get(node.id, [])
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+        return funcs.get(node.func.id, [])
     return []
 
 
@@ -56,14 +71,21 @@ def raise_sites() -> list[tuple[str, str, str]]:
     sites: list[tuple[str, str, str]] = []
     for path in sorted(PACKAGE.rglob("*.py")):
         tree = ast.parse(path.read_text(), str(path))
+        assigns = [
+            n
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name)
+        ]
         local: dict[str, list[str]] = collections.defaultdict(list)
-        for node in ast.walk(tree):
-            if (
-                isinstance(node, ast.Assign)
-                and len(node.targets) == 1
-                and isinstance(node.targets[0], ast.Name)
-            ):
-                local[node.targets[0].id] += _literals(node.value, {})
+        for node in assigns:
+            local[ast.unparse(node.targets[0])] += _literals(node.value, {}, {})
+        tables = {ast.unparse(n.targets[0]): _kebab_strings(n.value) for n in assigns if n in tree.body}
+        funcs = {
+            fn.name: _kebab_strings(fn)
+            + [code for n in ast.walk(fn) if isinstance(n, ast.Name) for code in tables.get(n.id, [])]
+            for fn in tree.body
+            if isinstance(fn, ast.FunctionDef)
+        }
         helpers: dict[str, tuple[int, str]] = {}  # helper name -> (index of its code param, class)
         for fn in ast.walk(tree):
             if not isinstance(fn, ast.FunctionDef):
@@ -86,10 +108,10 @@ def raise_sites() -> list[tuple[str, str, str]]:
                     code = arg.value
                 sites.append((where, code, name))
             elif name in CLASSES:
-                sites += [(where, code, name) for code in _literals(_code_arg(call, 0), local)]
+                sites += [(where, code, name) for code in _literals(_code_arg(call, 0), local, funcs)]
             elif name in helpers:
                 index, cls = helpers[name]
-                sites += [(where, code, cls) for code in _literals(_code_arg(call, index), local)]
+                sites += [(where, code, cls) for code in _literals(_code_arg(call, index), local, funcs)]
     return sites
 
 
@@ -103,6 +125,7 @@ def test_the_walk_finds_the_raise_sites_it_must() -> None:
     assert ("invalid-job-id", "UsageError") in found
     assert ("command-failed", "CommandFailed") in found
     assert ("receipt-truncated", "RefusedError") in found  # code = "a" if ... else "b"; _refuse(code, ...)
+    assert ("sigstore-sct-invalid", "RefusedError") in found  # _refuse(_code_for(message), ...)
 
 
 def test_every_raise_site_uses_a_registered_code_with_its_registered_class() -> None:
