@@ -337,3 +337,15 @@ def test_read_only_commands_do_not_create_the_home(tmp_path: Path, args: list[st
     out = subprocess.run([*AVM, "--home", str(root), *args], capture_output=True, text=True, timeout=60)
     assert out.returncode == rc, out.stderr
     assert not root.exists(), sorted(str(p) for p in root.rglob("*"))
+
+
+def test_reading_a_malformed_receipt_refuses_like_verify_exit_3(chain: Home, tmp_path: Path) -> None:
+    """`receipt-malformed` is one class: `receipts verify` refused it (3), `receipts list` exited 1
+    with it and `receipts show` crashed with a traceback. All three refuse now; the file is kept."""
+    TAMPERING["non-canonical"](chain, tmp_path)
+    damaged = ledger.read(chain.receipts, 2)
+    for args in (("receipts", "show", "2"), ("receipts", "list"), ("receipts", "verify")):
+        out = avm(chain, *args)
+        assert out.returncode == 3, (args, out.stderr)
+        assert "error[receipt-malformed]" in out.stderr and "Traceback" not in out.stderr
+    assert ledger.read(chain.receipts, 2) == damaged
