@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from controlplane import ledger
-from controlplane.errors import OperationalError, UsageError
-from controlplane.receipt import MalformedReceipt, Statement, digest_of, open_receipt
+from controlplane.errors import OperationalError, RefusedError, UsageError
+from controlplane.receipt import Envelope, MalformedReceipt, Statement, digest_of, open_receipt
 
 
 def _stored(directory: Path, first: int = 1) -> Iterator[tuple[int, bytes]]:
@@ -38,10 +38,15 @@ def statements(directory: Path, *, newest_first: bool = False) -> Iterator[tuple
 
 
 def _statement(seq: int, data: bytes) -> Statement:
+    return _opened(seq, data)[2]
+
+
+def _opened(seq: int, data: bytes) -> tuple[Envelope, bytes, Statement]:
+    """``open_receipt``; a receipt that does not parse is refused (exit 3) as verify refuses it."""
     try:
-        return open_receipt(data)[2]
+        return open_receipt(data)
     except MalformedReceipt as exc:
-        raise OperationalError(
+        raise RefusedError(
             "receipt-malformed",
             f"receipt #{seq} cannot be read: {exc}",
             hint="run `avm receipts verify` to locate the damage",
@@ -91,7 +96,7 @@ def show(directory: Path, receipt_id: str) -> dict[str, Any]:
 
 
 def _doc(seq: int, data: bytes) -> dict[str, Any]:
-    envelope, _, statement = open_receipt(data)
+    envelope, _, statement = _opened(seq, data)
     return {
         "seq": seq,
         "digest": digest_of(data),

@@ -16,12 +16,12 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from controlplane import secretscan, tiers
 from controlplane.canonical import canonical_bytes, sha256_digest
-from controlplane.errors import RefusedError
+from controlplane.errors import OperationalError, RefusedError
 
 if TYPE_CHECKING:
     from controlplane.evidence import Step
@@ -72,56 +72,105 @@ def _unchecked(what: str) -> str:
     return f"could not be checked ({what}); an unchecked control counts as failed"
 
 
-def _check(control: str, tier: tiers.Tier, ev: Evidence) -> str | None:
-    """Why ``control`` fails for ``ev`` (None if it passes)."""
-    if control == "signature":
-        return (
-            None
-            if ev.signature
-            else ("not verified" if ev.signature is False else _unchecked("no signature check"))
-        )
-    if control == "digest-pins":
-        return (
-            None if ev.digest_pins else ("not pinned" if ev.digest_pins is False else _unchecked("no pins"))
-        )
-    if control == "no-raw-secrets":
-        if ev.secret_env is None:
-            return _unchecked("env not scanned")
-        return "; ".join(f"env {k} {why}" for k, why in ev.secret_env.items()) or None
-    if control == "default-deny-egress":
-        if ev.open_egress is None:
-            return _unchecked("egress not declared")
-        if ev.open_egress:
-            return f"egress allows everything: {', '.join(ev.open_egress)}"
-        bound = tier.egress_max_addresses
-        if bound is not None and ev.egress_addresses is not None and ev.egress_addresses > bound:
-            return f"the allowlist opens {ev.egress_addresses} addresses, at most {bound} at {tier.id}"
+def _signature(tier: tiers.Tier, ev: Evidence) -> str | None:
+    if ev.signature:
         return None
-    if control == "tool-allowlist":
-        return None if ev.tools_declared else "no explicit `tools:` allowlist (each tool with schema_sha256)"
-    if control == "approval":
-        if ev.approvers is None:
-            return _unchecked("no approval store or no plan digest to approve")
-        return None if ev.approvers >= tier.approvers else f"{ev.approvers} of {tier.approvers} approver(s)"
-    if control == "canary-soak":
-        if not ev.canary:
-            return "no canary profile goes first"
-        soak = ev.soak_s or 0.0
-        return None if soak >= tier.soak_min_s else f"soak {soak:g}s < {tier.soak_min_s:g}s"
-    if control == "rollback-drill":
-        bounds = tier.rollback_drill
-        if ev.drill is None or bounds is None:
-            return "no successful rollback is recorded for this target"
-        if ev.drill.minutes > bounds.max_minutes:
-            return f"last rollback took {ev.drill.minutes:.1f} min > {bounds.max_minutes:g} min"
-        if ev.drill.age_days > bounds.within_days:
-            return f"last rollback was {ev.drill.age_days:.1f} days ago > {bounds.within_days:g} days"
+    return "not verified" if ev.signature is False else _unchecked("no signature check")
+
+
+def _digest_pins(tier: tiers.Tier, ev: Evidence) -> str | None:
+    if ev.digest_pins:
         return None
-    if control == "tier2-only":
-        return None if ev.tier2 else "a resident Tier-1 service; this tier runs only as Tier-2 jobs"
-    if control == "dedicated-vm":
-        return None if ev.dedicated_vm else _unchecked("a Tier-1 host is shared by profiles")
-    return _unchecked(f"unknown control {control}")
+    return "not pinned" if ev.digest_pins is False else _unchecked("no pins")
+
+
+def _no_raw_secrets(tier: tiers.Tier, ev: Evidence) -> str | None:
+    if ev.secret_env is None:
+        return _unchecked("env not scanned")
+    return "; ".join(f"env {k} {why}" for k, why in ev.secret_env.items()) or None
+
+
+def _default_deny_egress(tier: tiers.Tier, ev: Evidence) -> str | None:
+    if ev.open_egress is None:
+        return _unchecked("egress not declared")
+    if ev.open_egress:
+        return f"egress allows everything: {', '.join(ev.open_egress)}"
+    bound = tier.egress_max_addresses
+    if bound is not None and ev.egress_addresses is not None and ev.egress_addresses > bound:
+        return f"the allowlist opens {ev.egress_addresses} addresses, at most {bound} at {tier.id}"
+    return None
+
+
+def _tool_allowlist(tier: tiers.Tier, ev: Evidence) -> str | None:
+    return None if ev.tools_declared else "no explicit `tools:` allowlist (each tool with schema_sha256)"
+
+
+def _approval(tier: tiers.Tier, ev: Evidence) -> str | None:
+    if ev.approvers is None:
+        return _unchecked("no approval store or no plan digest to approve")
+    return None if ev.approvers >= tier.approvers else f"{ev.approvers} of {tier.approvers} approver(s)"
+
+
+def _canary_soak(tier: tiers.Tier, ev: Evidence) -> str | None:
+    if not ev.canary:
+        return "no canary profile goes first"
+    soak = ev.soak_s or 0.0
+    return None if soak >= tier.soak_min_s else f"soak {soak:g}s < {tier.soak_min_s:g}s"
+
+
+def _rollback_drill(tier: tiers.Tier, ev: Evidence) -> str | None:
+    bounds = tier.rollback_drill
+    if ev.drill is None or bounds is None:
+        return "no successful rollback is recorded for this target"
+    if ev.drill.minutes > bounds.max_minutes:
+        return f"last rollback took {ev.drill.minutes:.1f} min > {bounds.max_minutes:g} min"
+    if ev.drill.age_days > bounds.within_days:
+        return f"last rollback was {ev.drill.age_days:.1f} days ago > {bounds.within_days:g} days"
+    return None
+
+
+def _tier2_only(tier: tiers.Tier, ev: Evidence) -> str | None:
+    return None if ev.tier2 else "a resident Tier-1 service; this tier runs only as Tier-2 jobs"
+
+
+def _dedicated_vm(tier: tiers.Tier, ev: Evidence) -> str | None:
+    return None if ev.dedicated_vm else _unchecked("a Tier-1 host is shared by profiles")
+
+
+# One check per control: why the control fails for the evidence (None if it passes). A test keeps
+# the keys equal to ``tiers.Control`` and to the controls tiers.yaml names.
+CHECKS: dict[str, Callable[[tiers.Tier, Evidence], str | None]] = {
+    "signature": _signature,
+    "digest-pins": _digest_pins,
+    "no-raw-secrets": _no_raw_secrets,
+    "default-deny-egress": _default_deny_egress,
+    "tool-allowlist": _tool_allowlist,
+    "approval": _approval,
+    "canary-soak": _canary_soak,
+    "rollback-drill": _rollback_drill,
+    "tier2-only": _tier2_only,
+    "dedicated-vm": _dedicated_vm,
+}
+
+
+def _checks_of(tier: tiers.Tier) -> list[tuple[str, Callable[[tiers.Tier, Evidence], str | None]]]:
+    """The check of every control of ``tier``. A tier above L0 with no control, or a control with
+    no check, would let every workload pass unchecked: raises ``OperationalError('tiers-invalid')``."""
+    if not tier.controls and tier.id != "L0":
+        raise OperationalError(
+            "tiers-invalid",
+            f"risk tier {tier.id} lists no control, so it would pass every workload unchecked",
+            hint="list the tier's controls in tiers/tiers.yaml (only L0 may have none)",
+        )
+    unknown = [c for c in tier.controls if c not in CHECKS]
+    if unknown:
+        raise OperationalError(
+            "tiers-invalid",
+            f"risk tier {tier.id} names controls avm has no check for: {', '.join(unknown)}",
+            hint=f"controls: {', '.join(CHECKS)}",
+            details={"expected": list(CHECKS), "actual": unknown},
+        )
+    return [(control, CHECKS[control]) for control in tier.controls]
 
 
 def evaluate(tier: tiers.Tier, ev: Evidence, *, only: Iterable[str] | None = None) -> list[Missing]:
@@ -129,8 +178,8 @@ def evaluate(tier: tiers.Tier, ev: Evidence, *, only: Iterable[str] | None = Non
     chosen = set(only) if only is not None else None
     return [
         Missing(control, reason)
-        for control in tier.controls
-        if (chosen is None or control in chosen) and (reason := _check(control, tier, ev)) is not None
+        for control, check in _checks_of(tier)
+        if (chosen is None or control in chosen) and (reason := check(tier, ev)) is not None
     ]
 
 

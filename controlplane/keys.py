@@ -117,7 +117,7 @@ def load_signer(home: Home) -> Signer:
             hint="run `avm keys init` once for this home",
         ) from exc
     if not isinstance(key, Ed25519PrivateKey):
-        raise OperationalError("key-invalid", f"{path} is not an ed25519 private key")
+        raise UsageError("key-invalid", f"{path} is not an ed25519 private key")
     return Signer(private=key, keyid=key_id(key.public_key()))
 
 

@@ -80,6 +80,8 @@ class Tier(_Frozen):
 
     @model_validator(mode="after")
     def _bounds_present(self) -> Tier:
+        if not self.controls and self.id != "L0":
+            raise ValueError(f"{self.id}: no control listed; only L0 may have none (it would pass anything)")
         if ("default-deny-egress" in self.controls) != (self.egress_max_addresses is not None):
             raise ValueError(f"{self.id}: 'default-deny-egress' and egress_max_addresses go together")
         if ("approval" in self.controls) != (self.approvers > 0):

@@ -207,12 +207,15 @@ def test_bundle_tampering_is_caught_too(case: str, chain: Home, tmp_path: Path) 
 def test_failed_and_refused_steps_are_recorded_and_propagate(chain: Home) -> None:
     with pytest.raises(RefusedError), evidence.record_step(chain, "gate") as step:
         step.check("signature", ok=False, detail="untrusted key")
-        raise RefusedError("signature-untrusted", "no")
+        raise RefusedError("signature-untrusted-key", "no")
     with pytest.raises(ZeroDivisionError), evidence.record_step(chain, "boom", inputs={"a": 1}):
         _ = 1 / 0
     refused = open_receipt(ledger.read(chain.receipts, 7))[2].predicate
     failed = open_receipt(ledger.read(chain.receipts, 8))[2].predicate
-    assert refused.status == "refused" and refused.error == {"code": "signature-untrusted", "message": "no"}
+    assert refused.status == "refused" and refused.error == {
+        "code": "signature-untrusted-key",
+        "message": "no",
+    }
     assert refused.checks[0].ok is False
     assert failed.status == "failed" and failed.error is not None and failed.error["code"] == "internal"
     assert verify.verify(trusted(chain), directory=chain.receipts).count == 8
@@ -334,3 +337,15 @@ def test_read_only_commands_do_not_create_the_home(tmp_path: Path, args: list[st
     out = subprocess.run([*AVM, "--home", str(root), *args], capture_output=True, text=True, timeout=60)
     assert out.returncode == rc, out.stderr
     assert not root.exists(), sorted(str(p) for p in root.rglob("*"))
+
+
+def test_reading_a_malformed_receipt_refuses_like_verify_exit_3(chain: Home, tmp_path: Path) -> None:
+    """`receipt-malformed` is one class: `receipts verify` refused it (3), `receipts list` exited 1
+    with it and `receipts show` crashed with a traceback. All three refuse now; the file is kept."""
+    TAMPERING["non-canonical"](chain, tmp_path)
+    damaged = ledger.read(chain.receipts, 2)
+    for args in (("receipts", "show", "2"), ("receipts", "list"), ("receipts", "verify")):
+        out = avm(chain, *args)
+        assert out.returncode == 3, (args, out.stderr)
+        assert "error[receipt-malformed]" in out.stderr and "Traceback" not in out.stderr
+    assert ledger.read(chain.receipts, 2) == damaged

@@ -119,7 +119,7 @@ def build_job(app: AppContext, name: str, files: tuple[str, ...], busybox: bool)
     """Build a small one-layer job image from files (deterministic: same files, same digest)."""
     import shutil
 
-    from controlplane.errors import UsageError
+    from controlplane.errors import OperationalError, UsageError
     from controlplane.ocistore import build_job_image
 
     mapping = {}
@@ -130,7 +130,9 @@ def build_job(app: AppContext, name: str, files: tuple[str, ...], busybox: bool)
         mapping[dest] = Path(src)
     bb = shutil.which("busybox") if busybox else None
     if busybox and bb is None:
-        raise UsageError("tool-missing", "busybox is not installed", hint="apt-get install busybox-static")
+        raise OperationalError(
+            "tool-missing", "busybox is not installed", hint="apt-get install busybox-static"
+        )
     stored = build_job_image(app.home, name, mapping, busybox=Path(bb) if bb else None)
     app.emit({"image": stored.ref}, stored.ref)
 
