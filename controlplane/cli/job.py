@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
@@ -59,23 +60,24 @@ def run(
     from controlplane.jobspec import load_jobspec
 
     spec = load_jobspec(spec_path)
-    transport = None
-    if target != "local":
-        from controlplane import inventory
-        from controlplane.transport import connect
+    with contextlib.ExitStack() as connection:  # the host connection is closed on every path
+        transport = None
+        if target != "local":
+            from controlplane import inventory
+            from controlplane.transport import connect
 
-        transport = connect(inventory.load(app.home, target))
-    result = run_job(
-        app.home,
-        spec,
-        spec_dir=spec_path.resolve().parent,
-        output_dir=out_dir,
-        runtime=runtime,
-        machine=machine,
-        kernel=guest_kernel,
-        transport=transport,
-        stream=None if app.json else (lambda line: click.echo(f"[{spec.id}] {line}", err=True)),
-    )
+            transport = connection.enter_context(connect(inventory.load(app.home, target)))
+        result = run_job(
+            app.home,
+            spec,
+            spec_dir=spec_path.resolve().parent,
+            output_dir=out_dir,
+            runtime=runtime,
+            machine=machine,
+            kernel=guest_kernel,
+            transport=transport,
+            stream=None if app.json else (lambda line: click.echo(f"[{spec.id}] {line}", err=True)),
+        )
     doc = {
         "job_id": result.job_id,
         "status": result.status,
