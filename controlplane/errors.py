@@ -101,12 +101,6 @@ class UsageError(AvmError):
     exit_code = ExitCode.USAGE
 
 
-class DriftFound(AvmError):
-    """The live host differs from what the last receipt says was applied (exit 2)."""
-
-    exit_code = ExitCode.DRIFT
-
-
 class CommandFailed(OperationalError):
     """An external command exited non-zero. Keeps argv (masked), rc, stdout and stderr."""
 

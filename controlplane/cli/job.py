@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from controlplane.cli.app import AppContext, pass_app
+from controlplane.runtime.qemu import MACHINES
 
 SPEC = click.Path(path_type=Path, dir_okay=False)
 
@@ -21,7 +22,7 @@ def job() -> None:
 @click.argument("spec_path", metavar="SPEC", type=SPEC)
 @click.option("--target", default="local", show_default=True, help="local, or an inventory VM name.")
 @click.option("--runtime", type=click.Choice(["qemu", "kata"]), default="qemu", show_default=True)
-@click.option("--machine", type=click.Choice(["microvm", "q35"]), default="microvm", show_default=True)
+@click.option("--machine", type=click.Choice(MACHINES), default="microvm", show_default=True)
 @click.option(
     "--guest-kernel",
     type=click.Choice(["golden", "minimal"]),
