@@ -32,7 +32,7 @@ from controlplane import secrets as secret_store
 from controlplane.apply import apply_plan, capture_previous
 from controlplane.errors import AvmError, OperationalError, RefusedError
 from controlplane.home import Home
-from controlplane.ids import parse_profile
+from controlplane.ids import CommitSha, parse_profile
 from controlplane.manifest import ReleaseManifest
 from controlplane.material import Material, ReleaseMaterial
 from controlplane.transport.base import Transport
@@ -44,7 +44,7 @@ Progress = Callable[[str], None]
 class Verified:
     """A release that passed every gate: exact commit, trusted signature, pinned digests."""
 
-    sha: str
+    sha: CommitSha
     manifest: ReleaseManifest
     release: ReleaseMaterial
     keyid: str
@@ -54,7 +54,7 @@ class Verified:
 class Result:
     operation: str
     target: str
-    commit: str
+    commit: CommitSha
     plan: plan.Plan
     applied: bool = False
     receipts: dict[str, str] = dataclasses.field(default_factory=dict)
