@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 
 from controlplane import git
 from controlplane.errors import OperationalError, RefusedError
+from controlplane.ids import CommitSha, Digest
 
 BLOCK = 512
 _PAX_NAME = b"././@PaxHeader"
@@ -27,9 +28,9 @@ _PAX_NAME = b"././@PaxHeader"
 
 @dataclasses.dataclass(frozen=True)
 class Bundle:
-    sha: str
+    sha: CommitSha
     data: bytes
-    digest: str  # "sha256:<hex>" of data
+    digest: Digest  # "sha256:<hex>" of data
     files: dict[str, str]  # relative path -> "sha256:<hex>" of the file content (regular files only)
     symlinks: dict[str, str] = dataclasses.field(default_factory=dict)  # relative path -> target
     executables: frozenset[str] = frozenset()  # regular files the commit marks 100755

@@ -254,9 +254,9 @@ def install_host_side(target: Target, host: Transport, material: Material, step:
     wanted = [
         nspawnnet.ProfileEgress(prof.name, uids[users[prof.name]], prof.egress) for prof in material.profiles
     ]
-    local = LocalTransport()
-    nspawnnet.install(local, net.netns, wanted)
-    rules = nspawnnet.parse_rules(nspawnnet.read_rules(local, net.netns))
+    with LocalTransport() as local:
+        nspawnnet.install(local, net.netns, wanted)
+        rules = nspawnnet.parse_rules(nspawnnet.read_rules(local, net.netns))
     for want in wanted:
         got = rules.get(want.profile, {})
         ok = got.get("uid") == want.uid and got.get("deny_rule") is True
@@ -289,7 +289,8 @@ def host_side_findings(target: Target, profiles: Sequence[str]) -> tuple[list[Fi
     net = host_network(target)
     if net is None:
         return [], {}
-    rules = nspawnnet.parse_rules(nspawnnet.read_rules(LocalTransport(), net.netns))
+    with LocalTransport() as local:
+        rules = nspawnnet.parse_rules(nspawnnet.read_rules(local, net.netns))
     findings = [
         Finding(
             where=f"netns {net.netns}: table inet {nspawnnet.TABLE} chain {nspawnnet.chain_name(p)}",

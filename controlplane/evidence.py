@@ -36,6 +36,7 @@ from controlplane.canonical import canonical_bytes, sha256_hex
 from controlplane.errors import AvmError, RefusedError, UsageError
 from controlplane.home import Home
 from controlplane.receipt import (
+    STATEMENT_TYPE,
     CheckRecord,
     CommandRecord,
     Predicate,
@@ -116,7 +117,7 @@ class Step:
             **timing,
         )
         return Statement(
-            type_="https://in-toto.io/Statement/v1",
+            type_=STATEMENT_TYPE,
             subject=subjects,
             predicateType=predicate_type(self.kind),
             predicate=predicate,

@@ -40,11 +40,12 @@ def _path(home: Home, name: str) -> Path:
 
 
 def save(home: Home, target: Target) -> None:
-    LocalTransport().put(
-        json.dumps(target.model_dump(mode="json"), indent=2, sort_keys=True).encode() + b"\n",
-        str(_path(home, target.name)),
-        mode=0o600,
-    )
+    with LocalTransport() as local:
+        local.put(
+            json.dumps(target.model_dump(mode="json"), indent=2, sort_keys=True).encode() + b"\n",
+            str(_path(home, target.name)),
+            mode=0o600,
+        )
 
 
 def load(home: Home, name: str) -> Target:

@@ -23,6 +23,7 @@ from typing import Any
 
 from controlplane import (
     auditevents,
+    egress,
     evidence,
     governance,
     guestinit,
@@ -35,8 +36,10 @@ from controlplane import (
 )
 from controlplane.errors import ExitCode, OperationalError, UsageError
 from controlplane.home import Home
+from controlplane.jobnet import JobNetwork
 from controlplane.jobspec import JobLimits, JobSpec
-from controlplane.runtime import CONSOLE_LOG_MAX, Launch, Outcome, get_runtime
+from controlplane.runtime import CONSOLE_LOG_MAX, Launch, Outcome, Runtime, get_runtime
+from controlplane.transport.base import Transport
 
 RESULT_SLACK = 16 << 20  # tar headers and padding on top of the byte limits
 CONSOLE_STREAM_MAX = 1 << 20  # bytes of each of stdout/stderr the guest echoes to its console
@@ -152,7 +155,7 @@ def run_job(
     runtime: str = "qemu",
     machine: str = "microvm",
     kernel: str = "golden",
-    transport: Any = None,
+    transport: Transport | None = None,
     stream: Callable[[str], None] | None = None,
     kind: str = "job-run",
     network_options: dict[str, Any] | None = None,
@@ -311,7 +314,7 @@ def outcome_limit(spec: JobSpec) -> int:
     return spec.limits.output_bytes + 2 * spec.limits.stdio_bytes + RESULT_SLACK
 
 
-def _runtime_options(runtime: str, transport: Any, choice: GuestKernelChoice) -> dict[str, Any]:
+def _runtime_options(runtime: str, transport: Transport | None, choice: GuestKernelChoice) -> dict[str, Any]:
     if runtime != "qemu":
         return {}
     from controlplane.runtime.qemu import probe_accel
@@ -323,9 +326,9 @@ def _runtime_options(runtime: str, transport: Any, choice: GuestKernelChoice) ->
 
 
 def _boot(
-    home: Home, spec: JobSpec, rt: Any, image: ocistore.StoredImage, choice: GuestKernelChoice, workdir: Path,
-    host_inputs: dict[str, Path], machine: str, stream: Callable[[str], None] | None, step: evidence.Step,
-    net_options: dict[str, Any], secret: str,
+    home: Home, spec: JobSpec, rt: Runtime, image: ocistore.StoredImage, choice: GuestKernelChoice,
+    workdir: Path, host_inputs: dict[str, Path], machine: str, stream: Callable[[str], None] | None,
+    step: evidence.Step, net_options: dict[str, Any], secret: str,
 ) -> Outcome:  # fmt: skip
     probe = net_options.pop("probe_script", None)
     if rt.name == "kata":  # containerd unpacks the image itself; no NIC (egress is not wired for kata)
@@ -336,7 +339,7 @@ def _boot(
         archive = workdir / "image.tar"
         tag = f"{image.name}:avm-{image.digest.split(':')[1][:12]}"
         ocistore.export_archive(home, image, archive, tag)
-        return rt.run(  # type: ignore[no-any-return]
+        return rt.run(
             Launch(job_id=spec.id, marker=workdir.name, workdir=workdir, kernel=choice.kernel,
                    initramfs=archive, vcpus=spec.vcpus, memory_mib=spec.memory, timeout_s=spec.timeout,
                    image_archive=archive, image_ref=tag, argv=spec.command, env=spec.env, stream=stream,
@@ -377,17 +380,9 @@ def _boot(
 
 
 @contextlib.contextmanager
-def _network(spec: JobSpec, label: str, options: dict[str, Any]) -> Iterator[Any]:
+def _network(spec: JobSpec, label: str, options: dict[str, Any]) -> Iterator[JobNetwork | None]:
     if not spec.egress.allow:
         yield None  # no NIC at all: the guest has only loopback
         return
-    try:
-        from controlplane import egress
-    except ImportError:
-        raise OperationalError(
-            "egress-unavailable",
-            "this job allows egress, and the egress module (netns + tap + nftables) is not installed",
-            hint="remove egress.allow to run with no NIC, or update avm",
-        ) from None
     with egress.job_network(spec.id, list(spec.egress.allow), label, **options) as net:
         yield net

@@ -13,8 +13,9 @@ from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from controlplane import nftrules
 from controlplane.errors import UsageError
 from controlplane.ids import JobId, JsonSchemaExtra, json_pattern
 
@@ -80,6 +81,13 @@ MIB = 1 << 20
 _HOST_SCHEMA = JsonSchemaExtra(
     {"$comment": "an IP address or CIDR as Python's ipaddress.ip_network(strict=False)"}
 )
+_ALLOW_SCHEMA = JsonSchemaExtra(
+    {
+        "$comment": "each entry is also refused (exit 64, egress-* codes) when its host is IPv6, a /0, "
+        f"shorter than /{nftrules.MIN_PREFIX}, in {nftrules.METADATA} (metadata), loopback, multicast, "
+        "unspecified or reserved: see controlplane.nftrules.validate_rules"
+    }
+)
 _ENV_SCHEMA = JsonSchemaExtra(
     {
         "propertyNames": {"pattern": json_pattern(_ENV_KEY_RE.pattern)},
@@ -102,7 +110,15 @@ class EgressRule(_Frozen):
 
 class Egress(_Frozen):
     default: Literal["deny"] = "deny"
-    allow: tuple[EgressRule, ...] = ()
+    allow: Annotated[tuple[EgressRule, ...], _ALLOW_SCHEMA] = ()
+
+    @field_validator("allow")
+    @classmethod
+    def _enforceable(cls, allow: tuple[EgressRule, ...]) -> tuple[EgressRule, ...]:
+        # the one validator of egress rules, the one the job network enforces: a spec that
+        # parses is one whose network can be built (UsageError with its egress-* code, exit 64)
+        nftrules.validate_rules(allow)
+        return allow
 
 
 class JobInput(_Frozen):
@@ -160,8 +176,12 @@ def load_jobspec(path: Path) -> JobSpec:
 
 
 def parse_jobspec(raw: object, *, source: str = "<input>") -> JobSpec:
+    """Validate a parsed document. Raises ``UsageError('jobspec-invalid')`` naming the first bad
+    field, or the ``egress-*`` code of an allow entry the job network could not enforce."""
     try:
         return JobSpec.model_validate(raw)
+    except UsageError as exc:  # from the egress validator: its own code, with the spec named
+        raise UsageError(exc.code, f"{source}: {exc.message}", hint=exc.hint, details=exc.details) from None
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"

@@ -12,6 +12,7 @@ import shutil
 import signal
 from pathlib import Path
 
+from controlplane import egress
 from controlplane.home import Home
 from controlplane.vm import procs
 
@@ -43,14 +44,6 @@ def _runner_alive(workdir: Path) -> bool:
     return procs.cmdline(pid) is not None and not procs._is_zombie(pid)
 
 
-def _egress() -> object | None:
-    try:
-        from controlplane import egress
-    except ImportError:
-        return None
-    return egress
-
-
 def remove(workdir: Path) -> list[str]:
     """Kill the job's processes, drop its network, delete its work dir. Returns what was removed."""
     removed = []
@@ -60,12 +53,10 @@ def remove(workdir: Path) -> list[str]:
         procs.signal_pids(pids, signal.SIGKILL)
         procs.wait_gone(pids, marker, 5.0)
         removed += [f"process {pid} ({marker})" for pid in pids]
-    egress = _egress()
-    if egress is not None:
-        opts = uplink_of(workdir)
-        with contextlib.suppress(Exception):
-            if egress.leftovers(job_id_of(marker), egress_label(marker), **opts):  # type: ignore[attr-defined]
-                removed += [f"egress {x}" for x in egress.gc(egress_label(marker), **opts)]  # type: ignore[attr-defined]
+    uplink = uplink_of(workdir).get("uplink_netns")
+    with contextlib.suppress(Exception):
+        if egress.leftovers(job_id_of(marker), egress_label(marker), uplink_netns=uplink):
+            removed += [f"egress {x}" for x in egress.gc(egress_label(marker), uplink_netns=uplink)]
     if workdir.exists():
         shutil.rmtree(workdir, ignore_errors=True)
         removed.append(f"workdir {workdir}")
@@ -102,12 +93,9 @@ def checks(
         ("qemu-process-gone", not left and not procs.alive(pid, marker), f"pid {pid}; marker pids {left}"),
         ("workdir-removed", not workdir.exists(), str(workdir)),
     ]
-    egress = _egress()
-    uplink = uplink or {}
-    if egress is not None:
-        try:
-            rest = list(egress.leftovers(job_id, egress_label(marker), **uplink))  # type: ignore[attr-defined]
-            out.append(("egress-leftovers-none", not rest, ", ".join(rest) or "netns, tap, nft table: none"))
-        except Exception as exc:  # a failed check is recorded, not hidden
-            out.append(("egress-leftovers-none", False, f"check failed: {exc}"))
+    try:
+        rest = egress.leftovers(job_id, egress_label(marker), uplink_netns=(uplink or {}).get("uplink_netns"))
+        out.append(("egress-leftovers-none", not rest, ", ".join(rest) or "netns, tap, nft table: none"))
+    except Exception as exc:  # a failed check is recorded, not hidden
+        out.append(("egress-leftovers-none", False, f"check failed: {exc}"))
     return out

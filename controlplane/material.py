@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from controlplane.canonical import sha256_digest
+from controlplane.ids import CommitSha, Digest
 from controlplane.plan import DesiredProfile, DesiredState
 
 
@@ -22,10 +23,10 @@ class HealthCheck:
 
 @dataclasses.dataclass(frozen=True)
 class ReleaseMaterial:
-    sha: str
+    sha: CommitSha
     bundle: bytes  # the deterministic tar of the exact commit
     files: dict[str, str]  # relative path -> sha256:... or symlink:TARGET (what the release dir must hold)
-    bundle_digest: str
+    bundle_digest: Digest
     executables: tuple[str, ...] = ()  # files unpacked 0555 (the others 0444)
 
 

@@ -8,6 +8,7 @@ receipt with every command, check, automatic rollback, and the host state it lea
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,7 +32,7 @@ from controlplane import secrets as secret_store
 from controlplane.apply import apply_plan, capture_previous
 from controlplane.errors import AvmError, OperationalError, RefusedError
 from controlplane.home import Home
-from controlplane.ids import parse_profile
+from controlplane.ids import CommitSha, parse_profile
 from controlplane.manifest import ReleaseManifest
 from controlplane.material import Material, ReleaseMaterial
 from controlplane.transport.base import Transport
@@ -43,7 +44,7 @@ Progress = Callable[[str], None]
 class Verified:
     """A release that passed every gate: exact commit, trusted signature, pinned digests."""
 
-    sha: str
+    sha: CommitSha
     manifest: ReleaseManifest
     release: ReleaseMaterial
     keyid: str
@@ -53,7 +54,7 @@ class Verified:
 class Result:
     operation: str
     target: str
-    commit: str
+    commit: CommitSha
     plan: plan.Plan
     applied: bool = False
     receipts: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -177,20 +178,21 @@ def run(
         "target": target,
         "profiles": list(profiles),
     }
-    with evidence.record_step(home, "plan", inputs={**inputs, "apply": apply}) as step:
-        profiles = [parse_profile(p) for p in profiles]  # refused inside the step: recorded
-        verified = verify_release(home, repo, ref, step, progress)
-        profile_tiers = governance_gate.check_tiers(home, verified.manifest, profiles, target, step)
-        progress(
-            "risk tiers: "
-            + ", ".join(f"{p} {t}" for p, t in sorted(profile_tiers.items()))
-            + " (controls ok)"
-        )
-        material = render.material(verified.manifest, verified.release, profiles=profiles)
-        host = _connect(home, target)
-        desired = material.desired()
-        names = [p.name for p in material.profiles]
-        try:
+    # the host connection is closed on every path: a refusal, an error, a dry run, an apply
+    with contextlib.ExitStack() as connection:
+        with evidence.record_step(home, "plan", inputs={**inputs, "apply": apply}) as step:
+            profiles = [parse_profile(p) for p in profiles]  # refused inside the step: recorded
+            verified = verify_release(home, repo, ref, step, progress)
+            profile_tiers = governance_gate.check_tiers(home, verified.manifest, profiles, target, step)
+            progress(
+                "risk tiers: "
+                + ", ".join(f"{p} {t}" for p, t in sorted(profile_tiers.items()))
+                + " (controls ok)"
+            )
+            material = render.material(verified.manifest, verified.release, profiles=profiles)
+            host = connection.enter_context(_connect(home, target))
+            desired = material.desired()
+            names = [p.name for p in material.profiles]
             host_facts = gather(host, names, list(desired.releases))
             _refuse_unsafe_host(target, verified.sha, desired, host_facts)
             the_plan = plan.diff(desired, host_facts)
@@ -205,32 +207,28 @@ def run(
                 if not the_plan.empty
                 else []
             )
-        except BaseException:
-            host.close()  # refused: nothing more goes to the host
+            if needed and not apply and not the_plan.empty:
+                progress(
+                    f"approval required before --apply: {needed} approver(s) must sign {the_plan.digest}"
+                )
+            if not apply:
+                step.non_claim("dry-run: nothing was written to the host")
+        result = Result(operation, target, verified.sha, the_plan, receipts={"plan": step.receipt_id or ""})
+        result.tiers, result.approvals_required, result.approvals = profile_tiers, needed, approved
+        if not apply or the_plan.empty:
+            return result
+        try:
+            credentials = _secret_values(home, material)
+            _apply(home, host, result, verified, material, credentials, inputs, progress)
+        except AvmError as exc:
+            # a refusal between the plan and the apply steps (a secret that does not resolve, a
+            # changed plan, a locked host) is evidence too: an `apply` receipt that says why. An
+            # error after the apply step (apply-unhealthy) is already in that step's receipt.
+            if "apply" not in result.receipts:
+                evidence.record_unrecorded(home, "apply", exc, inputs=inputs)
+            elif exc.receipt is None:
+                exc.receipt = result.receipts["apply"]
             raise
-        if needed and not apply and not the_plan.empty:
-            progress(f"approval required before --apply: {needed} approver(s) must sign {the_plan.digest}")
-        if not apply:
-            step.non_claim("dry-run: nothing was written to the host")
-    result = Result(operation, target, verified.sha, the_plan, receipts={"plan": step.receipt_id or ""})
-    result.tiers, result.approvals_required, result.approvals = profile_tiers, needed, approved
-    if not apply or the_plan.empty:
-        host.close()
-        return result
-    try:
-        credentials = _secret_values(home, material)
-        _apply(home, host, result, verified, material, credentials, inputs, progress)
-    except AvmError as exc:
-        # a refusal between the plan and the apply steps (a secret that does not resolve, a
-        # changed plan, a locked host) is evidence too: an `apply` receipt that says why. An
-        # error after the apply step (apply-unhealthy) is already in that step's receipt.
-        if "apply" not in result.receipts:
-            evidence.record_unrecorded(home, "apply", exc, inputs=inputs)
-        elif exc.receipt is None:
-            exc.receipt = result.receipts["apply"]
-        raise
-    finally:
-        host.close()
     return result
 
 

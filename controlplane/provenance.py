@@ -34,7 +34,7 @@ from controlplane.canonical import canonical_bytes, sha256_digest
 from controlplane.errors import OperationalError, RefusedError
 from controlplane.home import Home
 from controlplane.image import GoldenImage
-from controlplane.receipt import PAYLOAD_TYPE, pae
+from controlplane.receipt import PAYLOAD_TYPE, STATEMENT_TYPE, pae
 
 SLSA_PROVENANCE: Final = "https://slsa.dev/provenance/v1"
 BUILD_TYPE: Final = "https://agent-vm.dev/golden-image/build/v1"
@@ -98,7 +98,7 @@ def statement(image: GoldenImage, build_receipt: str | None) -> dict[str, Any]:
         },
     }
     return {
-        "_type": "https://in-toto.io/Statement/v1",
+        "_type": STATEMENT_TYPE,
         "subject": subjects,
         "predicateType": SLSA_PROVENANCE,
         "predicate": predicate,
@@ -186,7 +186,7 @@ def verify(home: Home, image: GoldenImage, trusted: keys.TrustedKeys) -> dict[st
         keyid, sig, pae(PAYLOAD_TYPE, payload)
     ):
         raise _refuse("provenance-signature-invalid", "the provenance signature does not match its bytes")
-    if doc.get("predicateType") != SLSA_PROVENANCE or doc.get("_type") != "https://in-toto.io/Statement/v1":
+    if doc.get("predicateType") != SLSA_PROVENANCE or doc.get("_type") != STATEMENT_TYPE:
         raise _refuse(
             "provenance-malformed",
             "not an in-toto SLSA Provenance v1 statement",

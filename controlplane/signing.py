@@ -27,7 +27,7 @@ from controlplane.bundle import Bundle
 from controlplane.bundle import build as build_bundle
 from controlplane.errors import OperationalError, RefusedError, UsageError
 from controlplane.home import Home
-from controlplane.ids import parse_commit
+from controlplane.ids import CommitSha, Digest, parse_commit
 from controlplane.manifest import MANIFEST_PATH, ReleaseManifest, parse_manifest
 
 TRUSTED_DIR = "release-trusted"
@@ -55,8 +55,8 @@ class TrustedKey:
 
 @dataclasses.dataclass(frozen=True)
 class SignedRelease:
-    commit: str
-    bundle_digest: str
+    commit: CommitSha
+    bundle_digest: Digest
     bundle_size: int
     files: int
     signature: str  # base64 DER, as `cosign sign-blob` prints it

@@ -47,19 +47,16 @@ def check(home: Home, target: str) -> DriftReport:
         else:
             names = sorted(expected)
             releases = sorted({link.rstrip("/").rsplit("/", 1)[-1] for link in expected.values() if link})
-        host = connect(entry)
         # controls observed in force from each sandbox, not read from configuration (profiles
         # that should not run have no sandbox to probe); the probe runs in the gather's round trip
         running = names if isinstance(expected, DesiredState) else [n for n in names if expected[n]]
-        try:
+        with connect(entry) as host:
             facts = gather(host, names, releases, then=enforcement.probe_argv(running) if running else None)
             observed = enforcement.from_gather(facts.then)
             # gateway audit events (tool denials, refusals) since that receipt, into this one
             since = _receipt_started(home, receipt_id)
             for event in auditevents.gateway_events(host, names, since):
                 step.event(event.pop("type"), **event)
-        finally:
-            host.close()
         if isinstance(expected, DesiredState):
             report = find_drift(target, expected, facts, receipt_id, notes=notes)
         else:

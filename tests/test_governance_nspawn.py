@@ -12,14 +12,17 @@ from __future__ import annotations
 import base64
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
+import paramiko
 import pytest
 import yaml
 
-from controlplane import approvals, inventory, secrets, signing
+from controlplane import approvals, inventory, promotion, secrets, signing
 from controlplane.auditevents import EVENT_TYPES
+from controlplane.errors import RefusedError
 from controlplane.home import Home
 from controlplane.transport.ssh import SshTransport
 from tests.plugins.agentrepo import PASSWORD, _commit, copy_example, git
@@ -103,6 +106,36 @@ def test_tier_refusal_names_each_missing_control_before_planning(
     assert error["code"] == "tier-controls-missing"
     assert "canary-soak" in error["message"] and "rollback-drill" in error["message"]
     assert error["details"]["profile gov"]["missing"] == ["canary-soak", "rollback-drill"]
+    assert on_host(golden_home, nspawn_vm, "ls", "/etc/agent", check=False).strip() == ""  # nothing written
+
+
+def _live_ssh_sessions() -> list[paramiko.Transport]:
+    """paramiko runs one thread per SSH connection in this process; a closed one is inactive
+    at once (its thread then winds down on its own)."""
+    return [t for t in threading.enumerate() if isinstance(t, paramiko.Transport) and t.is_active()]
+
+
+def test_promote_closes_the_host_connection_when_it_fails_or_is_refused_after_connecting(
+    golden_home: Home, gov: dict[str, Any], nspawn_vm: str
+) -> None:
+    """In process, against the real host: whatever ends ``promotion.run`` after it connected
+    (here the progress writer failing on the approval notice, as a closed stdout does, and the
+    approval refusal of --apply) leaves no SSH connection open."""
+    before = _live_ssh_sessions()
+
+    def progress(line: str) -> None:
+        if line.startswith("approval required"):  # printed after the plan, with the host connected
+            raise BrokenPipeError("stdout closed")
+
+    with pytest.raises(BrokenPipeError):
+        promotion.run(
+            golden_home, repo=gov["repo"], ref=gov["commits"]["l2"], target=nspawn_vm, progress=progress
+        )
+    assert _live_ssh_sessions() == before
+    with pytest.raises(RefusedError) as refused:
+        promotion.run(golden_home, repo=gov["repo"], ref=gov["commits"]["l2"], target=nspawn_vm, apply=True)
+    assert refused.value.code == "approval-missing"
+    assert _live_ssh_sessions() == before
     assert on_host(golden_home, nspawn_vm, "ls", "/etc/agent", check=False).strip() == ""  # nothing written
 
 

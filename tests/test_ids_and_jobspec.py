@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from controlplane import ids
+from controlplane import ids, keys
+from controlplane.cli import main
 from controlplane.errors import ExitCode, UsageError
+from controlplane.home import Home
 from controlplane.jobspec import load_jobspec, parse_jobspec
 from controlplane.schemas import export_all
 
@@ -106,3 +109,42 @@ def test_committed_schemas_match_the_models() -> None:
     assert set(committed) == set(exported), "run `make schemas` and commit receipts/schema/"
     for name, data in exported.items():
         assert committed[name] == data, f"{name} is stale: run `make schemas` and commit it"
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize(
+    ("host", "code"),
+    [
+        ("169.254.169.254", "egress-metadata"),
+        ("0.0.0.0/0", "egress-allow-all"),
+        ("2001:db8::1", "egress-ipv6-unsupported"),
+        ("10.0.0.0/7", "egress-too-broad"),
+        ("127.0.0.1", "egress-special-address"),
+    ],
+)
+def test_an_unenforceable_egress_rule_is_refused_at_parse_time_with_the_home_unchanged(
+    home: Home, tmp_path: Path, capsys: pytest.CaptureFixture[str], host: str, code: str
+) -> None:
+    """The job network's own validator runs when the spec is parsed: `avm job run` exits 64 with
+    that rule's code before a receipt, a job directory or anything else exists in the home."""
+    keys.init(home)  # a home that could run a job: the refusal is the spec's, not the home's
+    spec = tmp_path / "job.yaml"
+    spec.write_text(
+        json.dumps({**GOOD, "id": "meta", "egress": {"allow": [{"host": host, "port": 80}]}}),
+    )
+    before = _tree(home.root)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--json", "job", "run", str(spec)])
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert exit_info.value.code == 64, error
+    assert error["code"] == code
+    assert error["message"].startswith(f"{spec}: egress allow[0]: expected ")
+    assert _tree(home.root) == before
+    with pytest.raises(UsageError) as info:  # the same refusal through the model alone
+        parse_jobspec(
+            {**GOOD, "egress": {"allow": [{"host": "198.51.100.1", "port": 80}, {"host": host, "port": 80}]}}
+        )
+    assert info.value.code == code and info.value.details["index"] == 1

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
 
 from controlplane.cli.app import AppContext, pass_app
+from controlplane.runtime.qemu import MACHINES
 
 SPEC = click.Path(path_type=Path, dir_okay=False)
 
@@ -20,7 +22,7 @@ def job() -> None:
 @click.argument("spec_path", metavar="SPEC", type=SPEC)
 @click.option("--target", default="local", show_default=True, help="local, or an inventory VM name.")
 @click.option("--runtime", type=click.Choice(["qemu", "kata"]), default="qemu", show_default=True)
-@click.option("--machine", type=click.Choice(["microvm", "q35"]), default="microvm", show_default=True)
+@click.option("--machine", type=click.Choice(MACHINES), default="microvm", show_default=True)
 @click.option(
     "--guest-kernel",
     type=click.Choice(["golden", "minimal"]),
@@ -59,23 +61,24 @@ def run(
     from controlplane.jobspec import load_jobspec
 
     spec = load_jobspec(spec_path)
-    transport = None
-    if target != "local":
-        from controlplane import inventory
-        from controlplane.transport import connect
+    with contextlib.ExitStack() as connection:  # the host connection is closed on every path
+        transport = None
+        if target != "local":
+            from controlplane import inventory
+            from controlplane.transport import connect
 
-        transport = connect(inventory.load(app.home, target))
-    result = run_job(
-        app.home,
-        spec,
-        spec_dir=spec_path.resolve().parent,
-        output_dir=out_dir,
-        runtime=runtime,
-        machine=machine,
-        kernel=guest_kernel,
-        transport=transport,
-        stream=None if app.json else (lambda line: click.echo(f"[{spec.id}] {line}", err=True)),
-    )
+            transport = connection.enter_context(connect(inventory.load(app.home, target)))
+        result = run_job(
+            app.home,
+            spec,
+            spec_dir=spec_path.resolve().parent,
+            output_dir=out_dir,
+            runtime=runtime,
+            machine=machine,
+            kernel=guest_kernel,
+            transport=transport,
+            stream=None if app.json else (lambda line: click.echo(f"[{spec.id}] {line}", err=True)),
+        )
     doc = {
         "job_id": result.job_id,
         "status": result.status,

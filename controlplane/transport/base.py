@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Self, runtime_checkable
 
 from controlplane.errors import CommandFailed
 
@@ -49,7 +49,7 @@ class RunResult:
 
 @runtime_checkable
 class Transport(Protocol):
-    """A connection to one host.
+    """A connection to one host; a context manager (``with connect(target) as host:``).
 
     ``run`` raises ``CommandTimeout`` when the deadline passes (the command is killed) and
     ``OperationalError`` when the host cannot be reached; a non-zero exit is *not* an error
@@ -75,4 +75,10 @@ class Transport(Protocol):
         """Read a whole file. Raises ``OperationalError('remote-file-missing')`` if absent."""
         ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release the connection; idempotent. ``with`` calls it on every path."""
+        ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, *exc: object) -> None: ...

@@ -63,7 +63,13 @@ class LocalTransport:
             raise OperationalError("remote-file-missing", f"{path} does not exist on {self.url}") from None
 
     def close(self) -> None:
-        return None
+        return None  # nothing is held open: each command is its own process
+
+    def __enter__(self) -> LocalTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _text(data: bytes | str | None, secrets: Sequence[str]) -> str:

@@ -136,7 +136,8 @@ class LibvirtBackend:
         s = self.settings(request)
         base = str(request.image.qcow2)
         overlay = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base, str(s.overlay)]
-        LocalTransport().run(overlay, timeout=60).check()
+        with LocalTransport() as local:
+            local.run(overlay, timeout=60).check()
         s.seed.touch(mode=0o600)
         s.seed.write_bytes(request.seed.tar())
         xml = domainxml.domain_xml(s)

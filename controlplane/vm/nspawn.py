@@ -117,16 +117,16 @@ class NspawnBackend:
 
     def boot(self, request: BootRequest) -> Booted:
         group = request.marker
-        local = LocalTransport()
-        net = nspawnnet.create(local, request.spec.name, request.marker)
         log = request.state_dir / "console.log"
-        try:
-            cgroup.create(group)
-            proc = spawn_nspawn(nspawn_argv(request, net.netns), log, group)
-        except BaseException:
-            cgroup.remove(group)
-            nspawnnet.remove(local, net)
-            raise
+        with LocalTransport() as local:
+            net = nspawnnet.create(local, request.spec.name, request.marker)
+            try:
+                cgroup.create(group)
+                proc = spawn_nspawn(nspawn_argv(request, net.netns), log, group)
+            except BaseException:
+                cgroup.remove(group)
+                nspawnnet.remove(local, net)
+                raise
         return Booted(
             pid=proc.pid,
             accelerator="container",
@@ -181,7 +181,8 @@ class NspawnBackend:
         by_marker = procs.pids_with_marker(record.marker)
         mounts = [line for line in Path("/proc/mounts").read_text().splitlines() if record.state_dir in line]
         net = network(record)
-        net_checks = nspawnnet.remove(LocalTransport(), net) if net else []
+        with LocalTransport() as local:
+            net_checks = nspawnnet.remove(local, net) if net else []
         return [
             Check("nspawn-pid-gone", not by_pid, f"pid {record.pid}"),
             Check("no-process-with-marker", not by_marker, f"marker {record.marker}: {by_marker or 'none'}"),

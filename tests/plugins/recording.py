@@ -103,6 +103,12 @@ class RecordingTransport:
     def close(self) -> None:
         self.closed = True
 
+    def __enter__(self) -> RecordingTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def ran(self, *prefix: str) -> list[tuple[str, ...]]:
         """The argv of every ``run`` that starts with ``prefix``, in order."""
         return [c.argv for c in self.calls if c.op == "run" and c.argv[: len(prefix)] == prefix]
