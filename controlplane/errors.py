@@ -264,7 +264,6 @@ CODES: Mapping[str, tuple[type[AvmError], str]] = {
     "no-rollback-target": (_U, "no rollback target is recorded for the target"),
     "no-trusted-key": (_U, "no public key to verify against"),
     "not-canonicalizable": (_U, "a value cannot be written as canonical JSON"),
-    "not-implemented": (_O, "the command is not implemented yet"),
     "nothing-applied": (_O, "no apply is recorded for the target, so there is nothing to compare with"),
     "oci-blob-corrupt": (_R, "an OCI blob does not hash to its digest"),
     "oci-blob-missing": (_R, "an OCI blob is not in the store"),
