@@ -22,6 +22,7 @@ from controlplane.home import Home
 from controlplane.transport.ssh import SshTransport
 from tests.plugins.agentrepo import AgentRepo
 from tests.plugins.vms import run_avm
+from tests.plugins.vms import run_avm_json as avm
 
 # Listens (as root) on the VM's own veth address, then connects to it as root and as the
 # agent user (setpriv, no supplementary groups): prints both outcomes.
@@ -52,11 +53,6 @@ FORK_100 = (
     "    if pid == 0:\n        time.sleep(2); os._exit(0)\n    pids.append(pid)\n"
     "print(len(pids))\nfor pid in pids: os.waitpid(pid, 0)"
 )
-
-
-def avm(home: Home, *args: str) -> tuple[int, dict[str, Any]]:
-    out = run_avm(home, "--json", *args)
-    return out.returncode, json.loads(out.stdout) if out.stdout.strip() else {"stderr": out.stderr}
 
 
 def on_host(home: Home, vm: str, *argv: str) -> subprocess.CompletedProcess[str]:

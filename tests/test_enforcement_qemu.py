@@ -6,24 +6,16 @@ cgroup2 files, so the same probe that finds them missing on nspawn must find the
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 from controlplane import inventory
 from controlplane.home import Home
 from controlplane.transport.ssh import SshTransport
 from tests.plugins.agentrepo import AgentRepo
-from tests.plugins.vms import run_avm
+from tests.plugins.vms import run_avm_json as avm
 
 TRANSIENT = ("systemd-run", "--quiet", "--wait", "--pipe", "--unit=avm-oomtest")
 ALLOC_300M = "b = b'x' * (300 * 2**20); print(len(b))"  # every page written, not just reserved
 # the web profile's cgroup on the guest's cgroup2 (systemd escapes "-" in the slice name)
 UNIT_CGROUP = "/sys/fs/cgroup/system.slice/system-agent\\x2dgateway.slice/agent-gateway@web.service"
-
-
-def avm(home: Home, *args: str, timeout: float = 600) -> tuple[int, dict[str, Any]]:
-    out = run_avm(home, "--json", *args, timeout=timeout)
-    return out.returncode, json.loads(out.stdout) if out.stdout.strip() else {"stderr": out.stderr}
 
 
 def test_qemu_probe_observes_the_deny_and_the_limits_in_force(

@@ -6,11 +6,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -34,6 +36,12 @@ def run_avm(
         env=full_env,
         check=False,
     )
+
+
+def run_avm_json(home: Home, *args: str, timeout: float = 600) -> tuple[int, dict[str, Any]]:
+    """``avm --json ARGS``: the exit code and the one JSON document (stderr when there is none)."""
+    out = run_avm(home, "--json", *args, timeout=timeout)
+    return out.returncode, json.loads(out.stdout) if out.stdout.strip() else {"stderr": out.stderr}
 
 
 def needs_root_and_nspawn() -> None:
