@@ -19,8 +19,8 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
-from controlplane import netns as nx
 from controlplane import nftrules
+from controlplane._internal import netns as nx
 from controlplane.egressnames import POOL, Names, block, candidate_blocks, parse_label
 from controlplane.errors import OperationalError, UsageError
 from controlplane.jobnet import Check, JobNetwork

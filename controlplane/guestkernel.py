@@ -18,7 +18,7 @@ from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
-from controlplane.atomicfile import write_atomic
+from controlplane._internal.fs import write_atomic
 from controlplane.errors import CommandFailed, OperationalError
 
 SOURCE = Path("/usr/src/linux-source-6.1.tar.xz")

@@ -32,7 +32,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from controlplane import imagestore, imagetools, sbom
+from controlplane import imagestore, sbom
+from controlplane._internal import tools as imagetools
 from controlplane.canonical import canonical_bytes
 from controlplane.errors import CommandFailed, OperationalError, RefusedError
 from controlplane.home import Home

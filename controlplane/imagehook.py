@@ -22,7 +22,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from controlplane import imagetools
+from controlplane._internal import tools as imagetools
 from controlplane.errors import AvmError, OperationalError
 from controlplane.recipe import Recipe
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from controlplane import cosign
-from controlplane.atomicfile import write_atomic
+from controlplane._internal.fs import write_atomic
 from controlplane.errors import AvmError, RefusedError
 from controlplane.home import Home
 from controlplane.ocistore import store_dir

@@ -15,8 +15,8 @@ import logging
 import time
 from typing import Any, Literal
 
-from controlplane import netns as nx
 from controlplane import nftrules
+from controlplane._internal import netns as nx
 from controlplane.egressnames import Names
 from controlplane.errors import OperationalError, UsageError
 from controlplane.transport.base import Transport

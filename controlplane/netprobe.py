@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from controlplane import hostscripts
+from controlplane._internal.netns import in_netns
 from controlplane.errors import OperationalError
-from controlplane.netns import in_netns
 from controlplane.transport.base import Transport
 from controlplane.transport.local import LocalTransport
 

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from controlplane.atomicfile import write_atomic
+from controlplane._internal.fs import write_atomic
 from controlplane.errors import RefusedError, UsageError
 from controlplane.home import Home
 

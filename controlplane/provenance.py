@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from controlplane import __version__, evidence, keys
-from controlplane.atomicfile import write_atomic
+from controlplane._internal.fs import write_atomic
 from controlplane.canonical import canonical_bytes, sha256_digest
 from controlplane.errors import OperationalError, RefusedError
 from controlplane.home import Home

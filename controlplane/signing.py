@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 
 from controlplane import cosign, evidence, git
-from controlplane.atomicfile import write_atomic
+from controlplane._internal.fs import write_atomic
 from controlplane.bundle import Bundle
 from controlplane.bundle import build as build_bundle
 from controlplane.errors import OperationalError, RefusedError, UsageError

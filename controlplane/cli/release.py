@@ -103,7 +103,7 @@ def sign(
 
 def _export_bundle(app: AppContext, repo: Path, ref: str, out: Path) -> None:
     from controlplane import bundle, git
-    from controlplane.atomicfile import write_atomic
+    from controlplane._internal.fs import write_atomic
 
     sha = git.resolve(repo, ref)
     built = bundle.build(repo, sha)

@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from controlplane.atomicfile import write_atomic
+from controlplane._internal.fs import write_atomic
 from controlplane.errors import CommandTimeout, OperationalError
 from controlplane.transport.base import RunResult, masked
 

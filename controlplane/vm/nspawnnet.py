@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from controlplane import netns as nx
+from controlplane._internal import netns as nx
 from controlplane.errors import OperationalError
 from controlplane.transport.base import Transport
 from controlplane.vm.base import Check
