@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from controlplane import keys
+from controlplane.evidence import keys
 from controlplane.home import Home
 from controlplane.image import IMAGE_CACHE_ENV, load_image
 from controlplane.imagebuild import build_image
@@ -54,8 +54,8 @@ def boots(home: Home, backend: str, runs: int) -> tuple[list[float], str]:
 
 
 def _boot_to_ssh(home: Home) -> float:
-    from controlplane import ledger
-    from controlplane.receipt import open_receipt
+    from controlplane.evidence import ledger
+    from controlplane.evidence.receipt import open_receipt
 
     head = ledger.read_head(home.receipts)
     statement = open_receipt(ledger.read(home.receipts, head.seq))[2]

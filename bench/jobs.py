@@ -28,7 +28,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from controlplane import cosign, guestinit, imagesign, keys, ocistore, signing
+from controlplane import cosign, guestinit, imagesign, ocistore, signing
+from controlplane.evidence import keys
 from controlplane.home import Home
 from controlplane.jobs import guest_limits, pick_kernel, rootfs_cache, run_job
 from controlplane.jobspec import JobLimits, load_jobspec

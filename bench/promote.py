@@ -29,7 +29,8 @@ from pathlib import Path
 
 import yaml
 
-from controlplane import inventory, keys, promotion, signing, status
+from controlplane import inventory, promotion, signing, status
+from controlplane.evidence import keys
 from controlplane.home import Home
 from controlplane.hostlayout import LAYOUT
 from controlplane.image import load_image

@@ -18,9 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from controlplane import evidence, keys, ledger
+from controlplane.evidence import keys, ledger
+from controlplane.evidence import step as evidence
+from controlplane.evidence.receipt import seal
 from controlplane.home import Home
-from controlplane.receipt import seal
 
 VERIFY_CHILD = """
 import json, resource, sys, time, tracemalloc

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 
 from controlplane import hostops, unitcheck
 from controlplane.errors import AvmError, OperationalError
-from controlplane.evidence import Step
+from controlplane.evidence.step import Step
 from controlplane.facts import HostFacts, gather
 from controlplane.hostlayout import LAYOUT, UNIT_TEMPLATE_NAME
 from controlplane.material import Material, ProfileMaterial

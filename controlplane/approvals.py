@@ -21,11 +21,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from controlplane import auditlog, keys
 from controlplane.canonical import canonical_bytes
 from controlplane.errors import RefusedError, UsageError
+from controlplane.evidence import keys
+from controlplane.evidence import reader as auditlog
+from controlplane.evidence.receipt import pae
 from controlplane.home import Home
-from controlplane.receipt import pae
 
 PAYLOAD_TYPE = "application/vnd.agent-vm.approval+json"
 APPROVAL_TYPE = "https://agent-vm.dev/approval/v1"

@@ -32,7 +32,7 @@ from controlplane.hostlayout import LAYOUT
 
 if TYPE_CHECKING:
     from controlplane.drift import Finding
-    from controlplane.evidence import Step
+    from controlplane.evidence.step import Step
     from controlplane.facts import Then
     from controlplane.inventory import Target
     from controlplane.material import Material

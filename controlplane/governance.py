@@ -24,7 +24,7 @@ from controlplane.canonical import canonical_bytes, sha256_digest
 from controlplane.errors import OperationalError, RefusedError
 
 if TYPE_CHECKING:
-    from controlplane.evidence import Step
+    from controlplane.evidence.step import Step
     from controlplane.home import Home
     from controlplane.jobspec import JobSpec
     from controlplane.manifest import Profile, ReleaseManifest

@@ -13,8 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from controlplane import approvals, auditlog, governance, tiers
-from controlplane.evidence import Step
+from controlplane import approvals, governance, tiers
+from controlplane.evidence import reader as auditlog
+from controlplane.evidence.step import Step
 from controlplane.home import Home
 from controlplane.manifest import Profile, ReleaseManifest
 

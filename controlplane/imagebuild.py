@@ -361,7 +361,7 @@ def build_and_record(
     sizes and whether the image came from the cache. Raises what ``build_image`` raises (the
     receipt then says ``failed`` or ``refused``).
     """
-    from controlplane import evidence
+    from controlplane.evidence import step as evidence
 
     store = image_store(home)
     inputs = {"recipe": source, "recipe_digest": recipe.digest(), "force": force, "store": str(store)}

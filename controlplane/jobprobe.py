@@ -13,7 +13,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from controlplane import evidence
+from controlplane.evidence import step as evidence
 from controlplane.home import Home
 from controlplane.jobresult import GuestResult
 from controlplane.jobs import run_job

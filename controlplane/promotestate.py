@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from controlplane import auditlog, plan
+from controlplane import plan
 from controlplane.errors import UsageError
+from controlplane.evidence import reader as auditlog
+from controlplane.evidence.receipt import Statement
 from controlplane.home import Home
 from controlplane.material import Material
-from controlplane.receipt import Statement
 
 
 def last_receipt(home: Home, kind: str, target: str) -> tuple[str, Statement] | None:

@@ -16,7 +16,6 @@ from typing import Any
 
 from controlplane import (
     enforcement,
-    evidence,
     facts,
     governance,
     governance_gate,
@@ -31,6 +30,7 @@ from controlplane import (
 from controlplane import secrets as secret_store
 from controlplane.apply import apply_plan, capture_previous
 from controlplane.errors import AvmError, OperationalError, RefusedError
+from controlplane.evidence import step as evidence
 from controlplane.home import Home
 from controlplane.ids import CommitSha, parse_profile
 from controlplane.manifest import ReleaseManifest

@@ -28,13 +28,15 @@ import socket
 from pathlib import Path
 from typing import Any, Final
 
-from controlplane import __version__, evidence, keys
+from controlplane import __version__
 from controlplane._internal.fs import write_atomic
 from controlplane.canonical import canonical_bytes, sha256_digest
 from controlplane.errors import OperationalError, RefusedError
+from controlplane.evidence import keys
+from controlplane.evidence import step as evidence
+from controlplane.evidence.receipt import PAYLOAD_TYPE, STATEMENT_TYPE, pae
 from controlplane.home import Home
 from controlplane.image import GoldenImage
-from controlplane.receipt import PAYLOAD_TYPE, STATEMENT_TYPE, pae
 
 SLSA_PROVENANCE: Final = "https://slsa.dev/provenance/v1"
 BUILD_TYPE: Final = "https://agent-vm.dev/golden-image/build/v1"
@@ -144,7 +146,7 @@ def _refuse(code: str, message: str, **details: Any) -> RefusedError:
 
 def _recorded(home: Home, digest: str) -> bool:
     """An ok ``image-provenance`` receipt in the chain names exactly these envelope bytes."""
-    from controlplane import auditlog
+    from controlplane.evidence import reader as auditlog
 
     for _, st in auditlog.statements(home.receipts, newest_first=True):
         names = {f"{s.name}={s.digest.get('sha256', '')}" for s in st.subject}

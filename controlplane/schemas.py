@@ -13,14 +13,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from controlplane.receiptschema import receipt_schemas, schema_id
+from controlplane.evidence.schema import receipt_schemas, schema_id
 
 # file stem -> "module:Model"
 SCHEMAS = {
     "jobspec": "controlplane.jobspec:JobSpec",
     "recipe": "controlplane.recipe:Recipe",
     "image-manifest": "controlplane.image:ImageManifest",
-    "receipt-envelope": "controlplane.receipt:Envelope",
+    "receipt-envelope": "controlplane.evidence.receipt:Envelope",
     "image-signature": "controlplane.imagesign:SignatureRecord",
     "manifest": "controlplane.manifest:ReleaseManifest",
     "tier": "controlplane.tiers:TierTable",

@@ -21,11 +21,12 @@ import os
 import re
 from pathlib import Path
 
-from controlplane import cosign, evidence, git
+from controlplane import cosign, git
 from controlplane._internal.fs import write_atomic
 from controlplane.bundle import Bundle
 from controlplane.bundle import build as build_bundle
 from controlplane.errors import OperationalError, RefusedError, UsageError
+from controlplane.evidence import step as evidence
 from controlplane.home import Home
 from controlplane.ids import CommitSha, Digest, parse_commit
 from controlplane.manifest import MANIFEST_PATH, ReleaseManifest, parse_manifest

@@ -18,11 +18,12 @@ import json
 import re
 from pathlib import Path
 
-from controlplane import evidence, git, signing
+from controlplane import git, signing
 from controlplane._internal.fs import write_atomic
 from controlplane.bundle import Bundle
 from controlplane.bundle import build as build_bundle
 from controlplane.errors import OperationalError, RefusedError, UsageError
+from controlplane.evidence import step as evidence
 from controlplane.home import Home
 from controlplane.ids import parse_commit
 from controlplane.sigstorebundle import TrustedIdentity, Verified, verify

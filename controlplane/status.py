@@ -12,13 +12,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from controlplane import auditevents, auditlog, drift, enforcement, evidence, inventory
+from controlplane import auditevents, drift, enforcement, inventory
 from controlplane.drift import DriftReport, find_drift
 from controlplane.errors import OperationalError
+from controlplane.evidence import reader as auditlog
+from controlplane.evidence import step as evidence
+from controlplane.evidence.receipt import Statement
 from controlplane.facts import gather
 from controlplane.home import Home
 from controlplane.plan import DesiredState
-from controlplane.receipt import Statement
 
 
 def check(home: Home, target: str) -> DriftReport:
@@ -126,23 +128,23 @@ def _ended(statement: Statement) -> str:
 
 
 def _receipt_digest(home: Home, receipt_id: str) -> str:
-    from controlplane import ledger
-    from controlplane.receipt import digest_of
+    from controlplane.evidence import ledger
+    from controlplane.evidence.receipt import digest_of
 
     return "sha256:" + digest_of(ledger.read(home.receipts, int(receipt_id)))
 
 
 def _receipt_started(home: Home, receipt_id: str) -> str:
-    from controlplane import ledger
-    from controlplane.receipt import open_receipt
+    from controlplane.evidence import ledger
+    from controlplane.evidence.receipt import open_receipt
 
     return open_receipt(ledger.read(home.receipts, int(receipt_id)))[2].predicate.started
 
 
 def _recorded_controls(home: Home, receipt_id: str) -> dict[str, Any]:
     """What the apply observed in force per profile (empty for an apply before there was a probe)."""
-    from controlplane import ledger
-    from controlplane.receipt import open_receipt
+    from controlplane.evidence import ledger
+    from controlplane.evidence.receipt import open_receipt
 
     result = open_receipt(ledger.read(home.receipts, int(receipt_id)))[2].predicate.result
     controls = result.get("controls", {})

@@ -19,7 +19,7 @@ from controlplane import hostops, hostscripts, unitcheck
 from controlplane.apply import Outcome, apply_plan, capture_previous
 from controlplane.canonical import sha256_digest
 from controlplane.errors import AvmError, OperationalError
-from controlplane.evidence import Step
+from controlplane.evidence.step import Step
 from controlplane.facts import HostFacts, ProfileFacts, UnitFacts
 from controlplane.hostlayout import LAYOUT
 from controlplane.material import HealthCheck, Material, ProfileMaterial, ReleaseMaterial

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import evidence, keys, ledger
 from controlplane.errors import RefusedError
+from controlplane.evidence import keys, ledger
+from controlplane.evidence import step as evidence
 from controlplane.home import Home
 from tests.plugins.require import require_tools
 
@@ -137,7 +138,7 @@ def test_report_marks_exactly_the_tampered_receipt(home: Home, tmp_path: Path) -
     path.write_bytes(canonical_bytes(doc))
     page = tmp_path / "report.html"
     trusted = keys.load_trusted([keys.public_path(home)])
-    from controlplane import auditreport
+    from controlplane.evidence import report as auditreport
 
     counts = auditreport.write(home.receipts, trusted, page)
     assert counts == {"receipts": 5, "failing": 2}  # the edited one, and the next one's link to it

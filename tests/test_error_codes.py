@@ -234,7 +234,7 @@ def test_a_home_key_that_is_not_ed25519_is_key_invalid_exit_64(tmp_path: Path) -
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from controlplane import keys
+    from controlplane.evidence import keys
     from controlplane.home import Home
 
     home = Home(tmp_path / "home").ensure()

@@ -201,7 +201,8 @@ def test_docs_tier_table_and_event_vocabulary_match_the_code() -> None:
 
 
 def test_rollback_drill_evidence_comes_from_successful_rollback_receipts(home: object) -> None:
-    from controlplane import evidence, keys
+    from controlplane.evidence import keys
+    from controlplane.evidence import step as evidence
     from controlplane.governance_gate import rollback_drills
     from controlplane.home import Home
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import ids, keys
+from controlplane import ids
 from controlplane.cli import main
 from controlplane.errors import ExitCode, UsageError
+from controlplane.evidence import keys
 from controlplane.home import Home
 from controlplane.jobspec import load_jobspec, parse_jobspec
 from controlplane.schemas import export_all

@@ -25,14 +25,17 @@ from pydantic import BaseModel, ValidationError
 from referencing import Registry, Resource
 from referencing.exceptions import NoSuchResource
 
-from controlplane import evidence, keys, ledger, plan, receiptschema, verify
+from controlplane import plan
 from controlplane.canonical import canonical_bytes
 from controlplane.errors import RefusedError
+from controlplane.evidence import keys, ledger, verify
+from controlplane.evidence import schema as receiptschema
+from controlplane.evidence import step as evidence
+from controlplane.evidence.receipt import PAYLOAD_TYPE, Predicate, Statement, open_receipt, pae
 from controlplane.home import Home
 from controlplane.image import ImageManifest
 from controlplane.jobspec import JobSpec
 from controlplane.manifest import ReleaseManifest
-from controlplane.receipt import PAYLOAD_TYPE, Predicate, Statement, open_receipt, pae
 from controlplane.recipe import Recipe
 
 REPO = Path(__file__).resolve().parent.parent

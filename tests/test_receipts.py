@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import evidence, keys, ledger, verify
 from controlplane.errors import OperationalError, RefusedError, UsageError
+from controlplane.evidence import keys, ledger, verify
+from controlplane.evidence import step as evidence
+from controlplane.evidence.receipt import open_receipt, pae, seal
 from controlplane.home import Home
-from controlplane.receipt import open_receipt, pae, seal
 
 AVM = [sys.executable, "-m", "controlplane"]
 
@@ -133,7 +134,7 @@ def _insert_at(home: Home, seq: int) -> None:
         "finished": "2026-01-01T00:00:00.000Z",
         "duration_s": 0.0,
     }
-    from controlplane.receipt import digest_of
+    from controlplane.evidence.receipt import digest_of
 
     data = seal(step.statement(seq, digest_of(prev), "ok", timing), keys.load_signer(home))
     ledger.receipt_path(directory, seq).write_bytes(data)

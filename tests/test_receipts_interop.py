@@ -28,7 +28,7 @@ from securesystemslib.dsse import Envelope
 from securesystemslib.exceptions import VerificationError
 from securesystemslib.signer import SSlibKey  # type: ignore[attr-defined]
 
-from controlplane import keys, ledger
+from controlplane.evidence import keys, ledger
 from controlplane.home import Home
 from tests.plugins.agentrepo import PASSWORD, AgentRepo
 from tests.plugins.jobimages import JobEnv

@@ -16,21 +16,12 @@ from typing import Any
 
 import pytest
 
-from controlplane import (
-    bundle,
-    cosign,
-    evidence,
-    imagesign,
-    keys,
-    ledger,
-    ocistore,
-    signing,
-    sigstorebundle,
-    sigstoretrust,
-)
+from controlplane import bundle, cosign, imagesign, ocistore, signing, sigstorebundle, sigstoretrust
 from controlplane.errors import RefusedError
+from controlplane.evidence import keys, ledger
+from controlplane.evidence import step as evidence
+from controlplane.evidence.receipt import open_receipt
 from controlplane.home import Home
-from controlplane.receipt import open_receipt
 
 BASE = Path(__file__).resolve().parent / "fixtures" / "sigstore-conformance" / "bundle-verify"
 A_TXT = (BASE / "a.txt").read_bytes()

@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 
 from controlplane import bundle, cosign, git, signing
-from controlplane import keys as receipt_keys
 from controlplane.errors import AvmError, RefusedError, UsageError
+from controlplane.evidence import keys as receipt_keys
 from controlplane.home import Home
 from controlplane.manifest import parse_manifest
 

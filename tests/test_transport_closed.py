@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import inventory, keys
+from controlplane import inventory
 from controlplane.cli import main
+from controlplane.evidence import keys
 from controlplane.home import Home
 from controlplane.transport import LocalTransport, Transport, connect
 from tests.plugins.sshd import Sshd

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import keys
 from controlplane.errors import AvmError, OperationalError, UsageError
+from controlplane.evidence import keys
 from controlplane.home import Home
 from controlplane.vm import lifecycle
 from controlplane.vm.base import VmSpec

@@ -80,7 +80,8 @@ def verify(app: AppContext, digest: str | None, key_paths: tuple[Path, ...]) -> 
     provenance-untrusted-key, provenance-signature-invalid, provenance-subject-mismatch,
     provenance-not-recorded, image-artifact-mismatch.
     """
-    from controlplane import keys, provenance
+    from controlplane import provenance
+    from controlplane.evidence import keys
     from controlplane.image import load_image
 
     home = app.home_as_is

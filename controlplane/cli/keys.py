@@ -29,8 +29,8 @@ def init(app: AppContext) -> None:
     The key is never overwritten (exit 3 if one exists). Give keys/receipt-signing.pub to
     auditors: `avm receipts verify --key receipt-signing.pub` trusts exactly that key.
     """
-    from controlplane import evidence
-    from controlplane import keys as keystore
+    from controlplane.evidence import keys as keystore
+    from controlplane.evidence import step as evidence
 
     home = app.home
     keyid, pub = keystore.init(home)
@@ -49,7 +49,7 @@ def init(app: AppContext) -> None:
 @pass_app
 def show(app: AppContext) -> None:
     """Print the signing key's id and where its public half is."""
-    from controlplane import keys as keystore
+    from controlplane.evidence import keys as keystore
 
     home = app.home
     signer = keystore.load_signer(home)
@@ -117,7 +117,8 @@ def trust(
     keys/sigstore-trusted/NAME.json; keyless bundles are verified offline against the trusted
     root avm ships (its digest is recorded in the receipt).
     """
-    from controlplane import evidence, signing
+    from controlplane import signing
+    from controlplane.evidence import step as evidence
 
     home = app.home
     if (pub_file is None) == (sigstore_identity is None):
@@ -143,8 +144,9 @@ def trust(
 def _trust_identity(
     app: AppContext, identity: str, issuer: str | None, repository: str | None, name: str | None
 ) -> None:
-    from controlplane import evidence, sigstorebundle, sigstoretrust
+    from controlplane import sigstorebundle, sigstoretrust
     from controlplane.canonical import canonical_bytes, sha256_hex
+    from controlplane.evidence import step as evidence
 
     if issuer is None:
         raise UsageError("sigstore-issuer-required", "--sigstore-identity needs --issuer URL")
@@ -172,8 +174,8 @@ def _trust_identity(
 @pass_app
 def list_(app: AppContext) -> None:
     """List the receipt signing key and the trusted release keys."""
-    from controlplane import keys as keystore
     from controlplane import signing
+    from controlplane.evidence import keys as keystore
 
     home = app.home
     receipt_key = None
@@ -218,7 +220,8 @@ def approver_init(app: AppContext, out_dir: Path) -> None:
 @pass_app
 def approver_trust(app: AppContext, pub_file: Path) -> None:
     """Trust an approver's public key (refused for the home's own receipt-signing key)."""
-    from controlplane import approvals, evidence
+    from controlplane import approvals
+    from controlplane.evidence import step as evidence
 
     home = app.home
     with evidence.record_step(home, "approver-trusted", inputs={"public_key": str(pub_file)}) as step:

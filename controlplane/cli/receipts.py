@@ -26,7 +26,7 @@ def receipts() -> None:
 def list_(app: AppContext, last: int | None) -> None:
     """One line per receipt: number, time, kind, status (ok, refused, failed), first subject, and
     the error code of a refused or failed step."""
-    from controlplane import auditlog
+    from controlplane.evidence import reader as auditlog
 
     rows = list(auditlog.summaries(app.home_as_is.receipts, last=last))
     if app.json:
@@ -46,7 +46,7 @@ def list_(app: AppContext, last: int | None) -> None:
 @pass_app
 def show(app: AppContext, receipt_id: str) -> None:
     """Print one receipt's statement. RECEIPT_ID is its number or a prefix of its digest."""
-    from controlplane import auditlog
+    from controlplane.evidence import reader as auditlog
 
     doc = auditlog.show(app.home_as_is.receipts, receipt_id)
     app.emit(doc, json.dumps(doc, indent=2, sort_keys=True))
@@ -81,8 +81,8 @@ def verify(
     receipt-missing, receipt-inserted, receipt-out-of-order,
     receipt-chain-broken, receipt-head-mismatch.
     """
-    from controlplane import keys
-    from controlplane import verify as verifier
+    from controlplane.evidence import keys
+    from controlplane.evidence import verify as verifier
 
     home = app.home_as_is
     trusted = keys.load_trusted(list(key_paths)) if key_paths else keys.load_own_trusted(home)
@@ -119,8 +119,8 @@ def export(app: AppContext, out: Path | None, html_out: Path | None, key_paths: 
     The auditor then runs, offline:
       avm receipts verify --bundle FILE --key receipt-signing.pub --expect-head DIGEST
     """
-    from controlplane import auditlog
     from controlplane.errors import UsageError
+    from controlplane.evidence import reader as auditlog
 
     if out is None and html_out is None:
         raise UsageError(
@@ -133,7 +133,8 @@ def export(app: AppContext, out: Path | None, html_out: Path | None, key_paths: 
         doc.update({"out": str(out), "receipts": count, "head": head})
         lines.append(f"exported {count} receipts to {out}\nhead: sha256:{head}")
     if html_out is not None:
-        from controlplane import auditreport, keys
+        from controlplane.evidence import keys
+        from controlplane.evidence import report as auditreport
 
         trusted = keys.load_trusted(list(key_paths)) if key_paths else keys.load_own_trusted(app.home)
         counts = auditreport.write(app.home.receipts, trusted, html_out)

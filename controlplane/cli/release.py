@@ -153,8 +153,9 @@ def verify_bundle(
     -tlog-untrusted, -entry-unsupported, -identity-untrusted, -identity-mismatch,
     -digest-mismatch, -key-untrusted, -trusted-root-invalid (all prefixed sigstore-).
     """
-    from controlplane import evidence, sigstoretrust
+    from controlplane import sigstoretrust
     from controlplane.canonical import sha256_digest
+    from controlplane.evidence import step as evidence
 
     data = artifact.read_bytes()
     inputs = {

@@ -16,8 +16,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from controlplane import evidence, inventory
+from controlplane import inventory
 from controlplane.errors import AvmError, OperationalError, RefusedError
+from controlplane.evidence import step as evidence
 from controlplane.home import Home
 from controlplane.transport.base import RunResult
 from controlplane.vm import procs

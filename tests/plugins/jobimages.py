@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import cosign, imagesign, keys, ocistore, signing
+from controlplane import cosign, imagesign, ocistore, signing
+from controlplane.evidence import keys
 from controlplane.home import Home
 from tests.plugins.require import require_root, require_tools
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from controlplane import keys
+from controlplane.evidence import keys
 from controlplane.home import Home
 from tests.plugins.require import require_root, require_tools
 

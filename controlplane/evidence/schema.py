@@ -55,7 +55,7 @@ def predicate_stem(kind: str) -> str:
 
 def predicate_schema(kind: str) -> dict[str, Any]:
     """The schema of one kind's predicate: the common predicate with ``kind`` fixed."""
-    from controlplane.receipt import Predicate, predicate_type
+    from controlplane.evidence.receipt import Predicate, predicate_type
 
     schema = Predicate.model_json_schema()
     schema["properties"]["kind"] = {**schema["properties"]["kind"], "const": kind}
@@ -65,7 +65,7 @@ def predicate_schema(kind: str) -> dict[str, Any]:
 
 def receipt_schemas() -> dict[str, dict[str, Any]]:
     """stem -> schema for the statement and each kind's predicate (without $schema/$id)."""
-    from controlplane.receipt import Predicate, Statement
+    from controlplane.evidence.receipt import Predicate, Statement
 
     out: dict[str, dict[str, Any]] = {
         "receipt": Statement.model_json_schema(),

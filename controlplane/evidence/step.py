@@ -29,13 +29,12 @@ import socket
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from controlplane import keys, ledger
 from controlplane.canonical import canonical_bytes, sha256_hex
 from controlplane.errors import AvmError, RefusedError, UsageError
-from controlplane.home import Home
-from controlplane.receipt import (
+from controlplane.evidence import keys, ledger
+from controlplane.evidence.receipt import (
     STATEMENT_TYPE,
     CheckRecord,
     CommandRecord,
@@ -45,7 +44,10 @@ from controlplane.receipt import (
     predicate_type,
     seal,
 )
-from controlplane.transport.base import RunResult
+from controlplane.home import Home
+
+if TYPE_CHECKING:
+    from controlplane.transport.base import RunResult
 
 Status = Literal["ok", "refused", "failed"]
 

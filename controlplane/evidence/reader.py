@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from controlplane import ledger
 from controlplane.errors import OperationalError, RefusedError, UsageError
-from controlplane.receipt import Envelope, MalformedReceipt, Statement, digest_of, open_receipt
+from controlplane.evidence import ledger
+from controlplane.evidence.receipt import Envelope, MalformedReceipt, Statement, digest_of, open_receipt
 
 
 def _stored(directory: Path, first: int = 1) -> Iterator[tuple[int, bytes]]:

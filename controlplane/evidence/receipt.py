@@ -19,8 +19,8 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from controlplane.canonical import canonical_bytes, sha256_hex
+from controlplane.evidence.keys import Signer
 from controlplane.ids import pattern_validator
-from controlplane.keys import Signer
 
 STATEMENT_TYPE: Final = "https://in-toto.io/Statement/v1"
 PAYLOAD_TYPE: Final = "application/vnd.in-toto+json"

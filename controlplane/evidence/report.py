@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from controlplane import ledger, verify
 from controlplane.errors import RefusedError
-from controlplane.keys import TrustedKeys
-from controlplane.receipt import digest_of
+from controlplane.evidence import ledger, verify
+from controlplane.evidence.keys import TrustedKeys
+from controlplane.evidence.receipt import digest_of
 
 HIGHLIGHT = {
     "plan": "promotion",

@@ -24,7 +24,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from controlplane.errors import OperationalError
-from controlplane.receipt import digest_of
+from controlplane.evidence.receipt import digest_of
 
 NAME_WIDTH = 8
 HEAD = "HEAD"

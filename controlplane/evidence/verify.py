@@ -28,10 +28,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from controlplane import ledger, receiptschema
 from controlplane.errors import RefusedError, UsageError
-from controlplane.keys import TrustedKeys
-from controlplane.receipt import (
+from controlplane.evidence import ledger
+from controlplane.evidence import schema as receiptschema
+from controlplane.evidence.keys import TrustedKeys
+from controlplane.evidence.receipt import (
     PAYLOAD_TYPE,
     MalformedReceipt,
     Statement,
@@ -40,7 +41,7 @@ from controlplane.receipt import (
     pae,
     parse_statement,
 )
-from controlplane.receipt import predicate_type as type_for
+from controlplane.evidence.receipt import predicate_type as type_for
 
 
 @dataclasses.dataclass
