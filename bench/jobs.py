@@ -28,11 +28,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from controlplane import cosign, guestinit, imagesign, ocistore, signing
+from controlplane import guestinit, imagesign, ocistore
 from controlplane.evidence import keys
 from controlplane.home import Home
 from controlplane.jobs import guest_limits, pick_kernel, rootfs_cache, run_job
 from controlplane.jobspec import JobLimits, load_jobspec
+from controlplane.release import cosign
+from controlplane.release import trust as signing
 from controlplane.runtime import Launch
 from controlplane.runtime.qemu import host_tsc_khz, qemu_argv
 

@@ -29,11 +29,12 @@ from pathlib import Path
 
 import yaml
 
-from controlplane import inventory, promotion, signing, status
+from controlplane import inventory, promotion, status
 from controlplane.evidence import keys
 from controlplane.home import Home
 from controlplane.hostlayout import LAYOUT
 from controlplane.image import load_image
+from controlplane.release import trust as signing
 from controlplane.transport.ssh import SshTransport
 from controlplane.vm import lifecycle
 from controlplane.vm.base import VmSpec

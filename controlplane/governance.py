@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from controlplane.evidence.step import Step
     from controlplane.home import Home
     from controlplane.jobspec import JobSpec
-    from controlplane.manifest import Profile, ReleaseManifest
+    from controlplane.release.manifest import Profile, ReleaseManifest
 
 # Evaluated after planning (they bind to the plan digest), not before.
 POST_PLAN = frozenset({"approval"})

@@ -17,7 +17,7 @@ from controlplane import approvals, governance, tiers
 from controlplane.evidence import reader as auditlog
 from controlplane.evidence.step import Step
 from controlplane.home import Home
-from controlplane.manifest import Profile, ReleaseManifest
+from controlplane.release.manifest import Profile, ReleaseManifest
 
 
 def rollback_drills(home: Home, target: str) -> list[tuple[str, float]]:

@@ -24,12 +24,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from controlplane import cosign
 from controlplane._internal.fs import write_atomic
 from controlplane.errors import AvmError, RefusedError
 from controlplane.home import Home
 from controlplane.ocistore import store_dir
-from controlplane.signing import trusted_keys
+from controlplane.release import cosign
+from controlplane.release.trust import trusted_keys
 
 SIG_TYPE = "cosign container image signature"
 
@@ -66,7 +66,7 @@ def sigstore_bundle_file(home: Home, digest: str) -> Path:
 def import_sigstore_bundle(home: Home, name: str, digest: str, raw: bytes) -> tuple[Path, str]:
     """Store a Sigstore bundle over NAME@DIGEST's simple-signing payload once it verifies (the
     same checks as ``verify_image``). Returns (path, who signed). Nothing is stored on refusal."""
-    from controlplane import sigstoretrust
+    from controlplane.release import sigstoretrust
 
     verified = sigstoretrust.verify_blob(home, payload(name, digest), raw, commit_required=False)
     path = sigstore_bundle_file(home, digest)
@@ -101,7 +101,7 @@ def verify_image(home: Home, name: str, digest: str) -> str:
         # a Sigstore bundle (keyless or key pair) over the payload rebuilt from the pin: a bundle
         # for another image does not verify. An image has no commit: a CI identity's repository
         # is checked, not a commit.
-        from controlplane import sigstoretrust
+        from controlplane.release import sigstoretrust
 
         raw = bundle_file.read_bytes()
         verified = sigstoretrust.verify_blob(home, payload(name, digest), raw, commit_required=False)

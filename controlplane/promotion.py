@@ -33,8 +33,8 @@ from controlplane.errors import AvmError, OperationalError, RefusedError
 from controlplane.evidence import step as evidence
 from controlplane.home import Home
 from controlplane.ids import CommitSha, parse_profile
-from controlplane.manifest import ReleaseManifest
 from controlplane.material import Material, ReleaseMaterial
+from controlplane.release.manifest import ReleaseManifest
 from controlplane.transport.base import Transport
 
 Progress = Callable[[str], None]
@@ -86,7 +86,8 @@ class Result:
 
 def verify_release(home: Home, repo: Path, ref: str, step: evidence.Step, progress: Progress) -> Verified:
     """Resolve and verify. Raises ``RefusedError`` (exit 3) on any failed gate; touches no host."""
-    from controlplane import bundle, git, signing, sigstoretrust
+    from controlplane.release import bundle, git, sigstoretrust
+    from controlplane.release import trust as signing
 
     sha = git.resolve(repo, ref)
     step.subject(f"commit:{sha}", f"sha1:{sha}")

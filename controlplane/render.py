@@ -15,8 +15,8 @@ from importlib.resources.abc import Traversable
 from controlplane.canonical import canonical_bytes
 from controlplane.errors import OperationalError
 from controlplane.hostlayout import LAYOUT, UNIT_TEMPLATE_NAME
-from controlplane.manifest import Profile, ReleaseManifest
 from controlplane.material import HealthCheck, Material, ProfileMaterial, ReleaseMaterial
+from controlplane.release.manifest import Profile, ReleaseManifest
 
 # package data; ``units/agent-gateway@.service`` at the top of the source tree is a symlink to it
 UNIT_FILE: Traversable = files("controlplane").joinpath("data", UNIT_TEMPLATE_NAME)

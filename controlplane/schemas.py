@@ -22,7 +22,7 @@ SCHEMAS = {
     "image-manifest": "controlplane.image:ImageManifest",
     "receipt-envelope": "controlplane.evidence.receipt:Envelope",
     "image-signature": "controlplane.imagesign:SignatureRecord",
-    "manifest": "controlplane.manifest:ReleaseManifest",
+    "manifest": "controlplane.release.manifest:ReleaseManifest",
     "tier": "controlplane.tiers:TierTable",
 }
 

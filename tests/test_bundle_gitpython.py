@@ -20,8 +20,8 @@ from typing import Any
 import git as gitpython
 import pytest
 
-from controlplane import bundle
-from controlplane import git as avm_git
+from controlplane.release import bundle
+from controlplane.release import git as avm_git
 
 ENV = {
     **os.environ,

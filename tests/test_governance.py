@@ -12,7 +12,7 @@ from controlplane.auditevents import EVENT_TYPES
 from controlplane.errors import OperationalError, RefusedError, UsageError
 from controlplane.governance import Drill
 from controlplane.jobspec import parse_jobspec
-from controlplane.manifest import parse_manifest
+from controlplane.release.manifest import parse_manifest
 
 TOOLS = "tools: [{name: search, schema_sha256: " + "a" * 64 + "}]"
 PROFILE = """\

@@ -20,10 +20,11 @@ import paramiko
 import pytest
 import yaml
 
-from controlplane import approvals, inventory, promotion, secrets, signing
+from controlplane import approvals, inventory, promotion, secrets
 from controlplane.auditevents import EVENT_TYPES
 from controlplane.errors import RefusedError
 from controlplane.home import Home
+from controlplane.release import trust as signing
 from controlplane.transport.ssh import SshTransport
 from tests.plugins.agentrepo import PASSWORD, _commit, copy_example, git
 from tests.plugins.vms import run_avm

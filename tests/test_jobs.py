@@ -85,7 +85,7 @@ def test_timeout_kills_the_vm_and_exits_124(jobenv: JobEnv) -> None:
 
 
 def _other_key(env: JobEnv) -> bytes:
-    from controlplane import cosign
+    from controlplane.release import cosign
 
     private, _ = cosign.generate_keypair(PASSWORD)
     return private

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from controlplane import render
-from controlplane.manifest import parse_manifest
+from controlplane.release.manifest import parse_manifest
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hello-agent"
 

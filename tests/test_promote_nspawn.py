@@ -235,7 +235,7 @@ def test_failing_health_check_rolls_back_automatically(
 def test_bad_signatures_are_refused_with_exit_3_and_the_host_unchanged(
     commit: str, code: str, golden_home: Home, agent_repo: AgentRepo, nspawn_vm: str
 ) -> None:
-    from controlplane import signing
+    from controlplane.release import trust as signing
 
     sha = agent_repo.commits.get(commit)
     if commit == "tampered":

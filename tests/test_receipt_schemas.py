@@ -35,8 +35,8 @@ from controlplane.evidence.receipt import PAYLOAD_TYPE, Predicate, Statement, op
 from controlplane.home import Home
 from controlplane.image import ImageManifest
 from controlplane.jobspec import JobSpec
-from controlplane.manifest import ReleaseManifest
 from controlplane.recipe import Recipe
+from controlplane.release.manifest import ReleaseManifest
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA_DIR = REPO / "receipts" / "schema"

@@ -16,8 +16,10 @@ from typing import Any
 
 import pytest
 
-from controlplane import bundle, cosign, inventory, promotion, secrets, signing
+from controlplane import inventory, promotion, secrets
 from controlplane.home import Home
+from controlplane.release import bundle, cosign
+from controlplane.release import trust as signing
 from controlplane.transport.ssh import SshTransport
 from tests.plugins.agentrepo import PASSWORD, SECRET_REF, AgentRepo, _commit, copy_example, git
 from tests.plugins.vms import run_avm

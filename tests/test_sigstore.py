@@ -16,12 +16,14 @@ from typing import Any
 
 import pytest
 
-from controlplane import bundle, cosign, imagesign, ocistore, signing, sigstorebundle, sigstoretrust
+from controlplane import imagesign, ocistore
 from controlplane.errors import RefusedError
 from controlplane.evidence import keys, ledger
 from controlplane.evidence import step as evidence
 from controlplane.evidence.receipt import open_receipt
 from controlplane.home import Home
+from controlplane.release import bundle, cosign, sigstorebundle, sigstoretrust
+from controlplane.release import trust as signing
 
 BASE = Path(__file__).resolve().parent / "fixtures" / "sigstore-conformance" / "bundle-verify"
 A_TXT = (BASE / "a.txt").read_bytes()

@@ -21,11 +21,12 @@ from typing import Any
 
 import pytest
 
-from controlplane import signing, sigstorebundle, sigstoretrust
 from controlplane.errors import UsageError
 from controlplane.evidence import keys, ledger
 from controlplane.evidence.receipt import open_receipt
 from controlplane.home import Home
+from controlplane.release import sigstorebundle, sigstoretrust
+from controlplane.release import trust as signing
 
 BASE = Path(__file__).resolve().parent / "fixtures" / "sigstore-conformance" / "bundle-verify"
 CASES = sorted(p.name for p in BASE.iterdir() if p.is_dir())

@@ -23,11 +23,12 @@ from typing import Any
 
 import pytest
 
-from controlplane import bundle, cosign, git, signing
 from controlplane.errors import AvmError, RefusedError, UsageError
 from controlplane.evidence import keys as receipt_keys
 from controlplane.home import Home
-from controlplane.manifest import parse_manifest
+from controlplane.release import bundle, cosign, git
+from controlplane.release import trust as signing
+from controlplane.release.manifest import parse_manifest
 
 PASSWORD = "correct horse battery staple"
 GIT_ENV = {
@@ -360,7 +361,7 @@ def test_encrypted_key_has_cosigns_format_and_opens_by_the_documented_recipe(
     assert list(doc) == ["kdf", "cipher", "ciphertext"]
     assert body.startswith(b'{"kdf":{"name":"scrypt","params":{"N":32768,"r":8,"p":1},"salt":"')
     assert doc["cipher"]["name"] == "nacl/secretbox"
-    # Open it independently of controlplane.cosign, exactly as the lab opened a real cosign.key.
+    # Open it independently of controlplane.release.cosign, exactly as the lab opened a real cosign.key.
     key = hashlib.scrypt(
         PASSWORD.encode(),
         salt=base64.b64decode(doc["kdf"]["salt"]),

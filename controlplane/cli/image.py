@@ -159,7 +159,7 @@ def sign(app: AppContext, ref: str, key_path: Path | None, bundle_path: Path | N
     from controlplane.errors import UsageError
     from controlplane.imagesign import import_sigstore_bundle, sign_image
     from controlplane.ocistore import resolve
-    from controlplane.signing import password_from_env
+    from controlplane.release.trust import password_from_env
 
     if (key_path is None) == (bundle_path is None):
         raise UsageError("sign-how", "pass exactly one of --key cosign.key or --sigstore-bundle FILE")

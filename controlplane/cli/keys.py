@@ -73,7 +73,7 @@ def release_init(app: AppContext, out_dir: Path) -> None:
     Like `cosign generate-key-pair`: refuses to overwrite existing files (exit 3) and needs
     $COSIGN_PASSWORD set (it may be empty). Keep cosign.key out of git.
     """
-    from controlplane import signing
+    from controlplane.release import trust as signing
 
     keyid, key_path, pub_path = signing.release_init(out_dir, signing.password_from_env())
     app.emit(
@@ -117,8 +117,8 @@ def trust(
     keys/sigstore-trusted/NAME.json; keyless bundles are verified offline against the trusted
     root avm ships (its digest is recorded in the receipt).
     """
-    from controlplane import signing
     from controlplane.evidence import step as evidence
+    from controlplane.release import trust as signing
 
     home = app.home
     if (pub_file is None) == (sigstore_identity is None):
@@ -144,9 +144,9 @@ def trust(
 def _trust_identity(
     app: AppContext, identity: str, issuer: str | None, repository: str | None, name: str | None
 ) -> None:
-    from controlplane import sigstorebundle, sigstoretrust
     from controlplane.canonical import canonical_bytes, sha256_hex
     from controlplane.evidence import step as evidence
+    from controlplane.release import sigstorebundle, sigstoretrust
 
     if issuer is None:
         raise UsageError("sigstore-issuer-required", "--sigstore-identity needs --issuer URL")
@@ -174,8 +174,8 @@ def _trust_identity(
 @pass_app
 def list_(app: AppContext) -> None:
     """List the receipt signing key and the trusted release keys."""
-    from controlplane import signing
     from controlplane.evidence import keys as keystore
+    from controlplane.release import trust as signing
 
     home = app.home
     receipt_key = None

@@ -58,7 +58,7 @@ def sign(
     With --sigstore-bundle: stores signatures/<sha>.sigstore.json once it verifies against the
     trusted identities (avm keys trust --sigstore-identity) or release keys; exit 3 otherwise.
     """
-    from controlplane import signing
+    from controlplane.release import trust as signing
 
     if key_path is None and sigstore_bundle is None and bundle_out is not None:
         _export_bundle(app, repo, ref, bundle_out)  # to be signed elsewhere (e.g. Sigstore in CI)
@@ -102,8 +102,8 @@ def sign(
 
 
 def _export_bundle(app: AppContext, repo: Path, ref: str, out: Path) -> None:
-    from controlplane import bundle, git
     from controlplane._internal.fs import write_atomic
+    from controlplane.release import bundle, git
 
     sha = git.resolve(repo, ref)
     built = bundle.build(repo, sha)
@@ -115,7 +115,7 @@ def _export_bundle(app: AppContext, repo: Path, ref: str, out: Path) -> None:
 
 
 def _import_bundle(app: AppContext, repo: Path, ref: str, bundle_file: Path) -> None:
-    from controlplane import sigstoretrust
+    from controlplane.release import sigstoretrust
 
     verified, path, receipt = sigstoretrust.import_release_bundle(app.home, repo, ref, bundle_file)
     doc = {"method": verified.method, **verified.material, "path": str(path), "receipt": receipt}
@@ -153,9 +153,9 @@ def verify_bundle(
     -tlog-untrusted, -entry-unsupported, -identity-untrusted, -identity-mismatch,
     -digest-mismatch, -key-untrusted, -trusted-root-invalid (all prefixed sigstore-).
     """
-    from controlplane import sigstoretrust
     from controlplane.canonical import sha256_digest
     from controlplane.evidence import step as evidence
+    from controlplane.release import sigstoretrust
 
     data = artifact.read_bytes()
     inputs = {

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import secrets, signing
+from controlplane import secrets
 from controlplane.home import Home
+from controlplane.release import trust as signing
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hello-agent"
 GIT_ENV = {

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import cosign, imagesign, ocistore, signing
+from controlplane import imagesign, ocistore
 from controlplane.evidence import keys
 from controlplane.home import Home
+from controlplane.release import cosign
+from controlplane.release import trust as signing
 from tests.plugins.require import require_root, require_tools
 
 PASSWORD = b"test-password"

@@ -18,15 +18,16 @@ import json
 import re
 from pathlib import Path
 
-from controlplane import git, signing
 from controlplane._internal.fs import write_atomic
-from controlplane.bundle import Bundle
-from controlplane.bundle import build as build_bundle
 from controlplane.errors import OperationalError, RefusedError, UsageError
 from controlplane.evidence import step as evidence
 from controlplane.home import Home
 from controlplane.ids import parse_commit
-from controlplane.sigstorebundle import TrustedIdentity, Verified, verify
+from controlplane.release import git
+from controlplane.release import trust as signing
+from controlplane.release.bundle import Bundle
+from controlplane.release.bundle import build as build_bundle
+from controlplane.release.sigstorebundle import TrustedIdentity, Verified, verify
 
 TRUSTED_DIR = "sigstore-trusted"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

@@ -21,15 +21,15 @@ import os
 import re
 from pathlib import Path
 
-from controlplane import cosign, git
 from controlplane._internal.fs import write_atomic
-from controlplane.bundle import Bundle
-from controlplane.bundle import build as build_bundle
 from controlplane.errors import OperationalError, RefusedError, UsageError
 from controlplane.evidence import step as evidence
 from controlplane.home import Home
 from controlplane.ids import CommitSha, Digest, parse_commit
-from controlplane.manifest import MANIFEST_PATH, ReleaseManifest, parse_manifest
+from controlplane.release import cosign, git
+from controlplane.release.bundle import Bundle
+from controlplane.release.bundle import build as build_bundle
+from controlplane.release.manifest import MANIFEST_PATH, ReleaseManifest, parse_manifest
 
 TRUSTED_DIR = "release-trusted"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.errors import AvmError, RefusedError, UsageError
-from controlplane.sigstorekeyed import dsse_subject_matches, verify_keyed
+from controlplane.release.sigstorekeyed import dsse_subject_matches, verify_keyed
 
 # package data, read where the package is installed (never a copy fetched at run time)
 SHIPPED_ROOT = Path(

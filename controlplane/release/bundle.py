@@ -18,9 +18,9 @@ import hashlib
 import io
 from pathlib import Path, PurePosixPath
 
-from controlplane import git
 from controlplane.errors import OperationalError, RefusedError
 from controlplane.ids import CommitSha, Digest
+from controlplane.release import git
 
 BLOCK = 512
 _PAX_NAME = b"././@PaxHeader"

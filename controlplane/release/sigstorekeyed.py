@@ -26,9 +26,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from controlplane import cosign
 from controlplane.canonical import canonical_bytes
 from controlplane.errors import RefusedError
+from controlplane.release import cosign
 
 
 def _refuse(code: str, message: str, **details: Any) -> RefusedError:
