@@ -24,7 +24,6 @@ from typing import Any
 from controlplane import (
     auditevents,
     egress,
-    governance,
     guestinit,
     imagesign,
     jobfiles,
@@ -35,6 +34,7 @@ from controlplane import (
 )
 from controlplane.errors import ExitCode, OperationalError, UsageError
 from controlplane.evidence import step as evidence
+from controlplane.governance import controls as governance
 from controlplane.home import Home
 from controlplane.jobnet import JobNetwork
 from controlplane.jobspec import JobLimits, JobSpec

@@ -17,8 +17,6 @@ from typing import Any
 from controlplane import (
     enforcement,
     facts,
-    governance,
-    governance_gate,
     hostlock,
     hostops,
     inventory,
@@ -27,10 +25,12 @@ from controlplane import (
     render,
     unitcheck,
 )
-from controlplane import secrets as secret_store
 from controlplane.apply import apply_plan, capture_previous
 from controlplane.errors import AvmError, OperationalError, RefusedError
 from controlplane.evidence import step as evidence
+from controlplane.governance import controls as governance
+from controlplane.governance import gate as governance_gate
+from controlplane.governance import secrets as secret_store
 from controlplane.home import Home
 from controlplane.ids import CommitSha, parse_profile
 from controlplane.material import Material, ReleaseMaterial

@@ -23,7 +23,7 @@ SCHEMAS = {
     "receipt-envelope": "controlplane.evidence.receipt:Envelope",
     "image-signature": "controlplane.imagesign:SignatureRecord",
     "manifest": "controlplane.release.manifest:ReleaseManifest",
-    "tier": "controlplane.tiers:TierTable",
+    "tier": "controlplane.governance.tiers:TierTable",
 }
 
 

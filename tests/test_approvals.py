@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from controlplane import approvals
 from controlplane.cli import main
 from controlplane.errors import RefusedError
 from controlplane.evidence import keys
+from controlplane.governance import approvals
 from controlplane.home import Home
 
 PLAN = "sha256:" + "1" * 64

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import governance, secretscan, tiers
 from controlplane.auditevents import EVENT_TYPES
 from controlplane.errors import OperationalError, RefusedError, UsageError
-from controlplane.governance import Drill
+from controlplane.governance import controls as governance
+from controlplane.governance import secretscan, tiers
+from controlplane.governance.controls import Drill
 from controlplane.jobspec import parse_jobspec
 from controlplane.release.manifest import parse_manifest
 
@@ -203,7 +204,7 @@ def test_docs_tier_table_and_event_vocabulary_match_the_code() -> None:
 def test_rollback_drill_evidence_comes_from_successful_rollback_receipts(home: object) -> None:
     from controlplane.evidence import keys
     from controlplane.evidence import step as evidence
-    from controlplane.governance_gate import rollback_drills
+    from controlplane.governance.gate import rollback_drills
     from controlplane.home import Home
 
     assert isinstance(home, Home)

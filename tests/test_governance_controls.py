@@ -8,8 +8,9 @@ from typing import get_args
 import pytest
 import yaml
 
-from controlplane import governance, tiers
 from controlplane.errors import OperationalError
+from controlplane.governance import controls as governance
+from controlplane.governance import tiers
 
 L1_CONTROLS = (
     b"controls: [signature, digest-pins, no-raw-secrets, default-deny-egress]\n"

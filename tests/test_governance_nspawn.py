@@ -20,9 +20,10 @@ import paramiko
 import pytest
 import yaml
 
-from controlplane import approvals, inventory, promotion, secrets
+from controlplane import inventory, promotion
 from controlplane.auditevents import EVENT_TYPES
 from controlplane.errors import RefusedError
+from controlplane.governance import approvals, secrets
 from controlplane.home import Home
 from controlplane.release import trust as signing
 from controlplane.transport.ssh import SshTransport

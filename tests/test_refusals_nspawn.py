@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from controlplane import inventory, promotion, secrets
+from controlplane import inventory, promotion
+from controlplane.governance import secrets
 from controlplane.home import Home
 from controlplane.release import bundle, cosign
 from controlplane.release import trust as signing

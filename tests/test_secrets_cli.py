@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from controlplane import secrets
+from controlplane.governance import secrets
 from controlplane.home import Home
 
 

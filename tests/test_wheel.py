@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import tiers
+from controlplane.governance import tiers
 
 REPO = Path(__file__).resolve().parents[1]
 # top-level file users expect -> its canonical copy (package data)

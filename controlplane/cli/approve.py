@@ -35,8 +35,8 @@ def approve(app: AppContext, plan_digest: str, key_path: Path, expires: str) -> 
     if the plan changes, its digest changes and the approval no longer applies. The approval is
     recorded as a receipt of kind `approval` carrying the approver-signed envelope.
     """
-    from controlplane import approvals
     from controlplane.evidence import step as evidence
+    from controlplane.governance import approvals
 
     ttl = approvals.parse_ttl(expires)
     with evidence.record_step(

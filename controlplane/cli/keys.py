@@ -205,7 +205,7 @@ def list_(app: AppContext) -> None:
 @pass_app
 def approver_init(app: AppContext, out_dir: Path) -> None:
     """Create an approver's own ed25519 key pair (distinct from the promoter's receipt key)."""
-    from controlplane import approvals
+    from controlplane.governance import approvals
 
     keyid, priv, pub = approvals.init_approver(out_dir)
     app.emit(
@@ -220,8 +220,8 @@ def approver_init(app: AppContext, out_dir: Path) -> None:
 @pass_app
 def approver_trust(app: AppContext, pub_file: Path) -> None:
     """Trust an approver's public key (refused for the home's own receipt-signing key)."""
-    from controlplane import approvals
     from controlplane.evidence import step as evidence
+    from controlplane.governance import approvals
 
     home = app.home
     with evidence.record_step(home, "approver-trusted", inputs={"public_key": str(pub_file)}) as step:

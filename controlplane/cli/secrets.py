@@ -27,8 +27,8 @@ def put(app: AppContext, ref: str) -> None:
 
     Example: printf %s "$TOKEN" | avm secrets put secret://local/web-api-token
     """
-    from controlplane import secrets as store
     from controlplane.errors import UsageError
+    from controlplane.governance import secrets as store
 
     value = sys.stdin.buffer.read()
     if not value:

@@ -15,7 +15,7 @@ def tiers() -> None:
 
 
 def _tier_doc(tier: Any) -> dict[str, Any]:
-    from controlplane.tiers import CONTROLS
+    from controlplane.governance.tiers import CONTROLS
 
     doc: dict[str, Any] = tier.model_dump(mode="json")
     doc["checks"] = {c: CONTROLS[c] for c in tier.controls}
@@ -27,7 +27,7 @@ def _tier_doc(tier: Any) -> dict[str, Any]:
 @pass_app
 def show(app: AppContext, tier_id: str | None) -> None:
     """Explain every tier, or one (e.g. `avm tiers show L3`): meaning, controls and bounds."""
-    from controlplane import tiers as tiermod
+    from controlplane.governance import tiers as tiermod
 
     table = tiermod.load()
     chosen = [table.get(tier_id)] if tier_id else list(table.tiers)

@@ -31,8 +31,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from controlplane.errors import UsageError
+from controlplane.governance.secretscan import scan_env
 from controlplane.ids import ProfileName, pattern_validator
-from controlplane.secretscan import scan_env
 
 MANIFEST_PATH = "avm.yaml"
 RiskTier = Literal["L0", "L1", "L2", "L3", "L4", "L5"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import secrets
+from controlplane.governance import secrets
 from controlplane.home import Home
 from controlplane.release import trust as signing
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from controlplane import approvals, governance, tiers
 from controlplane.evidence import reader as auditlog
 from controlplane.evidence.step import Step
+from controlplane.governance import approvals, tiers
+from controlplane.governance import controls as governance
 from controlplane.home import Home
 from controlplane.release.manifest import Profile, ReleaseManifest
 

@@ -19,9 +19,9 @@ import ipaddress
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from controlplane import secretscan, tiers
 from controlplane.canonical import canonical_bytes, sha256_digest
 from controlplane.errors import OperationalError, RefusedError
+from controlplane.governance import secretscan, tiers
 
 if TYPE_CHECKING:
     from controlplane.evidence.step import Step
@@ -266,7 +266,7 @@ def evaluate_job(
     tier = tiers.load().get(spec.risk_tier)
     approvers = None
     if home is not None and "approval" in tier.controls:
-        from controlplane import approvals
+        from controlplane.governance import approvals
 
         approvers = len(approvals.find(home, job_digest(spec))[0])
     return evaluate(tier, job_evidence(spec, image_signature=image_signature, approvers=approvers))
