@@ -21,9 +21,9 @@ from pathlib import Path
 
 from controlplane.evidence import keys
 from controlplane.home import Home
-from controlplane.image import IMAGE_CACHE_ENV, load_image
-from controlplane.imagebuild import build_image
-from controlplane.recipe import DEFAULT_RECIPE, load_recipe
+from controlplane.image.build import build_image
+from controlplane.image.golden import IMAGE_CACHE_ENV, load_image
+from controlplane.image.recipe import DEFAULT_RECIPE, load_recipe
 from controlplane.vm import lifecycle
 from controlplane.vm.base import VmSpec
 

@@ -28,9 +28,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from controlplane import guestinit, imagesign, ocistore
+from controlplane import guestinit, ocistore
 from controlplane.evidence import keys
 from controlplane.home import Home
+from controlplane.image import sign as imagesign
 from controlplane.jobs import guest_limits, pick_kernel, rootfs_cache, run_job
 from controlplane.jobspec import JobLimits, load_jobspec
 from controlplane.release import cosign

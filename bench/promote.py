@@ -33,7 +33,7 @@ from controlplane import inventory, promotion, status
 from controlplane.evidence import keys
 from controlplane.home import Home
 from controlplane.hostlayout import LAYOUT
-from controlplane.image import load_image
+from controlplane.image.golden import load_image
 from controlplane.release import trust as signing
 from controlplane.transport.ssh import SshTransport
 from controlplane.vm import lifecycle

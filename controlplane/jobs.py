@@ -21,21 +21,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from controlplane import (
-    auditevents,
-    egress,
-    guestinit,
-    imagesign,
-    jobfiles,
-    jobresult,
-    jobteardown,
-    jobwatch,
-    ocistore,
-)
+from controlplane import auditevents, egress, guestinit, jobfiles, jobresult, jobteardown, jobwatch, ocistore
 from controlplane.errors import ExitCode, OperationalError, UsageError
 from controlplane.evidence import step as evidence
 from controlplane.governance import controls as governance
 from controlplane.home import Home
+from controlplane.image import sign as imagesign
 from controlplane.jobnet import JobNetwork
 from controlplane.jobspec import JobLimits, JobSpec
 from controlplane.runtime import CONSOLE_LOG_MAX, Launch, Outcome, Runtime, get_runtime
@@ -85,7 +76,7 @@ def pick_kernel(home: Home, which: str, machine: str, net: bool) -> GuestKernelC
     """The golden image's kernel (virtio modules loaded from its rootfs) or the cached minimal one.
 
     Raises ``OperationalError('image-not-built' | 'guest-kernel-not-built')``."""
-    from controlplane.image import load_image
+    from controlplane.image.golden import load_image
 
     if which == "minimal":
         from controlplane import guestkernel

@@ -18,10 +18,10 @@ from controlplane.evidence.schema import receipt_schemas, schema_id
 # file stem -> "module:Model"
 SCHEMAS = {
     "jobspec": "controlplane.jobspec:JobSpec",
-    "recipe": "controlplane.recipe:Recipe",
-    "image-manifest": "controlplane.image:ImageManifest",
+    "recipe": "controlplane.image.recipe:Recipe",
+    "image-manifest": "controlplane.image.golden:ImageManifest",
     "receipt-envelope": "controlplane.evidence.receipt:Envelope",
-    "image-signature": "controlplane.imagesign:SignatureRecord",
+    "image-signature": "controlplane.image.sign:SignatureRecord",
     "manifest": "controlplane.release.manifest:ReleaseManifest",
     "tier": "controlplane.governance.tiers:TierTable",
 }

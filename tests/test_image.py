@@ -17,7 +17,7 @@ import yaml
 from controlplane.canonical import sha256_digest
 from controlplane.errors import OperationalError, RefusedError, UsageError
 from controlplane.home import Home
-from controlplane.image import (
+from controlplane.image.golden import (
     ARTIFACT_FILES,
     MANIFEST,
     Artifact,
@@ -28,10 +28,10 @@ from controlplane.image import (
     load_image,
     rootfs_tree,
 )
-from controlplane.imagehook import module_closure, parse_modules_dep
-from controlplane.imagestore import mounts_under, remove_stale_builds, remove_tree
-from controlplane.recipe import DEFAULT_RECIPE, load_recipe, parse_recipe
-from controlplane.sbom import parse_dpkg_query
+from controlplane.image.hook import module_closure, parse_modules_dep
+from controlplane.image.recipe import DEFAULT_RECIPE, load_recipe, parse_recipe
+from controlplane.image.sbom import parse_dpkg_query
+from controlplane.image.store import mounts_under, remove_stale_builds, remove_tree
 from controlplane.vm.base import GoldenImageLike
 from tests.plugins.golden import shared_image_store
 from tests.plugins.require import require_root, require_tools

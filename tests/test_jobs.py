@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import imagesign, ocistore
+from controlplane import ocistore
+from controlplane.image import sign as imagesign
 from tests.plugins.jobimages import PASSWORD, JobEnv, home_pids
 from tests.plugins.vms import AVM, run_avm
 

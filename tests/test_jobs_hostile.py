@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 
-from controlplane import guestinit, imagesign, ocistore
+from controlplane import guestinit, ocistore
+from controlplane.image import sign as imagesign
 from controlplane.jobs import rootfs_cache
 from tests.plugins.jobimages import PASSWORD, JobEnv, home_pids, minimal_kernel_available, setuid_image
 from tests.plugins.vms import AVM, run_avm

@@ -25,12 +25,12 @@ from in_toto_attestation.v1 import statement_pb2
 from in_toto_attestation.v1.statement import Statement
 from securesystemslib.dsse import Envelope
 
-from controlplane import provenance
 from controlplane.canonical import canonical_bytes, sha256_digest
 from controlplane.evidence import keys, ledger
 from controlplane.evidence.receipt import PAYLOAD_TYPE, open_receipt, pae
 from controlplane.home import Home
-from controlplane.image import GoldenImage
+from controlplane.image import provenance
+from controlplane.image.golden import GoldenImage
 from tests.plugins.golden import shared_image_store
 from tests.test_receipts_interop import sslib_key
 

@@ -33,9 +33,9 @@ from controlplane.evidence import schema as receiptschema
 from controlplane.evidence import step as evidence
 from controlplane.evidence.receipt import PAYLOAD_TYPE, Predicate, Statement, open_receipt, pae
 from controlplane.home import Home
-from controlplane.image import ImageManifest
+from controlplane.image.golden import ImageManifest
+from controlplane.image.recipe import Recipe
 from controlplane.jobspec import JobSpec
-from controlplane.recipe import Recipe
 from controlplane.release.manifest import ReleaseManifest
 
 REPO = Path(__file__).resolve().parent.parent

@@ -136,7 +136,7 @@ def test_avm_runs_from_the_wheel_outside_the_source_tree(
     )
     got = _run([py, "-c", read], elsewhere, env)
     assert got.returncode == 0, got.stderr
-    from controlplane.recipe import DEFAULT_RECIPE, load_recipe
+    from controlplane.image.recipe import DEFAULT_RECIPE, load_recipe
 
     want = {top: hashlib.sha256((REPO / top).read_bytes()).hexdigest() for top in SHIPPED}
     want["job_init.sh"] = hashlib.sha256(

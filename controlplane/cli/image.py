@@ -32,15 +32,15 @@ def build(app: AppContext, recipe_path: Path | None, force: bool) -> None:
     it); a cached image is returned at once. Needs root, mmdebstrap, e2fsprogs and qemu-utils.
     Progress goes to stderr; the image digest (sha256 of manifest.json) to stdout.
     """
-    from controlplane.imagebuild import build_and_record
-    from controlplane.recipe import DEFAULT_RECIPE, load_recipe
+    from controlplane.image.build import build_and_record
+    from controlplane.image.recipe import DEFAULT_RECIPE, load_recipe
 
     source = recipe_path or DEFAULT_RECIPE
     recipe = load_recipe(source)  # refused here, before the home or the store is touched
     result, receipt_id = build_and_record(
         app.home, recipe, source=str(source), force=force, progress=lambda line: click.echo(line, err=True)
     )
-    from controlplane import provenance
+    from controlplane.image import provenance
 
     path, prov_digest, prov_receipt = provenance.attest(app.home, result.image, receipt_id)
     doc = {
@@ -80,9 +80,9 @@ def verify(app: AppContext, digest: str | None, key_paths: tuple[Path, ...]) -> 
     provenance-untrusted-key, provenance-signature-invalid, provenance-subject-mismatch,
     provenance-not-recorded, image-artifact-mismatch.
     """
-    from controlplane import provenance
     from controlplane.evidence import keys
-    from controlplane.image import load_image
+    from controlplane.image import provenance
+    from controlplane.image.golden import load_image
 
     home = app.home_as_is
     trusted = keys.load_trusted(list(key_paths)) if key_paths else keys.load_own_trusted(home)
@@ -157,7 +157,7 @@ def sign(app: AppContext, ref: str, key_path: Path | None, bundle_path: Path | N
     --sigstore-bundle, a bundle made elsewhere over those bytes is verified and stored instead.
     """
     from controlplane.errors import UsageError
-    from controlplane.imagesign import import_sigstore_bundle, sign_image
+    from controlplane.image.sign import import_sigstore_bundle, sign_image
     from controlplane.ocistore import resolve
     from controlplane.release.trust import password_from_env
 

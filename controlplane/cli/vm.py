@@ -44,7 +44,7 @@ def up(
 ) -> None:
     """Boot golden VM NAME from the built image and wait for an SSH login."""
     from controlplane.ids import parse_vm_name
-    from controlplane.image import load_image
+    from controlplane.image.golden import load_image
     from controlplane.vm import lifecycle
     from controlplane.vm.base import VmSpec, get_backend
 

@@ -72,7 +72,7 @@ def probe_accel(kernel: Path, busybox: Path, cache: Path) -> str:
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "tcg"
     from controlplane.guestinit import write_cpio
-    from controlplane.image import file_sha256
+    from controlplane.image.golden import file_sha256
 
     key = cache / f"accel-{file_sha256(kernel).split(':')[1][:16]}.json"
     if key.is_file():

@@ -101,7 +101,7 @@ class VmState(BaseModel):
 
 
 class GoldenImageLike(Protocol):
-    """The fields of ``controlplane.image.GoldenImage`` that backends use."""
+    """The fields of ``controlplane.image.golden.GoldenImage`` that backends use."""
 
     @property
     def digest(self) -> str: ...

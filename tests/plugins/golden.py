@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.image import IMAGE_CACHE_ENV, GoldenImage
-from controlplane.recipe import DEFAULT_RECIPE, load_recipe
+from controlplane.image.golden import IMAGE_CACHE_ENV, GoldenImage
+from controlplane.image.recipe import DEFAULT_RECIPE, load_recipe
 
 SHARED_IMAGE_CACHE = Path("/var/tmp/avm-image-cache")
 
@@ -27,7 +27,7 @@ def shared_image_store() -> Path:
 @pytest.fixture(scope="session")
 def golden_image() -> GoldenImage:
     """The image of ``images/golden.yaml`` (built now if the shared store lacks it)."""
-    from controlplane.imagebuild import REQUIRED_TOOLS, build_image
+    from controlplane.image.build import REQUIRED_TOOLS, build_image
     from tests.plugins.require import require_root, require_tools
 
     require_root("building the golden image: mmdebstrap --mode=root")

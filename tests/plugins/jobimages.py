@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import imagesign, ocistore
+from controlplane import ocistore
 from controlplane.evidence import keys
 from controlplane.home import Home
+from controlplane.image import sign as imagesign
 from controlplane.release import cosign
 from controlplane.release import trust as signing
 from tests.plugins.require import require_root, require_tools

@@ -2,7 +2,7 @@
 
 Stages (each timed and reported)::
 
-    mmdebstrap   packages into rootfs/, then the customize hook (controlplane.imagehook)
+    mmdebstrap   packages into rootfs/, then the customize hook (controlplane.image.hook)
     inspect      no SSH host key left; exactly one kernel; vmlinuz + initrd.img copied out
     sbom         dpkg-query of the rootfs -> SPDX 2.3
     tree         rootfs.tree: every file of rootfs with its sha256
@@ -32,12 +32,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from controlplane import imagestore, sbom
+import controlplane
 from controlplane._internal import tools as imagetools
 from controlplane.canonical import canonical_bytes
 from controlplane.errors import CommandFailed, OperationalError, RefusedError
 from controlplane.home import Home
-from controlplane.image import (
+from controlplane.image import sbom
+from controlplane.image import store as imagestore
+from controlplane.image.golden import (
     ARTIFACT_FILES,
     MANIFEST,
     ROOTFS,
@@ -49,9 +51,9 @@ from controlplane.image import (
     image_store,
     rootfs_tree,
 )
-from controlplane.imagehook import RECIPE_ENV, REPORT_ENV
-from controlplane.imagestore import Progress
-from controlplane.recipe import Recipe
+from controlplane.image.hook import RECIPE_ENV, REPORT_ENV
+from controlplane.image.recipe import Recipe
+from controlplane.image.store import Progress
 from controlplane.transport.base import RunResult
 
 REQUIRED_TOOLS = ("unshare", "mmdebstrap", "chroot", "dpkg-query", "mkfs.ext4", "qemu-img")
@@ -59,7 +61,7 @@ _HOOK_SHIM = """#!{python}
 # avm image build: mmdebstrap runs this file directly (no shell) as its --customize-hook
 import sys
 
-from controlplane.imagehook import main
+from controlplane.image.hook import main
 
 raise SystemExit(main(sys.argv[1:]))
 """
@@ -242,7 +244,7 @@ def _mmdebstrap(work: Path, rootfs: Path, recipe: Recipe, result: _Built) -> Run
     hook.write_text(_HOOK_SHIM.format(python=sys.executable))
     hook.chmod(0o755)
     report = work / "customize-report.json"
-    package_root = str(Path(__file__).resolve().parent.parent)
+    package_root = str(Path(controlplane.__file__).resolve().parent.parent)
     env = dict(os.environ)
     env.update(
         {

@@ -24,7 +24,7 @@ from typing import Any
 
 from controlplane._internal import tools as imagetools
 from controlplane.errors import AvmError, OperationalError
-from controlplane.recipe import Recipe
+from controlplane.image.recipe import Recipe
 
 RECIPE_ENV = "AVM_IMAGE_RECIPE"
 REPORT_ENV = "AVM_IMAGE_HOOK_REPORT"

@@ -36,7 +36,7 @@ from controlplane.evidence import keys
 from controlplane.evidence import step as evidence
 from controlplane.evidence.receipt import PAYLOAD_TYPE, STATEMENT_TYPE, pae
 from controlplane.home import Home
-from controlplane.image import GoldenImage
+from controlplane.image.golden import GoldenImage
 
 SLSA_PROVENANCE: Final = "https://slsa.dev/provenance/v1"
 BUILD_TYPE: Final = "https://agent-vm.dev/golden-image/build/v1"
@@ -58,7 +58,7 @@ def _hash_file(path: Path) -> str:
 
 def statement(image: GoldenImage, build_receipt: str | None) -> dict[str, Any]:
     """The SLSA Provenance v1 statement of ``image`` (from its manifest and recipe file)."""
-    from controlplane.recipe import BUILD_FORMAT
+    from controlplane.image.recipe import BUILD_FORMAT
 
     m = image.manifest
     recipe = json.loads(image.artifact("recipe").read_bytes())
