@@ -29,11 +29,13 @@ from pathlib import Path
 
 import yaml
 
-from controlplane import inventory, promotion, status
+from controlplane import inventory
 from controlplane.evidence import keys
 from controlplane.home import Home
-from controlplane.hostlayout import LAYOUT
 from controlplane.image.golden import load_image
+from controlplane.promote import pipeline as promotion
+from controlplane.promote import status
+from controlplane.promote.layout import LAYOUT
 from controlplane.release import trust as signing
 from controlplane.transport.ssh import SshTransport
 from controlplane.vm import lifecycle

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from controlplane import auditevents, egress, guestinit, jobfiles, jobresult, jobteardown, jobwatch, ocistore
+from controlplane import egress, guestinit, jobfiles, jobresult, jobteardown, jobwatch, ocistore
 from controlplane.errors import ExitCode, OperationalError, UsageError
 from controlplane.evidence import step as evidence
 from controlplane.governance import controls as governance
@@ -29,6 +29,7 @@ from controlplane.home import Home
 from controlplane.image import sign as imagesign
 from controlplane.jobnet import JobNetwork
 from controlplane.jobspec import JobLimits, JobSpec
+from controlplane.promote import events as auditevents
 from controlplane.runtime import CONSOLE_LOG_MAX, Launch, Outcome, Runtime, get_runtime
 from controlplane.transport.base import Transport
 

@@ -1,9 +1,9 @@
 """The apply logic, scenario by scenario, against a recording transport (milliseconds each).
 
 Canary halt, soak, automatic rollback, a host with no previous release and a failure mid-apply
-are decided by ``controlplane.apply`` from what the host answers; here the answers are scripted
+are decided by ``controlplane.promote.apply`` from what the host answers; here the answers are scripted
 (health by profile and commit, the effective unit read back after the health check as the JSON of
-the real gatherer, built from the ``controlplane.facts`` models) and every command apply sends is
+the real gatherer, built from the ``controlplane.promote.facts`` models) and every command apply sends is
 recorded. What a real host does with these commands is proved by tests/test_promote_nspawn.py
 and tests/test_status_nspawn.py.
 """
@@ -15,15 +15,16 @@ import json
 
 import pytest
 
-from controlplane import hostops, hostscripts, unitcheck
-from controlplane.apply import Outcome, apply_plan, capture_previous
+from controlplane import hostscripts
 from controlplane.canonical import sha256_digest
 from controlplane.errors import AvmError, OperationalError
 from controlplane.evidence.step import Step
-from controlplane.facts import HostFacts, ProfileFacts, UnitFacts
-from controlplane.hostlayout import LAYOUT
-from controlplane.material import HealthCheck, Material, ProfileMaterial, ReleaseMaterial
-from controlplane.plan import diff
+from controlplane.promote import hostops, unitcheck
+from controlplane.promote.apply import Outcome, apply_plan, capture_previous
+from controlplane.promote.facts import HostFacts, ProfileFacts, UnitFacts
+from controlplane.promote.layout import LAYOUT
+from controlplane.promote.material import HealthCheck, Material, ProfileMaterial, ReleaseMaterial
+from controlplane.promote.plan import diff
 from tests.plugins.recording import RecordingTransport, Reply
 
 OLD, NEW = "a" * 40, "b" * 40

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from controlplane.drift import find_drift
-from controlplane.facts import HostFacts, UnitFacts
-from controlplane.hostlayout import LAYOUT
+from controlplane.promote.drift import find_drift
+from controlplane.promote.facts import HostFacts, UnitFacts
+from controlplane.promote.layout import LAYOUT
 from tests.plugins import cases
 from tests.test_plan import SHA2, D, desired, hardened_unit, in_sync
 from tests.test_plan import TOKENS as plan_tokens
@@ -46,7 +46,7 @@ def _host(**units: UnitFacts) -> HostFacts:
 
 
 def test_recorded_effective_properties_are_compared_one_by_one() -> None:
-    from controlplane import unitcheck
+    from controlplane.promote import unitcheck
 
     recorded = unitcheck.recorded(hardened_unit("zeta", MemoryMax="268435456", TasksMax="64"))
     expected = desired().model_copy(
@@ -87,7 +87,7 @@ def test_exec_bit_is_compared_with_the_signed_commit() -> None:
 
 
 def test_a_host_whose_only_apply_failed_is_compared_with_the_state_before_it() -> None:
-    from controlplane.drift import against_previous
+    from controlplane.promote.drift import against_previous
 
     host = _host(**{ZETA: hardened_unit("zeta", state="active")})
     back = against_previous(
@@ -112,8 +112,8 @@ def test_the_release_engineer_guide_lists_exactly_what_status_compares() -> None
     import re
     from pathlib import Path
 
-    from controlplane import unitcheck
     from controlplane.hostscripts import gather_facts
+    from controlplane.promote import unitcheck
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "release-engineer.md").read_text()
     section = doc[doc.index("### What status compares") : doc.index("### A host whose apply failed")]

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from controlplane import enforcement
 from controlplane.errors import OperationalError
 from controlplane.governance import controls as governance
 from controlplane.governance import tiers
+from controlplane.promote import enforcement
 from controlplane.vm import nspawnnet
 from tests.plugins.require import require_root, require_tools
 

@@ -1,4 +1,4 @@
-"""One HostLayout: the Tier-1 host's paths and unit names are spelled in controlplane/hostlayout.py only."""
+"""One HostLayout: the Tier-1 host paths and unit names are spelled in controlplane/promote/layout.py."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import controlplane
-from controlplane import facts, hostops, unitcheck
-from controlplane.hostlayout import LAYOUT, HostLayout
+from controlplane.promote import facts, hostops, unitcheck
+from controlplane.promote.layout import LAYOUT, HostLayout
 
 PACKAGE = Path(controlplane.__file__).parent
 # what only the layout may spell: the roots, the unit name, and the profile user's prefix

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import hostlock
 from controlplane.errors import RefusedError
+from controlplane.promote import hostlock
 from controlplane.transport.local import LocalTransport
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from controlplane import render
+from controlplane.promote import render
 from controlplane.release.manifest import parse_manifest
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hello-agent"

@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from controlplane import facts as facts_mod
 from controlplane.canonical import sha256_digest
 from controlplane.errors import OperationalError
-from controlplane.facts import HostFacts, ProfileFacts, UnitFacts
-from controlplane.hostlayout import LAYOUT
-from controlplane.plan import DesiredProfile, DesiredState, diff, release_tampered
+from controlplane.promote import facts as facts_mod
+from controlplane.promote.facts import HostFacts, ProfileFacts, UnitFacts
+from controlplane.promote.layout import LAYOUT
+from controlplane.promote.plan import DesiredProfile, DesiredState, diff, release_tampered
 from controlplane.transport.local import LocalTransport
 from tests.plugins import cases
 
@@ -47,7 +47,7 @@ def desired(release: str = SHA2, canary_first: bool = False) -> DesiredState:
 
 def hardened_unit(profile: str, state: str = "active", **changes: str) -> UnitFacts:
     """A unit as systemd reports it with only avm's files loaded and the template's hardening."""
-    from controlplane import unitcheck
+    from controlplane.promote import unitcheck
 
     props = {k: v.format(user=f"agent-{profile}") for k, v in unitcheck.HARDENING.items()} | changes
     return UnitFacts(

@@ -25,7 +25,6 @@ from pydantic import BaseModel, ValidationError
 from referencing import Registry, Resource
 from referencing.exceptions import NoSuchResource
 
-from controlplane import plan
 from controlplane.canonical import canonical_bytes
 from controlplane.errors import RefusedError
 from controlplane.evidence import keys, ledger, verify
@@ -36,6 +35,7 @@ from controlplane.home import Home
 from controlplane.image.golden import ImageManifest
 from controlplane.image.recipe import Recipe
 from controlplane.jobspec import JobSpec
+from controlplane.promote import plan
 from controlplane.release.manifest import ReleaseManifest
 
 REPO = Path(__file__).resolve().parent.parent

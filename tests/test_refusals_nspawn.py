@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
-from controlplane import inventory, promotion
+from controlplane import inventory
 from controlplane.governance import secrets
 from controlplane.home import Home
+from controlplane.promote import pipeline as promotion
 from controlplane.release import bundle, cosign
 from controlplane.release import trust as signing
 from controlplane.transport.ssh import SshTransport

@@ -10,8 +10,8 @@ import click
 from controlplane.cli.app import AppContext, pass_app
 
 if TYPE_CHECKING:
-    from controlplane.drift import DriftReport
-    from controlplane.promotion import Result
+    from controlplane.promote.drift import DriftReport
+    from controlplane.promote.pipeline import Result
 
 REPO = click.option(
     "--repo",
@@ -67,7 +67,7 @@ def promote(
     restart changed profiles (canaries first, then a soak) and health-check each; an
     unhealthy profile is rolled back automatically (exit 1).
     """
-    from controlplane import promotion
+    from controlplane.promote import pipeline as promotion
 
     result = promotion.run(
         app.home, repo=repo, ref=ref, target=target, profiles=profiles, apply=apply, progress=app.say
@@ -95,7 +95,8 @@ def rollback(
     The target release is verified again (signature, pinned digests, release intact on the
     host) and promoted exactly like a new one, with its own receipts.
     """
-    from controlplane import promotestate, promotion
+    from controlplane.promote import pipeline as promotion
+    from controlplane.promote import state as promotestate
 
     ref, chosen = promotestate.rollback_ref(app.home, target, profiles, to)
     app.say(f"rollback target: {ref}")
@@ -126,7 +127,7 @@ def status(app: AppContext, target: str) -> int:
     unit's user (else drift), and the kernel's cgroup limits are shown (not-enforced where the
     backend does not apply them). It never writes to the host.
     """
-    from controlplane import status as status_mod
+    from controlplane.promote import status as status_mod
 
     report = status_mod.check(app.home_as_is, target)
     app.emit(_report_doc(report), lambda: _render_report(report))

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 # Evaluated after planning (they bind to the plan digest), not before.
 POST_PLAN = frozenset({"approval"})
 # Evaluated again after the restart, from what the sandbox probe observed in force
-# (controlplane.enforcement): configured is not enough.
+# (controlplane.promote.enforcement): configured is not enough.
 OBSERVED = frozenset({"default-deny-egress"})
 
 

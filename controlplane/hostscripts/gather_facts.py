@@ -1,6 +1,6 @@
 """Tier-1 facts gatherer, run on the host as ``python3 -c <this file> REQUEST``. Reads only.
 
-Prints one JSON document (parsed by ``controlplane.facts.parse``). Dependency-free on purpose:
+Prints one JSON document (parsed by ``controlplane.promote.facts.parse``). Dependency-free on purpose:
 the golden image ships python3 and nothing else is assumed. Every release entry is recorded
 with ``lstat`` (a symlinked directory is an entry, not something to walk into), and each
 profile's unit is read as systemd loaded it: every unit file and drop-in, and the effective

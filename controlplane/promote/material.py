@@ -11,7 +11,7 @@ import dataclasses
 
 from controlplane.canonical import sha256_digest
 from controlplane.ids import CommitSha, Digest
-from controlplane.plan import DesiredProfile, DesiredState
+from controlplane.promote.plan import DesiredProfile, DesiredState
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,8 +14,8 @@ from importlib.resources.abc import Traversable
 
 from controlplane.canonical import canonical_bytes
 from controlplane.errors import OperationalError
-from controlplane.hostlayout import LAYOUT, UNIT_TEMPLATE_NAME
-from controlplane.material import HealthCheck, Material, ProfileMaterial, ReleaseMaterial
+from controlplane.promote.layout import LAYOUT, UNIT_TEMPLATE_NAME
+from controlplane.promote.material import HealthCheck, Material, ProfileMaterial, ReleaseMaterial
 from controlplane.release.manifest import Profile, ReleaseManifest
 
 # package data; ``units/agent-gateway@.service`` at the top of the source tree is a symlink to it

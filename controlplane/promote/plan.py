@@ -11,10 +11,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from controlplane import unitcheck
 from controlplane.canonical import canonical_bytes, domain_digest
-from controlplane.facts import HostFacts
-from controlplane.hostlayout import LAYOUT, UNIT_TEMPLATE_NAME
+from controlplane.promote import unitcheck
+from controlplane.promote.facts import HostFacts
+from controlplane.promote.layout import LAYOUT, UNIT_TEMPLATE_NAME
 
 ActionKind = Literal[
     "create-release",
@@ -172,7 +172,7 @@ def diff(desired: DesiredState, facts: HostFacts) -> Plan:
 def release_tampered(desired: DesiredState, facts: HostFacts) -> list[Action]:
     """Entries of a release on the host that differ from what was signed: content, type,
     mode, owner, or an entry the signed list does not have (``releasecheck``)."""
-    from controlplane import releasecheck
+    from controlplane.promote import releasecheck
 
     found: list[Action] = []
     agent_uids = {p.uid: LAYOUT.user(name) for name, p in facts.profiles.items() if p.uid is not None}

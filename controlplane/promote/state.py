@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from controlplane import plan
 from controlplane.errors import UsageError
 from controlplane.evidence import reader as auditlog
 from controlplane.evidence.receipt import Statement
 from controlplane.home import Home
-from controlplane.material import Material
+from controlplane.promote import plan
+from controlplane.promote.material import Material
 
 
 def last_receipt(home: Home, kind: str, target: str) -> tuple[str, Statement] | None:

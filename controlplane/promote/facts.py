@@ -4,7 +4,7 @@ The gatherer (``controlplane/hostscripts/gather_facts.py``, package data) is a s
 program run with the host's ``python3 -c`` (the golden image ships python3). It only reads:
 every release entry (``lstat``: type, mode, owner, content), the layout's ownership, every unit
 file and drop-in systemd loaded for each profile, and the effective unit properties.
-Facts decide nothing; ``controlplane.plan`` compares them with what is wanted.
+Facts decide nothing; ``controlplane.promote.plan`` compares them with what is wanted.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from controlplane.errors import OperationalError
-from controlplane.hostlayout import LAYOUT, unit_name
+from controlplane.promote.layout import LAYOUT, unit_name
 from controlplane.transport.base import Transport
 
 

@@ -1,7 +1,7 @@
 """``avm status``: the live host against what the last apply receipt says it left. Read-only.
 
 One round trip gathers every fact; ``drift.find_drift`` compares them with the recorded state.
-A second runs the sandbox probe (``controlplane.enforcement``): egress not observed denied is
+A second runs the sandbox probe (``controlplane.promote.enforcement``): egress not observed denied is
 drift, and so are limits the apply saw enforced and that are not now; limits a backend never
 enforced are reported as ``not-enforced`` in ``controls``. Exit 0 in sync, 2 drift, 1 error.
 It never writes to the host (the probe's listener and child end with it); it records a
@@ -12,15 +12,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from controlplane import auditevents, drift, enforcement, inventory
-from controlplane.drift import DriftReport, find_drift
+from controlplane import inventory
 from controlplane.errors import OperationalError
 from controlplane.evidence import reader as auditlog
 from controlplane.evidence import step as evidence
 from controlplane.evidence.receipt import Statement
-from controlplane.facts import gather
 from controlplane.home import Home
-from controlplane.plan import DesiredState
+from controlplane.promote import drift, enforcement
+from controlplane.promote import events as auditevents
+from controlplane.promote.drift import DriftReport, find_drift
+from controlplane.promote.facts import gather
+from controlplane.promote.plan import DesiredState
 
 
 def check(home: Home, target: str) -> DriftReport:

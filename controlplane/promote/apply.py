@@ -10,13 +10,13 @@ import dataclasses
 import time
 from collections.abc import Callable, Mapping
 
-from controlplane import hostops, unitcheck
 from controlplane.errors import AvmError, OperationalError
 from controlplane.evidence.step import Step
-from controlplane.facts import HostFacts, gather
-from controlplane.hostlayout import LAYOUT, UNIT_TEMPLATE_NAME
-from controlplane.material import Material, ProfileMaterial
-from controlplane.plan import RELOAD_REASON, Plan
+from controlplane.promote import hostops, unitcheck
+from controlplane.promote.facts import HostFacts, gather
+from controlplane.promote.layout import LAYOUT, UNIT_TEMPLATE_NAME
+from controlplane.promote.material import Material, ProfileMaterial
+from controlplane.promote.plan import RELOAD_REASON, Plan
 from controlplane.transport.base import Transport
 
 Progress = Callable[[str], None]

@@ -14,7 +14,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from controlplane.hostlayout import unit_name
+from controlplane.promote.layout import unit_name
 from controlplane.transport.base import Transport
 
 EVENT_PREFIX = "avm-event "

@@ -28,14 +28,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from controlplane import hostscripts
 from controlplane.errors import OperationalError
-from controlplane.hostlayout import LAYOUT
+from controlplane.promote.layout import LAYOUT
 
 if TYPE_CHECKING:
-    from controlplane.drift import Finding
     from controlplane.evidence.step import Step
-    from controlplane.facts import Then
     from controlplane.inventory import Target
-    from controlplane.material import Material
+    from controlplane.promote.drift import Finding
+    from controlplane.promote.facts import Then
+    from controlplane.promote.material import Material
     from controlplane.transport.base import Transport
     from controlplane.vm.nspawnnet import VmNet
 
@@ -238,7 +238,7 @@ def install_host_side(target: Target, host: Transport, material: Material, step:
 
     Raises ``CommandFailed`` if ``nft -c`` rejects the rendered ruleset (nothing is loaded).
     """
-    from controlplane import hostops
+    from controlplane.promote import hostops
     from controlplane.transport.local import LocalTransport
     from controlplane.vm import nspawnnet
 
@@ -282,7 +282,7 @@ def _uids(host: Transport, users: Sequence[str]) -> dict[str, int]:
 def host_side_findings(target: Target, profiles: Sequence[str]) -> tuple[list[Finding], dict[str, Any]]:
     """For an nspawn target: a finding for each profile whose host-side chain is gone or no
     longer ends in the default reject; with the counters read. Empty for other backends."""
-    from controlplane.drift import Finding
+    from controlplane.promote.drift import Finding
     from controlplane.transport.local import LocalTransport
     from controlplane.vm import nspawnnet
 
@@ -309,7 +309,7 @@ def host_side_findings(target: Target, profiles: Sequence[str]) -> tuple[list[Fi
 def findings(observed: Mapping[str, Observed], recorded: Mapping[str, Mapping[str, Any]]) -> list[Finding]:
     """Drift from the probe: egress not observed denied (always: every unit is default-deny),
     and limits that were enforced at the apply but are not now. Pure."""
-    from controlplane.drift import Finding
+    from controlplane.promote.drift import Finding
 
     out = []
     for name, obs in sorted(observed.items()):

@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from controlplane.canonical import sha256_hex
-from controlplane.facts import UnitFacts
-from controlplane.hostlayout import LAYOUT
+from controlplane.promote.facts import UnitFacts
+from controlplane.promote.layout import LAYOUT
 
 # Values longer than this are recorded and compared as a digest (SystemCallFilter is ~3 KB).
 LONG_VALUE = 256

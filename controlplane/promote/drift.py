@@ -11,10 +11,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from controlplane import releasecheck, unitcheck
-from controlplane.facts import HostFacts
-from controlplane.hostlayout import LAYOUT
-from controlplane.plan import DesiredState, diff, release_tampered, unexpected_profiles
+from controlplane.promote import releasecheck, unitcheck
+from controlplane.promote.facts import HostFacts
+from controlplane.promote.layout import LAYOUT
+from controlplane.promote.plan import DesiredState, diff, release_tampered, unexpected_profiles
 
 _WHAT = {
     "create-release": "release missing",
@@ -48,7 +48,7 @@ class DriftReport(BaseModel):
     # recorded before the last (failed) apply touched the host
     baseline: str = "apply"
     notes: tuple[str, ...] = ()
-    # per profile, what the sandbox probe observed in force (controlplane.enforcement)
+    # per profile, what the sandbox probe observed in force (controlplane.promote.enforcement)
     controls: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @property

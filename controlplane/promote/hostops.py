@@ -12,8 +12,8 @@ from collections.abc import Mapping
 
 from controlplane import hostscripts
 from controlplane.errors import OperationalError
-from controlplane.hostlayout import LAYOUT
-from controlplane.material import HealthCheck, ReleaseMaterial
+from controlplane.promote.layout import LAYOUT
+from controlplane.promote.material import HealthCheck, ReleaseMaterial
 from controlplane.transport.base import RunResult, Transport
 
 # The host-side programs (stdlib Python, package data in controlplane/hostscripts/): the unpack

@@ -14,18 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from controlplane import (
-    enforcement,
-    facts,
-    hostlock,
-    hostops,
-    inventory,
-    plan,
-    promotestate,
-    render,
-    unitcheck,
-)
-from controlplane.apply import apply_plan, capture_previous
+from controlplane import inventory
 from controlplane.errors import AvmError, OperationalError, RefusedError
 from controlplane.evidence import step as evidence
 from controlplane.governance import controls as governance
@@ -33,7 +22,10 @@ from controlplane.governance import gate as governance_gate
 from controlplane.governance import secrets as secret_store
 from controlplane.home import Home
 from controlplane.ids import CommitSha, parse_profile
-from controlplane.material import Material, ReleaseMaterial
+from controlplane.promote import enforcement, facts, hostlock, hostops, plan, render, unitcheck
+from controlplane.promote import state as promotestate
+from controlplane.promote.apply import apply_plan, capture_previous
+from controlplane.promote.material import Material, ReleaseMaterial
 from controlplane.release.manifest import ReleaseManifest
 from controlplane.transport.base import Transport
 
