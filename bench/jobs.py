@@ -28,16 +28,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from controlplane import guestinit, ocistore
 from controlplane.evidence import keys
 from controlplane.home import Home
 from controlplane.image import sign as imagesign
-from controlplane.jobs import guest_limits, pick_kernel, rootfs_cache, run_job
-from controlplane.jobspec import JobLimits, load_jobspec
+from controlplane.jobs import guest as guestinit
+from controlplane.jobs.oci import store as ocistore
+from controlplane.jobs.runner import guest_limits, pick_kernel, rootfs_cache, run_job
+from controlplane.jobs.runtime import Launch
+from controlplane.jobs.runtime.qemu import host_tsc_khz, qemu_argv
+from controlplane.jobs.spec import JobLimits, load_jobspec
 from controlplane.release import cosign
 from controlplane.release import trust as signing
-from controlplane.runtime import Launch
-from controlplane.runtime.qemu import host_tsc_khz, qemu_argv
 
 COMMAND = ["/bin/sh", "-c", "echo hello-from-job"]
 
@@ -105,7 +106,7 @@ def main() -> None:
     parser.add_argument("--machines", default="microvm,q35")
     args = parser.parse_args()
     os.environ.setdefault("AVM_IMAGE_CACHE", "/var/tmp/avm-image-cache")
-    from controlplane import guestkernel
+    from controlplane.jobs import kernel as guestkernel
 
     kernels = ["golden"] + (["minimal"] if guestkernel.cached(Path("/var/tmp/avm-guest-kernel")) else [])
     rows = []

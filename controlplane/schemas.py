@@ -17,7 +17,7 @@ from controlplane.evidence.schema import receipt_schemas, schema_id
 
 # file stem -> "module:Model"
 SCHEMAS = {
-    "jobspec": "controlplane.jobspec:JobSpec",
+    "jobspec": "controlplane.jobs.spec:JobSpec",
     "recipe": "controlplane.image.recipe:Recipe",
     "image-manifest": "controlplane.image.golden:ImageManifest",
     "receipt-envelope": "controlplane.evidence.receipt:Envelope",

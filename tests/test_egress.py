@@ -21,11 +21,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from controlplane import egress
 from controlplane._internal.netns import Ip, netns_pids
-from controlplane.egressnames import POOL, Names, block, candidate_blocks
 from controlplane.errors import OperationalError, UsageError
-from controlplane.jobspec import EgressRule
+from controlplane.jobs.egress import network as egress
+from controlplane.jobs.egress.names import POOL, Names, block, candidate_blocks
+from controlplane.jobs.spec import EgressRule
 from controlplane.transport.local import LocalTransport
 
 needs_root = pytest.mark.usefixtures("root_net_tools")

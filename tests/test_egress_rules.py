@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from controlplane import nftrules
-from controlplane.egressnames import Names
 from controlplane.errors import UsageError
-from controlplane.jobspec import EgressRule
+from controlplane.jobs.egress import rules as nftrules
+from controlplane.jobs.egress.names import Names
+from controlplane.jobs.spec import EgressRule
 
 DNS = "198.51.100.53"
 

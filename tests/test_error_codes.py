@@ -223,8 +223,8 @@ def test_a_missing_busybox_is_an_operational_error_exit_1_and_builds_nothing(tmp
     assert out.returncode == 1, out.stderr
     assert "error[tool-missing]: busybox is not installed" in out.stderr
     assert "Traceback" not in out.stderr
-    from controlplane import ocistore
     from controlplane.home import Home
+    from controlplane.jobs.oci import store as ocistore
 
     assert not ocistore.store_dir(Home(home)).exists()
 

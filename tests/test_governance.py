@@ -11,7 +11,7 @@ from controlplane.errors import OperationalError, RefusedError, UsageError
 from controlplane.governance import controls as governance
 from controlplane.governance import secretscan, tiers
 from controlplane.governance.controls import Drill
-from controlplane.jobspec import parse_jobspec
+from controlplane.jobs.spec import parse_jobspec
 from controlplane.promote.events import EVENT_TYPES
 from controlplane.release.manifest import parse_manifest
 

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import guestinit, guestscripts, jobprobe
-from controlplane.jobspec import JobSpec
+from controlplane import guestscripts
+from controlplane.jobs import guest as guestinit
+from controlplane.jobs import probe as jobprobe
+from controlplane.jobs.spec import JobSpec
 from controlplane.vm import initramfs
 from tests.plugins.require import require_tools
 

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import hostscripts, netprobe
+from controlplane import hostscripts
 from controlplane.hostscripts import flip_link, unpack_release
+from controlplane.jobs.egress import probe as netprobe
 from controlplane.promote import hostops
 
 PY = "/usr/bin/python3"

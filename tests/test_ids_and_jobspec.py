@@ -12,7 +12,7 @@ from controlplane.cli import main
 from controlplane.errors import ExitCode, UsageError
 from controlplane.evidence import keys
 from controlplane.home import Home
-from controlplane.jobspec import load_jobspec, parse_jobspec
+from controlplane.jobs.spec import load_jobspec, parse_jobspec
 from controlplane.schemas import export_all
 
 REPO = Path(__file__).resolve().parents[1]

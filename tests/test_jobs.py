@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import ocistore
 from controlplane.image import sign as imagesign
+from controlplane.jobs.oci import store as ocistore
 from tests.plugins.jobimages import PASSWORD, JobEnv, home_pids
 from tests.plugins.vms import AVM, run_avm
 
@@ -140,7 +140,7 @@ def test_outputs_smuggled_as_symlinks_are_refused(jobenv: JobEnv) -> None:
 
 
 def test_kata_runtime_says_plainly_it_is_not_installed(jobenv: JobEnv) -> None:
-    from controlplane.runtime import kata
+    from controlplane.jobs.runtime import kata
 
     spec = jobenv.spec("kata", id="kata", command=["true"])
     out = run_avm(jobenv.home, "--json", "job", "run", str(spec), "--runtime", "kata")

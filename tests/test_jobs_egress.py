@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from controlplane.jobprobe import probe_egress
-from controlplane.jobspec import load_jobspec
+from controlplane.jobs.probe import probe_egress
+from controlplane.jobs.spec import load_jobspec
 from tests.plugins.jobimages import JobEnv, home_pids
 from tests.plugins.vms import run_avm
 

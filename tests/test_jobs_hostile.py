@@ -20,9 +20,10 @@ from typing import Any
 
 import pytest
 
-from controlplane import guestinit, ocistore
 from controlplane.image import sign as imagesign
-from controlplane.jobs import rootfs_cache
+from controlplane.jobs import guest as guestinit
+from controlplane.jobs.oci import store as ocistore
+from controlplane.jobs.runner import rootfs_cache
 from tests.plugins.jobimages import PASSWORD, JobEnv, home_pids, minimal_kernel_available, setuid_image
 from tests.plugins.vms import AVM, run_avm
 from tests.test_jobs_egress import ALLOWED, world  # noqa: F401 - the world namespace fixture
@@ -253,8 +254,8 @@ KILLED_RUNNER = """
 import sys
 from pathlib import Path
 from controlplane.home import Home
-from controlplane.jobs import run_job
-from controlplane.jobspec import load_jobspec
+from controlplane.jobs.runner import run_job
+from controlplane.jobs.spec import load_jobspec
 home, spec, kernel, world = Home(Path(sys.argv[1])), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 opts = {"uplink_netns": world}
 run_job(home, load_jobspec(spec), spec_dir=spec.parent, kernel=kernel, network_options=opts)

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import jobfiles, jobresult
 from controlplane.errors import AvmError
 from controlplane.home import Home
-from controlplane.runtime import CONSOLE_LOG_MAX
+from controlplane.jobs import files as jobfiles
+from controlplane.jobs import result as jobresult
+from controlplane.jobs.runtime import CONSOLE_LOG_MAX
 from tests.plugins.jobimages import JobEnv, home_pids, minimal_kernel_available
 
 MIB = 1 << 20
@@ -121,8 +122,8 @@ def _receipt(env: JobEnv, receipt_id: str) -> str:
 PUMP = f"""
 import os, subprocess, sys
 from pathlib import Path
-from controlplane.runtime import Launch
-from controlplane.runtime.qemu import _Pump
+from controlplane.jobs.runtime import Launch
+from controlplane.jobs.runtime.qemu import _Pump
 longest = [0]
 def stream(line):
     longest[0] = max(longest[0], len(line))

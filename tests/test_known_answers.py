@@ -20,12 +20,12 @@ import os
 import subprocess
 from pathlib import Path
 
-from controlplane import ocistore
 from controlplane.canonical import canonical_bytes
 from controlplane.evidence import keys
 from controlplane.evidence.receipt import PAYLOAD_TYPE, Statement, open_receipt, pae, seal
 from controlplane.home import Home
 from controlplane.image import sign as imagesign
+from controlplane.jobs.oci import store as ocistore
 from controlplane.release import bundle, git
 
 GIT_ENV = {

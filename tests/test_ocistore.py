@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import ocilayers, ocistore
 from controlplane.errors import RefusedError, UsageError
 from controlplane.home import Home
+from controlplane.jobs.oci import layers as ocilayers
+from controlplane.jobs.oci import store as ocistore
 
 
 def layer(entries: list[tuple[str, str, str]]) -> bytes:
@@ -116,7 +117,7 @@ def test_kata_gets_the_pinned_image_as_an_oci_archive_with_the_same_digest(
     home: Home, tmp_path: Path
 ) -> None:
     from controlplane.home import Home as H
-    from controlplane.runtime import kata
+    from controlplane.jobs.runtime import kata
 
     src = tmp_path / "f.txt"
     src.write_text("x")

@@ -34,7 +34,7 @@ from controlplane.evidence.receipt import PAYLOAD_TYPE, Predicate, Statement, op
 from controlplane.home import Home
 from controlplane.image.golden import ImageManifest
 from controlplane.image.recipe import Recipe
-from controlplane.jobspec import JobSpec
+from controlplane.jobs.spec import JobSpec
 from controlplane.promote import plan
 from controlplane.release.manifest import ReleaseManifest
 

@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
-from controlplane import ocistore
 from controlplane.errors import RefusedError
 from controlplane.evidence import keys, ledger
 from controlplane.evidence import step as evidence
 from controlplane.evidence.receipt import open_receipt
 from controlplane.home import Home
 from controlplane.image import sign as imagesign
+from controlplane.jobs.oci import store as ocistore
 from controlplane.release import bundle, cosign, sigstorebundle, sigstoretrust
 from controlplane.release import trust as signing
 

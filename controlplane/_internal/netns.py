@@ -124,7 +124,7 @@ def nft(host: Transport, netns: str, args: Sequence[str], *, script: str | None 
     """``nft ARGS`` inside ``netns`` (a script on stdin with ``-f -``). Raises ``CommandFailed``."""
     stdin = script.encode() if script is not None else None
     return host.run(in_netns(netns, ["nft", *args]), stdin=stdin, timeout=15.0).check(
-        hint="the ruleset is rendered by controlplane.nftrules; `nft -c -f -` checks it without applying"
+        hint="check the rendered ruleset without applying it: `nft -c -f -` reads it on stdin"
     )
 
 

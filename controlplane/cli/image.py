@@ -105,7 +105,7 @@ def import_(app: AppContext, source: Path, name: str | None) -> None:
 
     Every blob is re-hashed. Prints NAME@sha256:... for each image: pin that in job specs.
     """
-    from controlplane.ocistore import import_layout
+    from controlplane.jobs.oci.store import import_layout
 
     images = import_layout(app.home, source, name)
     app.emit({"images": [i.ref for i in images]}, "\n".join(i.ref for i in images))
@@ -121,7 +121,7 @@ def build_job(app: AppContext, name: str, files: tuple[str, ...], busybox: bool)
     import shutil
 
     from controlplane.errors import OperationalError, UsageError
-    from controlplane.ocistore import build_job_image
+    from controlplane.jobs.oci.store import build_job_image
 
     mapping = {}
     for item in files:
@@ -158,7 +158,7 @@ def sign(app: AppContext, ref: str, key_path: Path | None, bundle_path: Path | N
     """
     from controlplane.errors import UsageError
     from controlplane.image.sign import import_sigstore_bundle, sign_image
-    from controlplane.ocistore import resolve
+    from controlplane.jobs.oci.store import resolve
     from controlplane.release.trust import password_from_env
 
     if (key_path is None) == (bundle_path is None):

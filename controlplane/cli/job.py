@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from controlplane.cli.app import AppContext, pass_app
-from controlplane.runtime.qemu import MACHINES
+from controlplane.jobs.runtime.qemu import MACHINES
 
 SPEC = click.Path(path_type=Path, dir_okay=False)
 
@@ -57,8 +57,8 @@ def run(
     (unpinned image, bad id, ../ paths, NUL bytes), a non-empty --out. The guest console streams
     live to stderr; stdout gets the job's stdout.
     """
-    from controlplane.jobs import run_job
-    from controlplane.jobspec import load_jobspec
+    from controlplane.jobs.runner import run_job
+    from controlplane.jobs.spec import load_jobspec
 
     spec = load_jobspec(spec_path)
     with contextlib.ExitStack() as connection:  # the host connection is closed on every path
@@ -120,8 +120,8 @@ def probe_egress(app: AppContext, spec_path: Path, guest_kernel: str) -> int:
 
     Exit 0 when every deny class was denied and every allowed destination reached, else 1.
     """
-    from controlplane.jobprobe import probe_egress as probe
-    from controlplane.jobspec import load_jobspec
+    from controlplane.jobs.probe import probe_egress as probe
+    from controlplane.jobs.spec import load_jobspec
 
     spec = load_jobspec(spec_path)
     report = probe(app.home, spec, spec_dir=spec_path.resolve().parent, kernel=guest_kernel)
@@ -142,7 +142,7 @@ def probe_egress(app: AppContext, spec_path: Path, guest_kernel: str) -> int:
 @pass_app
 def gc(app: AppContext) -> None:
     """Remove leftovers (QEMU processes, job networks, work dirs) of runners that are gone."""
-    from controlplane.jobteardown import gc as collect
+    from controlplane.jobs.teardown import gc as collect
 
     removed = collect(app.home)
     app.emit({"removed": removed}, "\n".join(removed) or "nothing left")

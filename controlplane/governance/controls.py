@@ -26,7 +26,7 @@ from controlplane.governance import secretscan, tiers
 if TYPE_CHECKING:
     from controlplane.evidence.step import Step
     from controlplane.home import Home
-    from controlplane.jobspec import JobSpec
+    from controlplane.jobs.spec import JobSpec
     from controlplane.release.manifest import Profile, ReleaseManifest
 
 # Evaluated after planning (they bind to the plan digest), not before.

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict
 from controlplane._internal.fs import write_atomic
 from controlplane.errors import AvmError, RefusedError
 from controlplane.home import Home
-from controlplane.ocistore import store_dir
+from controlplane.jobs.oci.store import store_dir
 from controlplane.release import cosign
 from controlplane.release.trust import trusted_keys
 

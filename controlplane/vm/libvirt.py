@@ -104,7 +104,7 @@ class LibvirtBackend:
         cpuinfo = domainxml.read_cpuinfo()
         # the qemu backend's probe (cached, AVM_ACCEL overrides): /dev/kvm can exist and still
         # fail to run a guest (nested KVM), and libvirt would only say so at start
-        from controlplane.runtime.qemu import probe_accel
+        from controlplane.jobs.runtime.qemu import probe_accel
         from controlplane.vm.qemu import probe_cache
 
         probed = probe_accel(request.image.kernel, initramfs.BUSYBOX, probe_cache())

@@ -100,7 +100,7 @@ class QemuBackend:
                 raise _tool_missing(tool)
 
     def boot(self, request: BootRequest) -> Booted:
-        from controlplane.runtime.qemu import host_tsc_khz, probe_accel
+        from controlplane.jobs.runtime.qemu import host_tsc_khz, probe_accel
 
         setup_t0 = time.monotonic()
         state = request.state_dir

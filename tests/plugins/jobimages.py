@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import ocistore
 from controlplane.evidence import keys
 from controlplane.home import Home
 from controlplane.image import sign as imagesign
+from controlplane.jobs.oci import store as ocistore
 from controlplane.release import cosign
 from controlplane.release import trust as signing
 from tests.plugins.require import require_root, require_tools
@@ -88,7 +88,7 @@ def prepare(home: Home, base: Path) -> JobEnv:
 
 
 def minimal_kernel_available() -> bool:
-    from controlplane import guestkernel
+    from controlplane.jobs import kernel as guestkernel
 
     return guestkernel.cached(Path("/var/tmp/avm-guest-kernel")) is not None
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO
 
 from controlplane.errors import OperationalError
-from controlplane.runtime import CONSOLE_LOG_MAX, Launch, Outcome
+from controlplane.jobs.runtime import CONSOLE_LOG_MAX, Launch, Outcome
 from controlplane.transport.base import Transport
 
 QEMU = "qemu-system-x86_64"
@@ -71,8 +71,8 @@ def probe_accel(kernel: Path, busybox: Path, cache: Path) -> str:
         return forced
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "tcg"
-    from controlplane.guestinit import write_cpio
     from controlplane.image.golden import file_sha256
+    from controlplane.jobs.guest import write_cpio
 
     key = cache / f"accel-{file_sha256(kernel).split(':')[1][:16]}.json"
     if key.is_file():
@@ -117,7 +117,7 @@ class QemuRuntime:
         """Boot the job guest; kill it at the deadline. Raises ``OperationalError('tool-missing')``
         when QEMU is not installed."""
         if self.transport is not None and self.transport.url != "local://":
-            from controlplane.runtime.remote import run_remote
+            from controlplane.jobs.runtime.remote import run_remote
 
             return run_remote(self.transport, launch, self.accel)
         if shutil.which(QEMU) is None:

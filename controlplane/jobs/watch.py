@@ -1,6 +1,6 @@
 """The watchdog of one job run: it outlives the runner and tears the job down if the runner dies.
 
-The runner starts ``python -m controlplane.jobwatch BUDGET_S`` in a session of its own, holding
+The runner starts ``python -m controlplane.jobs.watch BUDGET_S`` in a session of its own, holding
 the write end of the watchdog's stdin. The work dir is passed in the environment, so the
 watchdog's command line never carries the run's marker (teardown checks look for that marker).
 Two mechanisms cover a runner killed with ``kill -9`` (which runs no handler):
@@ -32,7 +32,7 @@ ENV = "AVM_JOBWATCH_WORKDIR"  # boot, network and initramfs before the job's own
 
 def start(workdir: Path, timeout_s: float) -> subprocess.Popen[bytes]:
     """Start the watchdog of ``workdir``; the caller keeps ``proc.stdin`` open and calls ``stop``."""
-    argv = [sys.executable, "-m", "controlplane.jobwatch", str(timeout_s + SETUP_MARGIN_S)]
+    argv = [sys.executable, "-m", "controlplane.jobs.watch", str(timeout_s + SETUP_MARGIN_S)]
     return subprocess.Popen(
         argv,
         env={**os.environ, ENV: str(workdir)},
@@ -61,7 +61,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 def watch(workdir: Path, budget_s: float) -> str:
     """Block until the runner says done (-> "done") or dies (-> "torn-down", after teardown)."""
-    from controlplane import jobteardown
+    from controlplane.jobs import teardown as jobteardown
     from controlplane.vm import procs
 
     deadline = time.monotonic() + budget_s

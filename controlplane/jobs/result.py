@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from controlplane.errors import OperationalError, RefusedError
-from controlplane.ocilayers import member_path
+from controlplane.jobs.oci.layers import member_path
 
 HEADER = b"AVM-RESULT-1 "
 TRAILER = b"AVM-RESULT-END "

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from controlplane.errors import CommandFailed, OperationalError
-from controlplane.runtime import Launch, Outcome
+from controlplane.jobs.runtime import Launch, Outcome
 
 SHIM = "containerd-shim-kata-v2"
 RUNTIME_NAME = "io.containerd.kata.v2"
@@ -108,8 +108,8 @@ def container_id(marker: str) -> str:
 
 def _result(rc: int | None, log: Path, launch: Launch) -> Path:
     """The exit status containerd reported (from the shim, not from the job's output) as a framed
-    result tar (see ``controlplane.jobresult``)."""
-    from controlplane.jobresult import HEADER, TRAILER
+    result tar (see ``controlplane.jobs.result``)."""
+    from controlplane.jobs.result import HEADER, TRAILER
 
     path = launch.workdir / "result.tar"
     path.write_bytes(b"")

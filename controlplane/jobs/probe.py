@@ -15,9 +15,9 @@ from typing import Any
 
 from controlplane.evidence import step as evidence
 from controlplane.home import Home
-from controlplane.jobresult import GuestResult
-from controlplane.jobs import run_job
-from controlplane.jobspec import JobSpec
+from controlplane.jobs.result import GuestResult
+from controlplane.jobs.runner import run_job
+from controlplane.jobs.spec import JobSpec
 
 UNLISTED = ("198.51.100.20", 80)  # TEST-NET-2: never routed anywhere real
 DNS_UNLISTED = "198.51.100.53"

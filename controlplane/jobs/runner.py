@@ -21,16 +21,22 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from controlplane import egress, guestinit, jobfiles, jobresult, jobteardown, jobwatch, ocistore
 from controlplane.errors import ExitCode, OperationalError, UsageError
 from controlplane.evidence import step as evidence
 from controlplane.governance import controls as governance
 from controlplane.home import Home
 from controlplane.image import sign as imagesign
-from controlplane.jobnet import JobNetwork
-from controlplane.jobspec import JobLimits, JobSpec
+from controlplane.jobs import files as jobfiles
+from controlplane.jobs import guest as guestinit
+from controlplane.jobs import result as jobresult
+from controlplane.jobs import teardown as jobteardown
+from controlplane.jobs import watch as jobwatch
+from controlplane.jobs.egress import network as egress
+from controlplane.jobs.egress.live import JobNetwork
+from controlplane.jobs.oci import store as ocistore
+from controlplane.jobs.runtime import CONSOLE_LOG_MAX, Launch, Outcome, Runtime, get_runtime
+from controlplane.jobs.spec import JobLimits, JobSpec
 from controlplane.promote import events as auditevents
-from controlplane.runtime import CONSOLE_LOG_MAX, Launch, Outcome, Runtime, get_runtime
 from controlplane.transport.base import Transport
 
 RESULT_SLACK = 16 << 20  # tar headers and padding on top of the byte limits
@@ -80,7 +86,7 @@ def pick_kernel(home: Home, which: str, machine: str, net: bool) -> GuestKernelC
     from controlplane.image.golden import load_image
 
     if which == "minimal":
-        from controlplane import guestkernel
+        from controlplane.jobs import kernel as guestkernel
 
         if machine != "microvm":
             raise UsageError(
@@ -96,7 +102,7 @@ def pick_kernel(home: Home, which: str, machine: str, net: bool) -> GuestKernelC
             raise OperationalError(
                 "guest-kernel-not-built",
                 "no minimal guest kernel is built for the current config",
-                hint="build it: python -m controlplane.guestkernel <home>/cache/guest-kernel (about 3 min)",
+                hint="build it: python -m controlplane.jobs.kernel <home>/cache/guest-kernel (about 3 min)",
             )
         return GuestKernelChoice(
             kernel=k.path, digest=k.digest, modules=[], source="minimal", acpi=False, append=MINIMAL_APPEND
@@ -309,7 +315,7 @@ def outcome_limit(spec: JobSpec) -> int:
 def _runtime_options(runtime: str, transport: Transport | None, choice: GuestKernelChoice) -> dict[str, Any]:
     if runtime != "qemu":
         return {}
-    from controlplane.runtime.qemu import probe_accel
+    from controlplane.jobs.runtime.qemu import probe_accel
 
     if transport is not None and transport.url != "local://":
         return {"transport": transport, "accel": os.environ.get("AVM_ACCEL") or "tcg"}

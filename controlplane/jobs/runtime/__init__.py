@@ -76,11 +76,11 @@ class Runtime(Protocol):
 def get_runtime(name: str, **kwargs: object) -> Runtime:
     """Raises ``UsageError('runtime-unknown')`` for anything but qemu and kata."""
     if name == "qemu":
-        from controlplane.runtime.qemu import QemuRuntime
+        from controlplane.jobs.runtime.qemu import QemuRuntime
 
         return QemuRuntime(**kwargs)  # type: ignore[arg-type]
     if name == "kata":
-        from controlplane.runtime.kata import KataRuntime, require
+        from controlplane.jobs.runtime.kata import KataRuntime, require
 
         require()  # before anything is created: say plainly what is missing
         runtime: Runtime = KataRuntime()

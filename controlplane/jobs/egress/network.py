@@ -2,7 +2,7 @@
 
 Per job: a network namespace ``avm-<label>--<job_id>`` holding the tap QEMU attaches to (the
 gateway, ``.1`` of a /30), one end of a veth pair (the other end, ``<tag>--<block>``, sits in the
-host's namespace) and an nftables ``inet`` table (``controlplane.nftrules``) that drops all but the
+host's namespace) and an nftables ``inet`` table (``controlplane.jobs.egress.rules``) that drops all but the
 listed destinations, counts every class of traffic and rejects fast. Forwarding is on inside the
 namespace only; guest traffic leaves masqueraded as the namespace's veth address. Each job takes
 a /29 of ``POOL`` derived from a hash of its id; the host-side veth's name claims the block
@@ -19,12 +19,12 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
-from controlplane import nftrules
 from controlplane._internal import netns as nx
-from controlplane.egressnames import POOL, Names, block, candidate_blocks, parse_label
 from controlplane.errors import OperationalError, UsageError
-from controlplane.jobnet import Check, JobNetwork
-from controlplane.netprobe import probe_targets
+from controlplane.jobs.egress import rules as nftrules
+from controlplane.jobs.egress.live import Check, JobNetwork
+from controlplane.jobs.egress.names import POOL, Names, block, candidate_blocks, parse_label
+from controlplane.jobs.egress.probe import probe_targets
 from controlplane.transport.base import Transport
 from controlplane.transport.local import LocalTransport
 

@@ -12,8 +12,8 @@ import shutil
 import signal
 from pathlib import Path
 
-from controlplane import egress
 from controlplane.home import Home
+from controlplane.jobs.egress import network as egress
 from controlplane.vm import procs
 
 PREFIX = "avmjob+"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from controlplane.errors import RefusedError, UsageError
 from controlplane.home import Home
-from controlplane.runtime import CONSOLE_LOG_MAX
+from controlplane.jobs.runtime import CONSOLE_LOG_MAX
 
 KEEP_LOGS = 5
 MARKER = ".avm-run"

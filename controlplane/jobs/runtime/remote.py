@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 
 from controlplane.errors import CommandTimeout, OperationalError
-from controlplane.runtime import Launch, Outcome
-from controlplane.runtime.qemu import host_tsc_khz, qemu_argv
+from controlplane.jobs.runtime import Launch, Outcome
+from controlplane.jobs.runtime.qemu import host_tsc_khz, qemu_argv
 from controlplane.transport.base import Transport
 
 REMOTE_BASE = "/var/tmp/avm-jobs"

@@ -15,9 +15,9 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from controlplane import nftrules
 from controlplane.errors import UsageError
 from controlplane.ids import JobId, JsonSchemaExtra, json_pattern
+from controlplane.jobs.egress import rules as nftrules
 
 _IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}@sha256:[0-9a-f]{64}$")
 _ENV_KEY_RE = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")
@@ -85,7 +85,7 @@ _ALLOW_SCHEMA = JsonSchemaExtra(
     {
         "$comment": "each entry is also refused (exit 64, egress-* codes) when its host is IPv6, a /0, "
         f"shorter than /{nftrules.MIN_PREFIX}, in {nftrules.METADATA} (metadata), loopback, multicast, "
-        "unspecified or reserved: see controlplane.nftrules.validate_rules"
+        "unspecified or reserved: see controlplane.jobs.egress.rules.validate_rules"
     }
 )
 _ENV_SCHEMA = JsonSchemaExtra(

@@ -1,6 +1,6 @@
 """A live job network: what the runner reads (netns, QEMU args, guest env), evidence, teardown.
 
-Built by ``controlplane.egress.open_network``; ``close()`` snapshots the counters, kills what
+Built by ``controlplane.jobs.egress.network.open_network``; ``close()`` snapshots the counters, kills what
 runs in the job's namespaces, deletes them and verifies with ``teardown_checks`` that nothing
 is left. Counters and denials stay readable after close (the snapshot).
 """
@@ -15,10 +15,10 @@ import logging
 import time
 from typing import Any, Literal
 
-from controlplane import nftrules
 from controlplane._internal import netns as nx
-from controlplane.egressnames import Names
 from controlplane.errors import OperationalError, UsageError
+from controlplane.jobs.egress import rules as nftrules
+from controlplane.jobs.egress.names import Names
 from controlplane.transport.base import Transport
 
 log = logging.getLogger(__name__)

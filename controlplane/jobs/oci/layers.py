@@ -16,7 +16,7 @@ import tarfile
 from pathlib import Path, PurePosixPath
 
 from controlplane.errors import RefusedError
-from controlplane.ocistore import LAYER_GZ, LAYER_TAR, StoredImage, read_blob
+from controlplane.jobs.oci.store import LAYER_GZ, LAYER_TAR, StoredImage, read_blob
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"

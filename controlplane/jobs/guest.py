@@ -25,7 +25,7 @@ from controlplane._internal.fs import write_atomic
 from controlplane.errors import OperationalError
 
 if TYPE_CHECKING:
-    from controlplane.ocistore import StoredImage
+    from controlplane.jobs.oci.store import StoredImage
 
 JOB_UID = 65534
 RESULT_PORT = "avm.result"
@@ -191,8 +191,8 @@ def image_cpio(cache: Path, store: Path, image: StoredImage) -> tuple[Path, bool
 
     Every use re-hashes the image's blobs (``RefusedError('oci-blob-corrupt')``) and the cached
     cpio against the digest recorded when it was built; a cache that does not match is rebuilt."""
-    from controlplane.ocilayers import unpack
-    from controlplane.ocistore import verify_blob
+    from controlplane.jobs.oci.layers import unpack
+    from controlplane.jobs.oci.store import verify_blob
 
     for blob in [image.manifest["config"], *image.layers]:
         verify_blob(store, blob["digest"])
