@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from controlplane.errors import OperationalError, RefusedError, UsageError
+from controlplane.evidence.events import EVENT_TYPES
 from controlplane.governance import controls as governance
 from controlplane.governance import secretscan, tiers
 from controlplane.governance.controls import Drill
 from controlplane.jobs.spec import parse_jobspec
-from controlplane.promote.events import EVENT_TYPES
 from controlplane.release.manifest import parse_manifest
 
 TOOLS = "tools: [{name: search, schema_sha256: " + "a" * 64 + "}]"
@@ -228,7 +228,7 @@ def test_rollback_drill_evidence_comes_from_successful_rollback_receipts(home: o
 
 
 def test_gateway_journal_lines_and_egress_denials_become_vocabulary_events() -> None:
-    from controlplane.promote.events import egress_denied, parse_journal
+    from controlplane.evidence.events import egress_denied, parse_journal
 
     journal = "\n".join(
         [

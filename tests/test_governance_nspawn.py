@@ -22,10 +22,10 @@ import yaml
 
 from controlplane import inventory
 from controlplane.errors import RefusedError
+from controlplane.evidence.events import EVENT_TYPES
 from controlplane.governance import approvals, secrets
 from controlplane.home import Home
 from controlplane.promote import pipeline as promotion
-from controlplane.promote.events import EVENT_TYPES
 from controlplane.release import trust as signing
 from controlplane.transport.ssh import SshTransport
 from tests.plugins.agentrepo import PASSWORD, _commit, copy_example, git

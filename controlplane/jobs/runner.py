@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.errors import ExitCode, OperationalError, UsageError
+from controlplane.evidence import events as auditevents
 from controlplane.evidence import step as evidence
 from controlplane.governance import controls as governance
 from controlplane.home import Home
@@ -36,7 +37,6 @@ from controlplane.jobs.egress.live import JobNetwork
 from controlplane.jobs.oci import store as ocistore
 from controlplane.jobs.runtime import CONSOLE_LOG_MAX, Launch, Outcome, Runtime, get_runtime
 from controlplane.jobs.spec import JobLimits, JobSpec
-from controlplane.promote import events as auditevents
 from controlplane.transport.base import Transport
 
 RESULT_SLACK = 16 << 20  # tar headers and padding on top of the byte limits
@@ -315,7 +315,7 @@ def outcome_limit(spec: JobSpec) -> int:
 def _runtime_options(runtime: str, transport: Transport | None, choice: GuestKernelChoice) -> dict[str, Any]:
     if runtime != "qemu":
         return {}
-    from controlplane.jobs.runtime.qemu import probe_accel
+    from controlplane.vm.accel import probe_accel
 
     if transport is not None and transport.url != "local://":
         return {"transport": transport, "accel": os.environ.get("AVM_ACCEL") or "tcg"}

@@ -1,83 +1,14 @@
-"""The fixed audit event vocabulary, and events collected from gateways on a host.
-
-Every event in a receipt's ``predicate.events`` has a ``type`` from ``EVENT_TYPES`` (documented
-in docs/governance.md; a test fails if a receipt of a run carries any other type, or if the
-document and this table differ). Gateways write their events (tool denials, refusal to start)
-to the journal as single lines ``avm-event {json}``; ``avm status`` collects those since the
-last apply into its own receipt, so a denial on the host becomes evidence in the ledger.
-"""
+"""Tier-1 audit events collected from the gateways on a host (the vocabulary: evidence.events)."""
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections.abc import Sequence
 from typing import Any
 
+from controlplane.evidence.events import parse_journal
 from controlplane.promote.layout import unit_name
 from controlplane.transport.base import Transport
-
-EVENT_PREFIX = "avm-event "
-# type -> (emitted by, fields)
-EVENT_TYPES: dict[str, tuple[str, str]] = {
-    "gate.decision": (
-        "promote (plan receipt; gate=observed in the apply receipt)",
-        "gate, outcome (pass/fail/deferred), and the gate's inputs",
-    ),
-    "approval.signed": ("avm approve (approval receipt)", "approver key id, plan digest, ttl_s"),
-    "approval.accepted": ("promote --apply (apply receipt)", "approver, receipt, expires, plan"),
-    "secret.load": ("promote --apply (apply receipt)", "profile, credential, ref, version; never the value"),
-    "host.write": ("promote --apply (apply receipt)", "path, digest"),
-    "host.write-credentials": ("promote --apply (apply receipt)", "profile, paths, values: not recorded"),
-    "promotion.halted": ("promote --apply (apply receipt)", "reason, skipped profiles"),
-    "rollback.auto": ("promote --apply (apply receipt)", "profile, reason, to (previous release)"),
-    "rollback.run": ("avm rollback --apply (apply receipt)", "commit, profiles"),
-    "alignment.check": ("avm status (status receipt)", "in_sync, findings, against (apply receipt)"),
-    "tool.denied": ("gateway via journal -> avm status receipt", "profile, tool, reason"),
-    "gateway.refused": ("gateway via journal -> avm status receipt", "profile, reason (invalid policy)"),
-    "egress.denied": ("avm job run (job receipt)", "destination, packets (nftables counter / log)"),
-}
-
-_COLLECT_LIMIT = 200
-
-
-def parse_journal(text: str, profiles: Sequence[str]) -> list[dict[str, Any]]:
-    """Gateway events from ``journalctl -o cat`` output: known types, known profiles only."""
-    out: list[dict[str, Any]] = []
-    for line in text.splitlines():
-        _, sep, body = line.partition(EVENT_PREFIX)
-        if not sep:
-            continue
-        try:
-            event = json.loads(body)
-        except ValueError:
-            continue
-        if (
-            isinstance(event, dict)
-            and event.get("type") in ("tool.denied", "gateway.refused")
-            and event.get("profile") in profiles
-        ):
-            out.append({k: str(v)[:300] for k, v in event.items()})
-    return out[-_COLLECT_LIMIT:]
-
-
-def egress_denied(denials: Sequence[dict[str, Any]], job_id: str) -> list[dict[str, Any]]:
-    """``egress.denied`` events from ``nftrules.parse_denials`` output (the job's nftables
-    denied-flow set with per-destination counters). The job runner records each in its receipt:
-    ``for e in egress_denied(...): step.event(e.pop("type"), **e)``."""
-    out = []
-    for d in denials:
-        port = f":{d['dport']}" if d.get("dport") is not None else ""
-        out.append(
-            {
-                "type": "egress.denied",
-                "job": job_id,
-                "destination": f"{d['daddr']}{port}/{d['proto']}",
-                "class": d.get("class", "denied_other"),
-                "packets": int(d.get("packets", 0)),
-            }
-        )
-    return out[:_COLLECT_LIMIT]
 
 
 def gateway_events(host: Transport, profiles: Sequence[str], since: str) -> list[dict[str, Any]]:
