@@ -35,10 +35,11 @@ from controlplane.jobs import guest as guestinit
 from controlplane.jobs.oci import store as ocistore
 from controlplane.jobs.runner import guest_limits, pick_kernel, rootfs_cache, run_job
 from controlplane.jobs.runtime import Launch
-from controlplane.jobs.runtime.qemu import host_tsc_khz, qemu_argv
+from controlplane.jobs.runtime.qemu import qemu_argv
 from controlplane.jobs.spec import JobLimits, load_jobspec
 from controlplane.release import cosign
 from controlplane.release import trust as signing
+from controlplane.vm.accel import require_tsc_khz
 
 COMMAND = ["/bin/sh", "-c", "echo hello-from-job"]
 
@@ -71,7 +72,7 @@ def floor_once(home: Home, ref: str, kernel: str, machine: str, tmp: Path) -> tu
                     initramfs=initramfs, vcpus=1, memory_mib=256, timeout_s=120, machine=machine,
                     acpi=choice.acpi, extra_append=choice.append)  # fmt: skip
     result = tmp / "floor-result.tar"
-    argv = qemu_argv(launch, accel="tcg", tsc_khz=host_tsc_khz(Path("/proc/cpuinfo").read_text()),
+    argv = qemu_argv(launch, accel="tcg", tsc_khz=require_tsc_khz(Path("/proc/cpuinfo").read_text()),
                      result_path=str(result), kernel=str(choice.kernel), initrd=str(initramfs))  # fmt: skip
     start = time.monotonic()
     proc = subprocess.Popen(

@@ -23,6 +23,7 @@ import pytest
 from controlplane.errors import OperationalError
 from controlplane.home import Home
 from controlplane.vm import domainxml, lifecycle
+from controlplane.vm.accel import host_tsc_khz
 from controlplane.vm.base import BootRequest, VmRecord, VmSpec
 from controlplane.vm.domainxml import QEMU_NS, DomainSettings, domain_xml
 from controlplane.vm.seed import make_seed
@@ -130,7 +131,7 @@ def test_hostile_cmdline_cannot_add_elements(tmp_path: Path) -> None:
 )
 def test_host_facts_from_cpuinfo(cpuinfo: str, flag: str | None, khz: int | None) -> None:
     assert domainxml.host_virt_flag(cpuinfo) == flag
-    assert domainxml.host_tsc_khz(cpuinfo) == khz
+    assert host_tsc_khz(cpuinfo) == khz
 
 
 @needs_libvirt

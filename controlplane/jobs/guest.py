@@ -14,13 +14,13 @@ import json
 import os
 import shlex
 import shutil
-import stat
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from controlplane import guestscripts
+from controlplane._internal.archive import write_cpio
 from controlplane._internal.fs import write_atomic
 from controlplane.errors import OperationalError
 
@@ -132,48 +132,6 @@ def assemble(
 def _write(path: Path, text: str, mode: int) -> None:
     path.write_text(text)
     os.chmod(path, mode)
-
-
-SETID = stat.S_ISUID | stat.S_ISGID
-
-
-def write_cpio(root: Path, out: Path, stripped: list[str] | None = None) -> int:
-    """Write ``root`` as an uncompressed newc cpio (all files owned by root). Returns its size.
-
-    Set-uid and set-gid bits never reach the guest: they are cleared, and each such path is
-    appended to ``stripped``."""
-    ino = 1
-    with open(out, "wb") as fh:
-
-        def entry(name: str, mode: int, data: bytes) -> None:
-            nonlocal ino
-            nb = name.encode() + b"\0"
-            fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(nb), 0]
-            fh.write(b"070701" + b"".join(b"%08X" % f for f in fields) + nb)
-            fh.write(b"\0" * (-(110 + len(nb)) % 4) + data + b"\0" * (-len(data) % 4))
-            ino += 1
-
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
-            rel_dir = os.path.relpath(dirpath, root)
-            for name in [*sorted(dirnames), *sorted(filenames)]:
-                path = os.path.join(dirpath, name)
-                rel = name if rel_dir == "." else f"{rel_dir}/{name}"
-                st = os.lstat(path)
-                mode = st.st_mode
-                if stat.S_ISLNK(mode):
-                    entry(rel, mode, os.readlink(path).encode())
-                    continue
-                if mode & SETID:
-                    mode &= ~SETID
-                    if stripped is not None:
-                        stripped.append(rel)
-                if stat.S_ISDIR(mode):
-                    entry(rel, mode, b"")
-                elif stat.S_ISREG(mode):
-                    entry(rel, mode, Path(path).read_bytes())
-        entry("TRAILER!!!", 0, b"")
-        return fh.tell()
 
 
 def _file_sha256(path: Path) -> str:

@@ -145,17 +145,6 @@ def host_virt_flag(cpuinfo: str) -> Literal["vmx", "svm"] | None:
     return "vmx" if "vmx" in flags else "svm" if "svm" in flags else None
 
 
-def host_tsc_khz(cpuinfo: str) -> int | None:
-    """The host TSC in kHz, from the ``cpu MHz`` line of /proc/cpuinfo (TCG has no better source)."""
-    for line in cpuinfo.splitlines():
-        if line.startswith("cpu MHz"):
-            try:
-                return round(float(line.split(":", 1)[1]) * 1000)
-            except ValueError:
-                return None
-    return None
-
-
 def read_cpuinfo() -> str:
     try:
         return Path("/proc/cpuinfo").read_text()

@@ -13,13 +13,12 @@ Built once per image digest, cached next to the VM state in ``<home>/cache/initr
 from __future__ import annotations
 
 import gzip
-import io
 import os
 import shutil
-import tarfile
 from pathlib import Path
 
 from controlplane import guestscripts
+from controlplane._internal.archive import write_cpio
 from controlplane.canonical import sha256_hex
 from controlplane.errors import OperationalError
 
@@ -59,12 +58,6 @@ def _closure(rootfs: Path, kernel_version: str) -> list[str]:
     return order
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes, mode: int) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), mode, 0
-    tar.addfile(info, io.BytesIO(data))
-
-
 def build(rootfs: Path, kernel_version: str, cache: Path) -> Path:
     """The initramfs for this rootfs (cached by content). Raises ``OperationalError``."""
     if not BUSYBOX.exists():
@@ -78,8 +71,7 @@ def build(rootfs: Path, kernel_version: str, cache: Path) -> Path:
     if out.exists():
         return out
     cache.mkdir(parents=True, exist_ok=True)
-    # newc cpio is what the kernel unpacks; Python's tarfile cannot write it, so build a tree and
-    # let busybox cpio (-H newc) archive it
+    # newc cpio is what the kernel unpacks: build the tree, archive it, gzip it
     work = cache / f".build-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     try:
@@ -111,19 +103,9 @@ def for_rootfs(rootfs: Path, cache: Path) -> Path:
 
 
 def _cpio(tree: Path, out: Path) -> None:
-    import subprocess
-
-    files = sorted(str(p.relative_to(tree)) for p in tree.rglob("*"))
-    proc = subprocess.run(
-        [str(BUSYBOX), "cpio", "-o", "-H", "newc"],
-        input=("\n".join(files) + "\n").encode(),
-        cwd=tree,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise OperationalError("initramfs-build-failed", f"cpio failed: {proc.stderr.decode()[-300:]}")
+    raw = out.with_suffix(".raw")
+    write_cpio(tree, raw)
     tmp = out.with_suffix(".tmp")
-    tmp.write_bytes(gzip.compress(proc.stdout, compresslevel=6, mtime=0))
+    tmp.write_bytes(gzip.compress(raw.read_bytes(), compresslevel=6, mtime=0))
+    raw.unlink()
     tmp.rename(out)

@@ -22,6 +22,7 @@ from typing import Any, cast
 from controlplane.errors import OperationalError
 from controlplane.transport.local import LocalTransport
 from controlplane.vm import domainxml, initramfs, procs
+from controlplane.vm.accel import host_tsc_khz
 from controlplane.vm.base import Booted, BootRequest, Check, VmRecord, VmSpec
 
 URI_ENV = "AVM_LIBVIRT_URI"
@@ -104,7 +105,7 @@ class LibvirtBackend:
         cpuinfo = domainxml.read_cpuinfo()
         # the qemu backend's probe (cached, AVM_ACCEL overrides): /dev/kvm can exist and still
         # fail to run a guest (nested KVM), and libvirt would only say so at start
-        from controlplane.jobs.runtime.qemu import probe_accel
+        from controlplane.vm.accel import probe_accel
         from controlplane.vm.qemu import probe_cache
 
         probed = probe_accel(request.image.kernel, initramfs.BUSYBOX, probe_cache())
@@ -125,7 +126,7 @@ class LibvirtBackend:
             accel=accel,
             machine=machine,
             host_virt_flag=domainxml.host_virt_flag(cpuinfo) if accel == "kvm" else None,
-            tsc_khz=domainxml.host_tsc_khz(cpuinfo),
+            tsc_khz=host_tsc_khz(cpuinfo),
             uid=os.getuid(),
             gid=os.getgid(),
         )

@@ -7,7 +7,7 @@ the serial console goes to ``serial.log`` in the VM's state dir; a QMP socket th
 clean ACPI power-off. ``-M microvm`` boots faster than q35 under TCG and needs
 ``tsc_early_khz`` on its kernel cmdline (without it, about 2 boots in 3 hang).
 
-The accelerator comes from a short probe boot (``runtime.qemu.probe_accel``, cached per
+The accelerator comes from a short probe boot (``vm.accel.probe_accel``, cached per
 kernel): on hosts where ``/dev/kvm`` is PVM-only, ``-accel kvm`` hangs, so a probe that does not
 finish in time means TCG. Nested virtualization needs KVM (``-cpu host``); under TCG the
 receipt says it is unavailable.
@@ -26,9 +26,9 @@ from pathlib import Path
 
 from controlplane.errors import OperationalError
 from controlplane.vm import initramfs, procs
+from controlplane.vm.accel import QEMU
 from controlplane.vm.base import Booted, BootRequest, Check, VmRecord, VmSpec
 
-QEMU = "qemu-system-x86_64"
 QEMU_IMG = "qemu-img"
 MACHINE = "microvm"
 
@@ -100,7 +100,7 @@ class QemuBackend:
                 raise _tool_missing(tool)
 
     def boot(self, request: BootRequest) -> Booted:
-        from controlplane.jobs.runtime.qemu import host_tsc_khz, probe_accel
+        from controlplane.vm.accel import probe_accel, require_tsc_khz
 
         setup_t0 = time.monotonic()
         state = request.state_dir
@@ -132,7 +132,7 @@ class QemuBackend:
         t0 = time.monotonic()
         accel = probe_accel(request.image.kernel, initramfs.BUSYBOX, probe_cache())
         probe_s = round(time.monotonic() - t0, 3)
-        tsc = host_tsc_khz(Path("/proc/cpuinfo").read_text())
+        tsc = require_tsc_khz(Path("/proc/cpuinfo").read_text())
         argv = qemu_argv(request, accel=accel, tsc_khz=tsc, initrd=initrd)
         (state / "qemu.argv.json").write_text(json.dumps(argv))
         setup_s = time.monotonic() - setup_t0

@@ -15,13 +15,13 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
-import io
 import json
 import tarfile
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from controlplane._internal.archive import Member, tar_bytes, write_tar
 from controlplane._internal.fs import write_atomic
 from controlplane.errors import RefusedError, UsageError
 from controlplane.home import Home
@@ -215,24 +215,16 @@ def import_layout(home: Home, source: Path, name: str | None = None) -> list[Sto
 
 
 def _layer_tar(files: dict[str, tuple[bytes, int]], symlinks: dict[str, str]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        dirs = sorted(
-            {str(Path(p).parents[i]) for p in [*files, *symlinks] for i in range(len(Path(p).parts) - 1)}
-        )
-        for d in dirs:
-            info = tarfile.TarInfo(d)
-            info.type, info.mode = tarfile.DIRTYPE, 0o755
-            tar.addfile(info)
-        for path, (data, mode) in sorted(files.items()):
-            info = tarfile.TarInfo(path)
-            info.size, info.mode = len(data), mode
-            tar.addfile(info, io.BytesIO(data))
-        for path, target in sorted(symlinks.items()):
-            info = tarfile.TarInfo(path)
-            info.type, info.linkname, info.mode = tarfile.SYMTYPE, target, 0o777
-            tar.addfile(info)
-    return buf.getvalue()
+    dirs = sorted(
+        {str(Path(p).parents[i]) for p in [*files, *symlinks] for i in range(len(Path(p).parts) - 1)}
+    )
+    return tar_bytes(
+        [
+            *(Member(d, mode=0o755, kind="dir") for d in dirs),
+            *(Member(p, data, mode) for p, (data, mode) in sorted(files.items())),
+            *(Member(p, mode=0o777, kind="symlink", target=t) for p, t in sorted(symlinks.items())),
+        ]
+    )
 
 
 def _applets(busybox: Path) -> list[str]:
@@ -303,16 +295,10 @@ def export_archive(home: Home, image: StoredImage, dest: Path, ref_name: str) ->
                        "annotations": {REF_NAME: ref_name}}],
     }  # fmt: skip
     blobs = [image.digest, image.manifest["config"]["digest"], *(layer["digest"] for layer in image.layers)]
-    with tarfile.open(dest, "w") as tar:
-        for name, data in [
-            ("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'),
-            ("index.json", json.dumps(index).encode()),
-        ]:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        for digest in blobs:
-            data = read_blob(store, digest)
-            info = tarfile.TarInfo("blobs/sha256/" + digest.split(":")[1])
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    members = [
+        Member("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'),
+        Member("index.json", json.dumps(index).encode()),
+        *(Member("blobs/sha256/" + d.split(":")[1], read_blob(store, d)) for d in blobs),
+    ]
+    with open(dest, "wb") as fh:
+        write_tar(fh, members)

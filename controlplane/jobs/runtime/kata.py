@@ -7,10 +7,8 @@ missing it says so and runs nothing; it never falls back to another runtime sile
 
 from __future__ import annotations
 
-import io
 import shutil
 import subprocess
-import tarfile
 import time
 from pathlib import Path
 
@@ -109,6 +107,7 @@ def container_id(marker: str) -> str:
 def _result(rc: int | None, log: Path, launch: Launch) -> Path:
     """The exit status containerd reported (from the shim, not from the job's output) as a framed
     result tar (see ``controlplane.jobs.result``)."""
+    from controlplane._internal.archive import Member, tar_bytes
     from controlplane.jobs.result import HEADER, TRAILER
 
     path = launch.workdir / "result.tar"
@@ -117,12 +116,9 @@ def _result(rc: int | None, log: Path, launch: Launch) -> Path:
         return path
     with open(log, "rb") as fh:
         console = fh.read(launch.stdio_max)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in (("rc", f"{rc}\n".encode()), ("stdout", console), ("stderr", b"")):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    frame = tar_bytes(
+        Member(n, d) for n, d in (("rc", f"{rc}\n".encode()), ("stdout", console), ("stderr", b""))
+    )
     secret = launch.secret.encode()
-    path.write_bytes(HEADER + secret + b"\n" + buf.getvalue() + TRAILER + secret + b"\n")
+    path.write_bytes(HEADER + secret + b"\n" + frame + TRAILER + secret + b"\n")
     return path

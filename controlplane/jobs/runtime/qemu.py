@@ -8,12 +8,10 @@ probe boot under KVM completes (on this host ``-accel kvm`` hangs: kvm_pvm).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -23,20 +21,11 @@ from typing import IO
 from controlplane.errors import OperationalError
 from controlplane.jobs.runtime import CONSOLE_LOG_MAX, Launch, Outcome
 from controlplane.transport.base import Transport
+from controlplane.vm.accel import QEMU, require_tsc_khz
 
-QEMU = "qemu-system-x86_64"
 MACHINES = ("microvm", "q35")
-PROBE_TIMEOUT_S = 10.0
 PR_SET_PDEATHSIG = 1
 STREAM_LINE_MAX = 4096
-
-
-def host_tsc_khz(cpuinfo: str) -> int:
-    """``cpu MHz`` of the first CPU, in kHz (the TCG guest TSC runs at the host rate)."""
-    for line in cpuinfo.splitlines():
-        if line.startswith("cpu MHz"):
-            return int(float(line.split(":")[1]) * 1000)
-    raise OperationalError("cpuinfo-unparsed", "no 'cpu MHz' line in /proc/cpuinfo")
 
 
 def qemu_argv(
@@ -60,45 +49,6 @@ def qemu_argv(
         "-device", serial_dev, "-device", "virtserialport,chardev=avmres,name=avm.result",
         *launch.net_args,
     ]  # fmt: skip
-
-
-def probe_accel(kernel: Path, busybox: Path, cache: Path) -> str:
-    """``kvm`` if a probe guest boots and powers off under KVM within 10 s, else ``tcg``.
-
-    ``AVM_ACCEL`` overrides; the answer is cached per kernel digest."""
-    forced = os.environ.get("AVM_ACCEL")
-    if forced in ("kvm", "tcg"):
-        return forced
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "tcg"
-    from controlplane.image.golden import file_sha256
-    from controlplane.jobs.guest import write_cpio
-
-    key = cache / f"accel-{file_sha256(kernel).split(':')[1][:16]}.json"
-    if key.is_file():
-        return str(json.loads(key.read_text())["accel"])
-    with tempfile.TemporaryDirectory(prefix="avm-kvm-probe-") as tmp:
-        root = Path(tmp) / "root"
-        (root / "bin").mkdir(parents=True)
-        shutil.copy(busybox, root / "bin" / "busybox")
-        (root / "init").write_text(
-            "#!/bin/busybox sh\n/bin/busybox echo avm-kvm-probe-ok\n/bin/busybox reboot -f\n"
-        )
-        os.chmod(root / "init", 0o755)  # noqa: S103 - the probe guest runs it
-        write_cpio(root, Path(tmp) / "probe.cpio")
-        # microvm without ACPI boots both guest kernels (the minimal one has no ACPI or PCI)
-        argv = [QEMU, "-M", "microvm,pit=on,acpi=off", "-accel", "kvm", "-m", "128", "-nodefaults",
-                "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio",
-                "-kernel", str(kernel), "-initrd", f"{tmp}/probe.cpio",
-                "-append", "console=ttyS0 quiet reboot=t panic=-1"]  # fmt: skip
-        try:
-            proc = subprocess.run(argv, capture_output=True, timeout=PROBE_TIMEOUT_S, check=False)
-            accel = "kvm" if b"avm-kvm-probe-ok" in proc.stdout and proc.returncode == 0 else "tcg"
-        except subprocess.TimeoutExpired:
-            accel = "tcg"
-    cache.mkdir(parents=True, exist_ok=True)
-    key.write_text(json.dumps({"accel": accel, "probed_at": time.time()}))
-    return accel
 
 
 class QemuRuntime:
@@ -126,7 +76,7 @@ class QemuRuntime:
             )
         result = launch.workdir / "result.tar"
         result.write_bytes(b"")
-        tsc = host_tsc_khz(Path("/proc/cpuinfo").read_text())
+        tsc = require_tsc_khz(Path("/proc/cpuinfo").read_text())
         argv = qemu_argv(launch, accel=self.accel, tsc_khz=tsc, result_path=str(result),
                          kernel=str(launch.kernel), initrd=str(launch.initramfs))  # fmt: skip
         if launch.netns:

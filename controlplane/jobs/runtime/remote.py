@@ -11,8 +11,9 @@ import time
 
 from controlplane.errors import CommandTimeout, OperationalError
 from controlplane.jobs.runtime import Launch, Outcome
-from controlplane.jobs.runtime.qemu import host_tsc_khz, qemu_argv
+from controlplane.jobs.runtime.qemu import qemu_argv
 from controlplane.transport.base import Transport
+from controlplane.vm.accel import require_tsc_khz
 
 REMOTE_BASE = "/var/tmp/avm-jobs"
 
@@ -26,7 +27,7 @@ def run_remote(transport: Transport, launch: Launch, accel: str) -> Outcome:
             f"qemu-system-x86_64 is not installed on {transport.url}",
             hint="rebuild the golden image",
         )
-    tsc = host_tsc_khz(transport.run(["cat", "/proc/cpuinfo"], timeout=30).check().stdout)
+    tsc = require_tsc_khz(transport.run(["cat", "/proc/cpuinfo"], timeout=30).check().stdout)
     transport.run(["mkdir", "-p", "-m", "0700", rdir], timeout=30).check()
     transport.put(launch.kernel.read_bytes(), f"{rdir}/kernel")
     transport.put(launch.initramfs.read_bytes(), f"{rdir}/initramfs.cpio")
