@@ -29,7 +29,6 @@ from pathlib import Path
 
 import yaml
 
-from controlplane import inventory
 from controlplane.evidence import keys
 from controlplane.home import Home
 from controlplane.image.golden import load_image
@@ -37,6 +36,7 @@ from controlplane.promote import pipeline as promotion
 from controlplane.promote import status
 from controlplane.promote.layout import LAYOUT
 from controlplane.release import trust as signing
+from controlplane.transport import inventory
 from controlplane.transport.ssh import SshTransport
 from controlplane.vm import lifecycle
 from controlplane.vm.base import VmSpec

@@ -16,9 +16,9 @@ import json
 import subprocess
 from typing import Any
 
-from controlplane import inventory
 from controlplane.home import Home
 from controlplane.promote.enforcement import host_network
+from controlplane.transport import inventory
 from controlplane.transport.ssh import SshTransport
 from tests.plugins.agentrepo import AgentRepo
 from tests.plugins.vms import run_avm

@@ -6,8 +6,8 @@ cgroup2 files, so the same probe that finds them missing on nspawn must find the
 
 from __future__ import annotations
 
-from controlplane import inventory
 from controlplane.home import Home
+from controlplane.transport import inventory
 from controlplane.transport.ssh import SshTransport
 from tests.plugins.agentrepo import AgentRepo
 from tests.plugins.vms import run_avm_json as avm

@@ -18,10 +18,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from controlplane import inventory
 from controlplane.errors import AvmError
 from controlplane.home import Home
 from controlplane.release import bundle
+from controlplane.transport import inventory
 from controlplane.transport.ssh import SshTransport
 from tests import hostinfra
 from tests.plugins.agentrepo import AgentRepo

@@ -20,13 +20,13 @@ import paramiko
 import pytest
 import yaml
 
-from controlplane import inventory
 from controlplane.errors import RefusedError
 from controlplane.evidence.events import EVENT_TYPES
 from controlplane.governance import approvals, secrets
 from controlplane.home import Home
 from controlplane.promote import pipeline as promotion
 from controlplane.release import trust as signing
+from controlplane.transport import inventory
 from controlplane.transport.ssh import SshTransport
 from tests.plugins.agentrepo import PASSWORD, _commit, copy_example, git
 from tests.plugins.vms import run_avm

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from controlplane import inventory
 from controlplane.home import Home
 from controlplane.promote import pipeline as promotion
+from controlplane.transport import inventory
 from controlplane.transport.ssh import SshTransport
 from tests.plugins.agentrepo import AgentRepo
 from tests.plugins.vms import AVM, run_avm

@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
-from controlplane import inventory
 from controlplane.governance import secrets
 from controlplane.home import Home
 from controlplane.promote import pipeline as promotion
 from controlplane.release import bundle, cosign
 from controlplane.release import trust as signing
+from controlplane.transport import inventory
 from controlplane.transport.ssh import SshTransport
 from tests.plugins.agentrepo import PASSWORD, SECRET_REF, AgentRepo, _commit, copy_example, git
 from tests.plugins.vms import run_avm

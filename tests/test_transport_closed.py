@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import inventory
 from controlplane.cli import main
 from controlplane.evidence import keys
 from controlplane.home import Home
-from controlplane.transport import LocalTransport, Transport, connect
+from controlplane.transport import LocalTransport, Transport, connect, inventory
 from tests.plugins.sshd import Sshd
 
 ACCEPTED = re.compile(r"Accepted publickey for \S+ from 127\.0\.0\.1 port (\d+)")

@@ -7,9 +7,9 @@ import os
 import signal
 import time
 
-from controlplane import inventory
 from controlplane.evidence.receipt import open_receipt
 from controlplane.home import Home
+from controlplane.transport import inventory
 from controlplane.transport.ssh import SshTransport
 from controlplane.vm import cgroup, lifecycle, procs
 from tests.plugins.vms import needs_root_and_nspawn, run_avm

@@ -7,8 +7,8 @@ import os
 import signal
 import time
 
-from controlplane import inventory
 from controlplane.home import Home
+from controlplane.transport import inventory
 from controlplane.transport.ssh import SshTransport
 from controlplane.vm import lifecycle, procs
 from tests.plugins.vms import run_avm

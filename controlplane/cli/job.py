@@ -64,8 +64,7 @@ def run(
     with contextlib.ExitStack() as connection:  # the host connection is closed on every path
         transport = None
         if target != "local":
-            from controlplane import inventory
-            from controlplane.transport import connect
+            from controlplane.transport import connect, inventory
 
             transport = connection.enter_context(connect(inventory.load(app.home, target)))
         result = run_job(

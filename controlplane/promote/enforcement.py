@@ -32,11 +32,11 @@ from controlplane.promote.layout import LAYOUT
 
 if TYPE_CHECKING:
     from controlplane.evidence.step import Step
-    from controlplane.inventory import Target
     from controlplane.promote.drift import Finding
     from controlplane.promote.facts import Then
     from controlplane.promote.material import Material
     from controlplane.transport.base import Transport
+    from controlplane.transport.inventory import Target
     from controlplane.vm.nspawnnet import VmNet
 
 PROBE_TIMEOUT_S = 3.0

@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from controlplane import inventory
 from controlplane.errors import AvmError, OperationalError, RefusedError
 from controlplane.evidence import step as evidence
 from controlplane.governance import controls as governance
@@ -27,6 +26,7 @@ from controlplane.promote import state as promotestate
 from controlplane.promote.apply import apply_plan, capture_previous
 from controlplane.promote.material import Material, ReleaseMaterial
 from controlplane.release.manifest import ReleaseManifest
+from controlplane.transport import inventory
 from controlplane.transport.base import Transport
 
 Progress = Callable[[str], None]

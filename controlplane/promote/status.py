@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from controlplane import inventory
 from controlplane.errors import OperationalError
 from controlplane.evidence import reader as auditlog
 from controlplane.evidence import step as evidence
@@ -23,6 +22,7 @@ from controlplane.promote import events as auditevents
 from controlplane.promote.drift import DriftReport, find_drift
 from controlplane.promote.facts import gather
 from controlplane.promote.plan import DesiredState
+from controlplane.transport import inventory
 
 
 def check(home: Home, target: str) -> DriftReport:

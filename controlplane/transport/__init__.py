@@ -10,7 +10,7 @@ from controlplane.transport.base import RunResult, Transport, masked
 from controlplane.transport.local import LocalTransport
 
 if TYPE_CHECKING:
-    from controlplane.inventory import Target
+    from controlplane.transport.inventory import Target
 
 __all__ = ["LocalTransport", "RunResult", "Transport", "connect", "masked"]
 

@@ -28,7 +28,7 @@ from controlplane.transport.hostkey import fingerprint, load_identity, parse_hos
 if TYPE_CHECKING:
     import paramiko
 
-    from controlplane.inventory import Target
+    from controlplane.transport.inventory import Target
 
 # The remote `timeout` sends TERM at the deadline and KILL this many seconds later.
 KILL_AFTER_S = 2

@@ -16,10 +16,10 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from controlplane import inventory
 from controlplane.errors import AvmError, OperationalError, RefusedError
 from controlplane.evidence import step as evidence
 from controlplane.home import Home
+from controlplane.transport import inventory
 from controlplane.transport.base import RunResult
 from controlplane.vm import procs
 from controlplane.vm.base import (

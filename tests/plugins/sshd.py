@@ -20,7 +20,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from controlplane.inventory import Target
+from controlplane.transport.inventory import Target
 from tests.plugins.require import require_tools
 
 SSHD = "/usr/sbin/sshd"
