@@ -46,6 +46,8 @@ lint:
 	$(VENV)/bin/ruff check controlplane tests bench
 	$(VENV)/bin/ruff format --check controlplane tests bench
 	$(VENV)/bin/mypy
+	@# the layer contracts in pyproject.toml [tool.importlinter]
+	$(VENV)/bin/lint-imports --no-cache
 	@# the guest's busybox scripts (package data); excused findings: controlplane/guestscripts/.shellcheckrc
 	shellcheck controlplane/guestscripts/*.sh
 
