@@ -26,7 +26,7 @@ from controlplane.home import Home
 VERIFY_CHILD = """
 import json, resource, sys, time, tracemalloc
 from pathlib import Path
-from controlplane import keys, verify
+from controlplane.evidence import keys, verify
 tracemalloc.start()
 home = Path(sys.argv[1])
 t0 = time.perf_counter()

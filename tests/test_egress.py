@@ -238,7 +238,7 @@ KILLED = textwrap.dedent(
     """
     import os, signal, subprocess, sys
     from types import SimpleNamespace
-    from controlplane import egress
+    from controlplane.jobs.egress import network as egress
     rules = [SimpleNamespace(host="198.51.100.10", port=80, proto="tcp")]
     net = egress.open_network(sys.argv[1], rules, sys.argv[2])
     orphan = ["ip", "netns", "exec", net.netns, "sleep", "600"]  # a QEMU that outlives its runner

@@ -30,7 +30,7 @@ def test_lock_of_a_killed_holder_is_taken_over_and_reported(tmp_path: Path) -> N
     lock = str(tmp_path / "apply.lock")
     code = (
         "import sys, time\n"
-        "from controlplane import hostlock\n"
+        "from controlplane.promote import hostlock\n"
         "from controlplane.transport.local import LocalTransport\n"
         "with hostlock.hold(LocalTransport(), 'promote', sys.argv[1]):\n"
         "    print('held', flush=True)\n"

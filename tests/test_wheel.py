@@ -124,7 +124,10 @@ def test_avm_runs_from_the_wheel_outside_the_source_tree(
     # every data file, read the way the product reads it, has the bytes of the source tree
     read = (
         "import hashlib, json\n"
-        "from controlplane import guestinit, guestkernel, hostops, recipe, render, tiers\n"
+        "from controlplane.governance import tiers\n"
+        "from controlplane.image import recipe\n"
+        "from controlplane.jobs import guest as guestinit, kernel as guestkernel\n"
+        "from controlplane.promote import hostops, render\n"
         "print(json.dumps({\n"
         " 'tiers/tiers.yaml': tiers.TIERS_FILE.read_bytes(),\n"
         " 'units/agent-gateway@.service': render.unit_template(),\n"
