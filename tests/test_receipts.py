@@ -232,7 +232,7 @@ def test_no_key_means_the_step_does_not_run(home: Home) -> None:
 
 def test_crash_mid_write_leaves_no_half_receipt(chain: Home) -> None:
     # a writer killed before its rename leaves only a temp file, which is never part of the chain
-    (chain.receipts / ".tmp-crashed.part").write_bytes(b'{"payload":"eyJf')
+    (chain.receipts / ".00000007.json.k3x9q1.part").write_bytes(b'{"payload":"eyJf')
     # a writer killed after the rename but before HEAD moved: the receipt is complete; adopt it
     head = ledger.read_head(chain.receipts)
     (chain.receipts / "HEAD").write_text(json.dumps({"seq": head.seq - 1, "digest": "stale"}))
@@ -260,7 +260,7 @@ def test_concurrent_writers_in_separate_processes_make_one_valid_chain(home: Hom
     report = verify.verify(trusted(home), directory=home.receipts)
     assert report.count == 100
     assert report.kinds == {"concurrent": 100}
-    assert not list(home.receipts.glob(".tmp-*"))
+    assert not list(home.receipts.glob(".*.part"))  # the writer's temporaries (_internal.fs)
 
 
 def test_show_by_digest_prefix_and_list(chain: Home) -> None:

@@ -7,6 +7,7 @@
 * ``receipt`` / ``schema`` / ``ledger``: the in-toto statement format, its JSON Schemas and the
   append-only, hash-chained store.
 
-This package imports only the core leaves (errors, ids, canonical, home, schemas), so anything
-may record evidence and the verifier can be read on its own.
+This package imports only the core leaves (errors, ids, canonical, home, schemas) and the
+primitives in ``_internal``, so anything may record evidence and the verifier can be read on
+its own.
 """

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from controlplane._internal.fs import write_new
 from controlplane.errors import OperationalError, RefusedError, UsageError
 from controlplane.home import Home
 
@@ -89,12 +89,7 @@ def init(home: Home) -> tuple[str, Path]:
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    # O_EXCL: two concurrent `keys init` cannot both win
-    fd = os.open(priv_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(pem)
-        out.flush()
-        os.fsync(out.fileno())
+    write_new(priv_path, pem, 0o600)  # two concurrent `keys init` cannot both win
     pub = key.public_key()
     public_path(home).write_bytes(
         pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)

@@ -17,12 +17,12 @@ import contextlib
 import fcntl
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from controlplane._internal.fs import write_atomic
 from controlplane.errors import OperationalError
 from controlplane.evidence.receipt import digest_of
 
@@ -42,32 +42,6 @@ EMPTY = Head(seq=0, digest=None)
 
 def receipt_path(directory: Path, seq: int) -> Path:
     return directory / f"{seq:0{NAME_WIDTH}d}.json"
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes, *, durable: bool) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            if durable:
-                os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    if durable:
-        _fsync_dir(path.parent)
 
 
 def read_head(directory: Path) -> Head:
@@ -121,9 +95,9 @@ def append(directory: Path, build: Callable[[int, str | None], bytes], *, durabl
         path = receipt_path(directory, seq)
         if path.exists():  # cannot happen under the lock; never overwrite evidence
             raise OperationalError("receipt-exists", f"{path} already exists; refusing to overwrite")
-        _write_atomic(path, data, durable=durable)
+        write_atomic(path, data, durable=durable)
         new = Head(seq=seq, digest=digest_of(data))
-        _write_atomic(directory / HEAD, json.dumps(new.model_dump()).encode(), durable=durable)
+        write_atomic(directory / HEAD, json.dumps(new.model_dump()).encode(), durable=durable)
         return new
 
 

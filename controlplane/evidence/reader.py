@@ -6,13 +6,11 @@ receipt at a time.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from controlplane._internal.fs import atomic_writer
 from controlplane.errors import OperationalError, RefusedError, UsageError
 from controlplane.evidence import ledger
 from controlplane.evidence.receipt import Envelope, MalformedReceipt, Statement, digest_of, open_receipt
@@ -111,17 +109,8 @@ def export(directory: Path, out: Path) -> tuple[int, str | None]:
     if not out.parent.is_dir():
         raise UsageError("export-path-invalid", f"directory {out.parent} does not exist")
     count, head = 0, None
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as sink, ledger.locked(directory):
-            for _, data in _stored(directory):
-                sink.write(data + b"\n")
-                count, head = count + 1, digest_of(data)
-            sink.flush()
-            os.fsync(sink.fileno())
-        os.rename(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_writer(out) as sink, ledger.locked(directory):
+        for _, data in _stored(directory):
+            sink.write(data + b"\n")
+            count, head = count + 1, digest_of(data)
     return count, head

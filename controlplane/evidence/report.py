@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from controlplane._internal.fs import write_atomic
 from controlplane.errors import RefusedError
 from controlplane.evidence import ledger, verify
 from controlplane.evidence.keys import TrustedKeys
@@ -150,7 +151,5 @@ def write(directory: Path, trusted: TrustedKeys, out: Path) -> dict[str, int]:
     """Write the report to ``out`` (atomically). Returns counts."""
     rows = list(entries(directory, trusted))
     page = render(rows, source=str(directory), keyids=sorted(trusted.keys))
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.rename(out)
+    write_atomic(out, page.encode("utf-8"))
     return {"receipts": len(rows), "failing": sum(1 for r in rows if r["problems"])}

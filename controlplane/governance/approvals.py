@@ -16,11 +16,11 @@ import base64
 import dataclasses
 import datetime as dt
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
+from controlplane._internal.fs import write_new
 from controlplane.canonical import canonical_bytes
 from controlplane.errors import RefusedError, UsageError
 from controlplane.evidence import keys
@@ -85,9 +85,7 @@ def init_approver(out_dir: Path) -> tuple[str, Path, Path]:
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    fd = os.open(priv, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(pem)
+    write_new(priv, pem, 0o600)
     pub.write_bytes(
         key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo

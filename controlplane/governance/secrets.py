@@ -12,6 +12,7 @@ import os
 import stat
 from pathlib import Path
 
+from controlplane._internal.fs import write_atomic
 from controlplane.errors import RefusedError, UsageError
 from controlplane.home import Home
 
@@ -66,12 +67,7 @@ def put(home: Home, ref: str, value: bytes) -> Path:
     """Store a value for ``ref`` (0600, atomic)."""
     store, name = _split(ref)
     path = store_dir(home, store) / name
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(value)
-    os.replace(tmp, path)
+    write_atomic(path, value, 0o600)
     return path
 
 

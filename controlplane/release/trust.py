@@ -21,7 +21,7 @@ import os
 import re
 from pathlib import Path
 
-from controlplane._internal.fs import write_atomic
+from controlplane._internal.fs import write_atomic, write_new
 from controlplane.errors import OperationalError, RefusedError, UsageError
 from controlplane.evidence import step as evidence
 from controlplane.home import Home
@@ -68,14 +68,6 @@ class SignedRelease:
     receipt_id: str | None
 
 
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-
-
 def password_from_env(env: str = "COSIGN_PASSWORD") -> bytes:
     """The key password from ``$COSIGN_PASSWORD``, as cosign reads it (empty is allowed, unset is
     not: avm never prompts). Raises ``UsageError('key-password-missing')``."""
@@ -109,8 +101,8 @@ def release_init(out_dir: Path, password: bytes) -> tuple[str, Path, Path]:
         )
     out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     private_pem, public_pem = cosign.generate_keypair(password)
-    _write_new(key_path, private_pem, 0o600)
-    _write_new(pub_path, public_pem, 0o644)
+    write_new(key_path, private_pem, 0o600)
+    write_new(pub_path, public_pem, 0o644)
     return cosign.public_key_id(public_pem), key_path, pub_path
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from controlplane import guestscripts
 from controlplane._internal.archive import write_cpio
+from controlplane._internal.fs import write_atomic
 from controlplane.canonical import sha256_hex
 from controlplane.errors import OperationalError
 
@@ -105,7 +106,5 @@ def for_rootfs(rootfs: Path, cache: Path) -> Path:
 def _cpio(tree: Path, out: Path) -> None:
     raw = out.with_suffix(".raw")
     write_cpio(tree, raw)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_bytes(gzip.compress(raw.read_bytes(), compresslevel=6, mtime=0))
+    write_atomic(out, gzip.compress(raw.read_bytes(), compresslevel=6, mtime=0))
     raw.unlink()
-    tmp.rename(out)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from controlplane._internal.fs import write_atomic
 from controlplane.errors import AvmError, OperationalError, RefusedError
 from controlplane.evidence import step as evidence
 from controlplane.home import Home
@@ -60,10 +61,7 @@ def load_record(home: Home, name: str) -> VmRecord:
 
 
 def _save_record(record: VmRecord) -> None:
-    path = Path(record.state_dir) / "vm.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(record.model_dump_json(indent=2))
-    tmp.rename(path)
+    write_atomic(Path(record.state_dir) / "vm.json", record.model_dump_json(indent=2).encode())
 
 
 def _log_tail(state: Path, lines: int = 25) -> str:
