@@ -217,7 +217,6 @@ CODES: Mapping[str, tuple[type[AvmError], str]] = {
     "image-store-unwritable": (_O, "the image store cannot be created"),
     "image-unpinned": (_U, "a job image is not pinned by sha256 digest"),
     "image-unsafe": (_R, "the image carries SSH host keys every VM would share"),
-    "initramfs-build-failed": (_O, "building the initramfs failed"),
     "initramfs-module-missing": (_O, "a kernel module for the initramfs is not in the image"),
     "invalid-commit": (_U, "a commit is not exactly 40 lowercase hex"),
     "invalid-digest": (_U, "a digest is not sha256 followed by 64 lowercase hex"),

@@ -9,13 +9,17 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler, StringConstraints
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, core_schema
 
 from controlplane.errors import UsageError
+
+# The risk tiers, one vocabulary for the tier table, release manifests and job specs.
+RiskTier = Literal["L0", "L1", "L2", "L3", "L4", "L5"]
+TIER_IDS: tuple[str, ...] = get_args(RiskTier)
 
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")

@@ -37,6 +37,8 @@ def _code_arg(call: ast.Call, index: int, keyword: str = "code") -> ast.expr | N
     return next((k.value for k in call.keywords if k.arg == keyword), None)
 
 
+# _internal.loading's parsers raise ``error(code)`` (UsageError unless ``error=`` says otherwise)
+LOADERS = {"validate", "read_document", "parse_yaml"}
 KEBAB = re.compile(r"[a-z0-9]+(-[a-z0-9]+)+")
 
 
@@ -109,6 +111,10 @@ def raise_sites() -> list[tuple[str, str, str]]:
                 sites.append((where, code, name))
             elif name in CLASSES:
                 sites += [(where, code, name) for code in _literals(_code_arg(call, 0), local, funcs)]
+            elif name in LOADERS and any(k.arg == "code" for k in call.keywords):
+                err = next((k.value for k in call.keywords if k.arg == "error"), None)
+                cls = err.id if isinstance(err, ast.Name) else "UsageError"
+                sites += [(where, code, cls) for code in _literals(_code_arg(call, 99), local, funcs)]
             elif name in helpers:
                 index, cls = helpers[name]
                 sites += [(where, code, cls) for code in _literals(_code_arg(call, index), local, funcs)]
@@ -126,6 +132,8 @@ def test_the_walk_finds_the_raise_sites_it_must() -> None:
     assert ("command-failed", "CommandFailed") in found
     assert ("receipt-truncated", "RefusedError") in found  # code = "a" if ... else "b"; _refuse(code, ...)
     assert ("sigstore-sct-invalid", "RefusedError") in found  # _refuse(_code_for(message), ...)
+    assert ("jobspec-invalid", "UsageError") in found  # validate(JobSpec, raw, code=...)
+    assert ("tiers-invalid", "OperationalError") in found  # validate(..., error=OperationalError)
 
 
 def test_every_raise_site_uses_a_registered_code_with_its_registered_class() -> None:

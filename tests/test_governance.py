@@ -12,6 +12,7 @@ from controlplane.evidence.events import EVENT_TYPES
 from controlplane.governance import controls as governance
 from controlplane.governance import secretscan, tiers
 from controlplane.governance.controls import Drill
+from controlplane.ids import TIER_IDS
 from controlplane.jobs.spec import parse_jobspec
 from controlplane.release.manifest import parse_manifest
 
@@ -77,7 +78,7 @@ EXPECTED: dict[str, tuple[set[str], ...]] = {
     "unsigned-job": (set(), {S}, {S, A}, {S, A, C, R}, {S, A, C, R}, {S, A}),
     "signed-job-2-approvers": (set(), set(), set(), {C, R}, {C, R}, set()),
 }
-CASES = [(w, tid, EXPECTED[w][i]) for w in EXPECTED for i, tid in enumerate(tiers.TIER_IDS)]
+CASES = [(w, tid, EXPECTED[w][i]) for w in EXPECTED for i, tid in enumerate(TIER_IDS)]
 
 
 @pytest.mark.parametrize(("workload", "tier_id", "missing"), CASES, ids=[f"{w}-{t}" for w, t, _ in CASES])

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from controlplane.governance import tiers
+from controlplane.ids import TIER_IDS
 
 REPO = Path(__file__).resolve().parents[1]
 # top-level file users expect -> its canonical copy (package data)
@@ -110,7 +111,7 @@ def test_avm_runs_from_the_wheel_outside_the_source_tree(
     as_json = _run([avm, "--json", "tiers", "show"], elsewhere, env)
     assert as_json.returncode == 0, as_json.stderr
     doc = json.loads(as_json.stdout)
-    assert [t["id"] for t in doc["tiers"]] == list(tiers.TIER_IDS)
+    assert [t["id"] for t in doc["tiers"]] == list(TIER_IDS)
     assert doc["digest"] == tiers.load().digest
 
     exported = _run([py, "-m", "controlplane.schemas", "schema"], elsewhere, env)

@@ -14,20 +14,20 @@ import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO
 
 SETID = stat.S_ISUID | stat.S_ISGID
 
 
 @dataclass(frozen=True)
 class Member:
-    """One tar member: a regular file (``data``), a directory, or a symlink (``target``)."""
+    """One tar member: a regular file (``data``), a directory, or a symlink to ``symlink_to``."""
 
     name: str
     data: bytes = b""
     mode: int = 0o644
-    kind: Literal["file", "dir", "symlink"] = "file"
-    target: str = ""
+    directory: bool = False
+    symlink_to: str | None = None
 
 
 def write_tar(fileobj: BinaryIO, members: Iterable[Member]) -> None:
@@ -36,11 +36,11 @@ def write_tar(fileobj: BinaryIO, members: Iterable[Member]) -> None:
         for m in members:
             info = tarfile.TarInfo(m.name)
             info.mode = m.mode
-            if m.kind == "dir":
+            if m.directory:
                 info.type = tarfile.DIRTYPE
                 tar.addfile(info)
-            elif m.kind == "symlink":
-                info.type, info.linkname = tarfile.SYMTYPE, m.target
+            elif m.symlink_to is not None:
+                info.type, info.linkname = tarfile.SYMTYPE, m.symlink_to
                 tar.addfile(info)
             else:
                 info.size = len(m.data)

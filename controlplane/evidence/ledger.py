@@ -20,9 +20,8 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
-
 from controlplane._internal.fs import write_atomic
+from controlplane._internal.loading import Frozen
 from controlplane.errors import OperationalError
 from controlplane.evidence.receipt import digest_of
 
@@ -30,9 +29,7 @@ NAME_WIDTH = 8
 HEAD = "HEAD"
 
 
-class Head(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class Head(Frozen):
     seq: int
     digest: str | None
 

@@ -16,8 +16,9 @@ import json
 import re
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
+from controlplane._internal.loading import Frozen
 from controlplane.canonical import canonical_bytes, sha256_hex
 from controlplane.evidence.keys import Signer
 from controlplane.ids import pattern_validator
@@ -42,28 +43,24 @@ def predicate_type(kind: str) -> str:
     return f"{PREDICATE_PREFIX}{kind}/v1"
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class Subject(_Frozen):
+class Subject(Frozen):
     name: str
     digest: dict[str, str] = Field(description="algorithm -> hex, e.g. {'sha256': '...'}")
 
 
-class CommandRecord(_Frozen):
+class CommandRecord(Frozen):
     argv: list[str] = Field(description="masked argv: secret values never appear")
     rc: int | None
     duration_s: float
 
 
-class CheckRecord(_Frozen):
+class CheckRecord(Frozen):
     name: str
     ok: bool
     detail: str = ""
 
 
-class Predicate(_Frozen):
+class Predicate(Frozen):
     kind: Kind
     seq: int = Field(ge=1)
     prev: Hex64 | None = Field(description="sha256 hex of the previous stored receipt; null for the first")
@@ -82,7 +79,7 @@ class Predicate(_Frozen):
     error: dict[str, Any] | None = None
 
 
-class Statement(_Frozen):
+class Statement(Frozen):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
     type_: Literal["https://in-toto.io/Statement/v1"] = Field(alias="_type")
@@ -91,12 +88,12 @@ class Statement(_Frozen):
     predicate: Predicate
 
 
-class Signature(_Frozen):
+class Signature(Frozen):
     keyid: str
     sig: str
 
 
-class Envelope(_Frozen):
+class Envelope(Frozen):
     """A DSSE envelope as stored on disk."""
 
     payload: str

@@ -13,16 +13,16 @@ from importlib.resources import files
 from importlib.resources.abc import Traversable
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
+from controlplane._internal.loading import Frozen, parse_yaml, validate
 from controlplane.canonical import canonical_bytes, sha256_digest
 from controlplane.errors import OperationalError, UsageError
+from controlplane.ids import TIER_IDS, RiskTier
 
 # package data (``tiers/tiers.yaml`` at the top of the source tree is a symlink to it), so a wheel
 # install reads the same bytes as a checkout
 TIERS_FILE: Traversable = files("controlplane").joinpath("data/tiers.yaml")
-TierId = Literal["L0", "L1", "L2", "L3", "L4", "L5"]
 Control = Literal[
     "signature",
     "digest-pins",
@@ -35,7 +35,6 @@ Control = Literal[
     "tier2-only",
     "dedicated-vm",
 ]
-TIER_IDS: tuple[str, ...] = ("L0", "L1", "L2", "L3", "L4", "L5")
 
 # What each control checks, in words (for `avm tiers show` and docs/governance.md).
 CONTROLS: dict[str, str] = {
@@ -55,19 +54,15 @@ CONTROLS: dict[str, str] = {
 }
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class RollbackDrill(_Frozen):
+class RollbackDrill(Frozen):
     max_minutes: float = Field(gt=0, le=1440)
     within_days: float = Field(gt=0, le=365)
 
 
-class Tier(_Frozen):
+class Tier(Frozen):
     """One risk tier and the controls a workload at that tier must pass."""
 
-    id: TierId
+    id: RiskTier
     name: str = Field(min_length=1, max_length=64)
     description: str = Field(min_length=1, max_length=300)
     controls: tuple[Control, ...]
@@ -95,7 +90,7 @@ class Tier(_Frozen):
         return self
 
 
-class TierTable(_Frozen):
+class TierTable(Frozen):
     tiers: tuple[Tier, ...]
 
     @model_validator(mode="after")
@@ -125,14 +120,9 @@ class TierTable(_Frozen):
 
 def parse_tiers(data: bytes, *, source: str = "tiers.yaml") -> TierTable:
     """Raises ``OperationalError('tiers-invalid')``: without valid tier data no gate can run."""
-    try:
-        return TierTable.model_validate(yaml.safe_load(data))
-    except (yaml.YAMLError, ValidationError) as exc:
-        raise OperationalError(
-            "tiers-invalid",
-            f"{source} is not a valid tier table: {str(exc).splitlines()[0]}",
-            hint="fix tiers/tiers.yaml; promotion and jobs are refused until it is valid",
-        ) from None
+    hint = "fix tiers/tiers.yaml; promotion and jobs are refused until it is valid"
+    raw = parse_yaml(data, code="tiers-invalid", source=source, error=OperationalError)
+    return validate(TierTable, raw, code="tiers-invalid", source=source, hint=hint, error=OperationalError)
 
 
 @functools.cache

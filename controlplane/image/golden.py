@@ -28,6 +28,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from controlplane._internal.loading import Frozen
 from controlplane.canonical import canonical_bytes, sha256_digest
 from controlplane.errors import OperationalError, RefusedError
 from controlplane.home import Home
@@ -48,17 +49,13 @@ ARTIFACT_FILES = {
 _CHUNK = 1 << 20
 
 
-class Artifact(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class Artifact(Frozen):
     path: str
     sha256: Digest
     size: int = Field(ge=0)
 
 
-class RootfsInfo(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class RootfsInfo(Frozen):
     path: Literal["rootfs"] = "rootfs"
     files: int = Field(ge=0, description="entries of every type listed in rootfs.tree")
     bytes: int = Field(ge=0, description="sum of regular file sizes")

@@ -13,18 +13,16 @@ image.
 
 from __future__ import annotations
 
-import json
 import re
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import PurePosixPath
 from typing import Annotated, Literal
 
-import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, Field
 
+from controlplane._internal.loading import Frozen, read_document, validate
 from controlplane.canonical import canonical_bytes, domain_digest
-from controlplane.errors import UsageError
 from controlplane.ids import JsonSchemaExtra, json_pattern, pattern_validator
 
 # package data; ``images/golden.yaml`` at the top of the source tree is a symlink to it
@@ -106,11 +104,7 @@ ModuleGlob = Annotated[
 _UNIQUE = JsonSchemaExtra({"uniqueItems": True})
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class User(_Frozen):
+class User(Frozen):
     """An account in the image. Passwords are never set: the account is locked, login is by key."""
 
     name: UserName
@@ -121,7 +115,7 @@ class User(_Frozen):
     lock_password: Literal[True] = True
 
 
-class Hardening(_Frozen):
+class Hardening(Frozen):
     """sshd and host-key settings. The image ships no host key: each VM gets its own at boot."""
 
     remove_ssh_host_keys: Literal[True] = True
@@ -129,7 +123,7 @@ class Hardening(_Frozen):
     ssh_permit_root_login: Literal["prohibit-password", "no"] = "prohibit-password"
 
 
-class FirstBoot(_Frozen):
+class FirstBoot(Frozen):
     """What happens on a VM's first boot."""
 
     # systemd creates a fresh machine id when /etc/machine-id is empty, so clones never share one
@@ -144,7 +138,7 @@ class FirstBoot(_Frozen):
     )
 
 
-class Trim(_Frozen):
+class Trim(Frozen):
     """What is left out of the image: dpkg path filters and a kernel-module keep list."""
 
     dpkg_path_exclude: tuple[ImageGlob, ...] = ()
@@ -154,12 +148,12 @@ class Trim(_Frozen):
     kernel_modules_keep: tuple[ModuleGlob, ...] | None = None
 
 
-class Disk(_Frozen):
+class Disk(Frozen):
     label: Annotated[str, pattern_validator(_LABEL_RE, "label", "1-16 of [A-Za-z0-9_-]")] = "golden"
     size_mib: int = Field(default=2048, ge=256, le=65536)
 
 
-class Boot(_Frozen):
+class Boot(Frozen):
     cmdline: Annotated[
         str,
         AfterValidator(_cmdline),
@@ -167,7 +161,7 @@ class Boot(_Frozen):
     ] = "console=ttyS0 root=/dev/vda rw"
 
 
-class Recipe(_Frozen):
+class Recipe(Frozen):
     """A golden image, from Debian packages to the last hardening step."""
 
     name: Annotated[str, pattern_validator(_HOSTNAME_RE, "name", "a-z 0-9 '-'")] = "golden"
@@ -212,28 +206,21 @@ def load_recipe(path: Traversable) -> Recipe:
     Raises ``UsageError('recipe-unreadable')`` when the file cannot be read or parsed, and
     ``UsageError('recipe-invalid')`` naming the first bad field otherwise.
     """
-    try:
-        text = path.read_text()
-        raw = json.loads(text) if path.name.endswith(".json") else yaml.safe_load(text)
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
-        raise UsageError(
-            "recipe-unreadable",
-            f"cannot read image recipe {path}: {exc}",
-            hint="a recipe is a YAML or JSON mapping; start from images/golden.yaml",
-            details={"path": str(path)},
-        ) from exc
+    raw = read_document(
+        path,
+        code="recipe-unreadable",
+        what="image recipe",
+        hint="a recipe is a YAML or JSON mapping; start from images/golden.yaml",
+    )
     return parse_recipe(raw, source=str(path))
 
 
 def parse_recipe(raw: object, *, source: str = "<input>") -> Recipe:
-    try:
-        return Recipe.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise UsageError(
-            "recipe-invalid",
-            f"{source}: {where}: {first['msg']}",
-            hint="fix the field named above; unknown keys are refused so a typo cannot drop a setting",
-            details={"field": where, "errors": len(exc.errors())},
-        ) from None
+    """Validate a parsed recipe. Raises ``UsageError('recipe-invalid')`` naming the first bad field."""
+    return validate(
+        Recipe,
+        raw,
+        code="recipe-invalid",
+        source=source,
+        hint="fix the field named above; unknown keys are refused so a typo cannot drop a setting",
+    )

@@ -10,17 +10,14 @@ import re
 import urllib.parse
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
+from controlplane._internal.loading import Frozen
 from controlplane.errors import OperationalError
 
 SPDX_VERSION = "SPDX-2.3"
 _SPDX_ID_UNSAFE = re.compile(r"[^A-Za-z0-9.-]")
 
 
-class Package(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class Package(Frozen):
     name: str
     version: str
     arch: str

@@ -7,16 +7,14 @@ with a ``UsageError`` that names the field, before any VM, namespace or file is 
 from __future__ import annotations
 
 import ipaddress
-import json
 import re
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal
 
-import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
-from controlplane.errors import UsageError
-from controlplane.ids import JobId, JsonSchemaExtra, json_pattern
+from controlplane._internal.loading import Frozen, read_document, validate
+from controlplane.ids import JobId, JsonSchemaExtra, RiskTier, json_pattern
 from controlplane.jobs.egress import rules as nftrules
 
 _IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}@sha256:[0-9a-f]{64}$")
@@ -96,11 +94,7 @@ _ENV_SCHEMA = JsonSchemaExtra(
 )
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class EgressRule(_Frozen):
+class EgressRule(Frozen):
     """One allowed destination. Everything else is denied outside the guest."""
 
     host: Annotated[str, AfterValidator(_host), _HOST_SCHEMA]
@@ -108,7 +102,7 @@ class EgressRule(_Frozen):
     proto: Literal["tcp", "udp"] = "tcp"
 
 
-class Egress(_Frozen):
+class Egress(Frozen):
     default: Literal["deny"] = "deny"
     allow: Annotated[tuple[EgressRule, ...], _ALLOW_SCHEMA] = ()
 
@@ -121,7 +115,7 @@ class Egress(_Frozen):
         return allow
 
 
-class JobInput(_Frozen):
+class JobInput(Frozen):
     """A host file copied into the guest at ``dest`` (relative to the job directory).
 
     ``src`` is relative to the spec's directory and may not leave it (checked again on the host
@@ -131,7 +125,7 @@ class JobInput(_Frozen):
     dest: JobPath
 
 
-class JobLimits(_Frozen):
+class JobLimits(Frozen):
     """What the guest may hand back. Beyond a limit the data is cut and the result says so."""
 
     stdio_bytes: int = Field(
@@ -140,7 +134,7 @@ class JobLimits(_Frozen):
     output_bytes: int = Field(default=64 * MIB, ge=0, le=2048 * MIB, description="all outputs together")
 
 
-class JobSpec(_Frozen):
+class JobSpec(Frozen):
     """A Tier-2 job. ``outputs`` are paths copied out; they must stay inside the output dir."""
 
     id: JobId
@@ -154,7 +148,7 @@ class JobSpec(_Frozen):
     inputs: tuple[JobInput, ...] = ()
     outputs: tuple[JobPath, ...] = ()
     limits: JobLimits = JobLimits()
-    risk_tier: Literal["L0", "L1", "L2", "L3", "L4", "L5"] = "L2"
+    risk_tier: RiskTier = "L2"
 
 
 def load_jobspec(path: Path) -> JobSpec:
@@ -163,31 +157,22 @@ def load_jobspec(path: Path) -> JobSpec:
     Raises ``UsageError('jobspec-unreadable')`` if the file cannot be read or parsed, and
     ``UsageError('jobspec-invalid')`` naming the first bad field otherwise.
     """
-    try:
-        text = path.read_text()
-        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise UsageError(
-            "jobspec-unreadable",
-            f"cannot read job spec {path}: {exc}",
-            hint="a job spec is a YAML or JSON mapping; see examples/jobs/",
-        ) from exc
+    raw = read_document(
+        path,
+        code="jobspec-unreadable",
+        what="job spec",
+        hint="a job spec is a YAML or JSON mapping; see examples/jobs/",
+    )
     return parse_jobspec(raw, source=str(path))
 
 
 def parse_jobspec(raw: object, *, source: str = "<input>") -> JobSpec:
     """Validate a parsed document. Raises ``UsageError('jobspec-invalid')`` naming the first bad
     field, or the ``egress-*`` code of an allow entry the job network could not enforce."""
-    try:
-        return JobSpec.model_validate(raw)
-    except UsageError as exc:  # from the egress validator: its own code, with the spec named
-        raise UsageError(exc.code, f"{source}: {exc.message}", hint=exc.hint, details=exc.details) from None
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise UsageError(
-            "jobspec-invalid",
-            f"{source}: {where}: {first['msg']}",
-            hint="fix the field named above; unknown keys are refused so typos cannot weaken a policy",
-            details={"field": where, "errors": len(exc.errors())},
-        ) from None
+    return validate(
+        JobSpec,
+        raw,
+        code="jobspec-invalid",
+        source=source,
+        hint="fix the field named above; unknown keys are refused so typos cannot weaken a policy",
+    )

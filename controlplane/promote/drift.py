@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from controlplane._internal.loading import Frozen
 from controlplane.promote import releasecheck, unitcheck
 from controlplane.promote.facts import HostFacts
 from controlplane.promote.layout import LAYOUT
@@ -28,18 +29,14 @@ _WHAT = {
 }
 
 
-class Finding(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class Finding(Frozen):
     where: str
     what: str
     expected: str | None
     actual: str | None
 
 
-class DriftReport(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class DriftReport(Frozen):
     target: str
     findings: tuple[Finding, ...]
     profiles: tuple[str, ...]

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from controlplane import hostscripts
+from controlplane._internal.loading import Frozen
 from controlplane.errors import OperationalError
 from controlplane.promote.layout import LAYOUT
 
@@ -47,9 +48,7 @@ EgressVerdict = Literal["denied", "allowed", "inconclusive"]
 LimitStatus = Literal["enforced", "not-enforced", "not-configured"]
 
 
-class LimitReading(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class LimitReading(Frozen):
     configured: str | None  # what systemd was told (systemctl show)
     kernel: str | None  # what the cgroup file says (None: no such file for the unit)
     file: str

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from controlplane._internal.loading import Frozen
 from controlplane.errors import OperationalError
 from controlplane.promote.layout import LAYOUT, unit_name
 from controlplane.transport.base import Transport
@@ -26,9 +27,7 @@ def _gatherer() -> str:
     return hostscripts.text("gather_facts")
 
 
-class ProfileFacts(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class ProfileFacts(Frozen):
     current: str | None
     env: str | None
     policy: str | None

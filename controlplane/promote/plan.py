@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from controlplane._internal.loading import Frozen
 from controlplane.canonical import canonical_bytes, domain_digest
 from controlplane.promote import unitcheck
 from controlplane.promote.facts import HostFacts
@@ -43,9 +44,7 @@ class DesiredProfile(BaseModel):
     unit: dict[str, str] | None = None
 
 
-class DesiredState(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class DesiredState(Frozen):
     unit_template: str  # sha256:... of units/agent-gateway@.service
     releases: dict[str, dict[str, str | None]]  # sha -> {path: sha256:...}: the write-once content
     profiles: tuple[DesiredProfile, ...]
@@ -53,9 +52,7 @@ class DesiredState(BaseModel):
     release_exec: dict[str, tuple[str, ...]] = Field(default_factory=dict)
 
 
-class Action(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class Action(Frozen):
     kind: ActionKind
     target: str  # the profile, release sha or path the action touches
     reason: str
@@ -63,9 +60,7 @@ class Action(BaseModel):
     actual: str | None = None
 
 
-class Plan(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class Plan(Frozen):
     actions: tuple[Action, ...] = Field(default_factory=tuple)
 
     @property

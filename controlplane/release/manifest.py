@@ -27,15 +27,14 @@ import ipaddress
 import re
 from typing import Annotated, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
+from controlplane._internal.loading import Frozen, parse_yaml, validate
 from controlplane.errors import UsageError
 from controlplane.governance.secretscan import scan_env
-from controlplane.ids import ProfileName, pattern_validator
+from controlplane.ids import ProfileName, RiskTier, pattern_validator
 
 MANIFEST_PATH = "avm.yaml"
-RiskTier = Literal["L0", "L1", "L2", "L3", "L4", "L5"]
 _ENV_KEY = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 _SECRET_REF = re.compile(r"^secret://[a-z0-9][a-z0-9-]{0,31}/[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
 _TOOL = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
@@ -51,11 +50,7 @@ ToolName = Annotated[str, pattern_validator(_TOOL, "tool name")]
 RelPath = Annotated[str, pattern_validator(_REL_PATH, "relative path inside the repo")]
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class EgressRule(_Frozen):
+class EgressRule(Frozen):
     host: str
     port: int = Field(ge=1, le=65535)
     proto: Literal["tcp", "udp"] = "tcp"
@@ -67,7 +62,7 @@ class EgressRule(_Frozen):
         return value
 
 
-class McpTool(_Frozen):
+class McpTool(Frozen):
     """One allowed MCP tool, pinned by the sha256 of its canonical descriptor (name,
     description, inputSchema as RFC 8785 JSON): a tool whose schema changed is a different tool."""
 
@@ -77,19 +72,19 @@ class McpTool(_Frozen):
     ]
 
 
-class Limits(_Frozen):
+class Limits(Frozen):
     memory_max: Annotated[str, pattern_validator(_SIZE, "size like 256M")] = "256M"
     tasks_max: int = Field(default=64, ge=1, le=4096)
     cpu_quota: Annotated[str, pattern_validator(_PERCENT, "percentage like 50%")] = "50%"
 
 
-class Health(_Frozen):
+class Health(Frozen):
     port: int = Field(ge=1024, le=65535)
     path: Annotated[str, pattern_validator(re.compile(r"^/[A-Za-z0-9._/-]{0,127}$"), "URL path")] = "/healthz"
     timeout_s: float = Field(default=20.0, gt=0, le=600)
 
 
-class Profile(_Frozen):
+class Profile(Frozen):
     name: ProfileName
     risk_tier: RiskTier
     canary: bool = False
@@ -128,12 +123,12 @@ class Profile(_Frozen):
         return tools
 
 
-class Artifact(_Frozen):
+class Artifact(Frozen):
     path: RelPath
     sha256: Annotated[str, pattern_validator(re.compile(r"^[0-9a-f]{64}$"), "sha256 hex")]
 
 
-class ReleaseManifest(_Frozen):
+class ReleaseManifest(Frozen):
     soak_s: float = Field(default=5.0, ge=0, le=3600)
     profiles: list[Profile] = Field(min_length=1)
     artifacts: list[Artifact] = []
@@ -160,18 +155,11 @@ class ReleaseManifest(_Frozen):
 
 def parse_manifest(data: bytes, *, source: str = MANIFEST_PATH) -> ReleaseManifest:
     """Raises ``UsageError("manifest-invalid")`` naming the failing field."""
-    try:
-        raw = yaml.safe_load(data)
-    except yaml.YAMLError as exc:
-        raise UsageError("manifest-invalid", f"{source} is not valid YAML: {exc}") from exc
-    try:
-        return ReleaseManifest.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise UsageError(
-            "manifest-invalid",
-            f"{source}: {field}: {first['msg']}",
-            hint="fix avm.yaml at that commit; see docs/manifest.md",
-            details={"field": field, "errors": exc.error_count()},
-        ) from None  # pydantic's error carries the input value, which may be a secret
+    raw = parse_yaml(data, code="manifest-invalid", source=source)
+    return validate(
+        ReleaseManifest,
+        raw,
+        code="manifest-invalid",
+        source=source,
+        hint="fix avm.yaml at that commit; docs/release-engineer.md describes every field",
+    )
