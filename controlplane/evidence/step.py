@@ -29,7 +29,7 @@ import socket
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from controlplane.canonical import canonical_bytes, sha256_hex
 from controlplane.errors import AvmError, RefusedError, UsageError
@@ -48,6 +48,16 @@ from controlplane.home import Home
 
 if TYPE_CHECKING:
     from controlplane.transport.base import RunResult
+
+
+class Check(NamedTuple):
+    """One observation that must hold (teardown left nothing, a rule is loaded, ...): what
+    ``Step.check`` records. A tuple, so ``name, ok, detail = check`` works."""
+
+    name: str
+    ok: bool
+    detail: str = ""
+
 
 Status = Literal["ok", "refused", "failed"]
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import controlplane
 from controlplane._internal import tools as imagetools
+from controlplane._internal.progress import Progress, quiet
 from controlplane.canonical import canonical_bytes
 from controlplane.errors import CommandFailed, OperationalError, RefusedError
 from controlplane.home import Home
@@ -53,7 +54,6 @@ from controlplane.image.golden import (
 )
 from controlplane.image.hook import RECIPE_ENV, REPORT_ENV
 from controlplane.image.recipe import Recipe
-from controlplane.image.store import Progress
 from controlplane.transport.base import RunResult
 
 REQUIRED_TOOLS = ("unshare", "mmdebstrap", "chroot", "dpkg-query", "mkfs.ext4", "qemu-img")
@@ -135,7 +135,7 @@ def build_image(
     ``image-kernel-missing``, ``build-dir-mounted``), ``CommandFailed`` / ``CommandTimeout``
     from a tool, and ``RefusedError('image-unsafe')`` when SSH host keys survived the build.
     """
-    say = progress or (lambda _line: None)
+    say = progress or quiet
     started = time.monotonic()
     digest = recipe.digest()
     final = store / digest.removeprefix("sha256:")

@@ -12,12 +12,12 @@ import fcntl
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
+from controlplane._internal.progress import Progress
 from controlplane.errors import OperationalError
 
-Progress = Callable[[str], None]
 _OCTAL = re.compile(r"\\([0-7]{3})")
 
 

@@ -21,12 +21,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from controlplane.errors import RefusedError, UsageError
+from controlplane.evidence.step import Check
 from controlplane.home import Home
 from controlplane.jobs.runtime import CONSOLE_LOG_MAX
 
 KEEP_LOGS = 5
 MARKER = ".avm-run"
-Check = tuple[str, bool, str]
 
 
 def invoking_user() -> tuple[int, int]:
@@ -189,4 +189,4 @@ def keep_console_log(home: Home, job_id: str, run: str, src: Path | None) -> tup
     big = [p.name for p in left if p.stat().st_size > CONSOLE_LOG_MAX]
     ok = len(left) <= KEEP_LOGS and not big
     detail = f"{len(left)} log(s) of {job_id} kept (max {KEEP_LOGS}), each <= {CONSOLE_LOG_MAX} B"
-    return kept, [("console-log-retained", ok, detail + (f"; over the cap: {big}" if big else ""))]
+    return kept, [Check("console-log-retained", ok, detail + (f"; over the cap: {big}" if big else ""))]

@@ -13,12 +13,12 @@ import json
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Callable
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from controlplane._internal.fs import write_atomic
+from controlplane._internal.progress import Progress
 from controlplane.errors import CommandFailed, OperationalError
 
 SOURCE = Path("/usr/src/linux-source-6.1.tar.xz")
@@ -57,7 +57,7 @@ def build(
     cache: Path,
     source: Path = SOURCE,
     fragment: Traversable = FRAGMENT,
-    progress: Callable[[str], None] = print,
+    progress: Progress = print,
 ) -> GuestKernel:
     """Build (or return the cached) minimal kernel. Raises ``OperationalError('kernel-source-missing')``
     when linux-source is not installed and ``CommandFailed`` when make fails."""

@@ -24,6 +24,7 @@ from typing import Any
 from controlplane.errors import ExitCode, OperationalError, UsageError
 from controlplane.evidence import events as auditevents
 from controlplane.evidence import step as evidence
+from controlplane.evidence.step import Check
 from controlplane.governance import controls as governance
 from controlplane.home import Home
 from controlplane.image import sign as imagesign
@@ -60,7 +61,7 @@ class JobResult:
     wall_s: float
     peak_rss_kib: int
     receipt_id: str | None
-    checks: list[tuple[str, bool, str]]
+    checks: list[Check]
     truncated: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     console_log: Path | None = None
 

@@ -12,6 +12,7 @@ import shutil
 import signal
 from pathlib import Path
 
+from controlplane.evidence.step import Check
 from controlplane.home import Home
 from controlplane.jobs.egress import network as egress
 from controlplane.vm import procs
@@ -83,19 +84,19 @@ def uplink_of(workdir: Path) -> dict[str, str]:
     return {"uplink_netns": path.read_text()} if path.is_file() else {}
 
 
-def checks(
-    workdir: Path, job_id: str, pid: int | None, uplink: dict[str, str] | None = None
-) -> list[tuple[str, bool, str]]:
+def checks(workdir: Path, job_id: str, pid: int | None, uplink: dict[str, str] | None = None) -> list[Check]:
     """(name, ok, detail) for everything a job could leave behind on this host."""
     marker = workdir.name
     left = procs.pids_with_marker(marker)
     out = [
-        ("qemu-process-gone", not left and not procs.alive(pid, marker), f"pid {pid}; marker pids {left}"),
-        ("workdir-removed", not workdir.exists(), str(workdir)),
+        Check(
+            "qemu-process-gone", not left and not procs.alive(pid, marker), f"pid {pid}; marker pids {left}"
+        ),
+        Check("workdir-removed", not workdir.exists(), str(workdir)),
     ]
     try:
         rest = egress.leftovers(job_id, egress_label(marker), uplink_netns=(uplink or {}).get("uplink_netns"))
-        out.append(("egress-leftovers-none", not rest, ", ".join(rest) or "netns, tap, nft table: none"))
+        out.append(Check("egress-leftovers-none", not rest, ", ".join(rest) or "netns, tap, nft table: none"))
     except Exception as exc:  # a failed check is recorded, not hidden
-        out.append(("egress-leftovers-none", False, f"check failed: {exc}"))
+        out.append(Check("egress-leftovers-none", False, f"check failed: {exc}"))
     return out

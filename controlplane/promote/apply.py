@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
+from controlplane._internal.progress import Progress
 from controlplane.errors import AvmError, OperationalError
 from controlplane.evidence.step import Step
 from controlplane.promote import hostops, unitcheck
@@ -19,7 +20,6 @@ from controlplane.promote.material import Material, ProfileMaterial
 from controlplane.promote.plan import RELOAD_REASON, Plan
 from controlplane.transport.base import Transport
 
-Progress = Callable[[str], None]
 FILE_KINDS = ("write-env", "write-policy", "write-dropin")
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from controlplane._internal.progress import Progress, quiet
 from controlplane.errors import AvmError, OperationalError, RefusedError
 from controlplane.evidence import step as evidence
 from controlplane.governance import controls as governance
@@ -28,8 +29,6 @@ from controlplane.promote.material import Material, ReleaseMaterial
 from controlplane.release.manifest import ReleaseManifest
 from controlplane.transport import inventory
 from controlplane.transport.base import Transport
-
-Progress = Callable[[str], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +155,7 @@ def run(
     profiles: Sequence[str] = (),
     apply: bool = False,
     operation: str = "promote",
-    progress: Progress = lambda _: None,
+    progress: Progress = quiet,
 ) -> Result:
     """Promote (or roll back to) ``ref`` on ``target``. Dry-run unless ``apply``.
 

@@ -29,6 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 from pydantic import BaseModel, ConfigDict, Field
 
 from controlplane.errors import UsageError
+from controlplane.evidence.step import Check
 from controlplane.home import Home
 from controlplane.ids import VmName
 from controlplane.vm.names import BACKENDS, DEFAULT_BACKEND
@@ -165,15 +166,6 @@ class Booted(BaseModel):
     # seconds spent before the VM's process started (overlay, initramfs, accelerator probe)
     setup_s: float = 0.0
     observations: dict[str, Any] = Field(default_factory=dict)
-
-
-@dataclasses.dataclass(frozen=True)
-class Check:
-    """One teardown observation: recorded in the receipt with ``step.check``."""
-
-    name: str
-    ok: bool
-    detail: str = ""
 
 
 @runtime_checkable

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.errors import OperationalError, UsageError
+from controlplane.evidence.step import Check
 from controlplane.vm import procs
-from controlplane.vm.base import Booted, BootRequest, Check, VmRecord, VmSpec
+from controlplane.vm.base import Booted, BootRequest, VmRecord, VmSpec
 
 PROJECT_NAME = "avm"
 ENV = {

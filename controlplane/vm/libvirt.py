@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any, cast
 
 from controlplane.errors import OperationalError
+from controlplane.evidence.step import Check
 from controlplane.transport.local import LocalTransport
 from controlplane.vm import domainxml, initramfs, procs
 from controlplane.vm.accel import host_tsc_khz
-from controlplane.vm.base import Booted, BootRequest, Check, VmRecord, VmSpec
+from controlplane.vm.base import Booted, BootRequest, VmRecord, VmSpec
 
 URI_ENV = "AVM_LIBVIRT_URI"
 MACHINE_ENV = "AVM_LIBVIRT_MACHINE"

@@ -13,12 +13,14 @@ import secrets
 import shutil
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from controlplane._internal.fs import write_atomic
+from controlplane._internal.progress import Progress, quiet
 from controlplane.errors import AvmError, OperationalError, RefusedError
 from controlplane.evidence import step as evidence
+from controlplane.evidence.step import Check
 from controlplane.home import Home
 from controlplane.transport import inventory
 from controlplane.transport.base import RunResult
@@ -26,7 +28,6 @@ from controlplane.vm import procs
 from controlplane.vm.base import (
     Backend,
     BootRequest,
-    Check,
     GoldenImageLike,
     VmRecord,
     VmSpec,
@@ -35,8 +36,6 @@ from controlplane.vm.base import (
     get_backend,
 )
 from controlplane.vm.seed import fingerprint, make_seed
-
-Progress = Callable[[str], None]
 
 
 def vms_dir(home: Home) -> Path:
@@ -71,7 +70,7 @@ def _log_tail(state: Path, lines: int = 25) -> str:
     return ""
 
 
-def up(home: Home, spec: VmSpec, image: GoldenImageLike, *, progress: Progress = lambda _: None) -> VmRecord:
+def up(home: Home, spec: VmSpec, image: GoldenImageLike, *, progress: Progress = quiet) -> VmRecord:
     """Boot a VM and wait until a real SSH login works. Writes a ``vm-up`` receipt.
 
     Raises ``RefusedError('vm-exists')`` if the name is taken, ``UsageError('port-taken')`` for a
@@ -229,7 +228,7 @@ def _abort(home: Home, name: str, state: Path, backend: Backend, marker: str) ->
         inventory.remove(home, name)
 
 
-def down(home: Home, name: str, *, grace_s: float = 10.0, progress: Progress = lambda _: None) -> list[Check]:
+def down(home: Home, name: str, *, grace_s: float = 10.0, progress: Progress = quiet) -> list[Check]:
     """Stop a VM and verify nothing is left. Writes a ``vm-down`` receipt.
 
     Raises ``OperationalError('vm-not-found')`` and ``OperationalError('teardown-incomplete')``

@@ -21,9 +21,10 @@ import subprocess
 from pathlib import Path
 
 from controlplane.errors import OperationalError, UsageError
+from controlplane.evidence.step import Check
 from controlplane.transport.local import LocalTransport
 from controlplane.vm import cgroup, nspawnnet, procs
-from controlplane.vm.base import Booted, BootRequest, Check, VmRecord, VmSpec
+from controlplane.vm.base import Booted, BootRequest, VmRecord, VmSpec
 
 NSPAWN = "systemd-nspawn"
 INOTIFY_LIMIT = Path("/proc/sys/fs/inotify/max_user_instances")

@@ -29,8 +29,8 @@ from typing import Any
 
 from controlplane._internal import netns as nx
 from controlplane.errors import OperationalError
+from controlplane.evidence.step import Check
 from controlplane.transport.base import Transport
-from controlplane.vm.base import Check
 
 POOL = ipaddress.IPv4Network("10.233.0.0/16")
 GUEST_DEV = "host0"  # the container end: nspawn's own name for it

@@ -25,9 +25,10 @@ import time
 from pathlib import Path
 
 from controlplane.errors import OperationalError
+from controlplane.evidence.step import Check
 from controlplane.vm import initramfs, procs
 from controlplane.vm.accel import QEMU
-from controlplane.vm.base import Booted, BootRequest, Check, VmRecord, VmSpec
+from controlplane.vm.base import Booted, BootRequest, VmRecord, VmSpec
 
 QEMU_IMG = "qemu-img"
 MACHINE = "microvm"

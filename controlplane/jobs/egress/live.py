@@ -17,13 +17,13 @@ from typing import Any, Literal
 
 from controlplane._internal import netns as nx
 from controlplane.errors import OperationalError, UsageError
+from controlplane.evidence.step import Check
 from controlplane.jobs.egress import rules as nftrules
 from controlplane.jobs.egress.names import Names
 from controlplane.transport.base import Transport
 
 log = logging.getLogger(__name__)
 _MACHINES = {"microvm": "virtio-net-device", "q35": "virtio-net-pci", "pc": "virtio-net-pci"}
-Check = tuple[str, bool, str]
 
 
 @dataclasses.dataclass
@@ -136,19 +136,27 @@ class JobNetwork:
         left_dev += [self.host_dev] if self.host_dev in {k["ifname"] for k in links} else []
         in_host = self.spec.table in nx.host_tables(self.host)
         inside = self.inside or [
-            ("tap-gone", False, "not observed: the namespace was not closed by this runner"),
-            ("nft-table-gone", False, "not observed: the namespace was not closed by this runner"),
+            Check("tap-gone", False, "not observed: the namespace was not closed by this runner"),
+            Check("nft-table-gone", False, "not observed: the namespace was not closed by this runner"),
         ]
         return [
-            (
+            Check(
                 "netns-gone",
                 not left_ns,
                 f"still mounted: {left_ns}" if left_ns else f"{self.netns} unmounted",
             ),
-            ("no-process-in-netns", not held, f"net namespace inode {self.inode} held={held}"),
-            ("veth-gone", not left_dev, f"left: {sorted(set(left_dev))}" if left_dev else "veth pair reaped"),
+            Check("no-process-in-netns", not held, f"net namespace inode {self.inode} held={held}"),
+            Check(
+                "veth-gone",
+                not left_dev,
+                f"left: {sorted(set(left_dev))}" if left_dev else "veth pair reaped",
+            ),
             *inside,
-            ("nft-table-not-in-host", not in_host, f"table {self.spec.table}: in the host ruleset={in_host}"),
+            Check(
+                "nft-table-not-in-host",
+                not in_host,
+                f"table {self.spec.table}: in the host ruleset={in_host}",
+            ),
         ]
 
     def _remove_inside(self) -> list[Check]:
@@ -169,8 +177,8 @@ class JobNetwork:
         links = [str(k["ifname"]) for k in inner.links()]
         table_ok = dropped.ok and listed.ok and self.spec.table not in tables
         return [
-            ("tap-gone", self.tap not in links, f"links left in {self.netns} before deletion: {links}"),
-            (
+            Check("tap-gone", self.tap not in links, f"links left in {self.netns} before deletion: {links}"),
+            Check(
                 "nft-table-gone",
                 table_ok,
                 f"table {self.spec.table} deleted from {self.netns}'s own ruleset (rc {dropped.rc}); "
@@ -193,7 +201,10 @@ class JobNetwork:
         try:
             self.inside = self._remove_inside()
         except Exception as exc:  # a failed observation is a failed check, never a skipped one
-            self.inside = [("tap-gone", False, f"check failed: {exc}"), ("nft-table-gone", False, f"{exc}")]
+            self.inside = [
+                Check("tap-gone", False, f"check failed: {exc}"),
+                Check("nft-table-gone", False, f"{exc}"),
+            ]
         for name in (self.guest_netns, self.netns):
             if name:
                 nx.delete_netns(self.host, name)

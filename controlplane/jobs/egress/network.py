@@ -21,8 +21,9 @@ from typing import Any, Literal
 
 from controlplane._internal import netns as nx
 from controlplane.errors import OperationalError, UsageError
+from controlplane.evidence.step import Check
 from controlplane.jobs.egress import rules as nftrules
-from controlplane.jobs.egress.live import Check, JobNetwork
+from controlplane.jobs.egress.live import JobNetwork
 from controlplane.jobs.egress.names import POOL, Names, block, candidate_blocks, parse_label
 from controlplane.jobs.egress.probe import probe_targets
 from controlplane.transport.base import Transport

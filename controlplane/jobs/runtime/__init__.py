@@ -10,9 +10,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from controlplane.errors import UsageError
+
+if TYPE_CHECKING:  # the runtime seam stays light: `avm --help` imports it
+    from controlplane.evidence.step import Check
 
 RUNTIMES = ("qemu", "kata")
 CONSOLE_LOG_MAX = 4 << 20  # bytes of console kept per run; the rest is counted, not stored
@@ -60,7 +63,7 @@ class Outcome:
     peak_rss_kib: int = 0
     pid: int | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
-    checks: list[tuple[str, bool, str]] = dataclasses.field(default_factory=list)  # runtime-side teardown
+    checks: list[Check] = dataclasses.field(default_factory=list)  # runtime-side teardown
     console_bytes_seen: int = 0  # the console log keeps at most CONSOLE_LOG_MAX of them
     result_overflow: bool = False  # the guest wrote more than the result cap: it was stopped
 

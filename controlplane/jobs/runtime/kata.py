@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from controlplane.errors import CommandFailed, OperationalError
+from controlplane.evidence.step import Check
 from controlplane.jobs.runtime import Launch, Outcome
 
 SHIM = "containerd-shim-kata-v2"
@@ -95,7 +96,7 @@ class KataRuntime:
         return Outcome(
             timed_out=timed_out, qemu_rc=rc, result_path=_result(rc, log, launch), console_log=log,
             wall_s=time.monotonic() - start, accel="kata", machine="kata", argv=argv,
-            checks=[("kata-container-removed", not left, f"container {cid}: {left or 'gone'}")],
+            checks=[Check("kata-container-removed", not left, f"container {cid}: {left or 'gone'}")],
             notes=["outputs are not copied out of Kata containers"],
         )  # fmt: skip
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 from controlplane.errors import CommandTimeout, OperationalError
+from controlplane.evidence.step import Check
 from controlplane.jobs.runtime import Launch, Outcome
 from controlplane.jobs.runtime.qemu import qemu_argv
 from controlplane.transport.base import Transport
@@ -65,7 +66,7 @@ def run_remote(transport: Transport, launch: Launch, accel: str) -> Outcome:
         timed_out=timed_out, qemu_rc=rc, result_path=result_path, console_log=log, wall_s=wall, accel=accel,
         machine=launch.machine, argv=argv,
         checks=[
-            ("remote-qemu-process-gone", not left, f"{transport.url}: pids {left}"),
-            ("remote-workdir-removed", gone, f"{transport.url}:{rdir}"),
+            Check("remote-qemu-process-gone", not left, f"{transport.url}: pids {left}"),
+            Check("remote-workdir-removed", gone, f"{transport.url}:{rdir}"),
         ],
     )  # fmt: skip
