@@ -15,15 +15,18 @@ from controlplane.errors import CommandFailed
 MASK = "***"
 
 
+def mask(text: str, secrets: Sequence[str] = ()) -> str:
+    """``text`` with every occurrence of a secret value replaced by ``MASK``: the one masker for
+    argv, captured output, logs, errors and receipts."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, MASK)
+    return text
+
+
 def masked(argv: Sequence[str], secrets: Sequence[str] = ()) -> list[str]:
     """argv with every occurrence of a secret value replaced, for logs, errors and receipts."""
-    out: list[str] = []
-    for arg in argv:
-        for secret in secrets:
-            if secret:
-                arg = arg.replace(secret, MASK)
-        out.append(arg)
-    return out
+    return [mask(arg, secrets) for arg in argv]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from controlplane._internal.fs import write_atomic
 from controlplane.errors import CommandTimeout, OperationalError
-from controlplane.transport.base import RunResult, masked
+from controlplane.transport.base import RunResult, mask, masked
 
 
 class LocalTransport:
@@ -75,8 +75,4 @@ class LocalTransport:
 def _text(data: bytes | str | None, secrets: Sequence[str]) -> str:
     if data is None:
         return ""
-    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
+    return mask(data.decode("utf-8", "replace") if isinstance(data, bytes) else data, secrets)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from controlplane.errors import CommandTimeout, OperationalError, RefusedError
 from controlplane.transport.banner import wait_for_ssh
-from controlplane.transport.base import MASK, RunResult, masked
+from controlplane.transport.base import RunResult, mask, masked
 from controlplane.transport.hostkey import fingerprint, load_identity, parse_host_key, parse_url, same_key
 
 if TYPE_CHECKING:
@@ -375,11 +375,7 @@ def _remove_quietly(sftp: paramiko.SFTPClient, path: str) -> None:
 
 
 def _text(chunks: list[bytes], secrets: Sequence[str]) -> str:
-    text = b"".join(chunks).decode("utf-8", "replace")
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, MASK)
-    return text
+    return mask(b"".join(chunks).decode("utf-8", "replace"), secrets)
 
 
 __all__ = ["SshTransport", "fingerprint", "parse_host_key", "wait_for_ssh"]
