@@ -7,6 +7,12 @@ change (a tar header, a JSON separator, a key order, a gzip level) fails one of 
 instead of silently invalidating every signature made before it. If a change is deliberate, it
 needs a new format version and a migration, not a new constant here.
 
+A job image is verified from its stored blobs, never rebuilt, so its pin guards rebuilds: the same
+files must give the same digest on any machine and Python version. (Job-image layers were
+written by ``tarfile`` until they moved to the bundle's own tar writer, ``_internal.archive``;
+that one deliberate change is why these three constants changed once. Stored images and their
+signatures were not affected.)
+
 The gzip'd job image layer depends on zlib's deflate output too: the uncompressed layer digest
 (the config's diff_id) is pinned separately so a zlib change is told apart from a tar change.
 """
@@ -51,12 +57,12 @@ TREE: dict[str, bytes] = {
 COMMIT = "73c2c7d305902f66dd1dbba75c27e94ade148319"
 BUNDLE_DIGEST = "sha256:3c14ce4b5b8a688f19d44538d4d5adeed546c8eb7ab7e742faa5e3d8e9ebce5c"
 BUNDLE_SIZE = 8192
-IMAGE_DIGEST = "sha256:bff2761d749fea79bc258a260662100b066239c70610ca6afa1baede4e207277"
-IMAGE_DIFF_ID = "sha256:ef458b40ba05da4927b23480c266776fb7838010e3ab71ebde57f7f8862706b5"
-IMAGE_CONFIG_DIGEST = "sha256:b5f6edea06fc51b1172cd4f23a56f33358ab83009fb8a0b44b940c691f717f68"
+IMAGE_DIGEST = "sha256:7c780176cf6dcc088d5e37c8b4e0465355ee6717916d30020ea54d73ca4028cd"
+IMAGE_DIFF_ID = "sha256:188632fde78fe1c57534e6286df60549f4ee77983592898bc75f9c8f50775531"
+IMAGE_CONFIG_DIGEST = "sha256:4dd5c62c87c4ddff62e2affc07228c9917fc8bdacef7d6103cbe44e7597c6d6e"
 IMAGE_SIGNING_PAYLOAD = (
     b'{"critical":{"identity":{"docker-reference":"avm/known-answer"},'
-    b'"image":{"docker-manifest-digest":"sha256:bff2761d749fea79bc258a260662100b066239c70610ca6afa1baede4e207277"},'
+    b'"image":{"docker-manifest-digest":"sha256:7c780176cf6dcc088d5e37c8b4e0465355ee6717916d30020ea54d73ca4028cd"},'
     b'"type":"cosign container image signature"},"optional":null}'
 )
 STATEMENT = (  # RFC 8785: keys sorted, no whitespace, 2.0 written as 2, UTF-8 as is

@@ -1,10 +1,9 @@
 """The release bundle: a deterministic tar of one exact commit, built from git objects.
 
-The same commit always gives the same bytes, on any machine and any Python version, because the
-tar headers are written here rather than by ``tarfile``: USTAR, paths sorted by their UTF-8
-bytes, mtime 0, uid/gid 0, empty uname/gname, mode 0644 or 0755 from the git mode, symlinks as
-symlinks, no directory entries, and a PAX ``x`` header only where USTAR cannot hold a value (a
-path or link target over 100 bytes or not ASCII, a file of 8 GiB or more). The work tree, its
+The same commit always gives the same bytes, on any machine and any Python version: the tar is
+written by ``_internal.archive`` (USTAR, mtime 0, root, a PAX header only where needed), with
+paths sorted by their UTF-8 bytes, mode 0644 or 0755 from the git mode, symlinks as symlinks and
+no directory entries. The work tree, its
 index, ``.gitattributes`` filters and line-ending conversion play no part: blobs come straight
 from ``git cat-file --batch``.
 
@@ -18,12 +17,10 @@ import hashlib
 import io
 from pathlib import Path, PurePosixPath
 
+from controlplane._internal.archive import Member, tar_bytes
 from controlplane.errors import OperationalError, RefusedError
 from controlplane.ids import CommitSha, Digest
 from controlplane.release import git
-
-BLOCK = 512
-_PAX_NAME = b"././@PaxHeader"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,79 +31,6 @@ class Bundle:
     files: dict[str, str]  # relative path -> "sha256:<hex>" of the file content (regular files only)
     symlinks: dict[str, str] = dataclasses.field(default_factory=dict)  # relative path -> target
     executables: frozenset[str] = frozenset()  # regular files the commit marks 100755
-
-
-def _octal(value: int, width: int) -> bytes:
-    return b"%0*o\0" % (width - 1, value)
-
-
-def _header(name: bytes, *, mode: int, size: int, typeflag: bytes, linkname: bytes = b"") -> bytes:
-    fields = [
-        name.ljust(100, b"\0"),
-        _octal(mode, 8),
-        _octal(0, 8),  # uid
-        _octal(0, 8),  # gid
-        _octal(size, 12),
-        _octal(0, 12),  # mtime
-        b" " * 8,  # checksum placeholder
-        typeflag,
-        linkname.ljust(100, b"\0"),
-        b"ustar\x0000",
-        b"\0" * 32,  # uname
-        b"\0" * 32,  # gname
-        _octal(0, 8),  # devmajor
-        _octal(0, 8),  # devminor
-        b"\0" * 155,  # prefix (unused: long paths go in a PAX header)
-    ]
-    block = b"".join(fields).ljust(BLOCK, b"\0")
-    checksum = b"%06o\0 " % sum(block)
-    return block[:148] + checksum + block[156:]
-
-
-def _pad(data: bytes) -> bytes:
-    return data + b"\0" * (-len(data) % BLOCK)
-
-
-def _pax_record(key: str, value: bytes) -> bytes:
-    body = b" " + key.encode() + b"=" + value + b"\n"
-    length = len(body) + 1
-    while len(str(length)) + len(body) != length:
-        length = len(str(length)) + len(body)
-    return str(length).encode() + body
-
-
-def _fits(value: bytes) -> bool:
-    return len(value) <= 100 and value.isascii()
-
-
-def _member(path: str, *, mode: int, content: bytes, symlink: bool) -> bytes:
-    name = path.encode("utf-8")
-    target = content if symlink else b""
-    size = 0 if symlink else len(content)
-    pax = b""
-    if not _fits(name):
-        pax += _pax_record("path", name)
-    if symlink and not _fits(target):
-        pax += _pax_record("linkpath", target)
-    if size >= 8**11:
-        pax += _pax_record("size", str(size).encode())
-    out = []
-    if pax:
-        out.append(_header(_PAX_NAME, mode=0o644, size=len(pax), typeflag=b"x") + _pad(pax))
-        name = name[:100] if name.isascii() else b"@LongName"
-        target = target[:100] if target.isascii() else b"@LongLink"
-    out.append(
-        _header(
-            name,
-            mode=mode,
-            size=size if size < 8**11 else 0,
-            typeflag=b"2" if symlink else b"0",
-            linkname=target,
-        )
-    )
-    if not symlink:
-        out.append(_pad(content))
-    return b"".join(out)
 
 
 def build(repo: Path, sha: str) -> Bundle:
@@ -127,7 +51,7 @@ def build(repo: Path, sha: str) -> Bundle:
         )
     entries.sort(key=lambda e: e.path.encode("utf-8"))
     blobs = git.cat_blobs(repo, [e.sha for e in entries])
-    out = io.BytesIO()
+    members: list[Member] = []
     files: dict[str, str] = {}
     symlinks: dict[str, str] = {}
     for entry, blob in zip(entries, blobs, strict=True):
@@ -141,13 +65,12 @@ def build(repo: Path, sha: str) -> Bundle:
         content = blob[1]
         symlink = entry.kind == "symlink"
         mode = 0o755 if entry.mode == "100755" else 0o644
-        out.write(_member(entry.path, mode=0o777 if symlink else mode, content=content, symlink=symlink))
+        members.append(Member(entry.path, content, 0o777 if symlink else mode, symlink=symlink))
         if symlink:
             symlinks[entry.path] = content.decode("utf-8", "surrogateescape")
         else:
             files[entry.path] = "sha256:" + hashlib.sha256(content).hexdigest()
-    out.write(b"\0" * (2 * BLOCK))
-    data = out.getvalue()
+    data = tar_bytes(members)
     return Bundle(
         sha=sha,
         data=data,

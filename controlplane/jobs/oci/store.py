@@ -222,7 +222,7 @@ def _layer_tar(files: dict[str, tuple[bytes, int]], symlinks: dict[str, str]) ->
         [
             *(Member(d, mode=0o755, directory=True) for d in dirs),
             *(Member(p, data, mode) for p, (data, mode) in sorted(files.items())),
-            *(Member(p, mode=0o777, symlink_to=t) for p, t in sorted(symlinks.items())),
+            *(Member(p, t.encode(), 0o777, symlink=True) for p, t in sorted(symlinks.items())),
         ]
     )
 
