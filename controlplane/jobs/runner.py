@@ -42,7 +42,6 @@ from controlplane.transport.base import Transport
 
 RESULT_SLACK = 16 << 20  # tar headers and padding on top of the byte limits
 CONSOLE_STREAM_MAX = 1 << 20  # bytes of each of stdout/stderr the guest echoes to its console
-ACCEL_CACHE = Path("/var/tmp/avm-accel-probe")  # a fact about this host and kernel, shared by homes
 MICROVM_MODULES = ("virtio_mmio", "virtio_console")
 Q35_MODULES = ("virtio_pci", "virtio_console")
 NET_MODULES = ("virtio_net",)
@@ -321,7 +320,7 @@ def _runtime_options(runtime: str, transport: Transport | None, choice: GuestKer
     if transport is not None and transport.url != "local://":
         return {"transport": transport, "accel": os.environ.get("AVM_ACCEL") or "tcg"}
     busybox = Path(shutil.which("busybox") or "/bin/busybox")
-    return {"accel": probe_accel(choice.kernel, busybox, ACCEL_CACHE)}
+    return {"accel": probe_accel(choice.kernel, busybox)}
 
 
 def _boot(

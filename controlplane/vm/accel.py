@@ -18,6 +18,7 @@ from controlplane.errors import OperationalError
 
 QEMU = "qemu-system-x86_64"
 PROBE_TIMEOUT_S = 10.0
+PROBE_CACHE = Path("/var/tmp/avm-accel-probe")  # a fact about this host and kernel, shared by homes
 
 
 def host_tsc_khz(cpuinfo: str) -> int | None:
@@ -40,10 +41,20 @@ def require_tsc_khz(cpuinfo: str) -> int:
     return khz
 
 
-def probe_accel(kernel: Path, busybox: Path, cache: Path) -> str:
+def probe_cache() -> Path:
+    """Where the accelerator probe's answer is kept: per host boot (``boot_id``), shared by every
+    avm home, so a probe that takes seconds (a hanging ``-accel kvm``) runs once per boot."""
+    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    path = PROBE_CACHE / boot_id
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def probe_accel(kernel: Path, busybox: Path, cache: Path | None = None) -> str:
     """``kvm`` if a probe guest boots and powers off under KVM within 10 s, else ``tcg``.
 
-    ``AVM_ACCEL`` overrides; the answer is cached per kernel digest."""
+    ``AVM_ACCEL`` overrides; the answer is cached per kernel digest in ``cache`` (default:
+    ``probe_cache()``, per host boot)."""
     forced = os.environ.get("AVM_ACCEL")
     if forced in ("kvm", "tcg"):
         return forced
@@ -52,6 +63,7 @@ def probe_accel(kernel: Path, busybox: Path, cache: Path) -> str:
     from controlplane._internal.archive import write_cpio
     from controlplane.image.golden import file_sha256
 
+    cache = cache if cache is not None else probe_cache()
     key = cache / f"accel-{file_sha256(kernel).split(':')[1][:16]}.json"
     if key.is_file():
         return str(json.loads(key.read_text())["accel"])

@@ -107,9 +107,8 @@ class LibvirtBackend:
         # the qemu backend's probe (cached, AVM_ACCEL overrides): /dev/kvm can exist and still
         # fail to run a guest (nested KVM), and libvirt would only say so at start
         from controlplane.vm.accel import probe_accel
-        from controlplane.vm.qemu import probe_cache
 
-        probed = probe_accel(request.image.kernel, initramfs.BUSYBOX, probe_cache())
+        probed = probe_accel(request.image.kernel, initramfs.BUSYBOX)
         accel: domainxml.Accel = "kvm" if probed == "kvm" else "tcg"
         machine = cast(domainxml.Machine, os.environ.get(MACHINE_ENV, "q35"))
         state = request.state_dir

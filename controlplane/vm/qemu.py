@@ -131,7 +131,7 @@ class QemuBackend:
         cache = request.home.cache / "initramfs"
         initrd = initramfs.for_rootfs(request.image.rootfs, cache)
         t0 = time.monotonic()
-        accel = probe_accel(request.image.kernel, initramfs.BUSYBOX, probe_cache())
+        accel = probe_accel(request.image.kernel, initramfs.BUSYBOX)
         probe_s = round(time.monotonic() - t0, 3)
         tsc = require_tsc_khz(Path("/proc/cpuinfo").read_text())
         argv = qemu_argv(request, accel=accel, tsc_khz=tsc, initrd=initrd)
@@ -197,15 +197,6 @@ class QemuBackend:
             Check("no-process-with-marker", not by_marker, f"marker {record.marker}: {by_marker or 'none'}"),
             Check("ssh-port-released", port_free, f"nothing listens on 127.0.0.1:{record.ssh_port}"),
         ]
-
-
-def probe_cache() -> Path:
-    """Where the accelerator probe's answer is kept: per host boot (``boot_id``), shared by every
-    avm home, so a probe that takes seconds (a hanging ``-accel kvm``) runs once per boot."""
-    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    path = Path("/var/tmp/avm-accel-probe") / boot_id
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _qmp_powerdown(sock_path: Path) -> bool:

@@ -3,7 +3,8 @@
 The image store is ``$AVM_IMAGE_CACHE`` when set, else ``/var/tmp/avm-image-cache``; images in it
 are keyed by recipe digest, so a suite (or the demo) that finds the image of the current
 ``images/golden.yaml`` already built reuses it in under a second, and a changed recipe builds
-a new one (about 100 s cold). Building needs root: without it the fixture skips.
+a new one (about 100 s cold). Building needs root: without it the fixture fails and says so
+(tests/plugins/require.py).
 """
 
 from __future__ import annotations
