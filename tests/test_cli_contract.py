@@ -196,3 +196,29 @@ def test_status_of_an_unknown_target_is_a_usage_error_like_promote(tmp_path: Pat
     error = json.loads(bad.stdout)["error"]
     assert error["code"] == "invalid-vm-name"
     assert hostile not in error["hint"]
+
+
+def test_docs_cli_commands_table_names_every_command_and_nothing_else() -> None:
+    """docs/cli.md's table: a group row lists its subcommands; other rows name top-level commands."""
+    import click
+
+    from controlplane.cli import cli
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    table = text[text.index("## Commands") : text.index("## The state directory")]
+    documented: set[str] = set()
+    for row in (r for r in table.splitlines() if r.startswith("| `")):
+        first, second = (c.strip() for c in row.strip("|").split("|")[:2])
+        heads = [w.split()[0] for w in re.findall(r"`([^`]+)`", first)]
+        group = cli.commands.get(heads[0])
+        if len(heads) == 1 and isinstance(group, click.Group):
+            subs = [w.split()[0] for w in re.findall(r"`([^`]+)`", second) if not w.startswith("-")]
+            documented |= {f"{heads[0]} {s}" for s in subs}
+        else:
+            documented |= set(heads)
+    actual = {
+        f"{name} {sub}" if isinstance(cmd, click.Group) else name
+        for name, cmd in cli.commands.items()
+        for sub in (cmd.commands if isinstance(cmd, click.Group) else [""])
+    }
+    assert documented == actual

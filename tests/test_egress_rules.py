@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -94,3 +95,20 @@ def test_names_fit_interfaces_and_labels_do_not_shadow_each_other() -> None:
     long = Names.of("j" * 64, "a-label-longer-than-nine")
     assert all(len(n) <= 15 for n in (long.tap, long.uplink_dev, long.host_dev(0x1FFF)))
     assert not Names.of("b--x", "a-b").netns.startswith(Names.of("x", "a").netns_prefix)
+
+
+def test_the_ruleset_example_in_docs_egress_md_is_what_render_writes() -> None:
+    from controlplane.jobs.egress.names import POOL, Names
+    from controlplane.jobs.egress.network import _spec
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "egress.md").read_text()
+    start = doc.index("## The ruleset (generated, example)")
+    shown = doc[doc.index("```\n", start) + 4 : doc.index("```", doc.index("```\n", start) + 4)]
+    allow = nftrules.validate_rules(
+        [EgressRule(host="198.51.100.10", port=443), EgressRule(host="198.51.100.53", port=53, proto="udp")]
+    )
+    host_nets = [ipaddress.IPv4Network("192.0.2.2"), ipaddress.IPv4Network("127.0.0.0/8"), POOL]
+    spec = _spec(
+        Names.of("build-42", "j1a2b3c4d"), ipaddress.IPv4Network("10.231.96.192/29"), host_nets, allow
+    )
+    assert shown == nftrules.render(spec)
