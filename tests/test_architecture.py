@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 import controlplane
 
 ROOT = Path(controlplane.__file__).parent
@@ -49,3 +51,38 @@ def test_every_package_and_module_is_in_the_tree_and_nothing_else_is() -> None:
 
 def test_the_data_packages_named_in_the_tree_exist() -> None:
     assert all((ROOT / name).is_dir() for name in DATA_PACKAGES)
+
+
+PACKAGES_WITH_ENTRY_POINTS = ("evidence", "release", "governance", "image", "promote", "jobs", "transport")
+
+
+def test_each_package_re_exports_two_to_five_entry_points_that_resolve() -> None:
+    import importlib
+
+    for name in PACKAGES_WITH_ENTRY_POINTS:
+        package = importlib.import_module(f"controlplane.{name}")
+        exported = package.__all__
+        assert 2 <= len(exported) <= 5, (name, exported)
+        for attr in exported:
+            value = getattr(package, attr)
+            assert getattr(value, "__module__", "").startswith(f"controlplane.{name}"), (name, attr)
+        with pytest.raises(AttributeError, match="no_such_entry_point"):
+            _ = package.no_such_entry_point
+
+
+def test_importing_a_package_does_not_import_its_entry_points() -> None:
+    import json
+    import subprocess
+    import sys
+
+    probe = (
+        "import json, sys, controlplane.jobs, controlplane.evidence, controlplane.promote\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('controlplane.'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    loaded = set(json.loads(out.stdout))
+    assert not loaded & {
+        "controlplane.jobs.runner",
+        "controlplane.evidence.step",
+        "controlplane.promote.pipeline",
+    }

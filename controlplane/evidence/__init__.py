@@ -11,3 +11,19 @@ This package imports only the core leaves (errors, ids, canonical, home, schemas
 primitives in ``_internal``, so anything may record evidence and the verifier can be read on
 its own.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from controlplane._internal.lazy import exports
+
+if TYPE_CHECKING:
+    from controlplane.evidence.keys import TrustedKeys, load_trusted
+    from controlplane.evidence.step import Check, Step, record_step
+
+__all__ = ["Check", "Step", "TrustedKeys", "load_trusted", "record_step"]
+__getattr__ = exports(
+    __name__,
+    {"record_step": "step", "Check": "step", "Step": "step", "TrustedKeys": "keys", "load_trusted": "keys"},
+)

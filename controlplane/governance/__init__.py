@@ -7,3 +7,20 @@
 * ``secrets`` / ``secretscan``: secrets by reference (``secret://local/NAME``) and the scan
   that keeps values out of manifests, plans and receipts.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from controlplane._internal.lazy import exports
+
+if TYPE_CHECKING:
+    from controlplane.governance.approvals import Approval
+    from controlplane.governance.gate import check_approvals, check_tiers
+    from controlplane.governance.tiers import TierTable
+
+__all__ = ["Approval", "TierTable", "check_approvals", "check_tiers"]
+__getattr__ = exports(
+    __name__,
+    {"TierTable": "tiers", "check_tiers": "gate", "check_approvals": "gate", "Approval": "approvals"},
+)

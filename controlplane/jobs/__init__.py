@@ -9,3 +9,18 @@
 * ``oci/``: the digest-pinned, signed image store; ``runtime/``: QEMU (local or remote) and Kata;
   ``egress/``: the job-private network and its nftables rules.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from controlplane._internal.lazy import exports
+
+if TYPE_CHECKING:
+    from controlplane.jobs.runner import JobResult, run_job
+    from controlplane.jobs.spec import JobSpec, load_jobspec
+
+__all__ = ["JobResult", "JobSpec", "load_jobspec", "run_job"]
+__getattr__ = exports(
+    __name__, {"JobSpec": "spec", "load_jobspec": "spec", "run_job": "runner", "JobResult": "runner"}
+)

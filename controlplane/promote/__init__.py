@@ -11,3 +11,16 @@
 * ``hostops`` / ``hostlock`` / ``state`` / ``events``: host operations, the per-host lock, the
   state recorded in receipts, and the Tier-1 audit events.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from controlplane._internal.lazy import exports
+
+if TYPE_CHECKING:
+    from controlplane.promote.pipeline import Result, run
+    from controlplane.promote.status import check
+
+__all__ = ["Result", "check", "run"]
+__getattr__ = exports(__name__, {"run": "pipeline", "check": "status", "Result": "pipeline"})

@@ -7,3 +7,26 @@
 * ``cosign`` / ``sigstorebundle`` / ``sigstorekeyed`` / ``sigstoretrust``: the signature formats
   (cosign blobs, Sigstore bundles keyless and keyed) and the trusted root.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from controlplane._internal.lazy import exports
+
+if TYPE_CHECKING:
+    from controlplane.release.bundle import Bundle
+    from controlplane.release.manifest import ReleaseManifest, parse_manifest
+    from controlplane.release.trust import sign_release, verify_release
+
+__all__ = ["Bundle", "ReleaseManifest", "parse_manifest", "sign_release", "verify_release"]
+__getattr__ = exports(
+    __name__,
+    {
+        "Bundle": "bundle",
+        "ReleaseManifest": "manifest",
+        "parse_manifest": "manifest",
+        "sign_release": "trust",
+        "verify_release": "trust",
+    },
+)
