@@ -17,7 +17,7 @@ PACKAGE = Path(controlplane.__file__).parent
 SPELLINGS = ("/opt/agent", "/etc/agent", "agent-gateway@", "agent-gateway-")
 # ids.py owns the user prefix (the profile-name length rule counts it; the layout imports it);
 # the host-side programs run on the host with no avm installed: they cannot import the layout
-EXEMPT = {"hostlayout.py", "ids.py"} | {
+EXEMPT = {"promote/layout.py", "ids.py"} | {
     f"hostscripts/{p.name}" for p in (PACKAGE / "hostscripts").glob("*.py")
 }
 
