@@ -108,7 +108,12 @@ class ImageManifest(BaseModel):
     binaries: dict[str, BinaryRecord] = Field(default_factory=dict)
 
     def canonical(self) -> bytes:
-        return canonical_bytes(self.model_dump(mode="json"))
+        doc = self.model_dump(mode="json")
+        # manifests written before these fields existed stay byte-identical (their digest holds)
+        for key, empty in (("package_set", []), ("source_date_epoch", None), ("binaries", {})):
+            if doc[key] == empty:
+                del doc[key]
+        return canonical_bytes(doc)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -97,6 +97,7 @@ class BuildResult:
             "cmdline": m.cmdline,
             "packages": m.packages,
             "artifacts": {k: a.model_dump() for k, a in m.artifacts.items()},
+            "binaries": {k: b.model_dump() for k, b in m.binaries.items()},
             "rootfs": {"path": str(self.image.rootfs), "files": m.rootfs.files, "bytes": m.rootfs.bytes},
             "stages_s": self.stages_s,
             "sizes": self.sizes,

@@ -3,7 +3,8 @@
 The record is what the manifest keeps: the recipe (``recipe.json``), the package set
 (``name:arch=version`` of every installed package), the source date and the wheel programs'
 sha256. ``verify_reproducible`` rebuilds into a scratch store inside the image store (apt pinned
-to the recorded versions), compares the two images and removes the scratch store. When the
+to the recorded versions), compares the two images and removes the scratch store (and any left
+by a killed verify: one verify per store runs at a time, under ``.verify.lock``). When the
 bytes differ, the report says which artifact, which file of the rootfs and why
 (``imagerepro.compare_trees``); when the rootfs trees agree but the ext4 image does not, it names
 the superblock fields that differ and the first differing byte.
@@ -42,14 +43,19 @@ def verify_reproducible(image: GoldenImage, store: Path, progress: Progress) -> 
             hint="rebuild it with `avm image build --force` (this build records the package set)",
         )
     recipe = Recipe.model_validate_json(image.artifact("recipe").read_bytes())
-    scratch = Path(tempfile.mkdtemp(prefix=".verify-", dir=store))
     started = time.monotonic()
-    try:
-        progress(f"image verify: rebuilding {image.digest} from its record into {scratch}")
-        rebuilt = build_image(recipe, scratch, pins=pins, progress=progress).image
-        report = compare_images(image, rebuilt)
-    finally:
-        imagestore.remove_tree(scratch)
+    # one verify per store at a time, so a scratch store left by a killed one can be removed
+    with imagestore.exclusive(store / ".verify.lock", progress):
+        for stale in sorted(store.glob(".verify-*")):
+            progress(f"image verify: removing {stale.name}, left by a verify that was killed")
+            imagestore.remove_tree(stale)
+        scratch = Path(tempfile.mkdtemp(prefix=".verify-", dir=store))
+        try:
+            progress(f"image verify: rebuilding {image.digest} from its record into {scratch}")
+            rebuilt = build_image(recipe, scratch, pins=pins, progress=progress).image
+            report = compare_images(image, rebuilt)
+        finally:
+            imagestore.remove_tree(scratch)
     report["rebuild_s"] = round(time.monotonic() - started, 1)
     if not report["reproducible"]:
         differences = report["differences"]

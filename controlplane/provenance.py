@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime
 import hashlib
 import json
 import socket
@@ -33,7 +34,7 @@ from controlplane.atomicfile import write_atomic
 from controlplane.canonical import canonical_bytes, sha256_digest
 from controlplane.errors import OperationalError, RefusedError
 from controlplane.home import Home
-from controlplane.image import GoldenImage
+from controlplane.image import MANIFEST, GoldenImage
 from controlplane.receipt import PAYLOAD_TYPE, STATEMENT_TYPE, pae
 
 SLSA_PROVENANCE: Final = "https://slsa.dev/provenance/v1"
@@ -74,7 +75,9 @@ def statement(image: GoldenImage, build_receipt: str | None) -> dict[str, Any]:
         },
         *({"uri": uri, "annotations": {"what": "Debian mirror the packages came from"}} for uri in mirrors),
     ]
-    metadata = {"finishedOn": m.built_at}
+    # built_at is the source date (reproducible builds); the build finished when its manifest was published
+    published = datetime.datetime.fromtimestamp((image.directory / MANIFEST).stat().st_mtime, datetime.UTC)
+    metadata = {"finishedOn": published.strftime("%Y-%m-%dT%H:%M:%SZ")}
     if build_receipt:
         metadata["invocationId"] = f"urn:agent-vm:receipt:{build_receipt}"
     predicate = {

@@ -329,3 +329,17 @@ def test_compare_images_names_the_file_that_differs(tmp_path: Path) -> None:
         ("var/log", "present in one build only: generated at build time, or a package set difference"),
         ("var/log/dpkg.log", "a build log: dpkg, apt and alternatives write build-time timestamps"),
     ]
+
+
+def test_a_manifest_written_before_the_record_fields_keeps_its_digest(tmp_path: Path) -> None:
+    """Images built before package_set/source_date_epoch/binaries existed still load, same digest."""
+    from tests.test_image import make_small_image
+
+    image = make_small_image(tmp_path)
+    data = (image.directory / "manifest.json").read_bytes()
+    doc = json.loads(data)
+    assert {"package_set", "source_date_epoch", "binaries"} & set(doc) == set()
+    assert GoldenImage.load(image.directory).digest == "sha256:" + hashlib.sha256(data).hexdigest()
+    recorded = image.manifest.model_copy(update={"package_set": ("foo:amd64=1.0",), "source_date_epoch": 0})
+    assert json.loads(recorded.canonical())["package_set"] == ["foo:amd64=1.0"]
+    assert json.loads(recorded.canonical())["source_date_epoch"] == 0
