@@ -283,11 +283,11 @@ def test_a_rebuild_from_the_record_gives_the_same_image_bit_for_bit(
     scratch store) give the same manifest digest, so the same ext4, qcow2, kernel, initrd, SBOM."""
     require_root("building the golden image: mmdebstrap --mode=root")
     packages = json.loads(golden_image.sbom.read_text())["packages"]
-    debs = sorted(
+    debs = [  # the SBOM lists the same packages, in the same (name, arch) order
         f"{p['name']}:{p['externalRefs'][0]['referenceLocator'].split('arch=')[1].split('&')[0]}={p['versionInfo']}"
         for p in packages
         if p["SPDXID"].startswith("SPDXRef-Package-")
-    )
+    ]
     assert list(golden_image.manifest.package_set) == debs
     home, store = tmp_path / "home", shared_image_store()
     assert avm("keys", "init", home=home, store=store, timeout=60).returncode == 0
@@ -343,3 +343,15 @@ def test_a_manifest_written_before_the_record_fields_keeps_its_digest(tmp_path: 
     recorded = image.manifest.model_copy(update={"package_set": ("foo:amd64=1.0",), "source_date_epoch": 0})
     assert json.loads(recorded.canonical())["package_set"] == ["foo:amd64=1.0"]
     assert json.loads(recorded.canonical())["source_date_epoch"] == 0
+
+
+def test_the_store_key_follows_the_envoy_binary() -> None:
+    """Another Envoy build (same recipe, other bytes) is another image, never a stale cache hit."""
+    from controlplane.imagebuild import store_key
+
+    recipe = load_recipe(DEFAULT_RECIPE)
+    _, record = resolve(ENVOY)
+    other = record.model_copy(update={"sha256": "sha256:" + "0" * 64})
+    keys = {store_key(recipe, {"envoy": record}), store_key(recipe, {"envoy": other}), recipe.digest()}
+    assert len(keys) == 3
+    assert store_key(recipe, {}) == recipe.digest()
