@@ -13,6 +13,7 @@ from controlplane.errors import UsageError
 from controlplane.jobs.egress import rules as nftrules
 from controlplane.jobs.egress.names import Names
 from controlplane.jobs.spec import EgressRule
+from tests.plugins import cases
 
 DNS = "198.51.100.53"
 
@@ -21,28 +22,11 @@ def rule(host: str, port: Any = 443, proto: str = "tcp") -> SimpleNamespace:
     return SimpleNamespace(host=host, port=port, proto=proto)
 
 
-@pytest.mark.parametrize(
-    ("host", "port", "proto", "code"),
-    [
-        ("example.com", 443, "tcp", "egress-rule-invalid"),
-        ("0.0.0.0/0", 443, "tcp", "egress-allow-all"),
-        ("::/0", 443, "tcp", "egress-allow-all"),
-        ("2001:db8::1", 443, "tcp", "egress-ipv6-unsupported"),
-        ("10.0.0.0/7", 443, "tcp", "egress-too-broad"),
-        ("169.254.169.254", 80, "tcp", "egress-metadata"),
-        ("169.0.0.0/8", 80, "tcp", "egress-metadata"),
-        ("127.0.0.1", 80, "tcp", "egress-special-address"),
-        ("224.0.0.251", 5353, "udp", "egress-special-address"),
-        ("198.51.100.1", 0, "tcp", "egress-rule-invalid"),
-        ("198.51.100.1", 65536, "tcp", "egress-rule-invalid"),
-        ("198.51.100.1", True, "tcp", "egress-rule-invalid"),
-        ("198.51.100.1", 80, "icmp", "egress-rule-invalid"),
-    ],
-)
-def test_bad_rules_are_refused_with_a_code(host: str, port: Any, proto: str, code: str) -> None:
+@pytest.mark.parametrize("case", cases.load("egress_rules", keys={"rule", "code"}))
+def test_bad_rules_are_refused_with_a_code(case: dict[str, Any]) -> None:
     with pytest.raises(UsageError) as err:
-        nftrules.validate_rules([rule(host, port, proto)])
-    assert err.value.code == code
+        nftrules.validate_rules([rule(**case["rule"])])
+    assert err.value.code == case["code"]
     assert err.value.details["actual"] and err.value.details["expected"] and err.value.hint
 
 
