@@ -24,7 +24,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from controlplane import hostscripts
 from controlplane._internal.loading import Frozen
@@ -55,10 +55,8 @@ class LimitReading(Frozen):
     status: LimitStatus
 
 
-class Observed(BaseModel):
+class Observed(Frozen):
     """What the probe saw for one profile."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     profile: str
     egress: EgressVerdict

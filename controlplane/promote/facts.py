@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from controlplane._internal.loading import Frozen
 from controlplane.errors import OperationalError
@@ -38,10 +38,8 @@ class ProfileFacts(Frozen):
     dir_meta: str | None = None  # the same for /opt/agent/profiles/<name>
 
 
-class UnitFacts(BaseModel):
+class UnitFacts(Frozen):
     """One profile's unit as systemd loaded it."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     Id: str
     LoadState: str = "loaded"  # "not-found" when no unit file exists for it
@@ -58,25 +56,21 @@ class UnitFacts(BaseModel):
     process: dict[str, str] | None = None
 
 
-class Then(BaseModel):
+class Then(Frozen):
     """What a second read-only program run by the gatherer printed (one round trip for both)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     rc: int
     stdout: str
     stderr: str
 
 
-class HostFacts(BaseModel):
+class HostFacts(Frozen):
     """What the host looks like now.
 
     ``releases`` maps sha -> {relative path: sha256:... | symlink:TARGET | special} for every
     non-directory entry; ``release_meta`` maps sha -> {relative path: "TYPE MODE UID GID"} for
     every entry, directories and the release root (".") included.
     """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     unit_template: str | None
     profiles: dict[str, ProfileFacts] = Field(default_factory=dict)

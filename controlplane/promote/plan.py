@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from controlplane._internal.loading import Frozen
 from controlplane.canonical import canonical_bytes, domain_digest
@@ -29,10 +29,8 @@ ActionKind = Literal[
 ]
 
 
-class DesiredProfile(BaseModel):
+class DesiredProfile(Frozen):
     """What one profile should look like on the host (digests of exactly the bytes avm writes)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
     release: str  # commit sha

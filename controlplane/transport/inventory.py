@@ -10,22 +10,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
+from controlplane._internal.loading import Frozen
 from controlplane.errors import OperationalError, UsageError
 from controlplane.home import Home
 from controlplane.ids import VmName, parse_vm_name
 from controlplane.transport.local import LocalTransport
 
 
-class Target(BaseModel):
+class Target(Frozen):
     """A host the control plane can reach.
 
     ``url`` is ``local://`` or ``ssh://USER@HOST:PORT``. ``host_key`` is the pinned OpenSSH
     public key line (``ssh-ed25519 AAAA...``); ``identity`` is the private key file to log in with.
     """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: VmName
     url: str
