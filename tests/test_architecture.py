@@ -53,7 +53,16 @@ def test_the_data_packages_named_in_the_tree_exist() -> None:
     assert all((ROOT / name).is_dir() for name in DATA_PACKAGES)
 
 
-PACKAGES_WITH_ENTRY_POINTS = ("evidence", "release", "governance", "image", "promote", "jobs", "transport")
+PACKAGES_WITH_ENTRY_POINTS = (
+    "evidence",
+    "release",
+    "governance",
+    "image",
+    "promote",
+    "jobs",
+    "transport",
+    "vm",
+)
 
 
 def test_each_package_re_exports_two_to_five_entry_points_that_resolve() -> None:
