@@ -257,7 +257,7 @@ def down(home: Home, name: str, *, grace_s: float = 10.0, progress: Progress = q
                 "teardown-incomplete",
                 f"{name}: {len(failed)} teardown check(s) failed: {', '.join(c.name for c in failed)}",
                 hint="see `avm receipts show` for the details; remove what is listed by hand",
-                details={"failed": [c.__dict__ for c in failed]},
+                details={"failed": [c._asdict() for c in failed]},
             )
     return checks
 
