@@ -133,16 +133,8 @@ def test_the_readme_job_commands_run_as_written(workdir: Path, golden_image: obj
             continue
         out = _avm(argv, env)
         assert out.returncode == 0, f"{shlex.join(argv)}\n{out.stdout}\n{out.stderr}"
-        ran.append(" ".join(argv[1:3]))
+        ran.append(next(p for p in RUN_FOR_REAL if " ".join(argv[1:]).startswith(p)))
         if argv[1:3] == ["job", "run"]:
             assert "hello from a Tier-2 microVM job: hi from examples/jobs" in out.stdout
             assert "network interfaces: none (default-deny egress)" in out.stdout
-    assert ran == [
-        "keys init",
-        "keys release-init",
-        "keys trust",
-        "image build-job",
-        "image sign",
-        "job run",
-        "receipts verify",
-    ]
+    assert ran == list(RUN_FOR_REAL)  # every one of them is in the README, in this order, and ran
