@@ -16,6 +16,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from controlplane import nftrules
+from controlplane.boundary.policy import EgressPolicy, NameRule
 from controlplane.errors import UsageError
 from controlplane.ids import JobId, JsonSchemaExtra, json_pattern
 
@@ -119,6 +120,19 @@ class Egress(_Frozen):
         # parses is one whose network can be built (UsageError with its egress-* code, exit 64)
         nftrules.validate_rules(allow)
         return allow
+
+    # HTTPS destinations by name, reached only through the egress gateway on the job's link
+    names: tuple[NameRule, ...] = ()
+
+    @field_validator("names")
+    @classmethod
+    def _one_policy(cls, names: tuple[NameRule, ...]) -> tuple[NameRule, ...]:
+        EgressPolicy(names=names)  # duplicates are refused by the policy model (egress-name-duplicate)
+        return names
+
+    @property
+    def policy(self) -> EgressPolicy:
+        return EgressPolicy(names=self.names)
 
 
 class JobInput(_Frozen):
