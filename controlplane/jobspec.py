@@ -134,6 +134,11 @@ class Egress(_Frozen):
     def policy(self) -> EgressPolicy:
         return EgressPolicy(names=self.names)
 
+    @property
+    def networked(self) -> bool:
+        """Whether the job gets a NIC at all (IP rules or names); deny-all jobs get none."""
+        return bool(self.allow or self.names)
+
 
 class JobInput(_Frozen):
     """A host file copied into the guest at ``dest`` (relative to the job directory).

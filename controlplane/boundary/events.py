@@ -59,13 +59,17 @@ def parse_line(line: str) -> Event | None:
     )
 
 
-def read(path: Path, *, identity: str | None = None, timeout: float = 0.0, want: int = 0) -> list[Event]:
-    """The events in ``path`` (of one ``identity`` if given). Waits up to ``timeout`` seconds for
-    at least ``want`` of them: Envoy flushes its access log on an interval."""
+def read(
+    path: Path, *, identity: str | None = None, timeout: float = 0.0, want: int = 0, offset: int = 0
+) -> list[Event]:
+    """The events in ``path`` from byte ``offset`` (of one ``identity`` if given). Waits up to
+    ``timeout`` seconds for at least ``want`` of them: Envoy flushes its access log on an interval."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            lines = path.read_text(errors="replace").splitlines()
+            with path.open("rb") as fh:
+                fh.seek(offset)
+                lines = fh.read().decode(errors="replace").splitlines()
         except FileNotFoundError:
             lines = []
         out = [e for e in map(parse_line, lines) if e and (identity is None or e.identity == identity)]
