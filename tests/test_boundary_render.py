@@ -95,11 +95,24 @@ def test_rendering_matches_the_golden_files() -> None:
 def test_rendering_is_pure_and_its_generation_follows_every_policy() -> None:
     one, two = render(spec()), render(spec())
     assert one == two
-    assert one.lds["version_info"] == one.cds["version_info"] == one.generation
+    assert one.lds["version_info"] == one.generation
+    assert one.cds["version_info"] == one.cds_version != one.generation
     alpha, beta = policies()
     assert one.policies == {"profile:alpha": alpha.generation, "job:j-42": beta.generation}
     changed = dataclasses.replace(spec(), listeners=spec().listeners[:1])
     assert render(changed).generation != one.generation
+    # a policy change that keeps the destinations changes the generation, not the clusters
+    narrower = parse_policy(
+        [
+            {**alpha.names[0].model_dump(mode="json"), "paths": ["/v1/other"]},
+            alpha.names[1].model_dump(mode="json"),
+        ]
+    )
+    same_clusters = dataclasses.replace(
+        spec(), listeners=(dataclasses.replace(spec().listeners[0], policy=narrower), spec().listeners[1])
+    )
+    assert render(same_clusters).generation != one.generation
+    assert render(same_clusters).cds_version == one.cds_version
 
 
 def test_each_listed_name_has_its_own_chain_and_nothing_else_has_one() -> None:

@@ -42,8 +42,8 @@ class InForce:
 
     @property
     def generation(self) -> str | None:
-        """The rendering's generation when LDS and CDS agree (the normal state), else None."""
-        return self.lds if self.lds == self.cds and self.lds else None
+        """The generation of the rendering in force (LDS's version), None before any."""
+        return self.lds or None
 
 
 class Admin:
@@ -77,13 +77,19 @@ class Admin:
         _, body = self.get(f"/stats?format=json&filter={regex}")
         return {s["name"]: s["value"] for s in json.loads(body)["stats"] if "name" in s}
 
-    def in_force(self) -> InForce:
+    def versions(self) -> tuple[str, str, int]:
+        """(LDS version, CDS version, rejected + failed updates since start): stats only, cheap."""
         stats = self.stats("^(listener_manager\\.lds|cluster_manager\\.cds)\\.")
         rejected = sum(
             int(stats.get(f"{p}.{c}", 0))
             for p in ("listener_manager.lds", "cluster_manager.cds")
             for c in ("update_rejected", "update_failure")
         )
+        lds = str(stats.get("listener_manager.lds.version_text", ""))
+        return lds, str(stats.get("cluster_manager.cds.version_text", "")), rejected
+
+    def listeners(self) -> dict[str, str]:
+        """Active listener name -> the policy generation on its metadata (from /config_dump)."""
         status, body = self.get("/config_dump?resource=dynamic_listeners")
         listeners: dict[str, str] = {}
         # with no listener at all, Envoy answers 404 "dynamic_listeners not found"
@@ -93,9 +99,8 @@ class Admin:
                 continue
             meta = state.get("listener", {}).get("metadata", {}).get("filter_metadata", {}).get("avm", {})
             listeners[entry["name"]] = str(meta.get("policy", ""))
-        return InForce(
-            str(stats.get("listener_manager.lds.version_text", "")),
-            str(stats.get("cluster_manager.cds.version_text", "")),
-            rejected,
-            listeners,
-        )
+        return listeners
+
+    def in_force(self) -> InForce:
+        lds, cds, rejected = self.versions()
+        return InForce(lds, cds, rejected, self.listeners())

@@ -118,7 +118,7 @@ class Gateway:
         if not self.admin.ready():
             return False
         got = self.admin.in_force()
-        return got.generation == want.generation and got.listeners == _expected(want)
+        return (got.lds, got.cds, got.listeners) == (want.generation, want.cds_version, _expected(want))
 
     def in_force(self) -> InForce:
         return self.admin.in_force()
@@ -133,24 +133,27 @@ class Gateway:
         envoy.validate(new)
         if new.generation == old.generation:
             return Reload(old.generation, new.generation, 0.0)
-        union = {r["name"]: r for r in old.cds["resources"] + new.cds["resources"]}
-        staged_cds = {"version_info": "staged|" + new.generation, "resources": list(union.values())}
         start = time.monotonic()
         for name, doc in new.sds.items():
             self._write(f"sds/{name}", doc)
+        clusters_changed = new.cds_version != old.cds_version
+        union = {r["name"]: r for r in old.cds["resources"] + new.cds["resources"]}
+        only_added = len(union) == len(new.cds["resources"])
+        staged = (
+            new.cds
+            if only_added
+            else {"version_info": "staged|" + new.cds_version, "resources": list(union.values())}
+        )
         try:
-            self._step(
-                "cds.yaml", staged_cds, lambda f: f.cds == staged_cds["version_info"], old, new, timeout
-            )
-            self._step(
-                "lds.yaml",
-                new.lds,
-                lambda f: f.lds == new.generation and f.listeners == _expected(new),
-                old,
-                new,
-                timeout,
-            )
-            self._step("cds.yaml", new.cds, lambda f: f.generation == new.generation, old, new, timeout)
+            if clusters_changed:  # clusters first: the new listeners route to them
+                self._step("cds.yaml", staged, 1, str(staged["version_info"]), old, new, timeout)
+            self._step("lds.yaml", new.lds, 0, new.generation, old, new, timeout)
+            if not envoy.wait_until(lambda: self.admin.listeners() == _expected(new), timeout):
+                raise reload_rejected(
+                    old.generation, new.generation, "listeners not active within the deadline"
+                )
+            if clusters_changed and not only_added:  # then drop the old clusters
+                self._step("cds.yaml", new.cds, 1, new.cds_version, old, new, timeout)
         except OperationalError as exc:
             if exc.code != "gateway-reload-rejected":
                 raise
@@ -162,25 +165,35 @@ class Gateway:
         return Reload(old.generation, new.generation, time.monotonic() - start)
 
     def _step(
-        self, name: str, doc: dict[str, Any], done: Any, old: Rendered, new: Rendered, timeout: float
+        self,
+        name: str,
+        doc: dict[str, Any],
+        which: int,
+        version: str,
+        old: Rendered,
+        new: Rendered,
+        timeout: float,
     ) -> None:
-        rejected = self.admin.in_force().rejected
+        """Write one xDS file and poll the admin stats until Envoy reports ``version`` for it
+        (``which``: 0 LDS, 1 CDS) or counts a rejected update."""
+        rejected = self.admin.versions()[2]
         self._write(name, doc)
-        state: list[InForce] = []
+        state: list[tuple[str, str, int]] = []
 
         def settled() -> bool:
-            state[:] = [self.admin.in_force()]
-            return bool(done(state[0])) or state[0].rejected > rejected
+            state[:] = [self.admin.versions()]
+            return state[0][which] == version or state[0][2] > rejected
 
-        if not envoy.wait_until(settled, timeout):
+        if not envoy.wait_until(settled, timeout, 0.002):
             raise reload_rejected(old.generation, new.generation, f"{name} not in force within {timeout:g}s")
-        if state[0].rejected > rejected:
+        if state[0][2] > rejected:
             raise reload_rejected(old.generation, new.generation, f"Envoy rejected {name}")
 
     def _restore(self, old: Rendered, timeout: float) -> None:
         self._write("lds.yaml", old.lds)
         self._write("cds.yaml", old.cds)
-        envoy.wait_until(lambda: self.admin.in_force().generation == old.generation, timeout)
+        want = (old.generation, old.cds_version)
+        envoy.wait_until(lambda: self.admin.versions()[:2] == want, timeout)
 
     def stop(self) -> None:
         self.process.stop()

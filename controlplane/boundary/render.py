@@ -17,8 +17,9 @@ document per credential) as dicts; nothing here reads or writes a file. How a re
   of that name is replaced; the credential exists in that one chain only (bound to host:port);
 - every request is one JSON line in the access log, with the identity and policy generation.
 
-``version_info`` of LDS and CDS is the generation of the whole rendering (``Rendered.generation``),
-which Envoy's admin ``/config_dump`` reports back once it is in force.
+LDS's ``version_info`` is the generation of the whole rendering (``Rendered.generation``), CDS's
+the digest of the clusters alone (``Rendered.cds_version``: a policy change that keeps the
+destinations needs no cluster update); Envoy's admin stats report both back once in force.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class Rendered:
     generation: str
     policies: dict[str, str]  # identity -> its policy generation
     xds_dir: Path
+    cds_version: str
 
 
 def sds_name(ref: str) -> str:
@@ -129,10 +131,11 @@ def render(spec: GatewaySpec) -> Rendered:
     body = {"listeners": listeners, "clusters": clusters, "secrets": refs}
     generation = sha256_digest(canonical_bytes(json.loads(json.dumps(body, default=str))))
     lds = {"version_info": generation, "resources": listeners}
-    cds = {"version_info": generation, "resources": clusters}
+    cds_version = sha256_digest(canonical_bytes(json.loads(json.dumps(clusters, default=str))))
+    cds = {"version_info": cds_version, "resources": clusters}
     sds = {f"{sds_name(ref)}.yaml": _sds(ref, spec.secrets[ref]) for ref in refs}
     policies = {x.identity: x.policy.generation for x in spec.listeners}
-    return Rendered(_bootstrap(spec), lds, cds, sds, generation, policies, spec.xds_dir)
+    return Rendered(_bootstrap(spec), lds, cds, sds, generation, policies, spec.xds_dir, cds_version)
 
 
 def _bootstrap(spec: GatewaySpec) -> dict[str, Any]:

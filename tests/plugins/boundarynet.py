@@ -130,8 +130,9 @@ def free_port(netns: str) -> int:
     return 47000 + secrets.randbelow(1000)
 
 
-@pytest.fixture
-def boundary_net(tmp_path: Path, root_net_tools: None) -> Iterator[BoundaryNet]:
+@contextlib.contextmanager
+def make_boundary_net(tmp_path: Path) -> Iterator[BoundaryNet]:
+    """The three namespaces and the upstream; removed (and checked gone) when the block ends."""
     host = LocalTransport()
     tag = secrets.token_hex(3)
     names = [f"avmtgw-{tag}-{s}" for s in ("gw", "up", "ag")]
@@ -173,3 +174,9 @@ def boundary_net(tmp_path: Path, root_net_tools: None) -> Iterator[BoundaryNet]:
                 delete_netns(host, n)
         left = [n for n in netns_names(host) if n in names]
         assert not left, f"namespaces left behind: {left}"
+
+
+@pytest.fixture
+def boundary_net(tmp_path: Path, root_net_tools: None) -> Iterator[BoundaryNet]:
+    with make_boundary_net(tmp_path) as net:
+        yield net
