@@ -202,7 +202,18 @@ def _stop(root: Path, gw: Gateway, pid: int | None) -> None:
 
 
 def _save(root: Path, state: dict[str, Any]) -> None:
+    """Record the state, and remove every secret file no listener in it needs any more (after
+    the update that stopped using it is in force): no credential stays on disk for nothing."""
     write_atomic(root / "state.json", json.dumps(state, sort_keys=True).encode(), 0o600)
+    keep = {
+        str(c["ref"]).rsplit("/", 1)[1]
+        for x in state["listeners"].values()
+        for r in x["policy"]["names"]
+        if (c := r.get("credential"))
+    }
+    for stale in (root / "secrets").glob("*") if (root / "secrets").is_dir() else ():
+        if stale.name not in keep:
+            stale.unlink()
 
 
 @contextlib.contextmanager
