@@ -9,6 +9,7 @@ the job's namespace. The job's image carries openssl (a verifying TLS client) ne
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import shutil
@@ -65,7 +66,7 @@ def world(tmp_path: Path, root_net_tools: None) -> Iterator[tuple[str, int, Egre
         host.run(["ip", "-n", name, "addr", "add", f"{UPSTREAM}/32", "dev", "lo"]).check()
         argv = ["ip", "netns", "exec", name, sys.executable, "-m", "tests.plugins.upstream_server"]
         proc = subprocess.Popen(
-            [*argv, UPSTREAM, str(port), str(cert), str(key), str(log)],
+            [*argv, UPSTREAM, str(port), str(cert), str(key), str(log), "--redact"],
             stdout=subprocess.PIPE,
             cwd=Path(__file__).resolve().parents[1],
         )
@@ -121,7 +122,8 @@ def test_allowlisted_job_reaches_a_listed_name_with_the_credential_injected(
     assert result.status == "ok", (result.stdout, result.stderr)
     listed = json.loads((out / "listed.json").read_text())
     assert listed["path"] == "/v1/models"
-    assert [h for h in listed["headers"] if h[0] == "x-api-key"] == [["x-api-key", KEY.decode()]]
+    digest = "sha256:" + hashlib.sha256(KEY).hexdigest()  # the upstream answers the key's digest only
+    assert [h for h in listed["headers"] if h[0] == "x-api-key"] == [["x-api-key", digest]]
     denied = json.loads((out / "denied.json").read_text())
     assert (denied["denied"], denied["reason"]) == (True, "path-not-allowed")
     unlisted = (out / "unlisted.txt").read_text()
@@ -130,10 +132,22 @@ def test_allowlisted_job_reaches_a_listed_name_with_the_credential_injected(
     env_text = (out / "env.txt").read_text()
     assert KEY.decode() not in env_text
     assert "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt" in env_text.splitlines()
-    # the upstream saw exactly the one allowed request
+    # the upstream saw exactly the one allowed request, with the key itself
     seen = [json.loads(line) for line in upstream_log.read_text().splitlines()]
     assert [r["path"] for r in seen] == ["/v1/models"]
+    assert [h for h in seen[0]["headers"] if h[0] == "x-api-key"] == [["x-api-key", KEY.decode()]]
+    # leak sweep: the key is nowhere on the guest's side of the boundary
+    swept = [
+        result.stdout,
+        result.stderr,
+        *(p.read_text(errors="replace") for p in out.rglob("*") if p.is_file()),
+    ]
+    if result.console_log is not None and result.console_log.exists():
+        swept.append(result.console_log.read_text(errors="replace"))
+    assert [text for text in swept if KEY.decode() in text] == []
     predicate = _receipt(jobenv, result.receipt_id)
+    verified = run_avm(jobenv.home, "receipts", "verify")  # the gateway's events are in the signed chain
+    assert verified.returncode == 0, (verified.stdout, verified.stderr)
     gw = predicate["observations"]["egress_gateway"]
     from controlplane.boundary import envoy
 

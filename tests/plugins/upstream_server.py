@@ -1,21 +1,27 @@
 """A test HTTPS upstream (``api.example.test``): answers every request with what it received.
 
-Run as ``python -m tests.plugins.upstream_server ADDR PORT CERT KEY LOG`` inside the namespace a
-test made; each request is also appended to LOG as one JSON line, so a test can prove what
-reached the upstream (and that nothing did). Prints ``ready`` once it listens.
+Run as ``python -m tests.plugins.upstream_server ADDR PORT CERT KEY LOG [--redact]`` inside the
+namespace a test made; each request is also appended to LOG as one JSON line, so a test can prove
+what reached the upstream (and that nothing did). ``--redact`` answers credential headers as
+their sha256 only (LOG keeps them whole), so a guest's outputs can be swept for the secret.
+Prints ``ready`` once it listens.
 """
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import json
 import ssl
 import sys
 from typing import Any
 
+CREDENTIAL_HEADERS = ("x-api-key", "authorization")
+
 
 class Echo(http.server.BaseHTTPRequestHandler):
     log_path = ""
+    redact = False
     protocol_version = "HTTP/1.1"  # keep-alive, as a real API: the bench compares like with like
     disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall
 
@@ -30,7 +36,13 @@ class Echo(http.server.BaseHTTPRequestHandler):
         }
         with open(self.log_path, "a") as log:
             log.write(json.dumps(seen) + "\n")
-        out = json.dumps(seen).encode()
+        shown = dict(seen)
+        if self.redact:
+            shown["headers"] = [
+                [k, "sha256:" + hashlib.sha256(v.encode()).hexdigest() if k in CREDENTIAL_HEADERS else v]
+                for k, v in seen["headers"]
+            ]
+        out = json.dumps(shown).encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(out)))
@@ -46,6 +58,7 @@ class Echo(http.server.BaseHTTPRequestHandler):
 def main() -> None:
     addr, port, cert, key, log = sys.argv[1:6]
     Echo.log_path = log
+    Echo.redact = "--redact" in sys.argv[6:]
     server = http.server.ThreadingHTTPServer((addr, int(port)), Echo)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
