@@ -194,7 +194,7 @@ def test_rejected_update_keeps_the_last_good_generation(setup: Setup) -> None:
     with pytest.raises(OperationalError) as err:
         setup.gw.apply(setup.spec(policy(setup.port), stray))
     assert err.value.code == "gateway-reload-rejected"
-    assert err.value.details["why"] == "Envoy rejected lds.yaml"
+    assert err.value.details["why"] == "Envoy rejected lds.json"
     assert err.value.details["in_force"] == good.generation
     assert err.value.details["refused"] not in ("", good.generation)
     state = setup.gw.in_force()

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from controlplane.boundary import envoy
 from controlplane.boundary.ca import EgressCA
@@ -83,12 +82,15 @@ def spec(
 
 
 def test_rendering_matches_the_golden_files() -> None:
-    docs = {name: yaml.safe_dump(doc, sort_keys=True) for name, doc in documents(render(spec())).items()}
+    docs = {
+        name: json.dumps(doc, sort_keys=True, indent=1) + "\n"
+        for name, doc in documents(render(spec())).items()
+    }
     if os.environ.get("AVM_GOLDEN_WRITE") == "1":
         for name, text in docs.items():
             (GOLDEN / name).parent.mkdir(parents=True, exist_ok=True)
             (GOLDEN / name).write_text(text)
-    on_disk = {str(p.relative_to(GOLDEN)): p.read_text() for p in sorted(GOLDEN.rglob("*.yaml"))}
+    on_disk = {str(p.relative_to(GOLDEN)): p.read_text() for p in sorted(GOLDEN.rglob("*.json"))}
     assert on_disk == docs
 
 

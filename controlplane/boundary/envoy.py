@@ -24,8 +24,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from controlplane.boundary.render import Rendered
 from controlplane.errors import CommandTimeout, OperationalError
 from controlplane.netns import in_netns
@@ -91,11 +89,11 @@ def validate(rendered: Rendered) -> None:
     with Envoy's own message (the rendering is a bug or the files it names are unusable)."""
     envoy = binary()
     with tempfile.TemporaryDirectory(prefix="avm-envoy-validate-") as tmp:
-        path, sds_dir = Path(tmp) / "validate.yaml", Path(tmp) / "sds"
+        path, sds_dir = Path(tmp) / "validate.json", Path(tmp) / "sds"
         sds_dir.mkdir()
         for name, doc in rendered.sds.items():
-            (sds_dir / name).write_text(yaml.safe_dump(doc, sort_keys=True))
-        path.write_text(yaml.safe_dump(validation_bootstrap(rendered, sds_dir), sort_keys=True))
+            (sds_dir / name).write_text(json.dumps(doc, sort_keys=True))
+        path.write_text(json.dumps(validation_bootstrap(rendered, sds_dir), sort_keys=True))
         argv = [str(envoy.path), "--mode", "validate", "-c", str(path), "--log-level", "error"]
         result = LocalTransport().run(argv, timeout=VALIDATE_TIMEOUT_S)
     if not result.ok:

@@ -12,12 +12,11 @@ step, the last good files are put back and the error (``gateway-reload-rejected`
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
 from typing import Any, Self
-
-import yaml
 
 from controlplane.atomicfile import write_atomic
 from controlplane.boundary import envoy
@@ -45,7 +44,8 @@ class Reload:
 
 
 def _dump(doc: dict[str, Any]) -> bytes:
-    return yaml.safe_dump(doc, sort_keys=True).encode()
+    # JSON, not YAML: Envoy parses a 50-listener LDS file several times faster
+    return json.dumps(doc, sort_keys=True, indent=1).encode()
 
 
 class Gateway:
@@ -57,7 +57,7 @@ class Gateway:
         self.access_log, self.envoy_log = root / "access.log", root / "envoy.log"
         self.admin = Admin(self.admin_socket)
         self.process = envoy.EnvoyProcess(
-            self.xds_dir / "bootstrap.yaml", self.envoy_log, netns=netns, concurrency=concurrency
+            self.xds_dir / "bootstrap.json", self.envoy_log, netns=netns, concurrency=concurrency
         )
         self.rendered: Rendered | None = None
 
@@ -146,14 +146,14 @@ class Gateway:
         )
         try:
             if clusters_changed:  # clusters first: the new listeners route to them
-                self._step("cds.yaml", staged, 1, str(staged["version_info"]), old, new, timeout)
-            self._step("lds.yaml", new.lds, 0, new.generation, old, new, timeout)
+                self._step("cds.json", staged, 1, str(staged["version_info"]), old, new, timeout)
+            self._step("lds.json", new.lds, 0, new.generation, old, new, timeout)
             if not envoy.wait_until(lambda: self.admin.listeners() == _expected(new), timeout):
                 raise reload_rejected(
                     old.generation, new.generation, "listeners not active within the deadline"
                 )
             if clusters_changed and not only_added:  # then drop the old clusters
-                self._step("cds.yaml", new.cds, 1, new.cds_version, old, new, timeout)
+                self._step("cds.json", new.cds, 1, new.cds_version, old, new, timeout)
         except OperationalError as exc:
             if exc.code != "gateway-reload-rejected":
                 raise
@@ -190,8 +190,8 @@ class Gateway:
             raise reload_rejected(old.generation, new.generation, f"Envoy rejected {name}")
 
     def _restore(self, old: Rendered, timeout: float) -> None:
-        self._write("lds.yaml", old.lds)
-        self._write("cds.yaml", old.cds)
+        self._write("lds.json", old.lds)
+        self._write("cds.json", old.cds)
         want = (old.generation, old.cds_version)
         envoy.wait_until(lambda: self.admin.versions()[:2] == want, timeout)
 

@@ -133,7 +133,7 @@ def render(spec: GatewaySpec) -> Rendered:
     lds = {"version_info": generation, "resources": listeners}
     cds_version = sha256_digest(canonical_bytes(json.loads(json.dumps(clusters, default=str))))
     cds = {"version_info": cds_version, "resources": clusters}
-    sds = {f"{sds_name(ref)}.yaml": _sds(ref, spec.secrets[ref]) for ref in refs}
+    sds = {f"{sds_name(ref)}.json": _sds(ref, spec.secrets[ref]) for ref in refs}
     policies = {x.identity: x.policy.generation for x in spec.listeners}
     return Rendered(_bootstrap(spec), lds, cds, sds, generation, policies, spec.xds_dir, cds_version)
 
@@ -145,7 +145,7 @@ def _bootstrap(spec: GatewaySpec) -> dict[str, Any]:
     return {
         "node": {"id": "avm-egress", "cluster": "avm"},
         "admin": {"address": {"pipe": {"path": str(spec.admin_socket), "mode": 0o600}}},
-        "dynamic_resources": {"lds_config": source("lds.yaml"), "cds_config": source("cds.yaml")},
+        "dynamic_resources": {"lds_config": source("lds.json"), "cds_config": source("cds.json")},
     }
 
 
@@ -180,7 +180,7 @@ def _http_filters(spec: GatewaySpec, rule: NameRule) -> list[dict[str, Any]]:
     filters: list[dict[str, Any]] = []
     if rule.credential is not None:
         name = sds_name(rule.credential.ref)
-        source = {"path_config_source": {"path": str(spec.xds_dir / "sds" / f"{name}.yaml")}}
+        source = {"path_config_source": {"path": str(spec.xds_dir / "sds" / f"{name}.json")}}
         generic: dict[str, Any] = {
             "@type": _T + "extensions.http.injected_credentials.generic.v3.Generic",
             "credential": {"name": name, "sds_config": {**source, "resource_api_version": "V3"}},
@@ -351,6 +351,6 @@ def _sds(ref: str, value_file: Path) -> dict[str, Any]:
 
 def documents(rendered: Rendered) -> dict[str, dict[str, Any]]:
     """Every file of a rendering, by path relative to the xDS directory (bootstrap included)."""
-    out = {"bootstrap.yaml": rendered.bootstrap, "cds.yaml": rendered.cds, "lds.yaml": rendered.lds}
+    out = {"bootstrap.json": rendered.bootstrap, "cds.json": rendered.cds, "lds.json": rendered.lds}
     out.update({f"sds/{name}": doc for name, doc in rendered.sds.items()})
     return out
