@@ -201,14 +201,17 @@ def job_rows(net: BoundaryNet, n: int) -> list[tuple[str, str]]:
     deny: list[float] = []
     cold: list[float] = []
     warm: list[float] = []
-    for _ in range(n):  # interleaved, so load on the machine drifts into all three alike
+    ip: list[float] = []
+    for _ in range(n):  # interleaved, so load on the machine drifts into all of them alike
         deny.append(run("deny", {}))
+        ip.append(run("ip", {"allow": [{"host": "198.51.100.7", "port": 443}]}))  # the job network alone
         cold.append(run("names", {"names": names}))  # no gateway running: the job starts it
         with resident_gateway(home, net, opts):
             warm.append(run("names", {"names": names}))
-    d, c, w = (statistics.median(x) for x in (deny, cold, warm))
+    d, c, w, i = (statistics.median(x) for x in (deny, cold, warm, ip))
     return [
         (f"Tier-2 deny-all job, median of {n} (s)", f"{d:.3f}"),
+        ("Tier-2 job with one IP rule: job network, no gateway (s)", f"{i:.3f} (+{i - d:.3f})"),
         ("Tier-2 names job, host gateway running: listener by file update (s)", f"{w:.3f} (+{w - d:.3f})"),
         ("Tier-2 names job, no gateway running: the job starts one (s)", f"{c:.3f} (+{c - d:.3f})"),
     ]
