@@ -289,6 +289,7 @@ CODES: Mapping[str, tuple[type[AvmError], str]] = {
     "pulumi-destroy-failed": (_O, "pulumi destroy failed"),
     "pulumi-up-failed": (_O, "pulumi up failed"),
     "python-path-unusable": (_O, "the Python interpreter path cannot be a #! line"),
+    "qmp-failed": (_O, "QEMU's control socket (QMP) refused or did not answer a command"),
     "receipt-chain-broken": (_R, "a receipt does not chain to its predecessor"),
     "receipt-exists": (_O, "a receipt file already exists and is not overwritten"),
     "receipt-head-mismatch": (_R, "the ledger head is not the one expected (--expect-head)"),

@@ -46,6 +46,8 @@ class VmSpec(BaseModel):
     ssh_port: int | None = Field(default=None, ge=1024, le=65535)  # None: pick a free one
     wait: bool = True
     timeout_s: float = Field(default=300.0, gt=0, le=3600)
+    # qemu: boot cold even when a booted snapshot exists, and make none (other backends are always cold)
+    cold: bool = False
 
 
 class VmStatus(enum.StrEnum):
