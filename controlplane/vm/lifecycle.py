@@ -91,7 +91,13 @@ def up(home: Home, spec: VmSpec, image: GoldenImageLike, *, progress: Progress =
     if spec.ssh_port is not None:
         procs.require_port_free(spec.ssh_port)
     port = spec.ssh_port or procs.free_port()
-    inputs = {"name": spec.name, "backend": spec.backend, "vcpus": spec.vcpus, "memory_mib": spec.memory_mib}
+    inputs = {
+        "name": spec.name,
+        "backend": spec.backend,
+        "vcpus": spec.vcpus,
+        "memory_mib": spec.memory_mib,
+        "cold": spec.cold,
+    }
     with evidence.record_step(home, "vm-up", inputs=inputs) as step:
         step.subject(f"image:{spec.name}", image.digest)
         vms_dir(home).mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -146,7 +152,12 @@ def up(home: Home, spec: VmSpec, image: GoldenImageLike, *, progress: Progress =
                 )
                 inventory.save(home, target)
             step.observe("accelerator", booted.accelerator)
-            step.observe("backend", booted.observations)
+            observed = dict(booted.observations)
+            warm_start = observed.pop("warm_start", None)
+            step.observe("backend", observed)
+            if warm_start is not None:  # qemu: restored or cold, the snapshot's key, inputs, sha256s
+                step.observe("warm_start", warm_start)
+                step.result["start_path"] = warm_start["path"]
             if spec.wait:
                 _wait_for_login(home, record, backend, spec.timeout_s, t0, progress)
                 total = time.monotonic() - t0
