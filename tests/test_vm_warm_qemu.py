@@ -87,7 +87,8 @@ def private_store(tmp_path: Path, booted_snapshot: Path) -> Iterator[tuple[Path,
 def kex_server_keys(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     """Records the server's ephemeral curve25519 key of every key exchange in this process."""
     seen: list[bytes] = []
-    original: Callable[[KexCurve25519, paramiko.Message], None] = KexCurve25519._parse_kexecdh_reply
+    # paramiko's stubs do not declare this private method
+    original: Callable[[KexCurve25519, paramiko.Message], None] = KexCurve25519._parse_kexecdh_reply  # type: ignore[attr-defined]
 
     def recording(self: KexCurve25519, m: paramiko.Message) -> None:
         pos = m.packet.tell()
