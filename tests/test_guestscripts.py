@@ -27,7 +27,7 @@ RENDERED: dict[str, tuple[str, Callable[[], str]]] = {
     "job_init": ("525d967bac74b233ab127f362f2c0769edc640fe204c90943ee1ab3a3eef9f2c", lambda: guestinit.INIT),
     "budget": ("fb7e131918a39070e32917affa487bc557751fbf81f307b8d2bccd9889db4f55", lambda: guestinit.BUDGET),
     "initramfs_init": (
-        "1fd3051535125e637ca0175340c52bd25a6107d7e9af6d40435f84537e289e89",
+        "d02a0298e01bc15f433f642c713d4286df4aeba562e58b4bbad75cfe0d934e2a",
         lambda: initramfs.INIT,
     ),
 }

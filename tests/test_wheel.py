@@ -82,7 +82,7 @@ def test_the_wheel_carries_the_data_and_the_scripts(installed: tuple[Path, Path]
     # the warm-start identity gate the qemu initramfs installs into the golden VM
     scripts |= {
         f"controlplane/guestscripts/{n}"
-        for n in ("identity_gate.py", "avm-identity.service", "ssh-identity.conf")
+        for n in ("identity_gate.py", "avm-identity.service", "sshd-avm.conf")
     }
     assert scripts <= names
     assert "controlplane/data/sigstore/trusted_root.json" in names  # keyless Sigstore verification

@@ -1,18 +1,21 @@
-"""The golden VM's identity gate (runs in the guest, by python3, before sshd).
+"""The golden VM's identity gate (runs in the guest, by python3).
 
 Installed by the qemu initramfs when the kernel command line says ``avm.identity=gate``, and run
-by ``avm-identity.service`` (ordered before ``ssh.service``, which requires it). It talks over
-the ``avm.identity`` virtio-serial port, which only the host's QEMU process can write:
+by ``avm-identity.service``. It talks over the ``avm.identity`` virtio-serial port, which only the
+host's QEMU process can write. sshd runs, but nothing outside the guest can reach it: QEMU
+forwards no port to it until the host has this gate's "ok" (then ``hostfwd_add``). Each SSH
+connection is served by a freshly exec'd sshd that reads the host key from disk, so the first
+connection already gets this VM's own key, and session keys drawn after the reseed.
 
     guest -> {"avm": "waiting"}           blocks in write() until a host is connected
     host  -> {"op": "settle"}             (only when the host is about to save a snapshot)
-    guest -> {"avm": "settled", ...}      every boot job but sshd's is done
+    guest -> {"avm": "settled", ...}      every boot job but this one is done
     host  -> {"op": "identity", ...}      host key, login key, machine-id, entropy, clock
-    guest -> {"avm": "ok", ...}           installed; the unit exits and sshd starts
+    guest -> {"avm": "ok", ...}           installed; the host now forwards the SSH port
 
 When the host hangs up (it saves the snapshot then), read() returns EOF and the gate writes
 "waiting" again, which blocks until the next host (a restored copy's QEMU) connects. So every
-copy restored from one snapshot resumes here, and no sshd runs before its own identity is in.
+copy restored from one snapshot resumes here, and none is reachable before its identity is in.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ import time
 PORT_NAME = "avm.identity"
 RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
 RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07): make the CRNG use the input pool now
-# jobs that may still be queued when the boot has settled: they wait for this gate
-GATED = ("avm-identity.service", "ssh.service")
+# the job that may still be queued when the boot has settled: this gate's own
+GATED = ("avm-identity.service",)
 
 
 def port_device() -> str:
@@ -44,8 +47,8 @@ def port_device() -> str:
 
 
 def settle(limit_s: float = 30.0) -> dict[str, str]:
-    """Wait until no boot job is at work but those behind this gate (a job that only waits on
-    the gate, or on a device that never comes, may stay); what was left, for the receipt."""
+    """Wait until no boot job is at work but this gate (a job that only waits, e.g. on a
+    device that never comes, may stay); what was left, for the receipt."""
     polls = 0
     left: list[str] = []
     end = time.monotonic() + limit_s
@@ -85,11 +88,35 @@ def write(path: str, data: bytes, mode: int) -> None:
     os.replace(tmp, path)
 
 
+def announce() -> None:
+    """Send an ARP request for the gateway from the NIC avm configured (``avm.net=ADDR/P,GW``).
+
+    A restored guest meets a new QEMU whose user-mode network has never seen its MAC address:
+    its first forwarded SYN would wait for an ARP round and a TCP retransmission (seconds under
+    TCG). The request teaches it the guest's address now."""
+    cmdline = pathlib.Path("/proc/cmdline").read_text().split()
+    net = [a.split("=", 1)[1] for a in cmdline if a.startswith("avm.net=")]
+    devs = [d for d in sorted(os.listdir("/sys/class/net")) if d != "lo"]
+    if not net or not devs:
+        return
+    addr, gateway = net[0].split("/")[0], net[0].split(",")[1]
+    mac_text = pathlib.Path(f"/sys/class/net/{devs[0]}/address").read_text()
+    mac = bytes.fromhex(mac_text.strip().replace(":", ""))
+    arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + socket.inet_aton(addr)
+    arp += b"\0" * 6 + socket.inet_aton(gateway)
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
+        raw.bind((devs[0], 0x0806))
+        raw.send(b"\xff" * 6 + mac + struct.pack("!H", 0x0806) + arp)
+
+
 def install(msg: dict[str, str]) -> dict[str, str]:
+    t0 = time.monotonic()
     reseed(bytes.fromhex(msg["entropy"]))
     time.clock_settime_ns(time.CLOCK_REALTIME, int(msg["time_ns"]))
-    # a first boot leaves /etc/machine-id as systemd's transient bind mount: replace the file
-    subprocess.run(["umount", "/etc/machine-id"], capture_output=True, check=False)
+    # systemd may leave /etc/machine-id as a transient bind mount (read-only root): replace the file
+    with open("/proc/self/mountinfo") as fh:
+        if any(line.split()[4] == "/etc/machine-id" for line in fh):
+            subprocess.run(["umount", "/etc/machine-id"], capture_output=True, check=False)
     write("/etc/machine-id", msg["machine_id"].encode() + b"\n", 0o444)
     os.makedirs("/root/.ssh", mode=0o700, exist_ok=True)
     os.makedirs("/etc/ssh/sshd_config.d", mode=0o755, exist_ok=True)
@@ -99,9 +126,11 @@ def install(msg: dict[str, str]) -> dict[str, str]:
     write("/etc/ssh/sshd_config.d/avm.conf", msg["sshd_dropin"].encode(), 0o644)
     write("/etc/hostname", msg["hostname"].encode() + b"\n", 0o644)
     socket.sethostname(msg["hostname"])
+    announce()
     with open("/dev/urandom", "rb") as fh:
         sample = fh.read(32).hex()
-    return {"avm": "ok", "machine_id": msg["machine_id"], "urandom_after_reseed": sample}
+    took = f"{time.monotonic() - t0:.3f}"
+    return {"avm": "ok", "machine_id": msg["machine_id"], "urandom_after_reseed": sample, "install_s": took}
 
 
 def main() -> int:

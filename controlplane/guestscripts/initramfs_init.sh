@@ -30,11 +30,14 @@ else
 fi
 case " $(/bin/busybox cat /proc/cmdline) " in
   *" avm.identity=gate "*)
-    # warm start: sshd waits for the identity the host writes to the avm.identity port
-    /bin/busybox mkdir -p /newroot/etc/avm /newroot/etc/systemd/system/ssh.service.d
+    # warm start: the VM's identity comes from the host through the avm.identity port; the host
+    # forwards no port to sshd before it has arrived
+    w=/newroot/etc/systemd/system/multi-user.target.wants
+    /bin/busybox mkdir -p /newroot/etc/avm /newroot/etc/ssh/sshd_config.d "$w"
     /bin/busybox cp /gate/identity_gate.py /newroot/etc/avm/identity_gate.py
     /bin/busybox cp /gate/avm-identity.service /newroot/etc/systemd/system/avm-identity.service
-    /bin/busybox cp /gate/ssh-identity.conf /newroot/etc/systemd/system/ssh.service.d/avm-identity.conf
+    /bin/busybox ln -sf /etc/systemd/system/avm-identity.service "$w/avm-identity.service"
+    /bin/busybox cp /gate/sshd-avm.conf /newroot/etc/ssh/sshd_config.d/avm.conf
     echo "avm-initramfs: identity gate installed";;
 esac
 /bin/busybox umount /proc /sys

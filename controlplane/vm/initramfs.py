@@ -7,8 +7,9 @@ an ``/init`` that mounts the root, extracts the per-VM seed tar that QEMU passes
 ``opt/avm/seed`` (host key, authorized key, sshd drop-in, hostname) onto it, and switches root.
 So the image stays immutable and keyless, and every VM gets its own identity before sshd starts.
 With ``avm.identity=gate`` on the cmdline (the qemu backend, for warm starts) it installs the
-identity gate instead (``guestscripts/identity_gate.py``): sshd then waits for the identity the
-host writes to a virtio-serial port, after a cold boot or after a restore from a snapshot.
+identity gate instead (``guestscripts/identity_gate.py``), which takes the identity the host
+writes to a virtio-serial port after a cold boot or a restore from a snapshot; the host forwards
+the SSH port only once that is in (``vm.warm``).
 
 Built once per image digest, cached next to the VM state in ``<home>/cache/initramfs/``.
 """
@@ -35,7 +36,7 @@ SEED_NAME = "opt/avm/seed"
 INIT = guestscripts.text("initramfs_init").replace("@SEED@", SEED_NAME)
 # the warm-start identity gate, copied onto the root when the cmdline says avm.identity=gate
 # (virtio_console above gives it its port before udev runs)
-GATE_FILES = ("identity_gate.py", "avm-identity.service", "ssh-identity.conf")
+GATE_FILES = ("identity_gate.py", "avm-identity.service", "sshd-avm.conf")
 GATE_ARG = "avm.identity=gate"
 
 

@@ -89,7 +89,8 @@ def qemu_argv(request: BootRequest, *, accel: str, tsc_khz: int, initrd: Path) -
         "-device",
         "virtio-blk-device,drive=d0",
         "-netdev",
-        f"user,id=n0,hostfwd=tcp:127.0.0.1:{request.ssh_port}-:22",
+        # no hostfwd yet: vm.warm adds the SSH forward once the VM's identity is in
+        "user,id=n0",
         "-device",
         "virtio-net-device,netdev=n0",
     ]

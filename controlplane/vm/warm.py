@@ -2,14 +2,15 @@
 
     inputs -> key -> snapshot in the store?
       yes: overlay on its disk -> QEMU -incoming its state (sha256 checked meanwhile)
-           -> paused -> hashes match? -> cont -> deliver identity at the gate
+           -> paused -> hashes match? -> cont -> deliver identity at the gate -> forward SSH
            (a mismatch: kill that QEMU, remove the snapshot, go cold)
       no:  overlay on the golden qcow2 -> QEMU boots -> gate says "waiting"
-           -> settle -> stop, save state, copy overlay, publish -> cont -> deliver identity
+           -> settle -> stop, save state, copy overlay, publish -> cont -> identity -> forward
     --cold: boot cold, deliver identity; no snapshot is used or made
 
-Whichever way, the VM's identity arrives through the same gate before sshd starts, so the host
-key pinned by the lifecycle is the one sshd serves. What happened is returned as the
+Whichever way, the VM's identity arrives through the same gate before the host forwards the
+SSH port (``hostfwd_add``): until then nothing outside the guest can reach its sshd, and from
+the first connection on sshd serves the host key the lifecycle pinned. What happened is returned as the
 ``warm_start`` observation, which the ``vm-up`` receipt records.
 """
 
@@ -84,6 +85,7 @@ def start(
         info["identity"] = _ack(gate.deliver(request.seed))
     finally:
         gate.close()
+    forward(state, request.ssh_port)
     info["path"] = "cold"
     return proc, info
 
@@ -110,6 +112,7 @@ def _restore(
             refused = verifier.result()
             if refused is None:
                 qmp.execute("cont")
+                resumed = time.monotonic()
     except OperationalError:
         # QEMU may reject a damaged stream before the hashes are done: the hashes say which it was
         refused = verifier.result()
@@ -126,10 +129,27 @@ def _restore(
     gate = identity.Gate(state, timeout_s=30)
     try:
         info["identity"] = _ack(gate.deliver(request.seed))
+        info["identity_s"] = round(time.monotonic() - resumed, 3)  # from cont to the guest's ack
     finally:
         gate.close()
+    forward(state, request.ssh_port)
     info.update(path="warm", snapshot=snap.summary(), restore_s=round(time.monotonic() - t0, 3))
     return proc
+
+
+def forward(state: Path, port: int) -> None:
+    """Forward 127.0.0.1:port to the guest's sshd: only now can anything outside reach it.
+    Raises ``OperationalError('port-taken')`` when QEMU cannot bind the port."""
+    with Qmp(state / "qmp.sock") as qmp:
+        rule = f"hostfwd_add n0 tcp:127.0.0.1:{port}-:22"
+        said = qmp.execute("human-monitor-command", **{"command-line": rule})
+    if str(said).strip():
+        raise OperationalError(
+            "port-taken",
+            f"QEMU could not forward 127.0.0.1:{port} to the VM: {str(said).strip()}",
+            hint="another process took the port meanwhile; retry, or pick another --ssh-port",
+            details={"expected": "an empty reply", "actual": str(said).strip()},
+        )
 
 
 def _save(state: Path, root: Path, inputs: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
@@ -157,6 +177,7 @@ def _ack(reply: dict[str, Any]) -> dict[str, Any]:
     return {
         "machine_id": reply.get("machine_id"),
         "urandom_sample_sha256": hashlib.sha256(sample.encode()).hexdigest(),
+        "guest_install_s": float(reply.get("install_s", "nan")),
     }
 
 
