@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from controlplane.errors import OperationalError
+from controlplane.errors import OperationalError, UsageError
 from controlplane.vm import identity, procs, snapshot
 from controlplane.vm.base import BootRequest
 from controlplane.vm.qmp import Qmp
@@ -139,12 +139,12 @@ def _restore(
 
 def forward(state: Path, port: int) -> None:
     """Forward 127.0.0.1:port to the guest's sshd: only now can anything outside reach it.
-    Raises ``OperationalError('port-taken')`` when QEMU cannot bind the port."""
+    Raises ``UsageError('port-taken')`` when QEMU cannot bind the port."""
     with Qmp(state / "qmp.sock") as qmp:
         rule = f"hostfwd_add n0 tcp:127.0.0.1:{port}-:22"
         said = qmp.execute("human-monitor-command", **{"command-line": rule})
     if str(said).strip():
-        raise OperationalError(
+        raise UsageError(
             "port-taken",
             f"QEMU could not forward 127.0.0.1:{port} to the VM: {str(said).strip()}",
             hint="another process took the port meanwhile; retry, or pick another --ssh-port",
