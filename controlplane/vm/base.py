@@ -166,6 +166,9 @@ class Booted(BaseModel):
     ssh_user: str = "root"
     # seconds spent before the VM's process started (overlay, initramfs, accelerator probe)
     setup_s: float = 0.0
+    # how long one login attempt waits for the SSH banner: short where a port forward accepts
+    # before sshd is up (each attempt that gives up makes the guest's sshd re-exec once more)
+    banner_timeout_s: float = 1.5
     observations: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -154,6 +154,9 @@ class QemuBackend:
             accelerator=accel,
             ssh_port=request.ssh_port,
             setup_s=setup_s,
+            # the port is forwarded only once sshd is up: an accepted connection reaches sshd,
+            # which under TCG and load can take seconds to send its banner
+            banner_timeout_s=15.0,
             observations={
                 "machine": MACHINE,
                 "accel_probe_s": probe_s,
