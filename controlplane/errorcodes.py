@@ -180,6 +180,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "pulumi-destroy-failed": (OPS, "pulumi destroy failed"),
     "pulumi-up-failed": (OPS, "pulumi up failed"),
     "python-path-unusable": (OPS, "the Python interpreter path cannot be a #! line"),
+    "qmp-failed": (OPS, "QEMU's control socket (QMP) refused or did not answer a command"),
     "receipt-chain-broken": (REF, "a receipt does not chain to its predecessor"),
     "receipt-exists": (OPS, "a receipt file already exists and is not overwritten"),
     "receipt-head-mismatch": (REF, "the ledger head is not the one expected (--expect-head)"),

@@ -29,7 +29,7 @@ RENDERED: dict[str, tuple[str, Callable[[], str]]] = {
     "job_init": ("525d967bac74b233ab127f362f2c0769edc640fe204c90943ee1ab3a3eef9f2c", lambda: guestinit.INIT),
     "budget": ("fb7e131918a39070e32917affa487bc557751fbf81f307b8d2bccd9889db4f55", lambda: guestinit.BUDGET),
     "initramfs_init": (
-        "6dac253b3c8e1c496e773426429e8ba6b609d1b0843ce69d24fa19a4040f5d4a",
+        "d02a0298e01bc15f433f642c713d4286df4aeba562e58b4bbad75cfe0d934e2a",
         lambda: initramfs.INIT,
     ),
 }

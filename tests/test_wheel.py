@@ -80,6 +80,11 @@ def test_the_wheel_carries_the_data_and_the_scripts(installed: tuple[Path, Path]
         f"controlplane/hostscripts/{n}.py"
         for n in ("gather_facts", "sandbox_probe", "unpack_release", "flip_link", "health_probe", "net_probe")
     } | {f"controlplane/guestscripts/{n}.sh" for n in ("job_init", "budget", "initramfs_init")}
+    # the warm-start identity gate the qemu initramfs installs into the golden VM
+    scripts |= {
+        f"controlplane/guestscripts/{n}"
+        for n in ("identity_gate.py", "avm-identity.service", "sshd-avm.conf")
+    }
     assert scripts <= names
     assert "controlplane/data/sigstore/trusted_root.json" in names  # keyless Sigstore verification
 

@@ -31,6 +31,9 @@ def vm() -> None:
 )
 @click.option("--timeout", "timeout_s", type=float, default=300.0, show_default=True, help="Seconds to SSH.")
 @click.option("--no-wait", is_flag=True, help="Return once started, without waiting for SSH.")
+@click.option(
+    "--cold", is_flag=True, help="qemu: boot cold; do not restore or make a booted snapshot (warm start)."
+)
 @pass_app
 def up(
     app: AppContext,
@@ -41,8 +44,16 @@ def up(
     ssh_port: int | None,
     timeout_s: float,
     no_wait: bool,
+    cold: bool,
 ) -> None:
-    """Boot golden VM NAME from the built image and wait for an SSH login."""
+    """Boot golden VM NAME from the built image and wait for an SSH login.
+
+    \b
+    qemu starts warm when it can: restored from a booted snapshot of the same image, QEMU
+    version and machine arguments, with the VM's own identity (host key, login key,
+    machine-id, fresh entropy, clock) delivered before sshd starts. Without such a snapshot it
+    boots cold and makes one. The vm-up receipt records which path was taken.
+    """
     from controlplane.ids import parse_vm_name
     from controlplane.image.golden import load_image
     from controlplane.vm import lifecycle
@@ -56,6 +67,7 @@ def up(
         ssh_port=ssh_port,
         wait=not no_wait,
         timeout_s=timeout_s,
+        cold=cold,
     )
     home = app.home
     # the backend's own checks (tools, daemons, credentials) come first: they say what to fix

@@ -26,8 +26,9 @@ import importlib
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from controlplane._internal.loading import Frozen
 from controlplane.errors import UsageError
 from controlplane.evidence.step import Check
 from controlplane.home import Home
@@ -35,10 +36,8 @@ from controlplane.ids import VmName
 from controlplane.vm.names import BACKENDS, DEFAULT_BACKEND
 
 
-class VmSpec(BaseModel):
+class VmSpec(Frozen):
     """What the user asked for. Validated at the edge: an invalid spec cannot exist."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: VmName
     backend: str = DEFAULT_BACKEND
@@ -47,6 +46,8 @@ class VmSpec(BaseModel):
     ssh_port: int | None = Field(default=None, ge=1024, le=65535)  # None: pick a free one
     wait: bool = True
     timeout_s: float = Field(default=300.0, gt=0, le=3600)
+    # qemu: boot cold even when a booted snapshot exists, and make none (other backends are always cold)
+    cold: bool = False
 
 
 class VmStatus(enum.StrEnum):
@@ -55,14 +56,12 @@ class VmStatus(enum.StrEnum):
     STOPPED = "stopped"  # shut down with `down --keep`: disk and state kept, no process
 
 
-class VmRecord(BaseModel):
+class VmRecord(Frozen):
     """The runtime facts of one VM, written to ``run/vms/<name>/vm.json`` and the inventory meta.
 
     ``marker`` is a string unique to this VM that appears in its host process's command line,
     so teardown can prove no process of it is left even when the pid was reused or lost.
     """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: VmName
     backend: str
@@ -83,10 +82,8 @@ class VmRecord(BaseModel):
     observations: dict[str, Any] = Field(default_factory=dict)  # machine type, cpu model, probe
 
 
-class VmState(BaseModel):
+class VmState(Frozen):
     """What `avm vm status` reports for one VM (re-derived from the host, never trusted)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
     backend: str
@@ -153,10 +150,8 @@ class BootRequest:
     marker: str
 
 
-class Booted(BaseModel):
+class Booted(Frozen):
     """What a backend started. The lifecycle turns it into a ``VmRecord``."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     pid: int | None
     accelerator: str
@@ -165,6 +160,9 @@ class Booted(BaseModel):
     ssh_user: str = "root"
     # seconds spent before the VM's process started (overlay, initramfs, accelerator probe)
     setup_s: float = 0.0
+    # how long one login attempt waits for the SSH banner: short where a port forward accepts
+    # before sshd is up (each attempt that gives up makes the guest's sshd re-exec once more)
+    banner_timeout_s: float = 1.5
     observations: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -6,6 +6,10 @@ the disk and fw_cfg (taken from the image's own /lib/modules, loaded in dependen
 an ``/init`` that mounts the root, extracts the per-VM seed tar that QEMU passes as fw_cfg
 ``opt/avm/seed`` (host key, authorized key, sshd drop-in, hostname) onto it, and switches root.
 So the image stays immutable and keyless, and every VM gets its own identity before sshd starts.
+With ``avm.identity=gate`` on the cmdline (the qemu backend, for warm starts) it installs the
+identity gate instead (``guestscripts/identity_gate.py``), which takes the identity the host
+writes to a virtio-serial port after a cold boot or a restore from a snapshot; the host forwards
+the SSH port only once that is in (``vm.warm``).
 
 Built once per image digest, cached next to the VM state in ``<home>/cache/initramfs/``.
 """
@@ -25,11 +29,15 @@ from controlplane.errors import OperationalError
 
 BUSYBOX = Path("/bin/busybox")
 # what the guest needs before switch_root; their dependencies come from modules.dep
-WANTED = ("virtio_mmio", "virtio_pci", "virtio_blk", "virtio_net", "qemu_fw_cfg")
+WANTED = ("virtio_mmio", "virtio_pci", "virtio_blk", "virtio_net", "qemu_fw_cfg", "virtio_console")
 SEED_NAME = "opt/avm/seed"
 
 # the initramfs /init (busybox sh), with the fw_cfg name of the seed filled in
 INIT = guestscripts.text("initramfs_init").replace("@SEED@", SEED_NAME)
+# the warm-start identity gate, copied onto the root when the cmdline says avm.identity=gate
+# (virtio_console above gives it its port before udev runs)
+GATE_FILES = ("identity_gate.py", "avm-identity.service", "sshd-avm.conf")
+GATE_ARG = "avm.identity=gate"
 
 
 def _closure(rootfs: Path, kernel_version: str) -> list[str]:
@@ -67,7 +75,10 @@ def build(rootfs: Path, kernel_version: str, cache: Path) -> Path:
         )
     modules = _closure(rootfs, kernel_version)
     moddir = rootfs / "lib" / "modules" / kernel_version
-    key = sha256_hex("\n".join([INIT, kernel_version, *modules]).encode() + BUSYBOX.read_bytes()[:4096])[:24]
+    gate = b"".join(guestscripts.data(name) for name in GATE_FILES)
+    key = sha256_hex(
+        "\n".join([INIT, kernel_version, *modules]).encode() + gate + BUSYBOX.read_bytes()[:4096]
+    )[:24]
     out = cache / f"golden-initramfs-{key}.cpio.gz"
     if out.exists():
         return out
@@ -78,6 +89,9 @@ def build(rootfs: Path, kernel_version: str, cache: Path) -> Path:
     try:
         (work / "bin").mkdir(parents=True)
         (work / "modules").mkdir()
+        (work / "gate").mkdir()
+        for name in GATE_FILES:
+            (work / "gate" / name).write_bytes(guestscripts.data(name))
         shutil.copy2(BUSYBOX, work / "bin" / "busybox")
         (work / "init").write_text(INIT)
         (work / "init").chmod(0o755)

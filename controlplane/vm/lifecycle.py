@@ -89,7 +89,13 @@ def up(home: Home, spec: VmSpec, image: GoldenImageLike, *, progress: Progress =
     if spec.ssh_port is not None:
         procs.require_port_free(spec.ssh_port)
     port = spec.ssh_port or procs.free_port()
-    inputs = {"name": spec.name, "backend": spec.backend, "vcpus": spec.vcpus, "memory_mib": spec.memory_mib}
+    inputs = {
+        "name": spec.name,
+        "backend": spec.backend,
+        "vcpus": spec.vcpus,
+        "memory_mib": spec.memory_mib,
+        "cold": spec.cold,
+    }
     with evidence.record_step(home, "vm-up", inputs=inputs) as step:
         step.subject(f"image:{spec.name}", image.digest)
         vms_dir(home).mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -144,9 +150,14 @@ def up(home: Home, spec: VmSpec, image: GoldenImageLike, *, progress: Progress =
                 )
                 inventory.save(home, target)
             step.observe("accelerator", booted.accelerator)
-            step.observe("backend", booted.observations)
+            observed = dict(booted.observations)
+            warm_start = observed.pop("warm_start", None)
+            step.observe("backend", observed)
+            if warm_start is not None:  # qemu: restored or cold, the snapshot's key, inputs, sha256s
+                step.observe("warm_start", warm_start)
+                step.result["start_path"] = warm_start["path"]
             if spec.wait:
-                _wait_for_login(home, record, backend, spec.timeout_s, t0, progress)
+                _wait_for_login(home, record, backend, spec.timeout_s, t0, progress, booted.banner_timeout_s)
                 total = time.monotonic() - t0
                 # from the VM's process start to a working login; setup before it is reported apart
                 step.result["boot_to_ssh_s"] = round(total - booted.setup_s, 3)
@@ -176,7 +187,13 @@ def up(home: Home, spec: VmSpec, image: GoldenImageLike, *, progress: Progress =
 
 
 def _wait_for_login(
-    home: Home, record: VmRecord, backend: Backend, timeout_s: float, t0: float, progress: Progress
+    home: Home,
+    record: VmRecord,
+    backend: Backend,
+    timeout_s: float,
+    t0: float,
+    progress: Progress,
+    banner_timeout_s: float = 1.5,
 ) -> None:
     import logging
 
@@ -206,7 +223,7 @@ def _wait_for_login(
             # straight to a real login: a separate banner probe would make the guest's sshd
             # fork and re-exec once more (about a second of TCG time) before the login it waits for
             target = inventory.load(home, record.name)
-            with SshTransport.from_target(target, connect_timeout=5, banner_timeout=1.5) as ssh:
+            with SshTransport.from_target(target, connect_timeout=5, banner_timeout=banner_timeout_s) as ssh:
                 ssh.run(["true"], timeout=10).check()
             return
         except OperationalError:

@@ -1,10 +1,13 @@
 """The ``qemu`` backend (the default): the golden image booted by QEMU, KVM when usable, else TCG.
 
-Each VM boots from its own qcow2 overlay on the immutable base image, with the image's kernel
-and a small busybox initramfs (``vm.initramfs``) that installs the per-VM seed from fw_cfg
-before switching root. SSH is forwarded from a free 127.0.0.1 port by user-mode networking;
-the serial console goes to ``serial.log`` in the VM's state dir; a QMP socket there gives a
-clean ACPI power-off. ``-M microvm`` boots faster than q35 under TCG and needs
+Each VM boots from its own qcow2 overlay, with the image's kernel and a small busybox initramfs
+(``vm.initramfs``) that installs the identity gate (``avm.identity=gate``): sshd waits until
+the host writes this VM's identity to a virtio-serial port (``vm.identity``). That lets a VM
+start warm, restored from a booted snapshot of the same image, QEMU and arguments
+(``vm.warm``, ``vm.snapshot``), with its own identity delivered after the restore.
+SSH is forwarded from a free 127.0.0.1 port by user-mode networking; the serial console goes
+to ``serial.log`` in the VM's state dir; a QMP socket there gives a clean ACPI power-off.
+``-M microvm`` boots faster than q35 under TCG and needs
 ``tsc_early_khz`` on its kernel cmdline (without it, about 2 boots in 3 hang).
 
 The accelerator comes from a short probe boot (``vm.accel.probe_accel``, cached per
@@ -26,7 +29,7 @@ from pathlib import Path
 
 from controlplane.errors import OperationalError
 from controlplane.evidence.step import Check
-from controlplane.vm import initramfs, procs
+from controlplane.vm import identity, initramfs, procs, snapshot, warm
 from controlplane.vm.accel import QEMU
 from controlplane.vm.base import Booted, BootRequest, VmRecord, VmSpec
 
@@ -46,7 +49,10 @@ def qemu_argv(request: BootRequest, *, accel: str, tsc_khz: int, initrd: Path) -
     """The full QEMU command line for one golden VM (pure)."""
     state = request.state_dir
     # QEMU user networking always gives the guest 10.0.2.15/24 behind 10.0.2.2
-    cmdline = f"{request.image.cmdline} quiet tsc_early_khz={tsc_khz} panic=-1 avm.net=10.0.2.15/24,10.0.2.2"
+    cmdline = (
+        f"{request.image.cmdline} quiet tsc_early_khz={tsc_khz} panic=-1 avm.net=10.0.2.15/24,10.0.2.2 "
+        + initramfs.GATE_ARG
+    )
     cpu = ["-cpu", "host"] if accel == "kvm" else ["-cpu", "max"]
     return [
         QEMU,
@@ -78,14 +84,14 @@ def qemu_argv(request: BootRequest, *, accel: str, tsc_khz: int, initrd: Path) -
         str(initrd),
         "-append",
         cmdline,
-        "-fw_cfg",
-        f"name={initramfs.SEED_NAME},file={state / 'seed.tar'}",
+        *identity.qemu_args(state),
         "-drive",
         f"file={state / 'disk.qcow2'},if=none,id=d0,format=qcow2",
         "-device",
         "virtio-blk-device,drive=d0",
         "-netdev",
-        f"user,id=n0,hostfwd=tcp:127.0.0.1:{request.ssh_port}-:22",
+        # no hostfwd yet: vm.warm adds the SSH forward once the VM's identity is in
+        "user,id=n0",
         "-device",
         "virtio-net-device,netdev=n0",
     ]
@@ -105,29 +111,6 @@ class QemuBackend:
 
         setup_t0 = time.monotonic()
         state = request.state_dir
-        overlay = state / "disk.qcow2"
-        made = subprocess.run(
-            [
-                QEMU_IMG,
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-F",
-                "qcow2",
-                "-b",
-                str(request.image.qcow2),
-                str(overlay),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        if made.returncode != 0:
-            raise OperationalError("overlay-failed", f"qemu-img create failed: {made.stderr.strip()[-300:]}")
-        (state / "seed.tar").write_bytes(request.seed.tar())
-        (state / "seed.tar").chmod(0o600)
         cache = request.home.cache / "initramfs"
         initrd = initramfs.for_rootfs(request.image.rootfs, cache)
         t0 = time.monotonic()
@@ -136,30 +119,52 @@ class QemuBackend:
         tsc = require_tsc_khz(Path("/proc/cpuinfo").read_text())
         argv = qemu_argv(request, accel=accel, tsc_khz=tsc, initrd=initrd)
         (state / "qemu.argv.json").write_text(json.dumps(argv))
+        version = snapshot.qemu_version(QEMU)
+        initrd_sha = snapshot.file_sha256(initrd)
         setup_s = time.monotonic() - setup_t0
-        with (state / "qemu.log").open("ab") as log:
-            proc = subprocess.Popen(  # detached: the VM outlives this command
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        time.sleep(0.2)
-        if proc.poll() is not None:
-            raise OperationalError(
-                "vm-boot-failed",
-                f"QEMU exited at once with code {proc.returncode}",
-                hint="see qemu.log in the VM's state dir",
-                details={"log": (state / "qemu.log").read_text(errors="replace")[-800:]},
-            )
+
+        def spawn(full: list[str]) -> subprocess.Popen[bytes]:
+            with (state / "qemu.log").open("ab") as log:
+                proc = subprocess.Popen(  # detached: the VM outlives this command
+                    full,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            time.sleep(0.05)
+            if proc.poll() is not None:
+                raise OperationalError(
+                    "vm-boot-failed",
+                    f"QEMU exited at once with code {proc.returncode}",
+                    hint="see qemu.log in the VM's state dir",
+                    details={"log": (state / "qemu.log").read_text(errors="replace")[-800:]},
+                )
+            return proc
+
+        proc, started = warm.start(
+            request,
+            argv,
+            qemu_version=version,
+            initrd_sha256=initrd_sha,
+            overlay=lambda backing: _overlay(backing, state / "disk.qcow2"),
+            spawn=spawn,
+        )
         return Booted(
             pid=proc.pid,
             accelerator=accel,
             ssh_port=request.ssh_port,
             setup_s=setup_s,
+            # the port is forwarded only once sshd is up: an accepted connection reaches sshd,
+            # which under TCG and load can take seconds to send its banner
+            banner_timeout_s=15.0,
             observations={
                 "machine": MACHINE,
                 "accel_probe_s": probe_s,
                 "tsc_early_khz": tsc,
                 "initramfs": str(initrd),
                 "serial_log": str(state / "serial.log"),
+                "warm_start": started,
                 "nested_virtualization": "available (-cpu host)"
                 if accel == "kvm"
                 else "unavailable: TCG does not emulate VMX/SVM",
@@ -197,6 +202,19 @@ class QemuBackend:
             Check("no-process-with-marker", not by_marker, f"marker {record.marker}: {by_marker or 'none'}"),
             Check("ssh-port-released", port_free, f"nothing listens on 127.0.0.1:{record.ssh_port}"),
         ]
+
+
+def _overlay(backing: Path, overlay: Path) -> None:
+    """A fresh qcow2 overlay on ``backing`` (the golden image, or a snapshot's disk)."""
+    made = subprocess.run(
+        [QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(backing), str(overlay)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if made.returncode != 0:
+        raise OperationalError("overlay-failed", f"qemu-img create failed: {made.stderr.strip()[-300:]}")
 
 
 def _qmp_powerdown(sock_path: Path) -> bool:

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
-import tarfile
-import time
 from pathlib import Path
 
+from controlplane._internal.archive import Member, tar_bytes
 from controlplane.vm.base import SshSeed
 
 
@@ -97,16 +95,7 @@ def seed_tar(seed: SshSeed) -> bytes:
         ("etc/hostname", seed.hostname.encode() + b"\n", 0o644),
         ("etc/ssh/sshd_config.d/avm.conf", seed.sshd_dropin.encode(), 0o644),
     ]
-    buf = io.BytesIO()
-    now = int(time.time())
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data, mode in entries:
-            info = tarfile.TarInfo(name)
-            info.mode, info.uid, info.gid, info.mtime = mode, 0, 0, now
-            if data is None:
-                info.type = tarfile.DIRTYPE
-                tar.addfile(info)
-            else:
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    return tar_bytes(
+        Member(name, mode=mode, directory=True) if data is None else Member(name, data, mode)
+        for name, data, mode in entries
+    )

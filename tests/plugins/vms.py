@@ -12,6 +12,7 @@ import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -44,14 +45,36 @@ def run_avm_json(home: Home, *args: str, timeout: float = 600) -> tuple[int, dic
     return out.returncode, json.loads(out.stdout) if out.stdout.strip() else {"stderr": out.stderr}
 
 
+def last_receipt(home: Home, kind: str) -> dict[str, Any]:
+    """The predicate of the newest receipt of ``kind`` in ``home``."""
+    rc, listed = run_avm_json(home, "receipts", "list")
+    assert rc == 0, listed
+    seq = [r["seq"] for r in listed["receipts"] if r["kind"] == kind][-1]
+    rc, shown = run_avm_json(home, "receipts", "show", str(seq))
+    assert rc == 0, shown
+    predicate: dict[str, Any] = shown["statement"]["predicate"]
+    return predicate
+
+
 def needs_root_and_nspawn() -> None:
     require_root("nspawn VMs")
     require_tools("systemd-nspawn")
 
 
+@pytest.fixture(scope="session")
+def snapshot_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One booted-snapshot store for the whole run: the first qemu ``vm up`` of the run boots
+    cold and makes the snapshot, every later one (in any module) restores it (warm start)."""
+    from controlplane.vm.snapshot import SNAPSHOT_CACHE_ENV
+
+    path = tmp_path_factory.mktemp("snapshots")
+    os.environ[SNAPSHOT_CACHE_ENV] = str(path)
+    return path
+
+
 @pytest.fixture(scope="module")
-def golden_home(tmp_path_factory: pytest.TempPathFactory, golden_image: object) -> Home:
-    """A fresh avm home (receipt key made) that uses the session's golden image."""
+def golden_home(tmp_path_factory: pytest.TempPathFactory, golden_image: object, snapshot_store: Path) -> Home:
+    """A fresh avm home (receipt key made) that uses the session's golden image and snapshots."""
     from tests.plugins.golden import shared_image_store
 
     # CLI subprocesses find the shared image store through the environment
