@@ -10,4 +10,5 @@ pytest_plugins = [
     "tests.plugins.vms",
     "tests.plugins.agentrepo",
     "tests.plugins.jobimages",
+    "tests.plugins.boundarynet",
 ]

@@ -77,6 +77,31 @@ def test_jobspec_rules_validate_and_render() -> None:
     assert nftrules.dns_server(allow) == DNS
 
 
+def test_names_open_only_the_gateway_listener_on_the_guest_link() -> None:
+    base: dict[str, Any] = dict(
+        table="avm_x",
+        guest_dev="l-tap",
+        uplink_dev="l-up",
+        guest_addr=ipaddress.IPv4Address("10.231.0.2"),
+        host_nets=(ipaddress.IPv4Network("10.231.0.0/16"),),
+        allow=(),
+        log_prefix="avm-l avm_x deny: ",
+    )
+    rule = (
+        'iifname "l-tap" ip daddr 10.231.0.1 tcp dport { 443, 8443 } '
+        'ct state new counter name "allowed_gateway" accept'
+    )
+    with_gw = nftrules.render(
+        nftrules.RulesetSpec(
+            **base, gateway_addr=ipaddress.IPv4Address("10.231.0.1"), gateway_ports=(443, 8443)
+        )
+    )
+    lines = [line.strip() for line in with_gw.splitlines()]
+    assert lines.index(rule) < lines.index('iifname "l-tap" counter name "denied_host" goto deny')
+    assert 'counter name "allowed" accept' not in with_gw  # no forwarding rule for a name
+    assert 'name "allowed_gateway" accept' not in nftrules.render(nftrules.RulesetSpec(**base))
+
+
 @pytest.mark.parametrize(
     ("job_id", "label", "code"),
     [

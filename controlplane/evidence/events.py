@@ -31,7 +31,14 @@ EVENT_TYPES: dict[str, tuple[str, str]] = {
     "alignment.check": ("avm status (status receipt)", "in_sync, findings, against (apply receipt)"),
     "tool.denied": ("gateway via journal -> avm status receipt", "profile, tool, reason"),
     "gateway.refused": ("gateway via journal -> avm status receipt", "profile, reason (invalid policy)"),
-    "egress.denied": ("avm job run (job receipt)", "destination, packets (nftables counter / log)"),
+    "egress.denied": (
+        "avm job run (job receipt)",
+        "destination, packets (nftables counter / log); by name: host, method, path, code, reason, policy",
+    ),
+    "egress.allowed": (
+        "avm job run (job receipt)",
+        "job, destination (method host), count, policy (gateway log)",
+    ),
 }
 
 COLLECT_LIMIT = 200

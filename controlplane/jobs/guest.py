@@ -87,8 +87,12 @@ def assemble(
     secret: str,
     limits: Mapping[str, int],
     probe_script: str | None = None,
+    etc_files: Mapping[str, bytes] | None = None,
 ) -> None:
     """Add /.avm, /job (with inputs) and the job user to an unpacked image root.
+
+    ``etc_files`` (path under /etc -> bytes) replace the image's own: the egress gateway's hosts
+    file, name resolution and trust bundle for a job that reaches names.
 
     ``secret`` frames the result (root-only file, removed by init before the job starts);
     ``limits`` are ``AVM_*_LIMIT`` byte counts the init enforces."""
@@ -127,6 +131,13 @@ def assemble(
             path.unlink()
         old = path.read_text() if path.is_file() else ""
         path.write_text(old + ("" if not old or old.endswith("\n") else "\n") + line)
+    for rel, data in sorted((etc_files or {}).items()):
+        target = etc / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_symlink():
+            target.unlink()
+        target.write_bytes(data)
+        os.chmod(target, 0o644)
 
 
 def _write(path: Path, text: str, mode: int) -> None:

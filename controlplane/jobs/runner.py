@@ -29,6 +29,7 @@ from controlplane.governance import controls as governance
 from controlplane.home import Home
 from controlplane.image import sign as imagesign
 from controlplane.jobs import files as jobfiles
+from controlplane.jobs import gateway as jobgateway
 from controlplane.jobs import guest as guestinit
 from controlplane.jobs import result as jobresult
 from controlplane.jobs import teardown as jobteardown
@@ -184,7 +185,7 @@ def run_job(
         governance.gate_job(spec, image_signature=True, home=home, step=step)
         stale = jobteardown.gc(home, spec.id)
         step.observe("stale_leftovers_removed", stale)
-        choice = pick_kernel(home, kernel, machine, bool(spec.egress.allow))
+        choice = pick_kernel(home, kernel, machine, spec.egress.networked)
         step.subject(f"guest-kernel:{choice.source}", choice.digest)
         rt = get_runtime(runtime, **_runtime_options(runtime, transport, choice))
         nonce = secrets.token_hex(4)
@@ -280,7 +281,7 @@ def _collect(
             hint="fewer or smaller outputs; limits.output_bytes bounds what is kept",
         )
     vm = outcome.machine != "kata"  # kata: containerd's VM, not a command line or an init of avm's
-    if vm and not spec.egress.allow:
+    if vm and not spec.egress.networked:
         nic = [a for a in outcome.argv if a in ("-netdev", "-nic", "-net")]
         detail = f"-nodefaults and no NIC option on the QEMU command line ({nic or 'none'})"
         step.check("egress-no-nic-qemu-argv", ok="-nodefaults" in outcome.argv and not nic, detail=detail)
@@ -293,7 +294,7 @@ def _collect(
     nosuid = len(fields) > 3 and "nosuid" in fields[3].split(",")
     if vm:
         step.check("guest-root-nosuid", ok=nosuid, detail=res.root_mount or "no mount line for /")
-    if vm and not spec.egress.allow:
+    if vm and not spec.egress.networked:
         step.check("egress-no-nic-in-guest", ok=res.netdevs == ["lo"], detail=f"guest links: {res.netdevs}")
     if on_result is not None:
         on_result(step, res)
@@ -330,7 +331,7 @@ def _boot(
 ) -> Outcome:  # fmt: skip
     probe = net_options.pop("probe_script", None)
     if rt.name == "kata":  # containerd unpacks the image itself; no NIC (egress is not wired for kata)
-        if spec.egress.allow:
+        if spec.egress.networked:
             raise OperationalError(
                 "egress-unavailable", "egress allowlists are not supported with --runtime kata"
             )
@@ -344,14 +345,18 @@ def _boot(
                    secret=secret, stdio_max=spec.limits.stdio_bytes, result_max=outcome_limit(spec))
         )  # fmt: skip
     busybox = Path(shutil.which("busybox") or "/bin/busybox")
-    with _network(spec, jobteardown.egress_label(workdir.name), net_options) as net:
+    gateway_options = net_options.pop("gateway", None)
+    with _network(spec, jobteardown.egress_label(workdir.name), net_options) as net, \
+            jobgateway.listener(home, spec, net, gateway_options) as gw:  # fmt: skip
         initramfs = workdir / "initramfs.cpio"
         size, hit, stripped = guestinit.build_initramfs(
             rootfs_cache(home), ocistore.store_dir(home), image, initramfs,
-            busybox=busybox, modules=choice.modules, argv=spec.command, env=spec.env,
+            busybox=busybox, modules=choice.modules, argv=spec.command,
+            env={**spec.env, **jobgateway.env(gw)},
             outputs=spec.outputs, inputs=host_inputs, net=net.guest_env if net else None,
             secret=secret, limits=guest_limits(spec.limits),
             probe_script=probe(dict(net.guest_env) if net else {}) if probe else None,
+            etc_files=gw.guest_files if gw else None,
         )  # fmt: skip
         step.observe("initramfs_bytes", size)
         step.observe("image_rootfs_cache", "hit, blobs and cpio re-hashed" if hit else "built")
@@ -371,6 +376,7 @@ def _boot(
             # each denied destination is an audit event of the job's step (fixed vocabulary)
             for event in auditevents.egress_denied(denials, spec.id):
                 step.event(event.pop("type"), **event)
+        jobgateway.record(step, spec.id, gw)
     if net is not None:  # closed now: the egress module tore the namespace down and checked it
         for cname, ok, detail in net.teardown_checks(wait=0):
             step.check(f"egress-{cname}", ok=ok, detail=detail)
@@ -379,8 +385,9 @@ def _boot(
 
 @contextlib.contextmanager
 def _network(spec: JobSpec, label: str, options: dict[str, Any]) -> Iterator[JobNetwork | None]:
-    if not spec.egress.allow:
+    if not spec.egress.networked:
         yield None  # no NIC at all: the guest has only loopback
         return
-    with egress.job_network(spec.id, list(spec.egress.allow), label, **options) as net:
+    ports = spec.egress.policy.ports  # names: only the gateway's listener on the guest's link
+    with egress.job_network(spec.id, list(spec.egress.allow), label, gateway_ports=ports, **options) as net:
         yield net

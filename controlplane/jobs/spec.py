@@ -16,6 +16,8 @@ from pydantic import AfterValidator, Field, field_validator
 from controlplane._internal.loading import Frozen, read_document, validate
 from controlplane.ids import JobId, JsonSchemaExtra, RiskTier, json_pattern
 from controlplane.jobs.egress import rules as nftrules
+from controlplane.boundary.policy import EgressPolicy, NameRule
+from controlplane.errors import UsageError
 
 _IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}@sha256:[0-9a-f]{64}$")
 _ENV_KEY_RE = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")
@@ -113,6 +115,24 @@ class Egress(Frozen):
         # parses is one whose network can be built (UsageError with its egress-* code, exit 64)
         nftrules.validate_rules(allow)
         return allow
+
+    # HTTPS destinations by name, reached only through the egress gateway on the job's link
+    names: tuple[NameRule, ...] = ()
+
+    @field_validator("names")
+    @classmethod
+    def _one_policy(cls, names: tuple[NameRule, ...]) -> tuple[NameRule, ...]:
+        EgressPolicy(names=names)  # duplicates are refused by the policy model (egress-name-duplicate)
+        return names
+
+    @property
+    def policy(self) -> EgressPolicy:
+        return EgressPolicy(names=self.names)
+
+    @property
+    def networked(self) -> bool:
+        """Whether the job gets a NIC at all (IP rules or names); deny-all jobs get none."""
+        return bool(self.allow or self.names)
 
 
 class JobInput(Frozen):

@@ -41,11 +41,14 @@ def open_network(
     guest_link: Literal["tap", "veth"] = "tap",
     uplink_netns: str | None = None,
     pool: ipaddress.IPv4Network = POOL,
+    gateway_ports: Sequence[int] = (),
 ) -> JobNetwork:
     """Create a job network; the caller must ``close()`` it (prefer ``job_network``).
 
     ``guest_link="veth"`` (tests) puts a simulated guest in ``net.guest_netns`` instead of a tap;
     ``uplink_netns`` puts the outer veth end in that namespace instead of the host's.
+    ``gateway_ports``: TCP ports of the egress gateway's listener on the tap's own address (the
+    guest may open those, nothing else on this side; names need no forwarding and no NAT).
     Raises ``UsageError`` for a bad id, label or rule, or an allow entry on a host address
     (``egress-host-address``), all before anything is created; ``OperationalError`` with code
     ``egress-netns-exists`` or ``egress-pool-exhausted``, or ``CommandFailed``, after cleaning up.
@@ -74,7 +77,12 @@ def open_network(
     taken += [ipaddress.IPv4Network(r) for r in uplink.ipv4_routes()] + [a.net for a in allow]
     start = time.monotonic()
     net = JobNetwork(
-        names, transport, pool, _spec(names, block(pool, 0), host_nets, allow), guest_link, uplink_netns
+        names,
+        transport,
+        pool,
+        _spec(names, block(pool, 0), host_nets, allow, tuple(gateway_ports)),
+        guest_link,
+        uplink_netns,
     )
     try:
         _build(net, uplink, candidate_blocks(names, pool, taken))
@@ -90,6 +98,7 @@ def _spec(
     blk: ipaddress.IPv4Network,
     host_nets: Sequence[ipaddress.IPv4Network],
     allow: tuple[nftrules.Allow, ...],
+    gateway_ports: tuple[int, ...] = (),
 ) -> nftrules.RulesetSpec:
     own = (ipaddress.IPv4Network(blk[1]), ipaddress.IPv4Network(blk[5]), ipaddress.IPv4Network(blk[6]))
     return nftrules.RulesetSpec(
@@ -100,6 +109,8 @@ def _spec(
         host_nets=(*host_nets, *own),
         allow=allow,
         log_prefix=names.log_prefix,
+        gateway_addr=blk[1] if gateway_ports else None,
+        gateway_ports=gateway_ports,
     )
 
 
@@ -112,7 +123,9 @@ def _claim(net: JobNetwork, uplink: nx.Ip, blocks: Iterator[int]) -> None:
         if result.ok:
             net.host_dev = dev
             host_nets = net.spec.host_nets[:-3]  # drop the placeholder block's own three addresses
-            net.spec = _spec(net.names, block(net.pool, index), host_nets, net.spec.allow)
+            net.spec = _spec(
+                net.names, block(net.pool, index), host_nets, net.spec.allow, net.spec.gateway_ports
+            )
             return
         if "File exists" not in result.stderr:
             result.check()
@@ -166,7 +179,9 @@ def _build(net: JobNetwork, uplink: nx.Ip, blocks: Iterator[int]) -> None:
         )
     # icmp_ratelimit=0: the rejects go to this one guest only, and a rate-limited reject turns
     # into a silent drop (the guest would wait for its timeout after ~6 quick denials).
-    nx.sysctl(t, names.netns, ["net.ipv4.icmp_ratelimit=0", "net.ipv4.ip_forward=1"])
+    # forwarding only for IP allow rules: names are reached through the gateway's listener here
+    forward = "1" if net.spec.allow else "0"
+    nx.sysctl(t, names.netns, ["net.ipv4.icmp_ratelimit=0", f"net.ipv4.ip_forward={forward}"])
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ MIN_PREFIX = 8  # an allow entry broader than a /8 is an allow-all in disguise
 COUNTERS = (
     "established",  # replies and related ICMP of allowed flows
     "allowed",  # new flows to a listed destination
+    "allowed_gateway",  # new connections to the egress gateway's listener on the guest's link
     "denied_metadata",  # 169.254.0.0/16: cloud metadata and link-local
     "denied_host",  # the gateway, the host side of the veth, the host's own addresses, the job pool
     "denied_icmp",  # ICMP to anything else (no ping, no traceroute)
@@ -58,6 +59,9 @@ class RulesetSpec:
     host_nets: tuple[ipaddress.IPv4Network, ...]
     allow: tuple[Allow, ...]
     log_prefix: str
+    # the egress gateway's listener on the guest's own link (names are reached only through it)
+    gateway_addr: ipaddress.IPv4Address | None = None
+    gateway_ports: tuple[int, ...] = ()
 
 
 def _refuse(code: str, index: int, actual: object, expected: str, hint: str) -> UsageError:
@@ -141,6 +145,13 @@ def render(spec: RulesetSpec) -> str:
         f'counter name "allowed" accept comment "allow[{i}] {a}"\n'
         for i, a in enumerate(spec.allow)
     )
+    ports = ", ".join(map(str, spec.gateway_ports))
+    gateway = (
+        f"    iifname {g} ip daddr {spec.gateway_addr} tcp dport {{ {ports} }} "
+        'ct state new counter name "allowed_gateway" accept\n'
+        if spec.gateway_addr is not None and spec.gateway_ports
+        else ""
+    )
     return (
         f"table inet {spec.table} {{\n"
         f"{counters}"
@@ -158,6 +169,7 @@ def render(spec: RulesetSpec) -> str:
         '    meta nfproto ipv6 counter name "denied_ipv6" drop\n'
         '    ct state established,related counter name "established" accept\n'
         f'    iifname {g} ip saddr != {spec.guest_addr} counter name "denied_spoof" drop\n'
+        f"{gateway}"
         f'    iifname {g} counter name "denied_host" goto deny\n'
         '    counter name "denied_inbound" drop\n'
         "  }\n"

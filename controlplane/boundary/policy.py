@@ -1,0 +1,229 @@
+"""The egress policy by name: which HTTPS destinations an identity may reach, how, and with what.
+
+One frozen, validated model, ``EgressPolicy``, used by job specs (``egress.names``) and, through
+``parse_policy``, by anything else that carries ``egress:`` entries by name. An entry names one
+host (an exact name, or ``*.`` plus a name: a wildcard of the first label only), a port, the
+methods and paths it may use, and at most one credential that the gateway injects; a credential
+is part of its entry, so it is bound to that host and port and cannot exist without them.
+Raw IP/CIDR rules are not entries by name: they stay in ``jobspec.EgressRule``, validated by
+``controlplane.jobs.egress.rules`` (one validator each).
+
+Every refusal is a ``UsageError`` (exit 64) with its own code, raised while the model is built,
+so an invalid policy never exists inside avm. ``EgressPolicy.generation`` is the sha256 of the
+policy's canonical JSON: the value the gateway reports as the generation in force.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from controlplane.canonical import canonical_bytes, sha256_digest
+from controlplane.errors import UsageError
+from controlplane.ids import JsonSchemaExtra, json_pattern
+
+_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+# at least two labels, the last not all digits (so "10.0.0.1" is not a name), 253 characters at most
+_HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}$)(?:\*\.)?(?:{_LABEL}\.)+(?!\d+$){_LABEL}$")
+_TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]{1,64}$")  # an RFC 9110 token, lower case
+_PATH_RE = re.compile(r"^/[A-Za-z0-9._~!$&'()+,;=:@%/-]{0,255}(?:/\*)?$")
+_REF_RE = re.compile(r"^secret://local/[A-Za-z0-9._-]{1,128}$")
+# headers the gateway itself owns: an injected credential may not replace routing or framing
+_RESERVED_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "te",
+        "upgrade",
+        "cookie",
+        "proxy-authorization",
+    }
+)
+Method = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+def _refuse(code: str, what: str, expected: str, actual: object, hint: str) -> UsageError:
+    return UsageError(
+        code,
+        f"egress {what}: expected {expected}, got {actual!r}",
+        hint=hint,
+        details={"expected": expected, "actual": str(actual)},
+    )
+
+
+def _hostname(value: str) -> str:
+    if value == "*" or (value.startswith("*") and not value.startswith("*.")):
+        raise _refuse(
+            "egress-name-wildcard",
+            "host",
+            "an exact name or '*.' + a name (a wildcard of the first label only)",
+            value,
+            "list each name; '*' alone would open every destination",
+        )
+    if "*" in value[1:]:
+        raise _refuse(
+            "egress-name-wildcard", "host", "'*' only as the whole first label", value, "use '*.example.com'"
+        )
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        pass
+    else:
+        raise _refuse(
+            "egress-name-invalid",
+            "host",
+            "a DNS name (IP and CIDR rules go in egress.allow)",
+            value,
+            "put addresses in egress.allow: they are enforced by nftables, not by the gateway",
+        )
+    if not _HOSTNAME_RE.fullmatch(value):
+        raise _refuse(
+            "egress-name-invalid",
+            "host",
+            "a lower-case DNS name of two labels or more (a-z 0-9 '-', 63 per label)",
+            value,
+            "names are matched exactly against the TLS server name and the Host header",
+        )
+    return value
+
+
+def _path(value: str) -> str:
+    if not value.startswith("/"):
+        raise _refuse(
+            "egress-path-invalid", "path", "a path starting with '/'", value, "write '/v1/messages'"
+        )
+    if not _PATH_RE.fullmatch(value) or "/../" in value + "/" or "/./" in value + "/" or "//" in value:
+        raise _refuse(
+            "egress-path-invalid",
+            "path",
+            "a normalised path (no '..', '.', '//', '?', '#'), optionally ending in '/*' for a prefix",
+            value,
+            "the gateway normalises request paths before matching; list them in that form",
+        )
+    return value
+
+
+def _header(value: str) -> str:
+    if not _TOKEN_RE.fullmatch(value) or value in _RESERVED_HEADERS:
+        raise _refuse(
+            "egress-credential-header-invalid",
+            "credential.header",
+            "a lower-case HTTP header token that is not a framing or routing header",
+            value,
+            "e.g. 'x-api-key' or 'authorization'",
+        )
+    return value
+
+
+def _ref(value: str) -> str:
+    if not _REF_RE.fullmatch(value):
+        raise _refuse(
+            "egress-credential-ref-invalid",
+            "credential.ref",
+            "secret://local/NAME (NAME: 1-128 of A-Z a-z 0-9 . _ -)",
+            value,
+            "store the value with `avm secrets put secret://local/NAME`",
+        )
+    return value
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Credential(_Frozen):
+    """A credential the gateway injects (replacing any header of that name the agent sent)."""
+
+    header: Annotated[
+        str, AfterValidator(_header), JsonSchemaExtra({"pattern": json_pattern(_TOKEN_RE.pattern)})
+    ]
+    ref: Annotated[str, AfterValidator(_ref), JsonSchemaExtra({"pattern": json_pattern(_REF_RE.pattern)})]
+    format: Literal["{value}", "Bearer {value}"] = "{value}"
+
+
+class NameRule(_Frozen):
+    """One allowed HTTPS destination by name. Paths end in ``/*`` for a prefix, else are exact."""
+
+    host: Annotated[
+        str, AfterValidator(_hostname), JsonSchemaExtra({"pattern": json_pattern(_HOSTNAME_RE.pattern)})
+    ]
+    port: int = Field(default=443, ge=1, le=65535)
+    methods: tuple[Method, ...] = Field(min_length=1)
+    paths: tuple[Annotated[str, AfterValidator(_path)], ...] = Field(min_length=1)
+    credential: Credential | None = None
+
+    @property
+    def wildcard(self) -> bool:
+        return self.host.startswith("*.")
+
+    @property
+    def key(self) -> str:
+        """``host:port``: the destination a credential is bound to."""
+        return f"{self.host}:{self.port}"
+
+
+class EgressPolicy(_Frozen):
+    """The names an identity (a profile or a job) may reach through the gateway; nothing else."""
+
+    names: tuple[NameRule, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique(self) -> EgressPolicy:
+        seen: set[str] = set()
+        for rule in self.names:
+            for what, items in (("methods", rule.methods), ("paths", rule.paths)):
+                if len(set(items)) != len(items):
+                    raise _refuse(
+                        "egress-name-duplicate",
+                        f"{rule.key} {what}",
+                        "each listed once",
+                        list(items),
+                        "remove the repeat",
+                    )
+            if rule.key in seen:
+                raise _refuse(
+                    "egress-name-duplicate",
+                    "names",
+                    "each host:port listed once",
+                    rule.key,
+                    "merge the two entries: one entry holds all methods and paths of a destination",
+                )
+            seen.add(rule.key)
+        return self
+
+    @property
+    def generation(self) -> str:
+        """``sha256:<hex>`` of the policy's canonical JSON (RFC 8785)."""
+        return sha256_digest(canonical_bytes(self.model_dump(mode="json")))
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return tuple(sorted({r.port for r in self.names}))
+
+
+def parse_policy(raw: Any, *, source: str = "<input>") -> EgressPolicy:
+    """Validate ``egress:`` entries by name: a list of entries, or a mapping ``{names: [...]}``.
+
+    Raises ``UsageError`` with the ``egress-*`` code of the entry that is refused, or
+    ``egress-policy-invalid`` naming the first bad field (unknown keys, a missing method list).
+    """
+    doc = {"names": raw} if isinstance(raw, list) else raw
+    try:
+        return EgressPolicy.model_validate(doc)
+    except UsageError as exc:
+        raise UsageError(exc.code, f"{source}: {exc.message}", hint=exc.hint, details=exc.details) from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise UsageError(
+            "egress-policy-invalid",
+            f"{source}: {where}: {first['msg']}",
+            hint="an entry is {host, port, methods, paths, credential: {header, ref, format}}; "
+            "unknown keys are refused",
+            details={"field": where, "errors": len(exc.errors())},
+        ) from None

@@ -1,0 +1,353 @@
+"""The gateway's configuration as data: a pure function of the policies and the file paths.
+
+``render(spec)`` returns the Envoy bootstrap and the file-xDS documents (LDS, CDS, one SDS
+document per credential) as dicts; nothing here reads or writes a file. How a request is judged:
+
+- a listener per (identity, port) on the identity's own address (optionally bound inside a
+  network namespace): the address is who is calling, nothing the agent sends is trusted;
+- ``tls_inspector`` reads the SNI; there is one filter chain per listed name, terminating TLS
+  with that name's leaf. An unlisted (or missing) SNI matches no chain: the connection is
+  closed before any TLS session exists;
+- in a chain, routes on the listed paths and methods go to the name's cluster, which
+  re-originates TLS with that SNI and verifies the server against ``trusted_ca``; everything
+  else is a direct 403 with a JSON body naming the reason (``host-not-allowed`` for a Host
+  header that is not the chain's name, ``path-not-allowed``, ``method-not-allowed``);
+- the chain's ``credential_injector`` (``overwrite: true``) sets the entry's header from an SDS
+  secret read from a file, so a rotated value is used without a restart and an agent's header
+  of that name is replaced; the credential exists in that one chain only (bound to host:port);
+- every request is one JSON line in the access log, with the identity and policy generation.
+
+``version_info`` of LDS and CDS is the generation of the whole rendering (``Rendered.generation``),
+which Envoy's admin ``/config_dump`` reports back once it is in force.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from controlplane.boundary.policy import EgressPolicy, NameRule
+from controlplane.boundary.routes import access_log, cluster_name, deny, routes
+from controlplane.canonical import canonical_bytes, sha256_digest
+from controlplane.errors import UsageError
+
+_T = "type.googleapis.com/envoy."
+_IDENTITY_RE = re.compile(r"^(?:job|profile|test):[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Listener:
+    """One identity's policy on its own address. ``netns``: bind inside that namespace (a path)."""
+
+    identity: str
+    address: ipaddress.IPv4Address
+    policy: EgressPolicy
+    netns: Path | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class GatewaySpec:
+    """Everything ``render`` needs besides the policies: where files are, what to trust.
+
+    ``leaves``: host (as listed, wildcards too) -> (cert, key) paths minted by the egress CA.
+    ``secrets``: credential ref -> the root-only file holding its value.
+    ``upstreams``: ``host:port`` -> a fixed ``(address, port)`` to connect to instead of
+    resolving the name (a pinned resolution; tests use it for their namespace upstream).
+    ``uplink_netns``: the namespace upstream connections are made in (a path). Envoy creates a
+    listener's socket with ``network_namespace_filepath`` by switching the thread's namespace;
+    naming the uplink on every cluster keeps upstream sockets out of a sandbox's namespace
+    whatever thread makes them.
+    """
+
+    listeners: tuple[Listener, ...]
+    xds_dir: Path
+    admin_socket: Path
+    access_log: Path
+    trusted_ca: Path
+    leaves: Mapping[str, tuple[Path, Path]]
+    secrets: Mapping[str, Path]
+    upstreams: Mapping[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
+    uplink_netns: Path | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Rendered:
+    bootstrap: dict[str, Any]
+    lds: dict[str, Any]
+    cds: dict[str, Any]
+    sds: dict[str, dict[str, Any]]  # file name under xds_dir/sds -> document
+    generation: str
+    policies: dict[str, str]  # identity -> its policy generation
+    xds_dir: Path
+
+
+def sds_name(ref: str) -> str:
+    """The SDS secret (and file) name of a credential ref: ``secret://local/NAME`` -> ``cred-NAME``."""
+    return "cred-" + ref.rsplit("/", 1)[1]
+
+
+def _refuse(what: str, expected: str, actual: object) -> UsageError:
+    return UsageError(
+        "gateway-listener-invalid",
+        f"gateway listener {what}: expected {expected}, got {actual!r}",
+        hint="identities are job:<id>, profile:<name> or test:<name>; each gets its own address",
+        details={"expected": expected, "actual": str(actual)},
+    )
+
+
+def _check(spec: GatewaySpec) -> None:
+    seen: set[str] = set()
+    for listener in spec.listeners:
+        if not _IDENTITY_RE.fullmatch(listener.identity):
+            raise _refuse("identity", _IDENTITY_RE.pattern, listener.identity)
+        if listener.identity in seen:
+            raise _refuse("identity", "each identity once", listener.identity)
+        seen.add(listener.identity)
+        for rule in listener.policy.names:
+            if rule.host not in spec.leaves:
+                raise _refuse("leaf", f"a leaf certificate for {rule.host}", sorted(spec.leaves))
+            if rule.credential and rule.credential.ref not in spec.secrets:
+                raise _refuse("secret", f"a secret file for {rule.credential.ref}", sorted(spec.secrets))
+    addrs = [(str(x.address), x.netns, p) for x in spec.listeners for p in x.policy.ports]
+    if len(addrs) != len(set(addrs)):
+        raise _refuse("address", "one identity per address and port", addrs)
+
+
+def render(spec: GatewaySpec) -> Rendered:
+    """Render the whole gateway. Raises ``UsageError('gateway-listener-invalid')`` for a bad
+    identity, a duplicate address, or a listed name without a leaf or a credential without a file."""
+    _check(spec)
+    listeners = [_listener(spec, x, port) for x in spec.listeners for port in x.policy.ports]
+    rules = {cluster_name(r): r for x in spec.listeners for r in x.policy.names}
+    clusters = [_cluster(spec, rules[name]) for name in sorted(rules)]
+    refs = sorted({r.credential.ref for r in rules.values() if r.credential})
+    body = {"listeners": listeners, "clusters": clusters, "secrets": refs}
+    generation = sha256_digest(canonical_bytes(json.loads(json.dumps(body, default=str))))
+    lds = {"version_info": generation, "resources": listeners}
+    cds = {"version_info": generation, "resources": clusters}
+    sds = {f"{sds_name(ref)}.yaml": _sds(ref, spec.secrets[ref]) for ref in refs}
+    policies = {x.identity: x.policy.generation for x in spec.listeners}
+    return Rendered(_bootstrap(spec), lds, cds, sds, generation, policies, spec.xds_dir)
+
+
+def _bootstrap(spec: GatewaySpec) -> dict[str, Any]:
+    def source(name: str) -> dict[str, Any]:
+        return {"path_config_source": {"path": str(spec.xds_dir / name)}, "resource_api_version": "V3"}
+
+    return {
+        "node": {"id": "avm-egress", "cluster": "avm"},
+        "admin": {"address": {"pipe": {"path": str(spec.admin_socket), "mode": 0o600}}},
+        "dynamic_resources": {"lds_config": source("lds.yaml"), "cds_config": source("cds.yaml")},
+    }
+
+
+def _address(addr: str, port: int, netns: Path | None = None) -> dict[str, Any]:
+    sock: dict[str, Any] = {"address": addr, "port_value": port}
+    if netns is not None:
+        sock["network_namespace_filepath"] = str(netns)
+    return {"socket_address": sock}
+
+
+def _listener(spec: GatewaySpec, listener: Listener, port: int) -> dict[str, Any]:
+    rules = [r for r in listener.policy.names if r.port == port]
+    return {
+        "@type": _T + "config.listener.v3.Listener",
+        "name": f"{listener.identity}/{port}",
+        "address": _address(str(listener.address), port, listener.netns),
+        "metadata": {
+            "filter_metadata": {"avm": {"identity": listener.identity, "policy": listener.policy.generation}}
+        },
+        "listener_filters": [
+            {
+                "name": "envoy.filters.listener.tls_inspector",
+                "typed_config": {"@type": _T + "extensions.filters.listener.tls_inspector.v3.TlsInspector"},
+            }
+        ],
+        "listener_filters_timeout": "5s",
+        "filter_chains": [_chain(spec, listener, rule) for rule in rules],
+    }
+
+
+def _http_filters(spec: GatewaySpec, rule: NameRule) -> list[dict[str, Any]]:
+    filters: list[dict[str, Any]] = []
+    if rule.credential is not None:
+        name = sds_name(rule.credential.ref)
+        source = {"path_config_source": {"path": str(spec.xds_dir / "sds" / f"{name}.yaml")}}
+        generic: dict[str, Any] = {
+            "@type": _T + "extensions.http.injected_credentials.generic.v3.Generic",
+            "credential": {"name": name, "sds_config": {**source, "resource_api_version": "V3"}},
+            "header": rule.credential.header,
+        }
+        if rule.credential.format != "{value}":
+            generic["header_value_prefix"] = rule.credential.format.removesuffix("{value}")
+        filters.append(
+            {
+                "name": "envoy.filters.http.credential_injector",
+                "typed_config": {
+                    "@type": _T + "extensions.filters.http.credential_injector.v3.CredentialInjector",
+                    "overwrite": True,
+                    "allow_request_without_credential": False,
+                    "credential": {
+                        "name": "envoy.http.injected_credentials.generic",
+                        "typed_config": generic,
+                    },
+                },
+            }
+        )
+    if rule.wildcard:
+        filters.append(
+            {
+                "name": "envoy.filters.http.dynamic_forward_proxy",
+                "typed_config": {
+                    "@type": _T + "extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig",
+                    "dns_cache_config": _dns_cache(rule),
+                },
+            }
+        )
+    filters.append(
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {
+                "@type": _T + "extensions.filters.http.router.v3.Router",
+                "suppress_envoy_headers": True,
+            },
+        }
+    )
+    return filters
+
+
+def _chain(spec: GatewaySpec, listener: Listener, rule: NameRule) -> dict[str, Any]:
+    cert, key = spec.leaves[rule.host]
+    generation = listener.policy.generation
+    hcm = {
+        "@type": _T + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": f"egress_{rule.host.replace('*', 'any')}_{rule.port}",
+        "codec_type": "HTTP1",
+        "normalize_path": True,
+        "merge_slashes": True,
+        "path_with_escaped_slashes_action": "REJECT_REQUEST",
+        "strip_any_host_port": True,
+        "use_remote_address": True,
+        "skip_xff_append": True,
+        "generate_request_id": False,
+        "access_log": [access_log(spec.access_log, listener.identity, listener.policy.generation)],
+        "route_config": {
+            "name": f"{listener.identity}/{rule.key}",
+            "virtual_hosts": [
+                {
+                    "name": "listed",
+                    "domains": [rule.host],
+                    "routes": routes(rule, generation),
+                    # nothing about the sandbox side travels upstream
+                    "request_headers_to_remove": [
+                        "x-forwarded-for",
+                        "x-envoy-external-address",
+                        "x-request-id",
+                    ],
+                },
+                {
+                    "name": "unlisted",
+                    "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"}, **deny("host-not-allowed", rule, generation)}],
+                },
+            ],
+        },
+        "http_filters": _http_filters(spec, rule),
+    }
+    return {
+        "name": rule.key,
+        "filter_chain_match": {"server_names": [rule.host]},
+        "transport_socket": {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": _T + "extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                "common_tls_context": {
+                    "alpn_protocols": ["http/1.1"],
+                    "tls_certificates": [
+                        {"certificate_chain": {"filename": str(cert)}, "private_key": {"filename": str(key)}}
+                    ],
+                },
+            },
+        },
+        "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}],
+    }
+
+
+def _dns_cache(rule: NameRule) -> dict[str, Any]:
+    return {"name": f"dns|{rule.host}|{rule.port}", "dns_lookup_family": "V4_ONLY"}
+
+
+def _upstream_tls(rule: NameRule, trusted_ca: Path) -> dict[str, Any]:
+    validation: dict[str, Any] = {"trusted_ca": {"filename": str(trusted_ca)}}
+    tls: dict[str, Any] = {
+        "@type": _T + "extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        "common_tls_context": {"validation_context": validation},
+    }
+    if not rule.wildcard:  # a wildcard's SNI and SAN check follow each request's host (auto_sni)
+        tls["sni"] = rule.host
+        validation["match_typed_subject_alt_names"] = [{"san_type": "DNS", "matcher": {"exact": rule.host}}]
+    return {"name": "envoy.transport_sockets.tls", "typed_config": tls}
+
+
+def _cluster(spec: GatewaySpec, rule: NameRule) -> dict[str, Any]:
+    name = cluster_name(rule)
+    out: dict[str, Any] = {
+        "@type": _T + "config.cluster.v3.Cluster",
+        "name": name,
+        "connect_timeout": "5s",
+        "transport_socket": _upstream_tls(rule, spec.trusted_ca),
+    }
+    if spec.uplink_netns is not None:
+        source = _address("0.0.0.0", 0, spec.uplink_netns)  # noqa: S104 (a source address: any local one)
+        out["upstream_bind_config"] = {"source_address": source["socket_address"]}
+    if rule.wildcard:
+        out["cluster_type"] = {
+            "name": "envoy.clusters.dynamic_forward_proxy",
+            "typed_config": {
+                "@type": _T + "extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig",
+                "dns_cache_config": _dns_cache(rule),
+            },
+        }
+        out["lb_policy"] = "CLUSTER_PROVIDED"
+        out["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _T + "extensions.upstreams.http.v3.HttpProtocolOptions",
+                "upstream_http_protocol_options": {"auto_sni": True, "auto_san_validation": True},
+                "explicit_http_config": {"http_protocol_options": {}},
+            }
+        }
+        return out
+    pinned = spec.upstreams.get(rule.key)
+    addr, port = pinned if pinned else (rule.host, rule.port)
+    out["type"] = "STATIC" if pinned else "LOGICAL_DNS"
+    if not pinned:
+        out["dns_lookup_family"] = "V4_ONLY"
+    out["load_assignment"] = {
+        "cluster_name": name,
+        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(addr, port)}}]}],
+    }
+    return out
+
+
+def _sds(ref: str, value_file: Path) -> dict[str, Any]:
+    return {
+        "resources": [
+            {
+                "@type": _T + "extensions.transport_sockets.tls.v3.Secret",
+                "name": sds_name(ref),
+                "generic_secret": {"secret": {"filename": str(value_file)}},
+            }
+        ]
+    }
+
+
+def documents(rendered: Rendered) -> dict[str, dict[str, Any]]:
+    """Every file of a rendering, by path relative to the xDS directory (bootstrap included)."""
+    out = {"bootstrap.yaml": rendered.bootstrap, "cds.yaml": rendered.cds, "lds.yaml": rendered.lds}
+    out.update({f"sds/{name}": doc for name, doc in rendered.sds.items()})
+    return out

@@ -1,0 +1,169 @@
+"""A real microVM job that reaches a listed name through the host's egress gateway.
+
+The guest (QEMU, the job network's tap and nftables table) gets a hosts file with only its
+listed name, pointing at the gateway address on its own link, and the egress CA in its trust
+bundle. Envoy runs in a "world" namespace this test makes (the host's uplink stand-in), next
+to the test upstream ``api.example.test`` (its own test CA); the job's listener is bound inside
+the job's namespace. The job's image carries openssl (a verifying TLS client) next to busybox.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controlplane.image import sign as imagesign
+from controlplane.jobs.oci import store as ocistore
+from controlplane.governance import secrets as secret_store
+from controlplane.boundary.ca import EgressCA
+from controlplane.boundary.hostgw import HostGatewayOptions
+from controlplane.jobs.runner import run_job
+from controlplane.jobs.spec import load_jobspec
+from controlplane._internal.netns import delete_netns, netns_names
+from controlplane.transport.local import LocalTransport
+from tests.plugins.jobimages import PASSWORD, JobEnv, home_pids
+from tests.plugins.vms import run_avm
+
+UPSTREAM = "198.51.100.40"
+KEY = b"sk-job-" + secrets.token_hex(12).encode()
+REF = "secret://local/job-api-key"
+LIBS = ("libssl.so.3", "libcrypto.so.3", "libc.so.6", "libnss_files.so.2")
+
+
+def tls_image(env: JobEnv) -> str:
+    """The test image plus /usr/bin/openssl and the libraries it links (signed with the test key)."""
+    lib = Path("/lib/x86_64-linux-gnu")
+    files = {
+        "usr/bin/openssl": Path("/usr/bin/openssl"),
+        "lib64/ld-linux-x86-64.so.2": Path("/lib64/ld-linux-x86-64.so.2"),
+    }
+    files |= {f"lib/x86_64-linux-gnu/{name}": lib / name for name in LIBS}
+    busybox = Path(shutil.which("busybox") or "/bin/busybox")
+    image = ocistore.build_job_image(env.home, "avm/test-tls", files, busybox=busybox)
+    imagesign.sign_image(env.home, image.name, image.digest, env.key.read_bytes(), PASSWORD)
+    return image.ref
+
+
+@pytest.fixture
+def world(tmp_path: Path, root_net_tools: None) -> Iterator[tuple[str, int, EgressCA, Path]]:
+    host, name = LocalTransport(), f"avmtgw-{secrets.token_hex(3)}-w"
+    port = 47000 + secrets.randbelow(1000)
+    up_ca = EgressCA.ensure(tmp_path / "upstream-ca", common_name="upstream test CA")
+    cert, key = up_ca.leaf("api.example.test")
+    log = tmp_path / "upstream.jsonl"
+    host.run(["ip", "netns", "add", name]).check()
+    proc = None
+    try:
+        host.run(["ip", "-n", name, "link", "set", "lo", "up"]).check()
+        host.run(["ip", "-n", name, "addr", "add", f"{UPSTREAM}/32", "dev", "lo"]).check()
+        argv = ["ip", "netns", "exec", name, sys.executable, "-m", "tests.plugins.upstream_server"]
+        proc = subprocess.Popen(
+            [*argv, UPSTREAM, str(port), str(cert), str(key), str(log)],
+            stdout=subprocess.PIPE,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        yield name, port, up_ca, log
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        delete_netns(host, name)
+        assert name not in netns_names(host)
+
+
+def script(port: int) -> str:
+    ssl = (
+        '/usr/bin/openssl s_client -quiet -verify_return_error -CAfile "$SSL_CERT_FILE" '
+        f"-servername api.example.test -connect api.example.test:{port}"
+    )
+    req = "GET %s HTTP/1.1\\r\\nHost: api.example.test\\r\\nConnection: close\\r\\n\\r\\n"
+    return "\n".join(
+        [
+            f"printf '{req}' /v1/models | {ssl} 2>/dev/null | tail -n 1 > $AVM_OUT/listed.json",
+            f"printf '{req}' /v1/admin | {ssl} 2>/dev/null | tail -n 1 > $AVM_OUT/denied.json",
+            f"/usr/bin/openssl s_client -connect other.example.test:{port} </dev/null"
+            ' > $AVM_OUT/unlisted.txt 2>&1; echo "rc=$?" >> $AVM_OUT/unlisted.txt',
+            f'nc -w 3 {UPSTREAM} {port} </dev/null > /dev/null 2>&1; echo "direct=$?" > $AVM_OUT/direct.txt',
+            "env > $AVM_OUT/env.txt",
+        ]
+    )
+
+
+def test_allowlisted_job_reaches_a_listed_name_with_the_credential_injected(
+    jobenv: JobEnv, world: tuple[str, int, EgressCA, Path], tmp_path: Path
+) -> None:
+    world_ns, port, up_ca, upstream_log = world
+    secret_store.put(jobenv.home, REF, KEY)
+    names = [{"host": "api.example.test", "port": port, "methods": ["GET"], "paths": ["/v1/models"],
+              "credential": {"header": "x-api-key", "ref": REF}}]  # fmt: skip
+    outputs = ["listed.json", "denied.json", "unlisted.txt", "direct.txt", "env.txt"]
+    spec_path = jobenv.spec(
+        "gw", id="gw-names", image=tls_image(jobenv), command=["sh", "-c", script(port)],
+        timeout=120, egress={"names": names}, outputs=outputs,
+    )  # fmt: skip
+    gateway = HostGatewayOptions(
+        root=tmp_path / "gw", netns=world_ns, upstreams={f"api.example.test:{port}": (UPSTREAM, port)},
+        trusted_ca=up_ca.cert_path,
+    )  # fmt: skip
+    result = run_job(
+        jobenv.home, load_jobspec(spec_path), spec_dir=spec_path.parent, output_dir=tmp_path / "out",
+        network_options={"uplink_netns": world_ns, "gateway": gateway},
+    )  # fmt: skip
+    out = tmp_path / "out"
+    assert result.status == "ok", (result.stdout, result.stderr)
+    listed = json.loads((out / "listed.json").read_text())
+    assert listed["path"] == "/v1/models"
+    assert [h for h in listed["headers"] if h[0] == "x-api-key"] == [["x-api-key", KEY.decode()]]
+    denied = json.loads((out / "denied.json").read_text())
+    assert (denied["denied"], denied["reason"]) == (True, "path-not-allowed")
+    unlisted = (out / "unlisted.txt").read_text()
+    assert "Name or service not known" in unlisted and unlisted.rstrip().endswith("rc=1"), unlisted
+    assert (out / "direct.txt").read_text() == "direct=1\n"
+    env_text = (out / "env.txt").read_text()
+    assert KEY.decode() not in env_text
+    assert "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt" in env_text.splitlines()
+    # the upstream saw exactly the one allowed request
+    seen = [json.loads(line) for line in upstream_log.read_text().splitlines()]
+    assert [r["path"] for r in seen] == ["/v1/models"]
+    predicate = _receipt(jobenv, result.receipt_id)
+    gw = predicate["observations"]["egress_gateway"]
+    from controlplane.boundary import envoy
+
+    assert gw["envoy_sha256"] == envoy.binary().sha256
+    assert gw["policy_generation"] == load_jobspec(spec_path).egress.policy.generation
+    events = [e for e in predicate["events"] if e["type"] in ("egress.allowed", "egress.denied")]
+    assert [(e["type"], e.get("reason"), e.get("count")) for e in events] == [
+        ("egress.allowed", None, 1),
+        ("egress.denied", "path-not-allowed", None),
+    ]
+    assert KEY.decode() not in json.dumps(predicate)
+    checks = {c["name"]: c["ok"] for c in predicate["checks"]}
+    assert all(checks.values()), predicate["checks"]
+    assert home_pids(jobenv.home) == []
+    # the job's listener went with the job, and with the last listener the gateway itself
+    assert json.loads((tmp_path / "gw" / "state.json").read_text()) == {"listeners": {}, "pid": None}
+    bootstrap = str(tmp_path / "gw" / "xds" / "bootstrap.yaml")
+    assert [p for p in Path("/proc").glob("[0-9]*") if bootstrap in _cmdline(p)] == []
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _receipt(env: JobEnv, receipt_id: str | None) -> dict[str, Any]:
+    out = run_avm(env.home, "--json", "receipts", "show", str(receipt_id))
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    return dict(doc.get("statement", doc)["predicate"])
