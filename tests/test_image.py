@@ -218,8 +218,12 @@ def test_load_image_picks_the_latest_or_the_named_digest(
     tmp_path: Path, home: Home, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AVM_IMAGE_CACHE", str(tmp_path))
-    old = make_small_image(tmp_path, "a" * 64, "2026-01-01T00:00:00Z")
-    new = make_small_image(tmp_path, "b" * 64, "2026-02-01T00:00:00Z")
+    # built_at is the source date (the same for every build of a recipe): the most recently
+    # published manifest wins, even against a later source date
+    new = make_small_image(tmp_path, "b" * 64, "2026-01-01T00:00:00Z")
+    old = make_small_image(tmp_path, "a" * 64, "2026-02-01T00:00:00Z")
+    os.utime(old.directory / MANIFEST, (1_000_000_000, 1_000_000_000))
+    os.utime(new.directory / MANIFEST, (1_000_000_100, 1_000_000_100))
     assert load_image(home).digest == new.digest
     assert load_image(home, old.digest).directory == old.directory
     assert old.digest == sha256_digest((old.directory / MANIFEST).read_bytes())

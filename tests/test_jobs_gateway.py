@@ -20,14 +20,14 @@ from typing import Any
 
 import pytest
 
-from controlplane.image import sign as imagesign
-from controlplane.jobs.oci import store as ocistore
-from controlplane.governance import secrets as secret_store
+from controlplane._internal.netns import delete_netns, netns_names
 from controlplane.boundary.ca import EgressCA
 from controlplane.boundary.hostgw import HostGatewayOptions
+from controlplane.governance import secrets as secret_store
+from controlplane.image import sign as imagesign
+from controlplane.jobs.oci import store as ocistore
 from controlplane.jobs.runner import run_job
 from controlplane.jobs.spec import load_jobspec
-from controlplane._internal.netns import delete_netns, netns_names
 from controlplane.transport.local import LocalTransport
 from tests.plugins.jobimages import PASSWORD, JobEnv, home_pids
 from tests.plugins.vms import run_avm

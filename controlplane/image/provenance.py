@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime
 import hashlib
 import json
 import socket
@@ -36,7 +37,7 @@ from controlplane.evidence import keys
 from controlplane.evidence import step as evidence
 from controlplane.evidence.receipt import PAYLOAD_TYPE, STATEMENT_TYPE, pae
 from controlplane.home import Home
-from controlplane.image.golden import GoldenImage
+from controlplane.image.golden import MANIFEST, GoldenImage
 
 SLSA_PROVENANCE: Final = "https://slsa.dev/provenance/v1"
 BUILD_TYPE: Final = "https://agent-vm.dev/golden-image/build/v1"
@@ -76,7 +77,9 @@ def statement(image: GoldenImage, build_receipt: str | None) -> dict[str, Any]:
         },
         *({"uri": uri, "annotations": {"what": "Debian mirror the packages came from"}} for uri in mirrors),
     ]
-    metadata = {"finishedOn": m.built_at}
+    # built_at is the source date (reproducible builds); the build finished when its manifest was published
+    published = datetime.datetime.fromtimestamp((image.directory / MANIFEST).stat().st_mtime, datetime.UTC)
+    metadata = {"finishedOn": published.strftime("%Y-%m-%dT%H:%M:%SZ")}
     if build_receipt:
         metadata["invocationId"] = f"urn:agent-vm:receipt:{build_receipt}"
     predicate = {

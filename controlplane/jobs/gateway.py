@@ -19,8 +19,8 @@ from controlplane.jobs.egress.live import JobNetwork
 from controlplane.jobs.spec import JobSpec
 
 if TYPE_CHECKING:
-    from controlplane.evidence import step as evidence
     from controlplane.boundary.hostgw import HostGatewayOptions, JobListener
+    from controlplane.evidence import step as evidence
     from controlplane.home import Home
 
 EVENT_LIMIT = 200

@@ -14,10 +14,9 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field, field_validator
 
 from controlplane._internal.loading import Frozen, read_document, validate
+from controlplane.boundary.policy import EgressPolicy, NameRule
 from controlplane.ids import JobId, JsonSchemaExtra, RiskTier, json_pattern
 from controlplane.jobs.egress import rules as nftrules
-from controlplane.boundary.policy import EgressPolicy, NameRule
-from controlplane.errors import UsageError
 
 _IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}@sha256:[0-9a-f]{64}$")
 _ENV_KEY_RE = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")

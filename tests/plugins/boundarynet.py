@@ -29,8 +29,8 @@ from typing import Any
 
 import pytest
 
-from controlplane.boundary.ca import EgressCA
 from controlplane._internal.netns import Ip, delete_netns, netns_names
+from controlplane.boundary.ca import EgressCA
 from controlplane.transport.local import LocalTransport
 
 CLONE_NEWNET = 0x40000000
