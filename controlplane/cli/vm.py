@@ -82,7 +82,7 @@ def down(app: AppContext, name: str, grace_s: float) -> None:
 
     checks = lifecycle.down(app.home, parse_vm_name(name), grace_s=grace_s, progress=app.say)
     app.emit(
-        {"name": name, "checks": [c.__dict__ for c in checks]},
+        {"name": name, "checks": [c._asdict() for c in checks]},
         "\n".join(f"  {'ok ' if c.ok else 'FAIL'} {c.name} {c.detail}".rstrip() for c in checks)
         + f"\n{name} is down; nothing of it is left",
     )

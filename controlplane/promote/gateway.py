@@ -1,0 +1,294 @@
+"""The egress gateway on a Tier-1 host: prepared with the render, installed by apply, proven.
+
+``prepare(home, target, manifest, profiles)`` renders ``boundary.tier1`` for the profiles that
+list names (the per-target egress CA is made in the avm home; its key never leaves it), so the
+plan's drop-ins carry the gateway's digest. ``install`` writes the files (credential values from
+the home's secret store, 0640 root:avm-gateway, never in the plan or the receipt), the unit
+``avm-gateway.service`` under its own user, (re)starts it only when its files changed, reads the
+generation in force from Envoy's admin socket until it is the rendered one, and loads the
+``inet avm_boundary`` table (nspawn: from the host side, into the VM's namespace).
+``probe`` runs ``hostscripts/gateway_probe.py`` and turns its outcomes into checks.
+
+Per target, ``<home>/egress/<target>/``: ``ca/`` (the egress CA) and an optional
+``gateway.json``: ``{"upstream_ca": PEM path, "upstreams": {"host:port": [addr, port]}}`` for
+upstreams verified against a private CA or reached at a pinned address.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from importlib.resources import files
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from controlplane import hostscripts
+from controlplane.boundary import tier1
+from controlplane.boundary.ca import EgressCA
+from controlplane.canonical import sha256_digest
+from controlplane.errors import OperationalError, UsageError
+from controlplane.promote.layout import LAYOUT
+
+if TYPE_CHECKING:
+    from controlplane.evidence.step import Step
+    from controlplane.home import Home
+    from controlplane.release.manifest import Profile
+    from controlplane.transport.base import Transport
+    from controlplane.transport.inventory import Target
+
+UNIT_FILE = files("controlplane").joinpath("data", tier1.UNIT)
+PROBE_TIMEOUT_S = 3.0
+_DENIED = ("errno 1", "errno 13", "errno 113", "timeout")  # EPERM: dropped by netfilter
+
+
+def target_dir(home: Home, target: str) -> Path:
+    return home.root / "egress" / target
+
+
+def ca_for(home: Home, target: str) -> EgressCA:
+    return EgressCA.ensure(target_dir(home, target) / "ca", common_name=f"avm egress CA ({target})")
+
+
+def _options(home: Home, target: str) -> tuple[bytes | None, dict[str, tuple[str, int]]]:
+    path = target_dir(home, target) / "gateway.json"
+    if not path.exists():
+        return None, {}
+    try:
+        doc = json.loads(path.read_text())
+        ca = Path(doc["upstream_ca"]).read_bytes() if doc.get("upstream_ca") else None
+        pins = {k: (str(v[0]), int(v[1])) for k, v in doc.get("upstreams", {}).items()}
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise UsageError(
+            "gateway-options-invalid",
+            f"{path}: expected {{upstream_ca: PEM path, upstreams: {{host:port: [addr, port]}}}}: {exc}",
+            hint="fix or remove the file",
+        ) from exc
+    return ca, pins
+
+
+def prepare(home: Home, target: str, profiles: Sequence[Profile]) -> tier1.Tier1Gateway | None:
+    """The host's gateway for ``profiles`` (None when no profile lists a name)."""
+    if not any(p.egress_names.names for p in profiles):
+        return None
+    ca = ca_for(home, target)
+    upstream_ca, pins = _options(home, target)
+    return tier1.render_host(
+        {p.name: p.egress_names for p in profiles},
+        ca_cert=ca.cert_path.read_bytes(),
+        ca_fingerprint=ca.fingerprint,
+        upstream_ca=upstream_ca,
+        upstreams=pins,
+    )
+
+
+def _put(host: Transport, path: str, data: bytes, mode: int, group: str) -> None:
+    host.put(data, path, mode=0o600 if group != "root" else mode)
+    if group != "root":  # group-readable only once the group is the gateway's
+        host.run(["chown", f"root:{group}", path], timeout=30).check()
+        host.run(["chmod", oct(mode)[2:], path], timeout=30).check()
+
+
+def _ensure_user(host: Transport) -> None:
+    if host.run(["id", "-u", tier1.USER], timeout=30).ok:
+        return
+    argv = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent"]
+    host.run([*argv, "--shell", "/usr/sbin/nologin", tier1.USER], timeout=60).check()
+
+
+def _changed(host: Transport, want: Mapping[str, str]) -> bool:
+    argv = ["sha256sum", "--", *sorted(want)]
+    out = host.run(argv, timeout=60).stdout
+    have = {
+        line.split("  ", 1)[1]: "sha256:" + line.split("  ", 1)[0]
+        for line in out.splitlines()
+        if "  " in line
+    }
+    return have != dict(want)
+
+
+def install(
+    home: Home,
+    target: Target,
+    host: Transport,
+    gw: tier1.Tier1Gateway,
+    values: Mapping[str, bytes],
+    uids: Mapping[str, int],
+    ip_rules: Mapping[str, Sequence[tuple[str, int, str]]],
+    step: Step,
+) -> None:
+    """Install and (re)start the gateway, prove its generation in force, load the nft table.
+
+    Raises ``OperationalError('gateway-not-in-force')`` when Envoy does not report the rendered
+    generation (the unit's journal tail in the message), ``CommandFailed`` from the host."""
+    ca = ca_for(home, target.name)
+    _ensure_user(host)
+    for d, dmode, dgroup in (
+        (tier1.ETC, "750", tier1.USER),
+        (tier1.ETC / "sds", "750", tier1.USER),
+        (tier1.CERTS, "750", tier1.USER),
+        (tier1.SECRETS, "750", tier1.USER),
+        (tier1.BOUNDARY, "755", "root"),
+    ):
+        host.run(["install", "-d", "-m", dmode, "-o", "root", "-g", dgroup, str(d)], timeout=30).check()
+    unit = UNIT_FILE.read_bytes()
+    blobs: list[tuple[str, bytes, int, str]] = [(f.path, f.data, f.mode, f.group) for f in gw.files]
+    for name in gw.leaves:
+        cert, key = ca.leaf(name)
+        cpath, kpath = tier1.leaf_paths(name)
+        blobs += [
+            (str(cpath), cert.read_bytes(), 0o644, "root"),
+            (str(kpath), key.read_bytes(), 0o640, tier1.USER),
+        ]
+    blobs += [(str(tier1.secret_path(ref)), values[ref], 0o640, tier1.USER) for ref in gw.refs]
+    blobs.append((f"{LAYOUT.unit_dir}/{tier1.UNIT}", unit, 0o644, "root"))
+    on_disk = {path: sha256_digest(data) for path, data, _, _ in blobs}
+    restart = _changed(host, on_disk) or not host.run(["systemctl", "is-active", "--quiet", tier1.UNIT]).ok
+    for path, data, mode, group in sorted(blobs, key=lambda b: b[0].endswith("lds.yaml")):
+        host.run(["mkdir", "-p", str(Path(path).parent)], timeout=30).check()
+        _put(host, path, data, mode, group)
+    step.command(host.run(["systemctl", "daemon-reload"], timeout=60).check())
+    step.command(host.run(["systemctl", "enable", tier1.UNIT], timeout=60).check())
+    verb = "restart" if restart else "start"
+    step.command(host.run(["systemctl", verb, tier1.UNIT], timeout=60).check())
+    in_force = wait_in_force(host, gw.generation)
+    step.observe("gateway", {**gw.describe(), "in_force": in_force, "restarted": restart})
+    ok = in_force.get("lds") == gw.generation == in_force.get("cds")
+    step.check(
+        "gateway-in-force",
+        ok=ok,
+        detail=f"admin: lds {in_force.get('lds')}, cds {in_force.get('cds')}; rendered {gw.generation}",
+    )
+    if not ok:
+        tail = host.run(["journalctl", "-u", tier1.UNIT, "-n", "20", "--no-pager"], timeout=30).stdout
+        raise OperationalError(
+            "gateway-not-in-force",
+            f"the egress gateway does not report generation {gw.generation}: {in_force}",
+            hint=f"the unit's journal: {tail[-800:]}",
+        )
+    load_table(target, host, tier1.nft_script(gw, uids, ip_rules), step)
+
+
+def load_table(target: Target, host: Transport, script: str, step: Step) -> None:
+    """Load ``inet avm_boundary`` (checked by ``nft -c`` first). On nspawn from the host side
+    into the VM's namespace, which the container's root cannot change; elsewhere on the host."""
+    from controlplane._internal import netns as nx
+    from controlplane.promote.enforcement import host_network
+    from controlplane.transport.local import LocalTransport
+
+    net = host_network(target)
+    if net is not None:
+        with LocalTransport() as local:
+            nx.nft(local, net.netns, ["-c", "-f", "-"], script=script)
+            nx.nft(local, net.netns, ["-f", "-"], script=script)
+            listed = local.run(
+                nx.in_netns(net.netns, ["nft", "list", "table", "inet", tier1.TABLE]), timeout=15
+            )
+    else:
+        host.run(["nft", "-c", "-f", "-"], stdin=script.encode(), timeout=30).check()
+        host.run(["nft", "-f", "-"], stdin=script.encode(), timeout=30).check()
+        listed = host.run(["nft", "list", "table", "inet", tier1.TABLE], timeout=30)
+    step.check(
+        "boundary-table",
+        ok=listed.ok and "default drop" in listed.stdout,
+        detail=f"table inet {tier1.TABLE}: {listed.stdout.count('jump profile-')} profile chain(s)",
+    )
+
+
+def _run_probe(host: Transport, request: dict[str, Any]) -> dict[str, Any]:
+    argv = ["python3", "-c", hostscripts.text("gateway_probe"), json.dumps(request, sort_keys=True)]
+    result = host.run(argv, timeout=120).check(hint="the gateway probe failed on the host")
+    doc: dict[str, Any] = json.loads(result.stdout)
+    return doc
+
+
+def read_in_force(host: Transport) -> dict[str, Any]:
+    """What Envoy's admin reports now (``{"error": ...}`` when it does not answer)."""
+    admin: dict[str, Any] = _run_probe(host, {"admin": str(tier1.ADMIN_SOCKET), "profiles": {}})["admin"]
+    return admin
+
+
+def wait_in_force(host: Transport, generation: str, attempts: int = 40) -> dict[str, Any]:
+    import time
+
+    seen: dict[str, Any] = {}
+    for _ in range(attempts):
+        seen = read_in_force(host)
+        if seen.get("lds") == generation and seen.get("cds") == generation:
+            return seen
+        time.sleep(0.25)
+    return seen
+
+
+def _listed(gw: tier1.Tier1Gateway, profile: str) -> dict[str, Any]:
+    rule = next(r for r in gw.policies[profile].names if not r.wildcard)
+    path = rule.paths[0]
+    path = path.removesuffix("*") + "avm-probe" if path.endswith("/*") else path
+    method = "GET" if "GET" in rule.methods else rule.methods[0]
+    return {"host": rule.host, "port": rule.port, "method": method, "path": path}
+
+
+def probe(host: Transport, gw: tier1.Tier1Gateway, profiles: Sequence[str], step: Step) -> list[str]:
+    """The boundary probed from each profile's sandbox; a check per probe. Returns the failed ones."""
+    chosen = [p for p in profiles if p in gw.addresses]
+    wanted: dict[str, dict[str, Any]] = {
+        p: {"user": LAYOUT.user(p), "listed": _listed(gw, p)} for p in chosen
+    }
+    request = {
+        "admin": str(tier1.ADMIN_SOCKET),
+        "bundle": str(tier1.CA_BUNDLE),
+        "timeout": PROBE_TIMEOUT_S,
+        "profiles": wanted,
+    }
+    doc = _run_probe(host, request)
+    step.observe("gateway_probe", doc)
+    control = doc.get("control", {})
+    failed: list[str] = []
+
+    def check(name: str, ok: bool, detail: str) -> None:
+        step.check(name, ok=ok, detail=detail)
+        if not ok:
+            failed.append(name)
+
+    for p in chosen:
+        got = doc["profiles"].get(p, {})
+        if "error" in got:
+            check(f"egress-probe:{p}", False, str(got["error"]))
+            continue
+        listed, wrong = got["listed"], got["wrong_path"]
+        check(
+            f"egress-listed:{p}",
+            listed.get("resolved") == [gw.addresses[p]] and 200 <= int(listed.get("status") or 0) < 300,
+            f"{wanted[p]['listed']['host']} resolved to {listed.get('resolved')} "
+            f"(listener {gw.addresses[p]}), status {listed.get('status')} {listed.get('error', '')}".strip(),
+        )
+        check(
+            f"egress-wrong-path:{p}",
+            wrong.get("status") == 403 and wrong.get("denied_reason") == "path-not-allowed",
+            f"status {wrong.get('status')}, reason {wrong.get('denied_reason')} {wrong.get('error', '')}",
+        )
+        unlisted = got.get("unlisted") or {}
+        outside = str(control.get("name_resolved", "error"))
+        check(
+            f"egress-unlisted-name:{p}",
+            bool(unlisted)
+            and not outside.startswith("error")
+            and str(unlisted.get("resolved")).startswith("error"),
+            f"{control.get('name')}: {outside} outside the sandbox, {unlisted.get('resolved')} inside",
+        )
+        check(
+            f"egress-direct-ip:{p}",
+            control.get("direct") == "connected" and got.get("direct") in _DENIED,
+            f"{control.get('address')}: {got.get('direct')} (outside the sandbox: {control.get('direct')})",
+        )
+        check(
+            f"egress-dns:{p}",
+            control.get("dns") == "received" and got.get("dns_received") == 0,
+            f"UDP query to {control.get('address')}: {got.get('dns')}, received {got.get('dns_received')} "
+            f"(outside the sandbox: {control.get('dns')})",
+        )
+        check(
+            f"egress-metadata:{p}",
+            got.get("metadata") in (*_DENIED, "errno 101"),
+            f"169.254.169.254:80: {got.get('metadata')}",
+        )
+    return failed

@@ -1,0 +1,284 @@
+"""The egress gateway on a real nspawn golden host (issue 14, Tier-1), in order against one VM.
+
+A profile lists ``api.example.test`` by name with a credential. The test upstream (its own test
+CA, which only the gateway trusts) listens on the VM's veth host end, a link the test's VM owns.
+``avm promote --apply`` installs ``avm-gateway.service`` (Envoy from the golden image, its own
+user), the boundary table ``inet avm_boundary`` in the VM's namespace, and the agent's drop-in
+(hosts file, nsswitch, CA bundle); then it probes from the agent's own sandbox. Also: an invalid
+policy refused before signing (exit 64); a secret both injected and handed to the agent refused
+at L3 (``credentials-at-boundary``, exit 3); the credential nowhere the agent can read it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from controlplane.boundary.ca import EgressCA
+from controlplane.governance import secrets
+from controlplane.home import Home
+from controlplane.promote import gateway
+from controlplane.promote.enforcement import host_network
+from controlplane.release import trust as signing
+from controlplane.transport import inventory
+from controlplane.transport.ssh import SshTransport
+from tests.plugins.agentrepo import PASSWORD, _commit, copy_example, git
+from tests.plugins.vms import run_avm
+
+PORT = 18091
+REF = "secret://local/gw-upstream-key"
+SEARCH = "f590c569413b140e00c4f7239e66819edaffac388d3a189b6b7e256f5e3a4daf"
+NAME_ENTRY = {
+    "host": "api.example.test",
+    "port": 443,
+    "methods": ["GET", "POST"],
+    "paths": ["/v1/*"],
+    "credential": {"header": "x-api-key", "ref": REF},
+}
+OUTPUTS: list[str] = []  # every CLI output of the module, for the leak sweep
+
+
+def _manifest(tier: str = "L1", egress: list[Any] | None = None, **extra: Any) -> str:
+    profile = {
+        "name": "gw",
+        "risk_tier": tier,
+        "entrypoint": ["python3", "agent.py"],
+        "env": {"GATEWAY_PORT": str(PORT)},
+        "tools": [{"name": "search", "schema_sha256": SEARCH}],
+        "egress": egress if egress is not None else [NAME_ENTRY],
+        "health": {"port": PORT, "path": "/healthz", "timeout_s": 20},
+        **extra,
+    }
+    return yaml.safe_dump({"soak_s": 60, "profiles": [profile]})
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory, golden_home: Home) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("gw")
+    path = root / "gw-agent"
+    copy_example(path)
+    git(path, "init", "-q", "-b", "main")
+    commits = {}
+    for name, text in (
+        ("good", _manifest()),
+        ("wildcard", _manifest(egress=[{**NAME_ENTRY, "host": "*"}])),
+        ("l3", _manifest("L3", canary=True)),
+        ("l3-leak", _manifest("L3", canary=True, secrets={"API_KEY": REF})),
+    ):
+        (path / "avm.yaml").write_text(text)
+        commits[name] = _commit(path, name)
+    key_dir = root / "release-key"
+    _, key, pub = signing.release_init(key_dir, PASSWORD)
+    signing.trust_release_key(golden_home, pub, "release")
+    for name in ("good", "l3", "l3-leak"):
+        signing.sign_release(golden_home, path, commits[name], key, PASSWORD)
+    value = b"gwkey-" + os.urandom(20).hex().encode()
+    secrets.put(golden_home, REF, value)
+    return {"path": path, "commits": commits, "secret": value, "key": key}
+
+
+@pytest.fixture(scope="module")
+def upstream(
+    tmp_path_factory: pytest.TempPathFactory, golden_home: Home, nspawn_vm: str
+) -> Iterator[dict[str, Any]]:
+    """``api.example.test`` on the VM's veth host end, with a CA of its own the gateway trusts."""
+    net = host_network(inventory.load(golden_home, nspawn_vm))
+    assert net is not None
+    tmp = tmp_path_factory.mktemp("upstream")
+    ca = EgressCA.ensure(tmp / "ca", common_name="upstream test CA")
+    cert, key = ca.leaf("api.example.test")
+    log = tmp / "requests.jsonl"
+    port = 47000 + int.from_bytes(os.urandom(2)) % 1000
+    argv = [sys.executable, "-m", "tests.plugins.upstream_server", net.host_addr, str(port)]
+    proc = subprocess.Popen(
+        [*argv, str(cert), str(key), str(log)],
+        stdout=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        options = gateway.target_dir(golden_home, nspawn_vm) / "gateway.json"
+        options.parent.mkdir(parents=True, exist_ok=True)
+        pins = {"api.example.test:443": [net.host_addr, port]}
+        options.write_text(json.dumps({"upstream_ca": str(ca.cert_path), "upstreams": pins}))
+        # a name the host resolves (the unlisted-name probe's control): the sandbox must not
+        on_host(
+            golden_home, nspawn_vm, "sh", "-c", f"echo '{net.host_addr} outside.example.test' >> /etc/hosts"
+        )
+        yield {"log": log, "addr": net.host_addr, "port": port}
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def avm(home: Home, *args: str, env: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    out = run_avm(home, "--json", *args, env=env)
+    OUTPUTS.extend([out.stdout, out.stderr])
+    return out.returncode, json.loads(out.stdout) if out.stdout.strip() else {"stderr": out.stderr}
+
+
+def promote(home: Home, r: dict[str, Any], commit: str, vm: str, *extra: str) -> tuple[int, dict[str, Any]]:
+    return avm(
+        home, "promote", "--repo", str(r["path"]), "--commit", r["commits"][commit], "--target", vm, *extra
+    )
+
+
+def on_host(home: Home, vm: str, *argv: str, check: bool = True) -> str:
+    with SshTransport.from_target(inventory.load(home, vm)) as ssh:
+        result = ssh.run(list(argv), timeout=120)
+    out = (result.check() if check else result).stdout
+    OUTPUTS.append(out)
+    return out
+
+
+def receipt(home: Home, seq: str) -> dict[str, Any]:
+    return avm(home, "receipts", "show", seq)[1]["statement"]["predicate"]  # type: ignore[no-any-return]
+
+
+def test_a_wildcard_alone_is_refused_before_signing_at_exit_64(
+    golden_home: Home, repo: dict[str, Any]
+) -> None:
+    sha = repo["commits"]["wildcard"]
+    env = {"COSIGN_PASSWORD": PASSWORD.decode()}
+    rc, doc = avm(
+        golden_home, "sign", "--repo", str(repo["path"]), "--commit", sha, "--key", str(repo["key"]), env=env
+    )
+    assert rc == 64, doc
+    assert doc["error"]["code"] == "egress-name-wildcard"
+    assert doc["error"]["details"] == {
+        "expected": "an exact name or '*.' + a name (a wildcard of the first label only)",
+        "actual": "*",
+    }
+    assert not signing.signature_path(golden_home, sha).exists()
+
+
+def test_a_secret_injected_and_also_handed_to_the_agent_fails_credentials_at_boundary(
+    golden_home: Home, repo: dict[str, Any], nspawn_vm: str
+) -> None:
+    rc, doc = promote(golden_home, repo, "l3-leak", nspawn_vm)
+    assert rc == 3, doc
+    assert doc["error"]["code"] == "tier-controls-missing"
+    assert doc["error"]["details"]["profile gw"]["missing"] == ["rollback-drill", "credentials-at-boundary"]
+    reason = doc["error"]["details"]["profile gw"]["reasons"]["credentials-at-boundary"]
+    assert reason == f"secret API_KEY ({REF}) is injected by the gateway and also handed to the agent"
+    # the same profile without the secret under secrets: passes this control (only the drill is missing)
+    rc, doc = promote(golden_home, repo, "l3", nspawn_vm)
+    assert rc == 3, doc
+    assert doc["error"]["details"]["profile gw"]["missing"] == ["rollback-drill"]
+    assert on_host(golden_home, nspawn_vm, "ls", "/etc/avm", check=False).strip() == ""  # nothing written
+
+
+@pytest.fixture(scope="module")
+def applied(
+    golden_home: Home, repo: dict[str, Any], nspawn_vm: str, upstream: dict[str, Any]
+) -> dict[str, Any]:
+    rc, doc = promote(golden_home, repo, "good", nspawn_vm, "--apply")
+    assert rc == 0, doc
+    return receipt(golden_home, doc["receipts"]["apply"])
+
+
+def test_apply_starts_the_gateway_and_the_probes_see_the_boundary_in_force(
+    golden_home: Home, applied: dict[str, Any], upstream: dict[str, Any], repo: dict[str, Any]
+) -> None:
+    checks = {c["name"]: c for c in applied["checks"]}
+    for name in (
+        "gateway-in-force",
+        "boundary-table",
+        "egress-listed:gw",
+        "egress-wrong-path:gw",
+        "egress-unlisted-name:gw",
+        "egress-direct-ip:gw",
+        "egress-dns:gw",
+        "egress-metadata:gw",
+    ):
+        assert checks[name]["ok"] is True, checks[name]
+    probe = applied["observations"]["gateway_probe"]["profiles"]["gw"]
+    listener = applied["observations"]["gateway"]["listeners"]["gw"]
+    assert probe["listed"] == {"resolved": [listener.split(":")[0]], "status": 200, "denied_reason": None}
+    assert probe["wrong_path"] == {"status": 403, "denied_reason": "path-not-allowed"}
+    assert probe["unlisted"]["resolved"].startswith("error")
+    assert probe["direct"] == "timeout"  # the SYN dropped by the boundary table (unrouted: errno 101)
+    assert (probe["dns"], probe["dns_received"]) == ("errno 1", 0)
+    # the generation in force, read from Envoy's admin, is the rendered one
+    in_force = applied["observations"]["gateway"]["in_force"]
+    assert in_force["lds"] == in_force["cds"] == applied["observations"]["gateway"]["generation"]
+    # the upstream saw the probe's request with the injected credential, and only that value
+    seen = [json.loads(line) for line in upstream["log"].read_text().splitlines()]
+    assert [r["path"] for r in seen] == ["/v1/avm-probe"]
+    assert [v for k, v in seen[0]["headers"] if k == "x-api-key"] == [repo["secret"].decode()]
+
+
+def test_the_gateway_unit_is_hardened_under_its_own_user(
+    golden_home: Home, nspawn_vm: str, applied: Any
+) -> None:
+    shown = on_host(
+        golden_home, nspawn_vm, "systemctl", "show", "-p", "User,ActiveState,MainPID", "avm-gateway"
+    )
+    props = dict(line.split("=", 1) for line in shown.splitlines())
+    assert (props["User"], props["ActiveState"]) == ("avm-gateway", "active")
+    caps = on_host(golden_home, nspawn_vm, "grep", "^CapEff", f"/proc/{props['MainPID']}/status")
+    assert int(caps.split()[1], 16) == 1 << 10  # CAP_NET_BIND_SERVICE only
+    out = on_host(golden_home, nspawn_vm, "systemd-analyze", "security", "--no-pager", "avm-gateway.service")
+    score = float(re.search(r"Overall exposure level for avm-gateway.service: ([0-9.]+)", out).group(1))  # type: ignore[union-attr]
+    print(f"systemd-analyze security avm-gateway.service: {score}")
+    assert score <= 2.5, out[-2000:]
+
+
+def test_the_credential_is_the_gateways_only(
+    golden_home: Home, nspawn_vm: str, applied: Any, repo: dict[str, Any], tmp_path: Path
+) -> None:
+    value = repo["secret"]
+    stat = on_host(
+        golden_home, nspawn_vm, "stat", "-c", "%a %U %G", "/etc/avm/gateway/secrets/gw-upstream-key"
+    )
+    assert stat.strip() == "640 root avm-gateway"
+    assert (
+        on_host(golden_home, nspawn_vm, "stat", "-c", "%a %U %G", "/etc/avm/gateway").strip()
+        == "750 root avm-gateway"
+    )
+    # the agent user cannot read it
+    read = on_host(
+        golden_home,
+        nspawn_vm,
+        "setpriv",
+        "--reuid",
+        "agent-gw",
+        "--regid",
+        "agent-gw",
+        "--clear-groups",
+        "cat",
+        "/etc/avm/gateway/secrets/gw-upstream-key",
+        check=False,
+    )
+    assert value.decode() not in read
+    pid = on_host(
+        golden_home, nspawn_vm, "systemctl", "show", "-p", "MainPID", "--value", "agent-gateway@gw"
+    ).strip()
+    agent = on_host(
+        golden_home,
+        nspawn_vm,
+        "sh",
+        "-c",
+        f"cat /proc/{pid}/environ; ls -R /run/credentials/agent-gateway@gw.service 2>/dev/null; "
+        f"cat /etc/systemd/system/agent-gateway@gw.service.d/avm.conf; journalctl --no-pager -q",
+    )
+    assert "SSL_CERT_FILE=/etc/avm/boundary/egress-ca.pem" in agent
+    assert "LoadCredential" not in agent
+    export = tmp_path / "receipts.jsonl"
+    assert avm(golden_home, "receipts", "export", "--out", str(export))[0] == 0
+    artifacts = {"agent": agent.encode(), "export": export.read_bytes(), "cli": "".join(OUTPUTS).encode()}
+    for path in sorted(golden_home.receipts.glob("*.json")):
+        raw = path.read_bytes()
+        artifacts[path.name] = raw + base64.b64decode(json.loads(raw)["payload"])
+    leaked = [name for name, data in artifacts.items() if value in data]
+    assert leaked == [], f"credential value found in {leaked}"
