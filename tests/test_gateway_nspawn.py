@@ -282,3 +282,80 @@ def test_the_credential_is_the_gateways_only(
         artifacts[path.name] = raw + base64.b64decode(json.loads(raw)["payload"])
     leaked = [name for name, data in artifacts.items() if value in data]
     assert leaked == [], f"credential value found in {leaked}"
+
+
+# an HTTPS request as the agent, from inside its running unit's mount and network namespaces
+AGENT_REQUEST = r"""
+import http.client, json, ssl, sys
+host, path, forged = sys.argv[1], sys.argv[2], sys.argv[3]
+ctx = ssl.create_default_context(cafile="/etc/avm/boundary/egress-ca.pem")
+try:
+    conn = http.client.HTTPSConnection(host, 443, context=ctx, timeout=5)
+    conn.request("GET", path, headers={"x-api-key": forged})
+    resp = conn.getresponse()
+    print(json.dumps({"status": resp.status, "body": resp.read().decode()}))
+except OSError as exc:
+    print(json.dumps({"error": type(exc).__name__ + ": " + str(exc)}))
+"""
+
+
+def as_agent(home: Home, vm: str, path: str, forged: str = "forged") -> dict[str, Any]:
+    pid = on_host(home, vm, "systemctl", "show", "-p", "MainPID", "--value", "agent-gateway@gw").strip()
+    argv = ["nsenter", "-t", pid, "-m", "-n", "--", "setpriv", "--reuid", "agent-gw", "--regid", "agent-gw"]
+    out = on_host(
+        home, vm, *argv, "--clear-groups", "python3", "-c", AGENT_REQUEST, "api.example.test", path, forged
+    )
+    doc: dict[str, Any] = json.loads(out)
+    return doc
+
+
+def test_a_forged_credential_header_is_replaced(
+    golden_home: Home, nspawn_vm: str, applied: Any, upstream: dict[str, Any], repo: dict[str, Any]
+) -> None:
+    got = as_agent(golden_home, nspawn_vm, "/v1/messages", forged="agent-made-this-up")
+    assert got["status"] == 200, got
+    seen = json.loads(upstream["log"].read_text().splitlines()[-1])
+    assert seen["path"] == "/v1/messages"
+    assert [v for k, v in seen["headers"] if k == "x-api-key"] == [repo["secret"].decode()]
+
+
+def test_the_gateway_stopped_lets_nothing_out_and_restarted_serves_the_same_generation(
+    golden_home: Home, nspawn_vm: str, applied: Any, upstream: dict[str, Any]
+) -> None:
+    generation = applied["observations"]["gateway"]["generation"]
+    before = len(upstream["log"].read_text().splitlines())
+    on_host(golden_home, nspawn_vm, "systemctl", "stop", "avm-gateway")
+    try:
+        got = as_agent(golden_home, nspawn_vm, "/v1/messages")
+        assert got["error"].startswith("ConnectionRefusedError"), got  # nothing listens: no egress at all
+        assert len(upstream["log"].read_text().splitlines()) == before
+        rc, doc = avm(golden_home, "status", "--target", nspawn_vm)
+        assert rc == 2, doc
+        whats = sorted(f["what"] for f in doc["findings"])
+        assert whats == ["egress gateway unit", "egress policy generation in force"], doc["findings"]
+    finally:
+        on_host(golden_home, nspawn_vm, "systemctl", "start", "avm-gateway")
+    in_force = gateway.wait_in_force(
+        SshTransport.from_target(inventory.load(golden_home, nspawn_vm)), generation
+    )
+    assert (in_force["lds"], in_force["cds"]) == (generation, generation)
+    assert as_agent(golden_home, nspawn_vm, "/v1/messages")["status"] == 200
+
+
+def test_status_reports_a_changed_gateway_config_as_drift(
+    golden_home: Home, nspawn_vm: str, applied: Any
+) -> None:
+    rc, doc = avm(golden_home, "status", "--target", nspawn_vm)
+    assert rc == 0, doc
+    assert doc["findings"] == []
+    hosts = "/etc/avm/boundary/gw/hosts"
+    original = on_host(golden_home, nspawn_vm, "cat", hosts)
+    on_host(golden_home, nspawn_vm, "sh", "-c", f"echo '10.0.0.9 api.example.test' >> {hosts}")
+    try:
+        rc, doc = avm(golden_home, "status", "--target", nspawn_vm)
+        assert rc == 2, doc
+        assert [(f["where"], f["what"]) for f in doc["findings"]] == [(hosts, "egress boundary file")]
+    finally:
+        on_host(golden_home, nspawn_vm, "sh", "-c", f"printf '%s' '{original}' > {hosts}")
+    rc, doc = avm(golden_home, "status", "--target", nspawn_vm)
+    assert rc == 0, doc

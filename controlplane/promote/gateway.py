@@ -32,6 +32,7 @@ from controlplane.promote.layout import LAYOUT
 if TYPE_CHECKING:
     from controlplane.evidence.step import Step
     from controlplane.home import Home
+    from controlplane.promote.drift import Finding
     from controlplane.release.manifest import Profile
     from controlplane.transport.base import Transport
     from controlplane.transport.inventory import Target
@@ -292,3 +293,46 @@ def probe(host: Transport, gw: tier1.Tier1Gateway, profiles: Sequence[str], step
             f"169.254.169.254:80: {got.get('metadata')}",
         )
     return failed
+
+
+def drift_findings(home: Home, target: str, host: Transport, recorded: Mapping[str, Any]) -> list[Finding]:
+    """``avm status``: the gateway against what the apply recorded (``observations.gateway``):
+    its unit not running, a rendered file changed on disk, the generation Envoy's admin reports
+    in force not the recorded one, the egress CA changed. Read-only."""
+    from controlplane.promote.drift import Finding
+
+    out: list[Finding] = []
+    active = host.run(["systemctl", "is-active", tier1.UNIT], timeout=30).stdout.strip()
+    if active != "active":
+        out.append(Finding(where=tier1.UNIT, what="egress gateway unit", expected="active", actual=active))
+    want = dict(recorded.get("files", {}))
+    if want and _changed(host, want):
+        out_ = host.run(["sha256sum", "--", *sorted(want)], timeout=60).stdout
+        have = {
+            ln.split("  ", 1)[1]: "sha256:" + ln.split("  ", 1)[0] for ln in out_.splitlines() if "  " in ln
+        }
+        for path in sorted(p for p in want if have.get(p) != want[p]):
+            what = "egress gateway config" if path.startswith(str(tier1.ETC)) else "egress boundary file"
+            out.append(Finding(where=path, what=what, expected=want[path], actual=have.get(path, "missing")))
+    in_force = read_in_force(host)
+    if (in_force.get("lds"), in_force.get("cds")) != (recorded.get("generation"),) * 2:
+        actual = in_force.get("error") or f"lds {in_force.get('lds')}, cds {in_force.get('cds')}"
+        out.append(
+            Finding(
+                where=f"{tier1.UNIT} admin {tier1.ADMIN_SOCKET}",
+                what="egress policy generation in force",
+                expected=str(recorded.get("generation")),
+                actual=str(actual),
+            )
+        )
+    ca = ca_for(home, target).fingerprint
+    if ca != recorded.get("egress_ca"):
+        out.append(
+            Finding(
+                where=str(target_dir(home, target) / "ca"),
+                what="egress CA",
+                expected=str(recorded.get("egress_ca")),
+                actual=ca,
+            )
+        )
+    return out
