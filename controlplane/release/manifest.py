@@ -27,10 +27,12 @@ import ipaddress
 import re
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, GetJsonSchemaHandler, field_validator, model_validator
+from pydantic.json_schema import JsonSchemaValue, SkipJsonSchema
+from pydantic_core import CoreSchema
 
 from controlplane._internal.loading import Frozen, parse_yaml, validate
-from controlplane.boundary.policy import EgressPolicy, parse_policy
+from controlplane.boundary.policy import EgressPolicy, NameRule, parse_policy
 from controlplane.errors import UsageError
 from controlplane.governance.secretscan import scan_env
 from controlplane.ids import ProfileName, RiskTier, pattern_validator
@@ -111,9 +113,19 @@ class Profile(Frozen):
     egress: list[EgressRule] = []
     # egress entries by name ({host, port, methods, paths, credential}) from the same `egress:`
     # list, validated by the boundary's one policy model; IP/CIDR entries stay in ``egress``
-    egress_names: EgressPolicy = EgressPolicy()
+    egress_names: SkipJsonSchema[EgressPolicy] = EgressPolicy()
     limits: Limits = Limits()
     health: Health
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        """avm.yaml's ``egress:`` items are IP rules or entries by name (``NameRule``)."""
+        schema = handler(core)
+        target = handler.resolve_ref_schema(schema)
+        by_name = handler(NameRule.__pydantic_core_schema__)
+        items = target["properties"]["egress"]["items"]
+        target["properties"]["egress"]["items"] = {"anyOf": [items, by_name]}
+        return schema
 
     @model_validator(mode="before")
     @classmethod
