@@ -194,6 +194,7 @@ CODES: Mapping[str, tuple[type[AvmError], str]] = {
     "gateway-listener-invalid": (_U, "a gateway listener's identity, address or port is invalid"),
     "egress-ca-invalid": (_O, "the egress CA on disk is missing a part or is not protected"),
     "gateway-not-in-force": (_O, "the host's egress gateway does not report the rendered generation"),
+    "egress-nothing-to-apply": (_U, "no profile of the commit lists an egress entry by name"),
     "gateway-options-invalid": (_U, "a target's egress gateway options file is invalid"),
     "egress-probe-failed": (_O, "a probe from the sandbox did not see the egress boundary in force"),
     "expires-invalid": (_U, "--expires is not a duration up to 30 days"),

@@ -74,13 +74,14 @@ def repo(tmp_path_factory: pytest.TempPathFactory, golden_home: Home) -> dict[st
         ("wildcard", _manifest(egress=[{**NAME_ENTRY, "host": "*"}])),
         ("l3", _manifest("L3", canary=True)),
         ("l3-leak", _manifest("L3", canary=True, secrets={"API_KEY": REF})),
+        ("wider", _manifest(egress=[{**NAME_ENTRY, "paths": ["/v1/*", "/v2/*"]}])),
     ):
         (path / "avm.yaml").write_text(text)
         commits[name] = _commit(path, name)
     key_dir = root / "release-key"
     _, key, pub = signing.release_init(key_dir, PASSWORD)
     signing.trust_release_key(golden_home, pub, "release")
-    for name in ("good", "l3", "l3-leak"):
+    for name in ("good", "l3", "l3-leak", "wider"):
         signing.sign_release(golden_home, path, commits[name], key, PASSWORD)
     value = b"gwkey-" + os.urandom(20).hex().encode()
     secrets.put(golden_home, REF, value)
@@ -141,7 +142,7 @@ def on_host(home: Home, vm: str, *argv: str, check: bool = True) -> str:
     return out
 
 
-def receipt(home: Home, seq: str) -> dict[str, Any]:
+def receipt_of(home: Home, seq: str) -> dict[str, Any]:
     return avm(home, "receipts", "show", seq)[1]["statement"]["predicate"]  # type: ignore[no-any-return]
 
 
@@ -184,7 +185,7 @@ def applied(
 ) -> dict[str, Any]:
     rc, doc = promote(golden_home, repo, "good", nspawn_vm, "--apply")
     assert rc == 0, doc
-    return receipt(golden_home, doc["receipts"]["apply"])
+    return receipt_of(golden_home, doc["receipts"]["apply"])
 
 
 def test_apply_starts_the_gateway_and_the_probes_see_the_boundary_in_force(
@@ -232,56 +233,6 @@ def test_the_gateway_unit_is_hardened_under_its_own_user(
     score = float(re.search(r"Overall exposure level for avm-gateway.service: ([0-9.]+)", out).group(1))  # type: ignore[union-attr]
     print(f"systemd-analyze security avm-gateway.service: {score}")
     assert score <= 2.5, out[-2000:]
-
-
-def test_the_credential_is_the_gateways_only(
-    golden_home: Home, nspawn_vm: str, applied: Any, repo: dict[str, Any], tmp_path: Path
-) -> None:
-    value = repo["secret"]
-    stat = on_host(
-        golden_home, nspawn_vm, "stat", "-c", "%a %U %G", "/etc/avm/gateway/secrets/gw-upstream-key"
-    )
-    assert stat.strip() == "640 root avm-gateway"
-    assert (
-        on_host(golden_home, nspawn_vm, "stat", "-c", "%a %U %G", "/etc/avm/gateway").strip()
-        == "750 root avm-gateway"
-    )
-    # the agent user cannot read it
-    read = on_host(
-        golden_home,
-        nspawn_vm,
-        "setpriv",
-        "--reuid",
-        "agent-gw",
-        "--regid",
-        "agent-gw",
-        "--clear-groups",
-        "cat",
-        "/etc/avm/gateway/secrets/gw-upstream-key",
-        check=False,
-    )
-    assert value.decode() not in read
-    pid = on_host(
-        golden_home, nspawn_vm, "systemctl", "show", "-p", "MainPID", "--value", "agent-gateway@gw"
-    ).strip()
-    agent = on_host(
-        golden_home,
-        nspawn_vm,
-        "sh",
-        "-c",
-        f"cat /proc/{pid}/environ; ls -R /run/credentials/agent-gateway@gw.service 2>/dev/null; "
-        f"cat /etc/systemd/system/agent-gateway@gw.service.d/avm.conf; journalctl --no-pager -q",
-    )
-    assert "SSL_CERT_FILE=/etc/avm/boundary/egress-ca.pem" in agent
-    assert "LoadCredential" not in agent
-    export = tmp_path / "receipts.jsonl"
-    assert avm(golden_home, "receipts", "export", "--out", str(export))[0] == 0
-    artifacts = {"agent": agent.encode(), "export": export.read_bytes(), "cli": "".join(OUTPUTS).encode()}
-    for path in sorted(golden_home.receipts.glob("*.json")):
-        raw = path.read_bytes()
-        artifacts[path.name] = raw + base64.b64decode(json.loads(raw)["payload"])
-    leaked = [name for name, data in artifacts.items() if value in data]
-    assert leaked == [], f"credential value found in {leaked}"
 
 
 # an HTTPS request as the agent, from inside its running unit's mount and network namespaces
@@ -359,3 +310,135 @@ def test_status_reports_a_changed_gateway_config_as_drift(
         on_host(golden_home, nspawn_vm, "sh", "-c", f"printf '%s' '{original}' > {hosts}")
     rc, doc = avm(golden_home, "status", "--target", nspawn_vm)
     assert rc == 0, doc
+
+
+def egress_apply(
+    home: Home, r: dict[str, Any], commit: str, vm: str, *extra: str
+) -> tuple[int, dict[str, Any]]:
+    return avm(
+        home,
+        "egress",
+        "apply",
+        "--repo",
+        str(r["path"]),
+        "--commit",
+        r["commits"][commit],
+        "--target",
+        vm,
+        *extra,
+    )
+
+
+def newest(home: Home, kind: str) -> dict[str, Any]:
+    from controlplane.evidence import reader
+
+    for _, statement in reader.statements(home.receipts, newest_first=True):
+        if statement.predicate.kind == kind:
+            return statement.predicate.model_dump(mode="json")
+    raise AssertionError(f"no {kind} receipt")
+
+
+def test_a_rejected_egress_update_keeps_the_last_good_generation(
+    golden_home: Home, repo: dict[str, Any], nspawn_vm: str, applied: Any, upstream: dict[str, Any]
+) -> None:
+    generation = applied["observations"]["gateway"]["generation"]
+    options = gateway.target_dir(golden_home, nspawn_vm) / "gateway.json"
+    good = options.read_text()
+    doc = json.loads(good)
+    options.write_text(json.dumps({**doc, "upstreams": {"api.example.test:443": ["not-an-address", 443]}}))
+    try:
+        rc, out = egress_apply(golden_home, repo, "wider", nspawn_vm, "--apply")
+    finally:
+        options.write_text(good)
+    assert rc == 1, out
+    assert out["error"]["code"] == "gateway-reload-rejected"
+    receipt = newest(golden_home, "apply")
+    assert receipt["status"] == "failed"
+    check = next(c for c in receipt["checks"] if c["name"] == "gateway-reload")
+    assert check["ok"] is False
+    assert check["detail"].endswith(f"generation {generation} stays in force")
+    with SshTransport.from_target(inventory.load(golden_home, nspawn_vm)) as ssh:
+        in_force = gateway.read_in_force(ssh)
+    assert (in_force["lds"], in_force["cds"]) == (generation, generation)
+    assert as_agent(golden_home, nspawn_vm, "/v1/messages")["status"] == 200
+
+
+def test_egress_apply_hot_reloads_without_restarting_the_agent(
+    golden_home: Home, repo: dict[str, Any], nspawn_vm: str, applied: Any
+) -> None:
+    generation = applied["observations"]["gateway"]["generation"]
+    denied = as_agent(golden_home, nspawn_vm, "/v2/things")
+    assert (denied["status"], json.loads(denied["body"])["reason"]) == (403, "path-not-allowed")
+    pid = on_host(golden_home, nspawn_vm, "systemctl", "show", "-p", "MainPID", "--value", "agent-gateway@gw")
+    rc, plan = egress_apply(golden_home, repo, "wider", nspawn_vm)
+    assert rc == 0, plan
+    assert (plan["applied"], plan["from"]) == (False, generation)
+    assert plan["to"] != generation
+    rc, out = egress_apply(golden_home, repo, "wider", nspawn_vm, "--apply")
+    assert rc == 0, out
+    assert (out["applied"], out["plan_digest"], out["to"]) == (True, plan["plan_digest"], plan["to"])
+    print(f"egress apply: new generation in force in {out['reload_s']} s")
+    receipt = receipt_of(golden_home, out["receipts"]["apply"])
+    failed = [c for c in receipt["checks"] if not c["ok"]]
+    assert failed == []
+    assert "agents-not-restarted" in {c["name"] for c in receipt["checks"]}
+    after = on_host(
+        golden_home, nspawn_vm, "systemctl", "show", "-p", "MainPID", "--value", "agent-gateway@gw"
+    )
+    assert after == pid
+    assert as_agent(golden_home, nspawn_vm, "/v2/things")["status"] == 200
+    with SshTransport.from_target(inventory.load(golden_home, nspawn_vm)) as ssh:
+        in_force = gateway.read_in_force(ssh)
+    assert (in_force["lds"], in_force["cds"]) == (out["to"], out["to"])
+    rc, doc = avm(golden_home, "status", "--target", nspawn_vm)
+    assert rc == 0, doc  # status compares with the gateway the egress apply left
+
+
+def test_the_credential_is_the_gateways_only(
+    golden_home: Home, nspawn_vm: str, applied: Any, repo: dict[str, Any], tmp_path: Path
+) -> None:
+    value = repo["secret"]
+    stat = on_host(
+        golden_home, nspawn_vm, "stat", "-c", "%a %U %G", "/etc/avm/gateway/secrets/gw-upstream-key"
+    )
+    assert stat.strip() == "640 root avm-gateway"
+    assert (
+        on_host(golden_home, nspawn_vm, "stat", "-c", "%a %U %G", "/etc/avm/gateway").strip()
+        == "750 root avm-gateway"
+    )
+    # the agent user cannot read it
+    read = on_host(
+        golden_home,
+        nspawn_vm,
+        "setpriv",
+        "--reuid",
+        "agent-gw",
+        "--regid",
+        "agent-gw",
+        "--clear-groups",
+        "cat",
+        "/etc/avm/gateway/secrets/gw-upstream-key",
+        check=False,
+    )
+    assert value.decode() not in read
+    pid = on_host(
+        golden_home, nspawn_vm, "systemctl", "show", "-p", "MainPID", "--value", "agent-gateway@gw"
+    ).strip()
+    agent = on_host(
+        golden_home,
+        nspawn_vm,
+        "sh",
+        "-c",
+        f"cat /proc/{pid}/environ; ls -R /run/credentials/agent-gateway@gw.service 2>/dev/null; "
+        f"cat /etc/systemd/system/agent-gateway@gw.service.d/avm.conf; journalctl --no-pager -q",
+    )
+    assert "SSL_CERT_FILE=/etc/avm/boundary/egress-ca.pem" in agent
+    assert "LoadCredential" not in agent
+    export = tmp_path / "receipts.jsonl"
+    assert avm(golden_home, "receipts", "export", "--out", str(export))[0] == 0
+    artifacts = {"agent": agent.encode(), "export": export.read_bytes(), "cli": "".join(OUTPUTS).encode()}
+    for path in sorted(golden_home.receipts.glob("*.json")):
+        raw = path.read_bytes()
+        artifacts[path.name] = raw + base64.b64decode(json.loads(raw)["payload"])
+    leaked = [name for name, data in artifacts.items() if value in data]
+    assert leaked == [], f"credential value found in {leaked}"

@@ -131,7 +131,7 @@ def nsswitch_file(profile: str) -> Path:
     return BOUNDARY / profile / "nsswitch.conf"
 
 
-def _dump(doc: Mapping[str, object]) -> bytes:
+def dump(doc: Mapping[str, object]) -> bytes:
     return yaml.safe_dump(dict(doc), sort_keys=True).encode()
 
 
@@ -167,7 +167,7 @@ def render_host(
     )
     rendered = render(spec)
     files = [
-        HostFile(str(ETC / rel), _dump(doc), 0o640, USER) for rel, doc in sorted(documents(rendered).items())
+        HostFile(str(ETC / rel), dump(doc), 0o640, USER) for rel, doc in sorted(documents(rendered).items())
     ]
     if upstream_ca is not None:
         files.append(HostFile(str(UPSTREAM_CA), upstream_ca, 0o640, USER))

@@ -82,11 +82,48 @@ def prepare(home: Home, target: str, profiles: Sequence[Profile]) -> tier1.Tier1
     )
 
 
-def _put(host: Transport, path: str, data: bytes, mode: int, group: str) -> None:
-    host.put(data, path, mode=0o600 if group != "root" else mode)
-    if group != "root":  # group-readable only once the group is the gateway's
-        host.run(["chown", f"root:{group}", path], timeout=30).check()
-        host.run(["chmod", oct(mode)[2:], path], timeout=30).check()
+Blob = tuple[str, bytes, int, str]  # path, bytes, mode, group
+
+
+def blobs(
+    home: Home, target: str, gw: tier1.Tier1Gateway, values: Mapping[str, bytes], *, lds_cds: bool = True
+) -> list[Blob]:
+    """Every file of the gateway with its bytes: rendered files, leaves (minted now by the
+    target's CA), credential values, the unit. ``lds_cds=False``: without LDS and CDS (a hot
+    reload renames those itself, in order)."""
+    ca = ca_for(home, target)
+    out: list[Blob] = [
+        (f.path, f.data, f.mode, f.group)
+        for f in gw.files
+        if lds_cds or f.path not in (str(tier1.ETC / "lds.yaml"), str(tier1.ETC / "cds.yaml"))
+    ]
+    for name in gw.leaves:
+        cert, key = ca.leaf(name)
+        cpath, kpath = tier1.leaf_paths(name)
+        out += [
+            (str(cpath), cert.read_bytes(), 0o644, "root"),
+            (str(kpath), key.read_bytes(), 0o640, tier1.USER),
+        ]
+    out += [(str(tier1.secret_path(ref)), values[ref], 0o640, tier1.USER) for ref in gw.refs]
+    if lds_cds:
+        out.append((f"{LAYOUT.unit_dir}/{tier1.UNIT}", UNIT_FILE.read_bytes(), 0o644, "root"))
+    return out
+
+
+def put_file(host: Transport, path: str, data: bytes, mode: int, group: str) -> None:
+    """Write one gateway file atomically, owner and mode set before it is renamed into place
+    (Envoy reads a watched file on the rename: it must be readable by then). A group-readable
+    file is 0600 root until its group is the gateway's."""
+    parent, name = str(Path(path).parent), Path(path).name
+    host.run(["mkdir", "-p", parent], timeout=30).check()
+    if group == "root":
+        host.put(data, path, mode=mode)
+        return
+    staged = f"{parent}/.{name}.avm-new"
+    host.put(data, staged, mode=0o600)
+    host.run(["chown", f"root:{group}", staged], timeout=30).check()
+    host.run(["chmod", oct(mode)[2:], staged], timeout=30).check()
+    host.run(["mv", "-f", staged, path], timeout=30).check()
 
 
 def _ensure_user(host: Transport) -> None:
@@ -121,7 +158,6 @@ def install(
 
     Raises ``OperationalError('gateway-not-in-force')`` when Envoy does not report the rendered
     generation (the unit's journal tail in the message), ``CommandFailed`` from the host."""
-    ca = ca_for(home, target.name)
     _ensure_user(host)
     for d, dmode, dgroup in (
         (tier1.ETC, "750", tier1.USER),
@@ -131,22 +167,11 @@ def install(
         (tier1.BOUNDARY, "755", "root"),
     ):
         host.run(["install", "-d", "-m", dmode, "-o", "root", "-g", dgroup, str(d)], timeout=30).check()
-    unit = UNIT_FILE.read_bytes()
-    blobs: list[tuple[str, bytes, int, str]] = [(f.path, f.data, f.mode, f.group) for f in gw.files]
-    for name in gw.leaves:
-        cert, key = ca.leaf(name)
-        cpath, kpath = tier1.leaf_paths(name)
-        blobs += [
-            (str(cpath), cert.read_bytes(), 0o644, "root"),
-            (str(kpath), key.read_bytes(), 0o640, tier1.USER),
-        ]
-    blobs += [(str(tier1.secret_path(ref)), values[ref], 0o640, tier1.USER) for ref in gw.refs]
-    blobs.append((f"{LAYOUT.unit_dir}/{tier1.UNIT}", unit, 0o644, "root"))
-    on_disk = {path: sha256_digest(data) for path, data, _, _ in blobs}
+    blobs_ = blobs(home, target.name, gw, values)
+    on_disk = {path: sha256_digest(data) for path, data, _, _ in blobs_}
     restart = _changed(host, on_disk) or not host.run(["systemctl", "is-active", "--quiet", tier1.UNIT]).ok
-    for path, data, mode, group in sorted(blobs, key=lambda b: b[0].endswith("lds.yaml")):
-        host.run(["mkdir", "-p", str(Path(path).parent)], timeout=30).check()
-        _put(host, path, data, mode, group)
+    for path, data, mode, group in sorted(blobs_, key=lambda b: b[0].endswith("lds.yaml")):
+        put_file(host, path, data, mode, group)
     step.command(host.run(["systemctl", "daemon-reload"], timeout=60).check())
     step.command(host.run(["systemctl", "enable", tier1.UNIT], timeout=60).check())
     verb = "restart" if restart else "start"
