@@ -233,6 +233,21 @@ def test_the_gateway_unit_is_hardened_under_its_own_user(
     score = float(re.search(r"Overall exposure level for avm-gateway.service: ([0-9.]+)", out).group(1))  # type: ignore[union-attr]
     print(f"systemd-analyze security avm-gateway.service: {score}")
     assert score <= 2.5, out[-2000:]
+    # the boot-time loader of the boundary table: enabled, required by the agent, skipped in a
+    # container (here the table lives in the VM's namespace, loaded from the host side)
+    boot = on_host(
+        golden_home, nspawn_vm, "systemctl", "show", "-p", "UnitFileState,ConditionResult", "avm-boundary"
+    )
+    assert dict(line.split("=", 1) for line in boot.splitlines()) == {
+        "UnitFileState": "enabled",
+        "ConditionResult": "no",
+    }
+    required = on_host(
+        golden_home, nspawn_vm, "systemctl", "show", "-p", "Requires", "--value", "agent-gateway@gw"
+    )
+    assert "avm-boundary.service" in required.split()
+    nft = on_host(golden_home, nspawn_vm, "stat", "-c", "%a %U", "/etc/avm/boundary/boundary.nft")
+    assert nft.strip() == "600 root"
 
 
 # an HTTPS request as the agent, from inside its running unit's mount and network namespaces

@@ -35,11 +35,13 @@ from controlplane.canonical import canonical_bytes, sha256_digest
 
 USER = "avm-gateway"
 UNIT = "avm-gateway.service"
+BOUNDARY_UNIT = "avm-boundary.service"  # loads the table at boot (skipped in a container)
 ETC = Path("/etc/avm/gateway")
 CERTS = ETC / "certs"
 SECRETS = ETC / "secrets"
 BOUNDARY = Path("/etc/avm/boundary")
 CA_BUNDLE = BOUNDARY / "egress-ca.pem"
+BOUNDARY_NFT = BOUNDARY / "boundary.nft"
 UPSTREAM_CA = ETC / "upstream-ca.pem"
 ADMIN_SOCKET = Path("/run/avm-gateway/admin.sock")
 ACCESS_LOG = Path("/var/log/avm-gateway/access.log")
@@ -199,6 +201,9 @@ def dropin_lines(gateway: Tier1Gateway, profile: str) -> list[str]:
         f"# egress gateway {gateway.digest}: listener {gateway.addresses[profile]}",
         f"BindReadOnlyPaths={hosts_file(profile)}:/etc/hosts {nsswitch_file(profile)}:/etc/nsswitch.conf",
         f"Environment=SSL_CERT_FILE={bundle} REQUESTS_CA_BUNDLE={bundle} NODE_EXTRA_CA_CERTS={bundle}",
+        "[Unit]",
+        f"Requires={BOUNDARY_UNIT}",
+        f"After={BOUNDARY_UNIT}",
     ]
 
 

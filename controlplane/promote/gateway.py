@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from controlplane.transport.inventory import Target
 
 UNIT_FILE = files("controlplane").joinpath("data", tier1.UNIT)
+BOUNDARY_UNIT_FILE = files("controlplane").joinpath("data", tier1.BOUNDARY_UNIT)
 PROBE_TIMEOUT_S = 3.0
 _DENIED = ("errno 1", "errno 13", "errno 113", "timeout")  # EPERM: dropped by netfilter
 
@@ -107,6 +108,9 @@ def blobs(
     out += [(str(tier1.secret_path(ref)), values[ref], 0o640, tier1.USER) for ref in gw.refs]
     if lds_cds:
         out.append((f"{LAYOUT.unit_dir}/{tier1.UNIT}", UNIT_FILE.read_bytes(), 0o644, "root"))
+        out.append(
+            (f"{LAYOUT.unit_dir}/{tier1.BOUNDARY_UNIT}", BOUNDARY_UNIT_FILE.read_bytes(), 0o644, "root")
+        )
     return out
 
 
@@ -196,7 +200,11 @@ def install(
 
 def load_table(target: Target, host: Transport, script: str, step: Step) -> None:
     """Load ``inet avm_boundary`` (checked by ``nft -c`` first). On nspawn from the host side
-    into the VM's namespace, which the container's root cannot change; elsewhere on the host."""
+    into the VM's namespace, which the container's root cannot change; elsewhere on the host.
+    Either way the script is also ``boundary.nft`` (0600), which ``avm-boundary.service``
+    loads at boot (skipped in a container), and the unit is enabled."""
+    host.put(script.encode(), str(tier1.BOUNDARY_NFT), mode=0o600)
+    step.command(host.run(["systemctl", "enable", tier1.BOUNDARY_UNIT], timeout=60).check())
     from controlplane._internal import netns as nx
     from controlplane.promote.enforcement import host_network
     from controlplane.transport.local import LocalTransport
