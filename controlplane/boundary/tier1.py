@@ -104,11 +104,19 @@ class Tier1Gateway:
         }
 
 
-def addresses(profiles: Sequence[str]) -> dict[str, ipaddress.IPv4Address]:
-    """Each profile's listener address: ``127.100.0.<n>``, ``n`` from a hash of the name (1-254),
-    the next free one on a collision (in name order). Pure and stable for a given name."""
+def addresses(
+    profiles: Sequence[str], previous: Mapping[str, str] | None = None
+) -> dict[str, ipaddress.IPv4Address]:
+    """Each profile's listener address in ``127.100.0.1-254``. A profile keeps its ``previous``
+    address (what the last apply recorded); a new one gets ``n`` from a hash of its name, or
+    the next free one on a collision (in name order). Pure."""
+    names = sorted(set(profiles))
     taken: dict[int, str] = {}
-    for name in sorted(set(profiles)):
+    for name, addr in sorted((previous or {}).items()):
+        n = int(ipaddress.IPv4Address(addr)) - int(NET.network_address) - 1
+        if name in names and 0 <= n < 254 and n not in taken:
+            taken[n] = name
+    for name in (x for x in names if x not in taken.values()):
         n = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) % 254
         while n in taken:
             n = (n + 1) % 254
@@ -144,6 +152,7 @@ def render_host(
     ca_fingerprint: str,
     upstream_ca: bytes | None = None,
     upstreams: Mapping[str, tuple[str, int]] | None = None,
+    previous: Mapping[str, str] | None = None,
 ) -> Tier1Gateway | None:
     """The gateway for the profiles that list names (None when none does). Pure.
 
@@ -153,7 +162,7 @@ def render_host(
     named = {p: pol for p, pol in sorted(policies.items()) if pol.names}
     if not named:
         return None
-    addrs = addresses(list(named))
+    addrs = addresses(list(named), previous)
     rules = [r for pol in named.values() for r in pol.names]
     leaves = tuple(sorted({r.host for r in rules}))
     refs = tuple(sorted({r.credential.ref for r in rules if r.credential}))

@@ -72,14 +72,21 @@ def prepare(home: Home, target: str, profiles: Sequence[Profile]) -> tier1.Tier1
     """The host's gateway for ``profiles`` (None when no profile lists a name)."""
     if not any(p.egress_names.names for p in profiles):
         return None
+    from controlplane.promote.state import recorded_state
+    from controlplane.promote.status import _recorded_gateway
+
     ca = ca_for(home, target)
     upstream_ca, pins = _options(home, target)
+    prior = recorded_state(home, target)
+    recorded = (_recorded_gateway(home, prior[0]) or {}) if prior else {}
+    previous = {p: str(a).split(":", 1)[0] for p, a in recorded.get("listeners", {}).items()}
     return tier1.render_host(
         {p.name: p.egress_names for p in profiles},
         ca_cert=ca.cert_path.read_bytes(),
         ca_fingerprint=ca.fingerprint,
         upstream_ca=upstream_ca,
         upstreams=pins,
+        previous=previous,
     )
 
 
