@@ -74,6 +74,9 @@ class Tier1Gateway:
     leaves: tuple[str, ...]  # listed hosts that need a leaf on the host
     refs: tuple[str, ...]  # credential refs whose values the gateway needs
     ca_fingerprint: str
+    # every profile of the manifest -> its IP rules (host or CIDR, port, proto): the table names
+    # every agent uid, not only those of the profiles a promotion restarts
+    ip_rules: dict[str, tuple[tuple[str, int, str], ...]] = dataclasses.field(default_factory=dict)
 
     @property
     def generation(self) -> str:
@@ -153,6 +156,7 @@ def render_host(
     upstream_ca: bytes | None = None,
     upstreams: Mapping[str, tuple[str, int]] | None = None,
     previous: Mapping[str, str] | None = None,
+    ip_rules: Mapping[str, Sequence[tuple[str, int, str]]] | None = None,
 ) -> Tier1Gateway | None:
     """The gateway for the profiles that list names (None when none does). Pure.
 
@@ -196,6 +200,7 @@ def render_host(
         leaves=leaves,
         refs=refs,
         ca_fingerprint=ca_fingerprint,
+        ip_rules={p: tuple(r) for p, r in sorted((ip_rules or {}).items())},
     )
 
 

@@ -176,14 +176,10 @@ def run(
             )
             for p in gw.addresses:  # the hosts files in place: the units' bind mounts see them
                 host.run(["tee", str(tier1.hosts_file(p))], stdin=_hosts(gw, p), timeout=30).check()
-            uids = enforcement.host_uids(host, [LAYOUT.user(p) for p in profiles])
-            rules = {p.name: p.egress for p in prior_profiles(verified.manifest, profiles)}
-            gateway.load_table(
-                the_target,
-                host,
-                tier1.nft_script(gw, {p: uids[LAYOUT.user(p)] for p in profiles}, rules),
-                step,
-            )
+            names = sorted(set(profiles) | set(gw.ip_rules))
+            found = enforcement.host_uids(host, [LAYOUT.user(p) for p in names])
+            uids = {p: found[LAYOUT.user(p)] for p in names if LAYOUT.user(p) in found}
+            gateway.load_table(the_target, host, tier1.nft_script(gw, uids, gw.ip_rules), step)
             after = _main_pids(host, profiles)
             step.check(
                 "agents-not-restarted",
@@ -205,10 +201,6 @@ def run(
             details={"failed": failed},
         )
     return out
-
-
-def prior_profiles(manifest: Any, names: list[str]) -> list[Any]:
-    return [p for p in manifest.profiles if p.name in names]
 
 
 def _hosts(gw: tier1.Tier1Gateway, profile: str) -> bytes:

@@ -87,6 +87,7 @@ def prepare(home: Home, target: str, profiles: Sequence[Profile]) -> tier1.Tier1
         upstream_ca=upstream_ca,
         upstreams=pins,
         previous=previous,
+        ip_rules={p.name: [(r.host, r.port, r.proto) for r in p.egress] for p in profiles},
     )
 
 

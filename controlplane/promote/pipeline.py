@@ -349,20 +349,14 @@ def _install_gateway(
     assert material.gateway is not None
     for ref in material.gateway.refs:
         step.event("secret.load", profile="avm-gateway", ref=ref, version=secret_store.version(home, ref))
-    for prof in material.profiles:
-        step.command(hostops.ensure_user(host, prof.name))
-    users = {p.name: LAYOUT.user(p.name) for p in material.profiles}
-    uids = enforcement.host_uids(host, list(users.values()))
-    gateway.install(
-        home,
-        target,
-        host,
-        material.gateway,
-        values,
-        {name: uids[user] for name, user in users.items()},
-        {p.name: p.egress for p in material.profiles},
-        step,
-    )
+    gw = material.gateway
+    # every profile of the manifest gets its chain in the boundary table, restarted now or not
+    names = sorted({p.name for p in material.profiles} | set(gw.ip_rules))
+    for name in names:
+        step.command(hostops.ensure_user(host, name))
+    uids = enforcement.host_uids(host, [LAYOUT.user(n) for n in names])
+    rules = {**gw.ip_rules, **{p.name: p.egress for p in material.profiles}}
+    gateway.install(home, target, host, gw, values, {n: uids[LAYOUT.user(n)] for n in names}, rules, step)
     progress(f"egress gateway {material.gateway.generation[:19]} in force (admin)")
 
 
