@@ -96,7 +96,7 @@ def gw_upstream(
     proc = subprocess.Popen(
         [*argv, str(cert), str(key), str(log)],
         stdout=subprocess.PIPE,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
     )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
