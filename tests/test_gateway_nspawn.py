@@ -189,6 +189,29 @@ def test_status_reports_a_changed_gateway_config_as_drift(
     rc, doc = avm(golden_home, "status", "--target", nspawn_vm)
     assert rc == 0, doc
     assert doc["findings"] == []
+    # the gateway's audit events since the apply: the probe's wrong path denied; the probe's,
+    # the forged-header and the after-restart requests allowed (the stopped gateway logged none)
+    events = [e for e in newest(golden_home, "status")["events"] if e["type"].startswith("egress.")]
+    policy = applied["observations"]["gateway"]["policies"]["gw"]
+    assert events == [
+        {
+            "type": "egress.denied",
+            "profile": "gw",
+            "host": "api.example.test",
+            "method": "GET",
+            "path": "/avm-probe/not-listed",
+            "code": 403,
+            "reason": "path-not-allowed",
+            "policy": policy,
+        },
+        {
+            "type": "egress.allowed",
+            "profile": "gw",
+            "destination": "GET api.example.test",
+            "count": 3,
+            "policy": policy,
+        },
+    ]
     hosts = "/etc/avm/boundary/gw/hosts"
     original = on_host(golden_home, nspawn_vm, "cat", hosts)
     on_host(golden_home, nspawn_vm, "sh", "-c", f"echo '10.0.0.9 api.example.test' >> {hosts}")

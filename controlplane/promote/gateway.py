@@ -377,3 +377,51 @@ def drift_findings(home: Home, target: str, host: Transport, recorded: Mapping[s
             )
         )
     return out
+
+
+def audit_events(host: Transport, since: str, limit: int = 200) -> list[dict[str, Any]]:
+    """Tier-1 ``egress.denied`` (each, up to ``limit``) and ``egress.allowed`` (a count per
+    profile, destination and policy) from the gateway's access log on the host, since ``since``
+    (ISO 8601 UTC, what the log's ``t`` is). Read as root; the log holds no header values."""
+    from collections import Counter
+
+    from controlplane.boundary import events
+
+    result = host.run(["tail", "-c", str(4 << 20), str(tier1.ACCESS_LOG)], timeout=60)
+    if not result.ok:
+        return []
+    seen = [
+        e
+        for e in map(events.parse_line, result.stdout.splitlines())
+        if e is not None and e.identity.startswith("profile:") and e.t >= since
+    ]
+    out: list[dict[str, Any]] = [
+        {
+            "type": "egress.denied",
+            "profile": e.identity.removeprefix("profile:"),
+            "host": e.host,
+            "method": e.method,
+            "path": e.path,
+            "code": e.code,
+            "reason": e.reason,
+            "policy": e.policy,
+        }
+        for e in seen
+        if e.event == "egress.denied"
+    ][:limit]
+    allowed = Counter(
+        (e.identity.removeprefix("profile:"), f"{e.method} {e.host}", e.policy)
+        for e in seen
+        if e.event == "egress.allowed"
+    )
+    for (profile, destination, policy), count in sorted(allowed.items()):
+        out.append(
+            {
+                "type": "egress.allowed",
+                "profile": profile,
+                "destination": destination,
+                "count": count,
+                "policy": policy,
+            }
+        )
+    return out

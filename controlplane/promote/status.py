@@ -65,6 +65,9 @@ def check(home: Home, target: str) -> DriftReport:
             gw_findings = (
                 gateway.drift_findings(home, target, host, recorded_gw) if recorded_gw is not None else []
             )
+            # the egress gateway's audit events since that receipt (its access log, read as root)
+            for event in gateway.audit_events(host, since) if recorded_gw is not None else []:
+                step.event(event.pop("type"), **event)
         if isinstance(expected, DesiredState):
             report = find_drift(target, expected, facts, receipt_id, notes=notes)
         else:
