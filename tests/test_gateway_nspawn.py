@@ -281,6 +281,12 @@ def test_egress_apply_hot_reloads_without_restarting_the_agent(
     assert rc == 0, doc  # status compares with the gateway the egress apply left
 
 
+def test_the_receipts_with_the_probes_and_events_verify(golden_home: Home, applied: Any) -> None:
+    rc, doc = avm(golden_home, "receipts", "verify")
+    assert rc == 0, doc
+    assert newest(golden_home, "apply")["status"] == "ok"  # the egress apply, checks included
+
+
 def test_the_credential_is_the_gateways_only(
     golden_home: Home, nspawn_vm: str, applied: Any, gw_repo: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -338,5 +344,11 @@ def test_the_credential_is_the_gateways_only(
     sweep = ["grep", "-rlsF", "--exclude-dir=proc", "--exclude-dir=sys", value.decode(), *where]
     as_root = on_host(golden_home, nspawn_vm, *sweep, check=False).split()
     assert as_root == ["/etc/avm/gateway/secrets/gw-upstream-key"]
+    # only leaves go to the host: the egress CA's key stays in the avm home (0600)
+    ca_key = gateway.target_dir(golden_home, nspawn_vm) / "ca" / "ca.key"
+    assert ca_key.stat().st_mode & 0o777 == 0o600
+    body = ca_key.read_text().splitlines()[1]
+    ca_sweep = ["grep", "-rlsF", "--exclude-dir=proc", "--exclude-dir=sys", body, *where]
+    assert on_host(golden_home, nspawn_vm, *ca_sweep, check=False).split() == []
     argv = ["nsenter", "-t", pid, "-m", "--", "setpriv", "--reuid", "agent-gw", "--regid", "agent-gw"]
     assert on_host(golden_home, nspawn_vm, *argv, "--clear-groups", *sweep, check=False).split() == []
