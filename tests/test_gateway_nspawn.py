@@ -14,13 +14,14 @@ from __future__ import annotations
 import base64
 import json
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from controlplane.home import Home
-from controlplane.promote import gateway
+from controlplane.promote import gateway, gatewaycheck
 from controlplane.release import trust as signing
 from controlplane.transport import inventory
 from controlplane.transport.ssh import SshTransport
@@ -176,7 +177,7 @@ def test_the_gateway_stopped_lets_nothing_out_and_restarted_serves_the_same_gene
         assert whats == ["egress gateway unit", "egress policy generation in force"], doc["findings"]
     finally:
         on_host(golden_home, nspawn_vm, "systemctl", "start", "avm-gateway")
-    in_force = gateway.wait_in_force(
+    in_force = gatewaycheck.wait_in_force(
         SshTransport.from_target(inventory.load(golden_home, nspawn_vm)), generation
     )
     assert (in_force["lds"], in_force["cds"]) == (generation, generation)
@@ -245,7 +246,7 @@ def test_a_rejected_egress_update_keeps_the_last_good_generation(
     assert check["ok"] is False
     assert check["detail"].endswith(f"generation {generation} stays in force")
     with SshTransport.from_target(inventory.load(golden_home, nspawn_vm)) as ssh:
-        in_force = gateway.read_in_force(ssh)
+        in_force = gatewaycheck.read_in_force(ssh)
     assert (in_force["lds"], in_force["cds"]) == (generation, generation)
     assert as_agent(golden_home, nspawn_vm, "/v1/messages")["status"] == 200
 
@@ -275,7 +276,7 @@ def test_egress_apply_hot_reloads_without_restarting_the_agent(
     assert after == pid
     assert as_agent(golden_home, nspawn_vm, "/v2/things")["status"] == 200
     with SshTransport.from_target(inventory.load(golden_home, nspawn_vm)) as ssh:
-        in_force = gateway.read_in_force(ssh)
+        in_force = gatewaycheck.read_in_force(ssh)
     assert (in_force["lds"], in_force["cds"]) == (out["to"], out["to"])
     rc, doc = avm(golden_home, "status", "--target", nspawn_vm)
     assert rc == 0, doc  # status compares with the gateway the egress apply left
@@ -352,3 +353,28 @@ def test_the_credential_is_the_gateways_only(
     assert on_host(golden_home, nspawn_vm, *ca_sweep, check=False).split() == []
     argv = ["nsenter", "-t", pid, "-m", "--", "setpriv", "--reuid", "agent-gw", "--regid", "agent-gw"]
     assert on_host(golden_home, nspawn_vm, *argv, "--clear-groups", *sweep, check=False).split() == []
+
+
+def test_a_promotion_without_names_removes_the_gateway_and_its_credentials(
+    golden_home: Home, gw_repo: dict[str, Any], nspawn_vm: str, applied: Any
+) -> None:
+    rc, doc = promote(golden_home, gw_repo, "plain", nspawn_vm, "--apply")
+    assert rc == 0, doc
+    check = next(
+        c
+        for c in receipt_of(golden_home, doc["receipts"]["apply"])["checks"]
+        if c["name"] == "gateway-removed"
+    )
+    assert check["ok"] is True, check
+    assert (
+        on_host(golden_home, nspawn_vm, "systemctl", "is-active", "avm-gateway", check=False).strip()
+        == "inactive"
+    )
+    assert on_host(golden_home, nspawn_vm, "ls", "/etc/avm", check=False).strip() == ""
+    dropin = on_host(golden_home, nspawn_vm, "cat", "/etc/systemd/system/agent-gateway@gw.service.d/avm.conf")
+    assert "BindReadOnlyPaths" not in dropin and "avm-boundary" not in dropin
+    net = inventory.load(golden_home, nspawn_vm).meta["network"]["netns"]
+    listed = subprocess.run(
+        ["ip", "netns", "exec", net, "nft", "list", "tables"], capture_output=True, text=True
+    )
+    assert "avm_boundary" not in listed.stdout and "avm_egress" in listed.stdout

@@ -32,7 +32,7 @@ from controlplane.evidence import step as evidence
 from controlplane.governance import gate as governance_gate
 from controlplane.governance import secrets as secret_store
 from controlplane.home import Home
-from controlplane.promote import enforcement, gateway, hostlock
+from controlplane.promote import enforcement, gateway, gatewaycheck, hostlock
 from controlplane.promote import state as promotestate
 from controlplane.promote.layout import LAYOUT
 from controlplane.transport import inventory
@@ -59,7 +59,7 @@ def _step(
     deadline = time.monotonic() + timeout
     seen: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        seen = gateway.read_in_force(host)
+        seen = gatewaycheck.read_in_force(host)
         if done(seen) or int(seen.get("rejected", 0)) > rejected:
             return seen
         time.sleep(0.05)
@@ -71,7 +71,7 @@ def hot_reload(host: Transport, gw: tier1.Tier1Gateway, blobs: list[gateway.Blob
     Returns what is in force. Raises ``gateway-reload-rejected`` with the old files restored."""
     for path, data, mode, group in blobs:
         gateway.put_file(host, path, data, mode, group)
-    before = gateway.read_in_force(host)
+    before = gatewaycheck.read_in_force(host)
     if "error" in before:
         raise OperationalError("gateway-admin-unreachable", f"the egress gateway's admin: {before['error']}")
     was, rejected = str(before.get("lds")), int(before.get("rejected", 0))
@@ -163,7 +163,7 @@ def run(
                 in_force = hot_reload(host, gw, gateway.blobs(home, target, gw, values, lds_cds=False))
             except OperationalError as exc:
                 if exc.code == "gateway-reload-rejected":
-                    kept = gateway.read_in_force(host)
+                    kept = gatewaycheck.read_in_force(host)
                     step.observe("gateway_in_force_after", kept)
                     step.check(
                         "gateway-reload",
@@ -187,7 +187,7 @@ def run(
                 detail=f"MainPID before {before}, after {after}",
             )
             step.observe("gateway", {**gw.describe(), "in_force": in_force, "restarted": False})
-            failed = gateway.probe(host, gw, profiles, step)
+            failed = gatewaycheck.probe(host, gw, profiles, step)
             step.result.update(
                 {"host_state": prior[1].model_dump(mode="json"), "reload_s": in_force["seconds"]}
             )

@@ -7,7 +7,7 @@ the home's secret store, 0640 root:avm-gateway, never in the plan or the receipt
 ``avm-gateway.service`` under its own user, (re)starts it only when its files changed, reads the
 generation in force from Envoy's admin socket until it is the rendered one, and loads the
 ``inet avm_boundary`` table (nspawn: from the host side, into the VM's namespace).
-``probe`` runs ``hostscripts/gateway_probe.py`` and turns its outcomes into checks.
+The probes, the admin reads and drift are in ``promote.gatewaycheck``.
 
 Per target, ``<home>/egress/<target>/``: ``ca/`` (the egress CA) and an optional
 ``gateway.json``: ``{"upstream_ca": PEM path, "upstreams": {"host:port": [addr, port]}}`` for
@@ -20,9 +20,8 @@ import json
 from collections.abc import Mapping, Sequence
 from importlib.resources import files
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from controlplane import hostscripts
 from controlplane.boundary import tier1
 from controlplane.boundary.ca import EgressCA
 from controlplane.canonical import sha256_digest
@@ -32,15 +31,12 @@ from controlplane.promote.layout import LAYOUT
 if TYPE_CHECKING:
     from controlplane.evidence.step import Step
     from controlplane.home import Home
-    from controlplane.promote.drift import Finding
     from controlplane.release.manifest import Profile
     from controlplane.transport.base import Transport
     from controlplane.transport.inventory import Target
 
 UNIT_FILE = files("controlplane").joinpath("data", tier1.UNIT)
 BOUNDARY_UNIT_FILE = files("controlplane").joinpath("data", tier1.BOUNDARY_UNIT)
-PROBE_TIMEOUT_S = 3.0
-_DENIED = ("errno 1", "errno 13", "errno 113", "timeout")  # EPERM: dropped by netfilter
 
 
 def target_dir(home: Home, target: str) -> Path:
@@ -188,6 +184,8 @@ def install(
     step.command(host.run(["systemctl", "enable", tier1.UNIT], timeout=60).check())
     verb = "restart" if restart else "start"
     step.command(host.run(["systemctl", verb, tier1.UNIT], timeout=60).check())
+    from controlplane.promote.gatewaycheck import wait_in_force
+
     in_force = wait_in_force(host, gw.generation)
     step.observe("gateway", {**gw.describe(), "in_force": in_force, "restarted": restart})
     ok = in_force.get("lds") == gw.generation == in_force.get("cds")
@@ -236,192 +234,33 @@ def load_table(target: Target, host: Transport, script: str, step: Step) -> None
     )
 
 
-def _run_probe(host: Transport, request: dict[str, Any]) -> dict[str, Any]:
-    argv = ["python3", "-c", hostscripts.text("gateway_probe"), json.dumps(request, sort_keys=True)]
-    result = host.run(argv, timeout=120).check(hint="the gateway probe failed on the host")
-    doc: dict[str, Any] = json.loads(result.stdout)
-    return doc
+def remove(target: Target, host: Transport, step: Step) -> None:
+    """No profile lists a name any more: stop and remove the gateway, its files (credentials
+    included) and the boundary table, so a removed policy is not left serving."""
+    from controlplane._internal import netns as nx
+    from controlplane.promote.enforcement import host_network
+    from controlplane.transport.local import LocalTransport
 
-
-def read_in_force(host: Transport) -> dict[str, Any]:
-    """What Envoy's admin reports now (``{"error": ...}`` when it does not answer)."""
-    admin: dict[str, Any] = _run_probe(host, {"admin": str(tier1.ADMIN_SOCKET), "profiles": {}})["admin"]
-    return admin
-
-
-def wait_in_force(host: Transport, generation: str, attempts: int = 40) -> dict[str, Any]:
-    import time
-
-    seen: dict[str, Any] = {}
-    for _ in range(attempts):
-        seen = read_in_force(host)
-        if seen.get("lds") == generation and seen.get("cds") == generation:
-            return seen
-        time.sleep(0.25)
-    return seen
-
-
-def _listed(gw: tier1.Tier1Gateway, profile: str) -> dict[str, Any]:
-    rule = next(r for r in gw.policies[profile].names if not r.wildcard)
-    path = rule.paths[0]
-    path = path.removesuffix("*") + "avm-probe" if path.endswith("/*") else path
-    method = "GET" if "GET" in rule.methods else rule.methods[0]
-    return {"host": rule.host, "port": rule.port, "method": method, "path": path}
-
-
-def probe(host: Transport, gw: tier1.Tier1Gateway, profiles: Sequence[str], step: Step) -> list[str]:
-    """The boundary probed from each profile's sandbox; a check per probe. Returns the failed ones."""
-    chosen = [p for p in profiles if p in gw.addresses]
-    wanted: dict[str, dict[str, Any]] = {
-        p: {"user": LAYOUT.user(p), "listed": _listed(gw, p)} for p in chosen
-    }
-    request = {
-        "admin": str(tier1.ADMIN_SOCKET),
-        "bundle": str(tier1.CA_BUNDLE),
-        "timeout": PROBE_TIMEOUT_S,
-        "profiles": wanted,
-    }
-    doc = _run_probe(host, request)
-    step.observe("gateway_probe", doc)
-    control = doc.get("control", {})
-    failed: list[str] = []
-
-    def check(name: str, ok: bool, detail: str) -> None:
-        step.check(name, ok=ok, detail=detail)
-        if not ok:
-            failed.append(name)
-
-    for p in chosen:
-        got = doc["profiles"].get(p, {})
-        if "error" in got:
-            check(f"egress-probe:{p}", False, str(got["error"]))
-            continue
-        listed, wrong = got["listed"], got["wrong_path"]
-        check(
-            f"egress-listed:{p}",
-            listed.get("resolved") == [gw.addresses[p]] and 200 <= int(listed.get("status") or 0) < 300,
-            f"{wanted[p]['listed']['host']} resolved to {listed.get('resolved')} "
-            f"(listener {gw.addresses[p]}), status {listed.get('status')} {listed.get('error', '')}".strip(),
-        )
-        check(
-            f"egress-wrong-path:{p}",
-            wrong.get("status") == 403 and wrong.get("denied_reason") == "path-not-allowed",
-            f"status {wrong.get('status')}, reason {wrong.get('denied_reason')} {wrong.get('error', '')}",
-        )
-        unlisted = got.get("unlisted") or {}
-        outside = str(control.get("name_resolved", "error"))
-        check(
-            f"egress-unlisted-name:{p}",
-            bool(unlisted)
-            and not outside.startswith("error")
-            and str(unlisted.get("resolved")).startswith("error"),
-            f"{control.get('name')}: {outside} outside the sandbox, {unlisted.get('resolved')} inside",
-        )
-        check(
-            f"egress-direct-ip:{p}",
-            control.get("direct") == "connected" and got.get("direct") in _DENIED,
-            f"{control.get('address')}: {got.get('direct')} (outside the sandbox: {control.get('direct')})",
-        )
-        check(
-            f"egress-dns:{p}",
-            control.get("dns") == "received" and got.get("dns_received") == 0,
-            f"UDP query to {control.get('address')}: {got.get('dns')}, received {got.get('dns_received')} "
-            f"(outside the sandbox: {control.get('dns')})",
-        )
-        check(
-            f"egress-metadata:{p}",
-            got.get("metadata") in (*_DENIED, "errno 101"),
-            f"169.254.169.254:80: {got.get('metadata')}",
-        )
-    return failed
-
-
-def drift_findings(home: Home, target: str, host: Transport, recorded: Mapping[str, Any]) -> list[Finding]:
-    """``avm status``: the gateway against what the apply recorded (``observations.gateway``):
-    its unit not running, a rendered file changed on disk, the generation Envoy's admin reports
-    in force not the recorded one, the egress CA changed. Read-only."""
-    from controlplane.promote.drift import Finding
-
-    out: list[Finding] = []
-    active = host.run(["systemctl", "is-active", tier1.UNIT], timeout=30).stdout.strip()
-    if active != "active":
-        out.append(Finding(where=tier1.UNIT, what="egress gateway unit", expected="active", actual=active))
-    want = dict(recorded.get("files", {}))
-    if want and _changed(host, want):
-        out_ = host.run(["sha256sum", "--", *sorted(want)], timeout=60).stdout
-        have = {
-            ln.split("  ", 1)[1]: "sha256:" + ln.split("  ", 1)[0] for ln in out_.splitlines() if "  " in ln
-        }
-        for path in sorted(p for p in want if have.get(p) != want[p]):
-            what = "egress gateway config" if path.startswith(str(tier1.ETC)) else "egress boundary file"
-            out.append(Finding(where=path, what=what, expected=want[path], actual=have.get(path, "missing")))
-    in_force = read_in_force(host)
-    if (in_force.get("lds"), in_force.get("cds")) != (recorded.get("generation"),) * 2:
-        actual = in_force.get("error") or f"lds {in_force.get('lds')}, cds {in_force.get('cds')}"
-        out.append(
-            Finding(
-                where=f"{tier1.UNIT} admin {tier1.ADMIN_SOCKET}",
-                what="egress policy generation in force",
-                expected=str(recorded.get("generation")),
-                actual=str(actual),
+    units = [tier1.UNIT, tier1.BOUNDARY_UNIT]
+    step.command(host.run(["systemctl", "disable", "--now", *units], timeout=60))
+    files = [str(tier1.ETC), str(tier1.BOUNDARY), *(f"{LAYOUT.unit_dir}/{u}" for u in units)]
+    step.command(host.run(["rm", "-rf", "--", *files], timeout=60).check())
+    step.command(host.run(["systemctl", "daemon-reload"], timeout=60).check())
+    net = host_network(target)
+    delete = ["nft", "delete", "table", "inet", tier1.TABLE]
+    if net is not None:
+        with LocalTransport() as local:
+            local.run(nx.in_netns(net.netns, delete), timeout=15)
+            left = local.run(
+                nx.in_netns(net.netns, ["nft", "list", "table", "inet", tier1.TABLE]), timeout=15
             )
-        )
-    ca = ca_for(home, target).fingerprint
-    if ca != recorded.get("egress_ca"):
-        out.append(
-            Finding(
-                where=str(target_dir(home, target) / "ca"),
-                what="egress CA",
-                expected=str(recorded.get("egress_ca")),
-                actual=ca,
-            )
-        )
-    return out
-
-
-def audit_events(host: Transport, since: str, limit: int = 200) -> list[dict[str, Any]]:
-    """Tier-1 ``egress.denied`` (each, up to ``limit``) and ``egress.allowed`` (a count per
-    profile, destination and policy) from the gateway's access log on the host, since ``since``
-    (ISO 8601 UTC, what the log's ``t`` is). Read as root; the log holds no header values."""
-    from collections import Counter
-
-    from controlplane.boundary import events
-
-    result = host.run(["tail", "-c", str(4 << 20), str(tier1.ACCESS_LOG)], timeout=60)
-    if not result.ok:
-        return []
-    seen = [
-        e
-        for e in map(events.parse_line, result.stdout.splitlines())
-        if e is not None and e.identity.startswith("profile:") and e.t >= since
-    ]
-    out: list[dict[str, Any]] = [
-        {
-            "type": "egress.denied",
-            "profile": e.identity.removeprefix("profile:"),
-            "host": e.host,
-            "method": e.method,
-            "path": e.path,
-            "code": e.code,
-            "reason": e.reason,
-            "policy": e.policy,
-        }
-        for e in seen
-        if e.event == "egress.denied"
-    ][:limit]
-    allowed = Counter(
-        (e.identity.removeprefix("profile:"), f"{e.method} {e.host}", e.policy)
-        for e in seen
-        if e.event == "egress.allowed"
+    else:
+        host.run(delete, timeout=30)
+        left = host.run(["nft", "list", "table", "inet", tier1.TABLE], timeout=30)
+    gone = not host.run(["test", "-e", str(tier1.ETC)], timeout=30).ok
+    step.check(
+        "gateway-removed",
+        ok=gone and not left.ok,
+        detail=f"{tier1.UNIT} disabled; {tier1.ETC} {'removed' if gone else 'STILL THERE'}; "
+        f"table inet {tier1.TABLE} {'still loaded' if left.ok else 'deleted'}",
     )
-    for (profile, destination, policy), count in sorted(allowed.items()):
-        out.append(
-            {
-                "type": "egress.allowed",
-                "profile": profile,
-                "destination": destination,
-                "count": count,
-                "policy": policy,
-            }
-        )
-    return out

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from controlplane._internal.progress import Progress, quiet
+from controlplane.boundary import tier1
 from controlplane.errors import AvmError, OperationalError, RefusedError
 from controlplane.evidence import step as evidence
 from controlplane.governance import controls as governance
@@ -22,7 +23,17 @@ from controlplane.governance import gate as governance_gate
 from controlplane.governance import secrets as secret_store
 from controlplane.home import Home
 from controlplane.ids import CommitSha, parse_profile
-from controlplane.promote import enforcement, facts, gateway, hostlock, hostops, plan, render, unitcheck
+from controlplane.promote import (
+    enforcement,
+    facts,
+    gateway,
+    gatewaycheck,
+    hostlock,
+    hostops,
+    plan,
+    render,
+    unitcheck,
+)
 from controlplane.promote import state as promotestate
 from controlplane.promote.apply import apply_plan, capture_previous
 from controlplane.promote.layout import LAYOUT
@@ -292,11 +303,14 @@ def _apply(
             gateway_values = credentials.pop(GATEWAY_KEY, {})
             if material.gateway is not None:
                 _install_gateway(home, the_target, host, material, gateway_values, step, progress)
+            elif host.run(["test", "-e", str(tier1.ETC)], timeout=30).ok:
+                gateway.remove(the_target, host, step)  # no name listed any more
+                progress("egress gateway removed: no profile lists a name")
             outcome = apply_plan(host, result.plan, material, previous, step, progress, credentials)
             result.applied = True
             refused = _observe_controls(host, result, outcome.healthy, step, progress)
             failed_probes = (
-                gateway.probe(host, material.gateway, outcome.healthy, step) if material.gateway else []
+                gatewaycheck.probe(host, material.gateway, outcome.healthy, step) if material.gateway else []
             )
             for name in failed_probes:
                 progress(f"boundary probe failed: {name}")

@@ -17,7 +17,7 @@ from controlplane.evidence import reader as auditlog
 from controlplane.evidence import step as evidence
 from controlplane.evidence.receipt import Statement
 from controlplane.home import Home
-from controlplane.promote import drift, enforcement, gateway
+from controlplane.promote import drift, enforcement, gatewaycheck
 from controlplane.promote import events as auditevents
 from controlplane.promote.drift import DriftReport, find_drift
 from controlplane.promote.facts import gather
@@ -63,10 +63,12 @@ def check(home: Home, target: str) -> DriftReport:
                 step.event(event.pop("type"), **event)
             recorded_gw = _recorded_gateway(home, receipt_id) if kind == "apply" else None
             gw_findings = (
-                gateway.drift_findings(home, target, host, recorded_gw) if recorded_gw is not None else []
+                gatewaycheck.drift_findings(home, target, host, recorded_gw)
+                if recorded_gw is not None
+                else []
             )
             # the egress gateway's audit events since that receipt (its access log, read as root)
-            for event in gateway.audit_events(host, since) if recorded_gw is not None else []:
+            for event in gatewaycheck.audit_events(host, since) if recorded_gw is not None else []:
                 step.event(event.pop("type"), **event)
         if isinstance(expected, DesiredState):
             report = find_drift(target, expected, facts, receipt_id, notes=notes)

@@ -67,13 +67,14 @@ def gw_repo(tmp_path_factory: pytest.TempPathFactory, golden_home: Home) -> dict
         ("l3", _manifest("L3", canary=True)),
         ("l3-leak", _manifest("L3", canary=True, secrets={"API_KEY": REF})),
         ("wider", _manifest(egress=[{**NAME_ENTRY, "paths": ["/v1/*", "/v2/*"]}])),
+        ("plain", _manifest(egress=[])),
     ):
         (path / "avm.yaml").write_text(text)
         commits[name] = _commit(path, name)
     key_dir = root / "release-key"
     _, key, pub = signing.release_init(key_dir, PASSWORD)
     signing.trust_release_key(golden_home, pub, "release")
-    for name in ("good", "l3", "l3-leak", "wider"):
+    for name in ("good", "l3", "l3-leak", "wider", "plain"):
         signing.sign_release(golden_home, path, commits[name], key, PASSWORD)
     value = b"gwkey-" + os.urandom(20).hex().encode()
     secrets.put(golden_home, REF, value)
