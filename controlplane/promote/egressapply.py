@@ -40,14 +40,13 @@ from controlplane.transport.base import Transport
 
 
 def _main_pids(host: Transport, profiles: list[str]) -> dict[str, str]:
-    units = [LAYOUT.unit_name(p) for p in profiles]
+    units = {LAYOUT.unit_name(p): p for p in profiles}
     out = host.run(["systemctl", "show", "-p", "Id,MainPID", *units], timeout=30).stdout
     found: dict[str, str] = {}
     for block in out.strip().split("\n\n"):
         props = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
-        found[props.get("Id", "").removeprefix("agent-gateway@").removesuffix(".service")] = props.get(
-            "MainPID", ""
-        )
+        if props.get("Id") in units:
+            found[units[props["Id"]]] = props.get("MainPID", "")
     return found
 
 
