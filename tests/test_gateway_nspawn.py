@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -37,6 +38,7 @@ from tests.plugins.tier1gw import (
     promote,
     receipt_of,
 )
+from tests.plugins.vms import AVM
 
 
 def test_a_wildcard_alone_is_refused_before_signing_at_exit_64(
@@ -280,6 +282,42 @@ def test_egress_apply_hot_reloads_without_restarting_the_agent(
     assert (in_force["lds"], in_force["cds"]) == (out["to"], out["to"])
     rc, doc = avm(golden_home, "status", "--target", nspawn_vm)
     assert rc == 0, doc  # status compares with the gateway the egress apply left
+
+
+def test_egress_log_shows_the_gateways_events_and_follows_new_ones(golden_home: Home, nspawn_vm: str) -> None:
+    rc, doc = avm(golden_home, "egress", "log", "--target", nspawn_vm)
+    assert rc == 0, doc
+    v2 = [
+        (e["event"], e["code"], e["reason"], e["profile"]) for e in doc["events"] if e["path"] == "/v2/things"
+    ]
+    # denied under the first policy, allowed after the hot reload
+    assert v2 == [("egress.denied", 403, "path-not-allowed", "gw"), ("egress.allowed", 200, "allowed", "gw")]
+    argv = [
+        *AVM,
+        "--home",
+        str(golden_home.root),
+        "--json",
+        "egress",
+        "log",
+        "--target",
+        nspawn_vm,
+        "--follow",
+    ]
+    follow = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, text=True, env={**os.environ, "AVM_HOME": str(golden_home.root)}
+    )
+    try:
+        assert as_agent(golden_home, nspawn_vm, "/v1/followed")["status"] == 200
+        assert follow.stdout is not None
+        seen = []
+        for line in follow.stdout:  # the last events first, then the new one as it is logged
+            seen.append(json.loads(line))
+            if seen[-1]["path"] == "/v1/followed":
+                break
+        assert (seen[-1]["event"], seen[-1]["code"]) == ("egress.allowed", 200)
+    finally:
+        follow.kill()
+        follow.wait()
 
 
 def test_the_receipts_with_the_probes_and_events_verify(golden_home: Home, applied: Any) -> None:

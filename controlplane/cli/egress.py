@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,43 @@ def apply(app: AppContext, repo: Path, ref: str, target: str, apply: bool) -> No
         click.echo("receipts: " + ", ".join(f"{k} #{v}" for k, v in doc["receipts"].items()))
 
     app.emit(out, human)
+
+
+@egress.command("log")
+@click.option("--target", required=True, help="Inventory name of the host or VM.")
+@click.option("--follow", is_flag=True, help="Keep printing new events (every second) until interrupted.")
+@pass_app
+def log(app: AppContext, target: str, follow: bool) -> None:
+    """The gateway's egress.allowed / egress.denied events on a Tier-1 host (its access log).
+
+    \b
+    One line per request: time, event, profile, method host path, code, reason, policy
+    generation (the last 200 without --follow). With --json: one document {target, events};
+    with --json --follow, one JSON document per event, one per line.
+    """
+    import json
+    import time
+
+    from controlplane.promote import gatewaycheck
+    from controlplane.transport import connect, inventory
+
+    with connect(inventory.load(app.home, target)) as host:
+        offset: int | None = None
+        while True:
+            seen, offset = gatewaycheck.read_log(host, offset)
+            if not follow:
+                text = "\n".join(_line(e) for e in seen) or "no egress events"
+                app.emit({"target": target, "events": seen}, text)
+                return
+            for e in seen:
+                click.echo(json.dumps(e, sort_keys=True) if app.json else _line(e))
+            sys.stdout.flush()
+            time.sleep(1.0)
+
+
+def _line(e: dict[str, Any]) -> str:
+    what = f"{e['method']} {e['host']}{e['path']}"
+    return f"{e['t']} {e['event']:<14} {e['profile']} {what} {e['code']} {e['reason']} {e['policy'][:19]}"
 
 
 commands = [egress]

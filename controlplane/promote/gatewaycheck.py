@@ -212,3 +212,24 @@ def audit_events(host: Transport, since: str, limit: int = 200) -> list[dict[str
             }
         )
     return out
+
+
+def read_log(host: Transport, offset: int | None = None, tail: int = 200) -> tuple[list[dict[str, Any]], int]:
+    """The gateway's Tier-1 events from byte ``offset`` of its access log (None: the last
+    ``tail`` ones), and the offset to read on from. One ``tail``/``wc`` round trip."""
+    from controlplane.boundary import events
+
+    log = str(tier1.ACCESS_LOG)
+    size_out = host.run(["stat", "-c", "%s", log], timeout=30)
+    size = int(size_out.stdout.strip()) if size_out.ok and size_out.stdout.strip().isdigit() else 0
+    start = max(0, size - (1 << 20)) if offset is None else min(offset, size)
+    if size <= start:
+        return [], size
+    chunk = host.run(["tail", "-c", f"+{start + 1}", log], timeout=60).stdout
+    complete, _, _ = chunk.rpartition("\n")  # a line still being written is read next time
+    seen = [
+        e.to_dict() | {"profile": e.identity.removeprefix("profile:")}
+        for e in map(events.parse_line, complete.splitlines())
+        if e is not None and e.identity.startswith("profile:")
+    ]
+    return (seen[-tail:] if offset is None else seen), start + len(complete.encode()) + (1 if complete else 0)
