@@ -16,6 +16,7 @@ import json
 import os
 import re
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -306,6 +307,8 @@ def test_egress_log_shows_the_gateways_events_and_follows_new_ones(golden_home: 
     follow = subprocess.Popen(
         argv, stdout=subprocess.PIPE, text=True, env={**os.environ, "AVM_HOME": str(golden_home.root)}
     )
+    guard = threading.Timer(120, follow.kill)  # never hang: a killed follower ends the loop below
+    guard.start()
     try:
         assert as_agent(golden_home, nspawn_vm, "/v1/followed")["status"] == 200
         assert follow.stdout is not None
@@ -316,6 +319,7 @@ def test_egress_log_shows_the_gateways_events_and_follows_new_ones(golden_home: 
                 break
         assert (seen[-1]["event"], seen[-1]["code"]) == ("egress.allowed", 200)
     finally:
+        guard.cancel()
         follow.kill()
         follow.wait()
 
