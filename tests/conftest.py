@@ -11,4 +11,5 @@ pytest_plugins = [
     "tests.plugins.agentrepo",
     "tests.plugins.jobimages",
     "tests.plugins.boundarynet",
+    "tests.plugins.tier1gw",
 ]

@@ -166,7 +166,7 @@ def test_allowlisted_job_reaches_a_listed_name_with_the_credential_injected(
     # the job's listener went with the job, and with the last listener the gateway itself
     assert json.loads((tmp_path / "gw" / "state.json").read_text()) == {"listeners": {}, "pid": None}
     assert list((tmp_path / "gw" / "secrets").iterdir()) == []  # the credential left with the job
-    bootstrap = str(tmp_path / "gw" / "xds" / "bootstrap.yaml")
+    bootstrap = str(tmp_path / "gw" / "xds" / "bootstrap.json")
     assert [p for p in Path("/proc").glob("[0-9]*") if bootstrap in _cmdline(p)] == []
 
 

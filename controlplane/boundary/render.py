@@ -349,6 +349,12 @@ def _sds(ref: str, value_file: Path) -> dict[str, Any]:
     }
 
 
+def dump(doc: Mapping[str, Any]) -> bytes:
+    """A document's file bytes. JSON, not YAML: Envoy parses a 50-listener LDS file several times
+    faster, and every file ``documents`` names ends in ``.json``."""
+    return json.dumps(dict(doc), sort_keys=True, indent=1).encode()
+
+
 def documents(rendered: Rendered) -> dict[str, dict[str, Any]]:
     """Every file of a rendering, by path relative to the xDS directory (bootstrap included)."""
     out = {"bootstrap.json": rendered.bootstrap, "cds.json": rendered.cds, "lds.json": rendered.lds}

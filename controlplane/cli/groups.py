@@ -21,6 +21,7 @@ MODULES = (
     "approve",
     "tiers",  # tiers show
     "secrets",  # secrets put
+    "egress",  # egress apply
 )
 
 

@@ -32,12 +32,12 @@ EVENT_TYPES: dict[str, tuple[str, str]] = {
     "tool.denied": ("gateway via journal -> avm status receipt", "profile, tool, reason"),
     "gateway.refused": ("gateway via journal -> avm status receipt", "profile, reason (invalid policy)"),
     "egress.denied": (
-        "avm job run (job receipt)",
+        "avm job run (job receipt); avm status (Tier-1 gateway access log)",
         "destination, packets (nftables counter / log); by name: host, method, path, code, reason, policy",
     ),
     "egress.allowed": (
-        "avm job run (job receipt)",
-        "job, destination (method host), count, policy (gateway log)",
+        "avm job run (job receipt); avm status (Tier-1 gateway access log)",
+        "job or profile, destination (method host), count, policy (gateway log)",
     ),
 }
 

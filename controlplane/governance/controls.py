@@ -60,6 +60,8 @@ class Evidence:
     drill: Drill | None = None
     tier2: bool | None = None
     dedicated_vm: bool | None = None
+    # secrets: entries (env name -> ref) whose ref is also an egress credential: the agent gets it
+    bound_secrets: dict[str, str] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +139,18 @@ def _dedicated_vm(tier: tiers.Tier, ev: Evidence) -> str | None:
     return None if ev.dedicated_vm else _unchecked("a Tier-1 host is shared by profiles")
 
 
+def _credentials_at_boundary(tier: tiers.Tier, ev: Evidence) -> str | None:
+    if ev.bound_secrets is None:
+        return _unchecked("secrets not compared with the egress credentials")
+    return (
+        "; ".join(
+            f"secret {k} ({ref}) is injected by the gateway and also handed to the agent"
+            for k, ref in sorted(ev.bound_secrets.items())
+        )
+        or None
+    )
+
+
 # One check per control: why the control fails for the evidence (None if it passes). A test keeps
 # the keys equal to ``tiers.Control`` and to the controls tiers.yaml names.
 CHECKS: dict[str, Callable[[tiers.Tier, Evidence], str | None]] = {
@@ -150,6 +164,7 @@ CHECKS: dict[str, Callable[[tiers.Tier, Evidence], str | None]] = {
     "rollback-drill": _rollback_drill,
     "tier2-only": _tier2_only,
     "dedicated-vm": _dedicated_vm,
+    "credentials-at-boundary": _credentials_at_boundary,
 }
 
 
@@ -230,6 +245,7 @@ def profile_evidence(
         drill=drill,
         tier2=False,
         dedicated_vm=None,
+        bound_secrets={k: ref for k, ref in profile.secrets.items() if ref in profile.bound_refs},
     )
 
 
@@ -251,6 +267,7 @@ def job_evidence(spec: JobSpec, *, image_signature: bool | None, approvers: int 
         approvers=approvers,
         tier2=True,
         dedicated_vm=True,
+        bound_secrets={},  # a job's credentials are only ever the gateway's (jobs.gateway)
     )
 
 

@@ -34,6 +34,7 @@ Control = Literal[
     "rollback-drill",
     "tier2-only",
     "dedicated-vm",
+    "credentials-at-boundary",
 ]
 
 # What each control checks, in words (for `avm tiers show` and docs/governance.md).
@@ -51,6 +52,10 @@ CONTROLS: dict[str, str] = {
     "rollback-drill": "a rollback on this target succeeded in <= max_minutes within the last within_days",
     "tier2-only": "runs only as an ephemeral Tier-2 microVM job, never as a resident Tier-1 service",
     "dedicated-vm": "runs in a VM of its own (each Tier-2 job's microVM is one)",
+    "credentials-at-boundary": (
+        "a credential bound to a destination (an egress entry's credential) is injected by the "
+        "gateway and never reaches the agent (not also under secrets:)"
+    ),
 }
 
 

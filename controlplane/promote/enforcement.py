@@ -266,6 +266,11 @@ def install_host_side(target: Target, host: Transport, material: Material, step:
         )
 
 
+def host_uids(host: Transport, users: Sequence[str]) -> dict[str, int]:
+    """user -> uid of those of ``users`` that exist on the host."""
+    return _uids(host, users)
+
+
 def _uids(host: Transport, users: Sequence[str]) -> dict[str, int]:
     """user -> uid for those of ``users`` that exist on the host (one ``getent`` round trip)."""
     result = host.run(["getent", "passwd", *users], timeout=30)  # rc 2 when one is missing

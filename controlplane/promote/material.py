@@ -8,10 +8,14 @@ are never part of material: only references, resolved at apply time.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from controlplane.canonical import sha256_digest
 from controlplane.ids import CommitSha, Digest
 from controlplane.promote.plan import DesiredProfile, DesiredState
+
+if TYPE_CHECKING:
+    from controlplane.boundary.tier1 import Tier1Gateway
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +55,8 @@ class Material:
     unit: bytes
     releases: dict[str, ReleaseMaterial]
     profiles: tuple[ProfileMaterial, ...]
+    # the host's egress gateway (None: no profile lists a name); its digest is in the drop-ins
+    gateway: Tier1Gateway | None = None
 
     def profile(self, name: str) -> ProfileMaterial:
         return next(p for p in self.profiles if p.name == name)

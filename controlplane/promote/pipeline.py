@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from controlplane._internal.progress import Progress, quiet
+from controlplane.boundary import tier1
 from controlplane.errors import AvmError, OperationalError, RefusedError
 from controlplane.evidence import step as evidence
 from controlplane.governance import controls as governance
@@ -22,9 +23,20 @@ from controlplane.governance import gate as governance_gate
 from controlplane.governance import secrets as secret_store
 from controlplane.home import Home
 from controlplane.ids import CommitSha, parse_profile
-from controlplane.promote import enforcement, facts, hostlock, hostops, plan, render, unitcheck
+from controlplane.promote import (
+    enforcement,
+    facts,
+    gateway,
+    gatewaycheck,
+    hostlock,
+    hostops,
+    plan,
+    render,
+    unitcheck,
+)
 from controlplane.promote import state as promotestate
 from controlplane.promote.apply import apply_plan, capture_previous
+from controlplane.promote.layout import LAYOUT
 from controlplane.promote.material import Material, ReleaseMaterial
 from controlplane.release.manifest import ReleaseManifest
 from controlplane.transport import inventory
@@ -139,11 +151,17 @@ def _refuse_unsafe_host(target: str, sha: str, desired: plan.DesiredState, seen:
 
 def _secret_values(home: Home, material: Material) -> dict[str, dict[str, bytes]]:
     """Resolve every secret reference before the host is touched (fail closed)."""
-    return {
+    values = {
         p.name: {name: secret_store.resolve(home, ref) for name, ref in p.secret_refs}
         for p in material.profiles
         if p.secret_refs
     }
+    if material.gateway is not None:  # the gateway's, by ref (never an agent's credential)
+        values[GATEWAY_KEY] = {ref: secret_store.resolve(home, ref) for ref in material.gateway.refs}
+    return values
+
+
+GATEWAY_KEY = "\0gateway"  # not a profile name: the gateway's credential values in _secret_values
 
 
 def run(
@@ -181,7 +199,10 @@ def run(
                 + ", ".join(f"{p} {t}" for p, t in sorted(profile_tiers.items()))
                 + " (controls ok)"
             )
-            material = render.material(verified.manifest, verified.release, profiles=profiles)
+            gw = gateway.prepare(home, target, verified.manifest.profiles)
+            material = render.material(verified.manifest, verified.release, profiles=profiles, gateway=gw)
+            if gw is not None:
+                step.observe("gateway", gw.describe())
             host = connection.enter_context(_connect(home, target))
             desired = material.desired()
             names = [p.name for p in material.profiles]
@@ -277,10 +298,22 @@ def _apply(
                         version=secret_store.version(home, ref),
                     )
             # where egress is enforced outside the VM (nspawn), the rules go in before any restart
-            enforcement.install_host_side(inventory.load(home, result.target), host, material, step)
+            the_target = inventory.load(home, result.target)
+            enforcement.install_host_side(the_target, host, material, step)
+            gateway_values = credentials.pop(GATEWAY_KEY, {})
+            if material.gateway is not None:
+                _install_gateway(home, the_target, host, material, gateway_values, step, progress)
+            elif host.run(["test", "-e", str(tier1.ETC)], timeout=30).ok:
+                gateway.remove(the_target, host, step)  # no name listed any more
+                progress("egress gateway removed: no profile lists a name")
             outcome = apply_plan(host, result.plan, material, previous, step, progress, credentials)
             result.applied = True
             refused = _observe_controls(host, result, outcome.healthy, step, progress)
+            failed_probes = (
+                gatewaycheck.probe(host, material.gateway, outcome.healthy, step) if material.gateway else []
+            )
+            for name in failed_probes:
+                progress(f"boundary probe failed: {name}")
             result.healthy, result.rolled_back, result.skipped = (
                 outcome.healthy,
                 outcome.rolled_back,
@@ -300,6 +333,13 @@ def _apply(
         result.receipts["apply"] = step.receipt_id or ""
     if refused:
         raise governance.refuse(refused)
+    if failed_probes:
+        raise OperationalError(
+            "egress-probe-failed",
+            f"the egress boundary was not observed in force: {', '.join(failed_probes)}",
+            hint=f"`avm receipts show {result.receipts['apply']}` has each probe's outcome",
+            details={"failed": failed_probes},
+        )
     if not outcome.ok:
         raise OperationalError(
             "apply-unhealthy",
@@ -308,6 +348,30 @@ def _apply(
             hint=f"`avm receipts show {result.receipts['apply']}` has the failure and the rollback",
             details={"rolled_back": outcome.rolled_back, "skipped": outcome.skipped},
         )
+
+
+def _install_gateway(
+    home: Home,
+    target: inventory.Target,
+    host: Transport,
+    material: Material,
+    values: dict[str, bytes],
+    step: evidence.Step,
+    progress: Progress,
+) -> None:
+    """The gateway and the boundary table, before any agent restarts (they bind its files)."""
+    assert material.gateway is not None
+    for ref in material.gateway.refs:
+        step.event("secret.load", profile="avm-gateway", ref=ref, version=secret_store.version(home, ref))
+    gw = material.gateway
+    # every profile of the manifest gets its chain in the boundary table, restarted now or not
+    names = sorted({p.name for p in material.profiles} | set(gw.ip_rules))
+    for name in names:
+        step.command(hostops.ensure_user(host, name))
+    uids = enforcement.host_uids(host, [LAYOUT.user(n) for n in names])
+    rules = {**gw.ip_rules, **{p.name: p.egress for p in material.profiles}}
+    gateway.install(home, target, host, gw, values, {n: uids[LAYOUT.user(n)] for n in names}, rules, step)
+    progress(f"egress gateway {material.gateway.generation[:19]} in force (admin)")
 
 
 def _observe_controls(

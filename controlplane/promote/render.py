@@ -11,12 +11,16 @@ import json
 from collections.abc import Iterable, Sequence
 from importlib.resources import files
 from importlib.resources.abc import Traversable
+from typing import TYPE_CHECKING
 
 from controlplane.canonical import canonical_bytes
 from controlplane.errors import OperationalError
 from controlplane.promote.layout import LAYOUT, UNIT_TEMPLATE_NAME
 from controlplane.promote.material import HealthCheck, Material, ProfileMaterial, ReleaseMaterial
 from controlplane.release.manifest import Profile, ReleaseManifest
+
+if TYPE_CHECKING:
+    from controlplane.boundary.tier1 import Tier1Gateway
 
 # package data; ``units/agent-gateway@.service`` at the top of the source tree is a symlink to it
 UNIT_FILE: Traversable = files("controlplane").joinpath("data", UNIT_TEMPLATE_NAME)
@@ -56,18 +60,24 @@ def policy_file(profile: Profile) -> bytes:
     schema hashes to exactly that value, and refuses to serve at all if this file is invalid.
     """
     allow = [{"name": t.name, "schema_sha256": t.schema_sha256} for t in profile.tools]
+    egress: dict[str, object] = {"default": "deny", "allow": [r.model_dump() for r in profile.egress]}
+    if profile.egress_names.names:  # by name, through the gateway (credential refs, never values)
+        egress["names"] = profile.egress_names.model_dump(mode="json")["names"]
     return canonical_bytes(
         {
             "version": POLICY_VERSION,
             "profile": profile.name,
             "risk_tier": profile.risk_tier,
             "tools": {"default": "deny", "allow": sorted(allow, key=lambda t: t["name"])},
-            "egress": {"default": "deny", "allow": [r.model_dump() for r in profile.egress]},
+            "egress": egress,
         }
     )
 
 
-def dropin(profile: Profile) -> bytes:
+def dropin(profile: Profile, gateway: Tier1Gateway | None = None) -> bytes:
+    """The unit drop-in. With a gateway, the boundary's lines too (``tier1.dropin_lines``).
+    Credentials the gateway injects are in ``egress:`` entries, not ``secrets:``: they never
+    become a LoadCredential= (``credentials-at-boundary`` refuses a profile that lists both)."""
     lines = [
         f"# written by avm for profile {profile.name}",
         "[Service]",
@@ -82,6 +92,10 @@ def dropin(profile: Profile) -> bytes:
         lines.append("IPAddressAllow=" + " ".join(hosts))
     for name in sorted(profile.secrets):
         lines.append(f"LoadCredential={name}:{CREDENTIALS}/{profile.name}/{name}")
+    if gateway is not None:
+        from controlplane.boundary.tier1 import dropin_lines
+
+        lines += dropin_lines(gateway, profile.name)
     return ("\n".join(lines) + "\n").encode()
 
 
@@ -91,8 +105,10 @@ def material(
     *,
     profiles: Sequence[str] = (),
     others: Iterable[ReleaseMaterial] = (),
+    gateway: Tier1Gateway | None = None,
 ) -> Material:
-    """Material for promoting ``release`` to ``profiles`` (all declared ones if empty)."""
+    """Material for promoting ``release`` to ``profiles`` (all declared ones if empty), with the
+    host's egress gateway when a profile lists names (``promote.gateway.prepare``)."""
     chosen = [manifest.profile(p) for p in profiles] if profiles else list(manifest.profiles)
     rendered = tuple(
         ProfileMaterial(
@@ -100,7 +116,7 @@ def material(
             release=release.sha,
             env=env_file(p),
             policy=policy_file(p),
-            dropin=dropin(p),
+            dropin=dropin(p, gateway),
             health=HealthCheck(port=p.health.port, path=p.health.path, timeout_s=p.health.timeout_s),
             canary=p.canary,
             soak_s=manifest.soak_s,
@@ -110,7 +126,7 @@ def material(
         for p in chosen
     )
     releases = {release.sha: release, **{r.sha: r for r in others}}
-    return Material(unit=unit_template(), releases=releases, profiles=rendered)
+    return Material(unit=unit_template(), releases=releases, profiles=rendered, gateway=gateway)
 
 
 def describe(material_: Material) -> dict[str, object]:

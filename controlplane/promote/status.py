@@ -17,7 +17,7 @@ from controlplane.evidence import reader as auditlog
 from controlplane.evidence import step as evidence
 from controlplane.evidence.receipt import Statement
 from controlplane.home import Home
-from controlplane.promote import drift, enforcement
+from controlplane.promote import drift, enforcement, gatewaycheck
 from controlplane.promote import events as auditevents
 from controlplane.promote.drift import DriftReport, find_drift
 from controlplane.promote.facts import gather
@@ -61,6 +61,15 @@ def check(home: Home, target: str) -> DriftReport:
             since = _receipt_started(home, receipt_id)
             for event in auditevents.gateway_events(host, names, since):
                 step.event(event.pop("type"), **event)
+            recorded_gw = _recorded_gateway(home, receipt_id) if kind == "apply" else None
+            gw_findings = (
+                gatewaycheck.drift_findings(home, target, host, recorded_gw)
+                if recorded_gw is not None
+                else []
+            )
+            # the egress gateway's audit events since that receipt (its access log, read as root)
+            for event in gatewaycheck.audit_events(host, since) if recorded_gw is not None else []:
+                step.event(event.pop("type"), **event)
         if isinstance(expected, DesiredState):
             report = find_drift(target, expected, facts, receipt_id, notes=notes)
         else:
@@ -72,7 +81,7 @@ def check(home: Home, target: str) -> DriftReport:
             step.observe("host_side_egress_rules", rules)
         report = report.model_copy(
             update={
-                "findings": (*report.findings, *extra, *rule_findings),
+                "findings": (*report.findings, *extra, *rule_findings, *gw_findings),
                 "controls": {name: obs.summary() for name, obs in observed.items()},
             }
         )
@@ -151,3 +160,13 @@ def _recorded_controls(home: Home, receipt_id: str) -> dict[str, Any]:
     result = open_receipt(ledger.read(home.receipts, int(receipt_id)))[2].predicate.result
     controls = result.get("controls", {})
     return controls if isinstance(controls, dict) else {}
+
+
+def _recorded_gateway(home: Home, receipt_id: str) -> dict[str, Any] | None:
+    """The egress gateway the apply installed and saw in force (None: it installed none)."""
+    from controlplane.evidence import ledger
+    from controlplane.evidence.receipt import open_receipt
+
+    observed = open_receipt(ledger.read(home.receipts, int(receipt_id)))[2].predicate.observations
+    found = observed.get("gateway")
+    return found if isinstance(found, dict) else None

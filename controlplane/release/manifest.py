@@ -27,9 +27,12 @@ import ipaddress
 import re
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, GetJsonSchemaHandler, field_validator, model_validator
+from pydantic.json_schema import JsonSchemaValue, SkipJsonSchema
+from pydantic_core import CoreSchema
 
 from controlplane._internal.loading import Frozen, parse_yaml, validate
+from controlplane.boundary.policy import EgressPolicy, NameRule, parse_policy
 from controlplane.errors import UsageError
 from controlplane.governance.secretscan import scan_env
 from controlplane.ids import ProfileName, RiskTier, pattern_validator
@@ -60,6 +63,19 @@ class EgressRule(Frozen):
     def _ip_or_cidr(cls, value: str) -> str:
         ipaddress.ip_network(value, strict=False)  # systemd's IPAddressAllow takes addresses only
         return value
+
+
+def _is_name_entry(entry: object) -> bool:
+    """An ``egress:`` entry by name (the gateway's) rather than an IP/CIDR rule (nftables')."""
+    if not isinstance(entry, dict):
+        return False
+    if {"methods", "paths", "credential"} & entry.keys():
+        return True
+    try:
+        ipaddress.ip_network(str(entry.get("host", "")), strict=False)
+    except ValueError:
+        return True
+    return False
 
 
 class McpTool(Frozen):
@@ -95,8 +111,44 @@ class Profile(Frozen):
     secrets: dict[EnvKey, SecretRef] = {}
     tools: list[McpTool] = []
     egress: list[EgressRule] = []
+    # egress entries by name ({host, port, methods, paths, credential}) from the same `egress:`
+    # list, validated by the boundary's one policy model; IP/CIDR entries stay in ``egress``
+    egress_names: SkipJsonSchema[EgressPolicy] = EgressPolicy()
     limits: Limits = Limits()
     health: Health
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        """avm.yaml's ``egress:`` items are IP rules or entries by name (``NameRule``)."""
+        schema = handler(core)
+        target = handler.resolve_ref_schema(schema)
+        by_name = handler(NameRule.__pydantic_core_schema__)
+        items = target["properties"]["egress"]["items"]
+        target["properties"]["egress"]["items"] = {"anyOf": [items, by_name]}
+        return schema
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_egress(cls, raw: object) -> object:
+        if not isinstance(raw, dict):
+            return raw
+        if "egress_names" in raw:
+            raise ValueError("egress_names is not a key of avm.yaml: list names under egress:")
+        entries = raw.get("egress")
+        if not isinstance(entries, list):
+            return raw
+        names = [e for e in entries if _is_name_entry(e)]
+        source = f"profile {raw.get('name')!s} egress"
+        return {
+            **raw,
+            "egress": [e for e in entries if not _is_name_entry(e)],
+            "egress_names": parse_policy(names, source=source),
+        }
+
+    @property
+    def bound_refs(self) -> frozenset[str]:
+        """The secret refs the gateway injects for this profile: bound to a destination."""
+        return frozenset(r.credential.ref for r in self.egress_names.names if r.credential)
 
     @field_validator("env")
     @classmethod

@@ -1,0 +1,81 @@
+"""The Tier-1 gateway's pure parts: listener addresses per profile, and avm.yaml's egress entries
+by name (validated by the boundary's policy model when the manifest is parsed: exit 64)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+import yaml
+
+from controlplane.boundary import tier1
+from controlplane.errors import UsageError
+from controlplane.release.manifest import EgressRule, parse_manifest
+
+NAME = {"host": "api.example.com", "methods": ["POST"], "paths": ["/v1/messages"]}
+
+
+def _manifest(egress: list[object], **extra: object) -> bytes:
+    profile = {
+        "name": "web",
+        "risk_tier": "L1",
+        "entrypoint": ["python3", "agent.py"],
+        "egress": egress,
+        "health": {"port": 18082},
+        **extra,
+    }
+    return yaml.safe_dump({"profiles": [profile]}).encode()
+
+
+def test_a_profile_keeps_its_listener_address_when_other_profiles_come_and_go() -> None:
+    alone = tier1.addresses(["web"])
+    others = [f"p{i}" for i in range(200)]
+    # without the previous assignment a newcomer may hash onto web's address (this one does)
+    assert tier1.addresses(["web", *others])["web"] != alone["web"]
+    crowd = tier1.addresses(["web", *others], {"web": str(alone["web"])})
+    assert crowd["web"] == alone["web"]
+    assert len(set(crowd.values())) == 201  # collisions move to the next free address
+    fewer = tier1.addresses(["web", *others[:50]], {k: str(v) for k, v in crowd.items()})
+    assert fewer == {k: v for k, v in crowd.items() if k in fewer}
+    assert all(
+        a in ipaddress.IPv4Network("127.100.0.0/24") and a.packed[-1] not in (0, 255) for a in crowd.values()
+    )
+
+
+def test_ip_rules_and_names_are_split_from_one_egress_list() -> None:
+    cred = {"header": "x-api-key", "ref": "secret://local/k"}
+    manifest = parse_manifest(_manifest([{"host": "10.0.0.5", "port": 5432}, {**NAME, "credential": cred}]))
+    profile = manifest.profiles[0]
+    assert profile.egress == [EgressRule(host="10.0.0.5", port=5432)]
+    assert [(r.host, r.port, r.methods, r.paths) for r in profile.egress_names.names] == [
+        ("api.example.com", 443, ("POST",), ("/v1/messages",))
+    ]
+    assert profile.bound_refs == frozenset({"secret://local/k"})
+
+
+@pytest.mark.parametrize(
+    ("entry", "code"),
+    [
+        ({**NAME, "host": "*"}, "egress-name-wildcard"),
+        ({**NAME, "host": "api.*.com"}, "egress-name-wildcard"),
+        ({**NAME, "paths": ["v1/messages"]}, "egress-path-invalid"),
+        ({"host": "api.example.com", "port": 443}, "egress-policy-invalid"),  # no methods, no paths
+        (
+            {**NAME, "credential": {"header": "host", "ref": "secret://local/k"}},
+            "egress-credential-header-invalid",
+        ),
+        ({"credential": {"header": "x-api-key", "ref": "secret://local/k"}}, "egress-policy-invalid"),
+    ],
+)
+def test_an_invalid_entry_by_name_is_refused_with_its_code(entry: dict[str, object], code: str) -> None:
+    with pytest.raises(UsageError) as err:
+        parse_manifest(_manifest([entry]))
+    assert err.value.code == code
+    assert err.value.exit_code == 64
+    assert err.value.message.startswith("avm.yaml: profile web egress")
+
+
+def test_egress_names_is_not_an_avm_yaml_key() -> None:
+    with pytest.raises(UsageError) as err:
+        parse_manifest(_manifest([], egress_names={"names": []}))
+    assert err.value.code == "manifest-invalid"
