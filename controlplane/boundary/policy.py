@@ -19,9 +19,9 @@ import ipaddress
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, ValidationError, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
-from controlplane._internal.loading import Frozen
+from controlplane._internal.loading import Frozen, validate
 from controlplane.canonical import canonical_bytes, sha256_digest
 from controlplane.errors import UsageError
 from controlplane.ids import JsonSchemaExtra, json_pattern
@@ -210,17 +210,11 @@ def parse_policy(raw: Any, *, source: str = "<input>") -> EgressPolicy:
     ``egress-policy-invalid`` naming the first bad field (unknown keys, a missing method list).
     """
     doc = {"names": raw} if isinstance(raw, list) else raw
-    try:
-        return EgressPolicy.model_validate(doc)
-    except UsageError as exc:
-        raise UsageError(exc.code, f"{source}: {exc.message}", hint=exc.hint, details=exc.details) from None
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise UsageError(
-            "egress-policy-invalid",
-            f"{source}: {where}: {first['msg']}",
-            hint="an entry is {host, port, methods, paths, credential: {header, ref, format}}; "
-            "unknown keys are refused",
-            details={"field": where, "errors": len(exc.errors())},
-        ) from None
+    return validate(
+        EgressPolicy,
+        doc,
+        code="egress-policy-invalid",
+        source=source,
+        hint="an entry is {host, port, methods, paths, credential: {header, ref, format}}; "
+        "unknown keys are refused",
+    )
