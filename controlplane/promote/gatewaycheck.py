@@ -168,9 +168,10 @@ def drift_findings(home: Home, target: str, host: Transport, recorded: Mapping[s
 
 
 def audit_events(host: Transport, since: str, limit: int = 200) -> list[dict[str, Any]]:
-    """Tier-1 ``egress.denied`` (each, up to ``limit``) and ``egress.allowed`` (a count per
-    profile, destination and policy) from the gateway's access log on the host, since ``since``
-    (ISO 8601 UTC, what the log's ``t`` is). Read as root; the log holds no header values."""
+    """Tier-1 ``egress.denied`` and ``classifier.denied`` (each, up to ``limit``) and
+    ``egress.allowed`` (a count per profile, destination and policy) from the gateway's access
+    log on the host, since ``since`` (ISO 8601 UTC, what the log's ``t`` is).
+    Read as root; the log holds no header values."""
     from collections import Counter
 
     from controlplane.boundary import events
@@ -185,7 +186,7 @@ def audit_events(host: Transport, since: str, limit: int = 200) -> list[dict[str
     ]
     out: list[dict[str, Any]] = [
         {
-            "type": "egress.denied",
+            "type": e.event,
             "profile": e.identity.removeprefix("profile:"),
             "host": e.host,
             "method": e.method,
@@ -193,9 +194,15 @@ def audit_events(host: Transport, since: str, limit: int = 200) -> list[dict[str
             "code": e.code,
             "reason": e.reason,
             "policy": e.policy,
+            # a classifier's verdict: the finding kinds, never what matched
+            **(
+                {"sensitivity": e.sensitivity, "findings": list(e.findings), "classifier": e.classifier}
+                if e.event == "classifier.denied"
+                else {}
+            ),
         }
         for e in seen
-        if e.event == "egress.denied"
+        if e.event in ("egress.denied", "classifier.denied")
     ][:limit]
     allowed = Counter(
         (e.identity.removeprefix("profile:"), f"{e.method} {e.host}", e.policy)
