@@ -64,6 +64,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "gateway-admin-unreachable": (OPS, "the egress gateway's admin interface did not answer"),
     "gateway-reload-rejected": (OPS, "the gateway kept its last good generation: the update was not applied"),
     "gateway-listener-invalid": (USE, "a gateway listener's identity, address or port is invalid"),
+    "classifier-not-running": (OPS, "the content classifier's unit did not open its socket on the host"),
     "egress-ca-invalid": (OPS, "the egress CA on disk is missing a part or is not protected"),
     "expires-invalid": (USE, "--expires is not a duration up to 30 days"),
     "export-path-invalid": (USE, "the export destination's directory does not exist"),
