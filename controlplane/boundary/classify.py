@@ -59,6 +59,8 @@ _DNI = re.compile(r"(?<![A-Za-z0-9])\d{8}-?[A-HJ-NP-TV-Z](?![A-Za-z0-9])")
 _HETU = re.compile(r"(?<![A-Za-z0-9])(\d{6})([-+A-FU-Y])(\d{3})([0-9A-Y])(?![A-Za-z0-9])")
 _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d])")
 _CARD_PREFIX = re.compile(r"^(?:4|5[1-5]|2[2-7]|3[47]|3[0689]|6(?:011|5|4[4-9]|22)|35|62)")
+_DIGIT_RUN = re.compile(r"\d(?:[ \-()+./]{0,2}\d){7,}")  # 8+ digits: the shortest kind has 8
+_LOCAL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-")
 _DIGEST_LABEL = re.compile(r"(?:sha(?:1|224|256|384|512)|md5)[:=]$")  # "sha256:<hex>" is a digest
 _DNI_LETTERS = "TRWAGMYFPDXBNJZSQVHLCKE"
 _HETU_CHECK = "0123456789ABCDEFHJKLMNPRSTUVWXY"
@@ -108,21 +110,49 @@ def _hetu_ok(m: re.Match[str]) -> bool:
     return _HETU_CHECK[int(date + serial) % 31] == check
 
 
+def _digit_windows(text: str) -> list[tuple[int, int]]:
+    """Where the digit-shaped kinds can be: runs of 8+ digits (1-2 separators between), 2 characters of
+    context before (a ``+`` or ``(``), 3 after (a check letter and what follows it). One scan
+    instead of one per kind: re's per-position cost dominates on a large body."""
+    out: list[tuple[int, int]] = []
+    for m in _DIGIT_RUN.finditer(text):
+        a, b = max(0, m.start() - 2), min(len(text), m.end() + 3)
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
+
+
+def _emails(text: str) -> list[tuple[str, int]]:
+    out: list[tuple[str, int]] = []
+    at = text.find("@")
+    while at > 0:
+        start = at
+        while start > 0 and at - start <= 64 and text[start - 1] in _LOCAL:
+            start -= 1
+        if start < at and _EMAIL.match(text, start):
+            out.append(("email", start))
+        at = text.find("@", at + 1)
+    return out
+
+
 def _found(text: str) -> list[tuple[str, int]]:
-    out: list[tuple[str, int]] = [("email", m.start()) for m in _EMAIL.finditer(text)]
-    out += [("phone", m.start()) for m in _E164.finditer(text)]
-    out += [("phone", m.start()) for m in _NANP.finditer(text)]
+    out = _emails(text)
     out += [("iban", m.start()) for m in _IBAN.finditer(text) if _iban_ok(m.group())]
-    out += [("us-ssn", m.start()) for m in _SSN.finditer(text)]
-    for m in _DNI.finditer(text):
-        digits, letter = m.group()[:8], m.group()[-1]
-        if _DNI_LETTERS[int(digits) % 23] == letter:
-            out.append(("es-dni", m.start()))
-    out += [("fi-hetu", m.start()) for m in _HETU.finditer(text) if _hetu_ok(m)]
-    for m in _CARD.finditer(text):
-        digits = re.sub(r"[ -]", "", m.group())
-        if 13 <= len(digits) <= 19 and _CARD_PREFIX.match(digits) and luhn(digits):
-            out.append(("card", m.start()))
+    for a, b in _digit_windows(text):  # lookbehind sees before ``a``; the window ends past ``b``
+        out += [("phone", m.start()) for m in _E164.finditer(text, a, b)]
+        out += [("phone", m.start()) for m in _NANP.finditer(text, a, b)]
+        out += [("us-ssn", m.start()) for m in _SSN.finditer(text, a, b)]
+        for m in _DNI.finditer(text, a, b):
+            digits, letter = m.group()[:8], m.group()[-1]
+            if _DNI_LETTERS[int(digits) % 23] == letter:
+                out.append(("es-dni", m.start()))
+        out += [("fi-hetu", m.start()) for m in _HETU.finditer(text, a, b) if _hetu_ok(m)]
+        for m in _CARD.finditer(text, a, b):
+            digits = re.sub(r"[ -]", "", m.group())
+            if 13 <= len(digits) <= 19 and _CARD_PREFIX.match(digits) and luhn(digits):
+                out.append(("card", m.start()))
     cards = {o for k, o in out if k == "card"}
     # a card number is not also a phone number or a secret (a 16-digit run has neither's shape,
     # but E.164 and the entropy rule may see one inside it)
