@@ -209,22 +209,33 @@ def test_the_agent_cannot_reach_the_classifier(gate: Gate, classifier: Classifie
         socket_in(gate.net.ag, CLS_ADDR, CLS_PORT, timeout=2.0)
 
 
+class Recorder:
+    """tests/plugins/verdict_recorder.py in the gateway's namespace: what the check carried."""
+
+    def __init__(self, net: BoundaryNet, *args: str) -> None:
+        self.log = net.tmp / "checks.jsonl"
+        argv = ["ip", "netns", "exec", net.gw, sys.executable, "-m", "tests.plugins.verdict_recorder"]
+        self.proc = subprocess.Popen(
+            [*argv, CLS_ADDR, str(CLS_PORT), str(self.log), *args],
+            stdout=subprocess.PIPE,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == b"ready"
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
 def test_the_check_request_carries_the_body_and_no_header_of_the_agents(gate: Gate) -> None:
-    log = gate.net.tmp / "checks.jsonl"
-    argv = ["ip", "netns", "exec", gate.net.gw, sys.executable, "-m", "tests.plugins.verdict_recorder"]
-    proc = subprocess.Popen(
-        [*argv, CLS_ADDR, str(CLS_PORT), str(log)],
-        stdout=subprocess.PIPE,
-        cwd=Path(__file__).resolve().parents[1],
-    )
+    rec = Recorder(gate.net)
+    log = rec.log
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
         gate.gw.start(gate.inspect_spec(inspected(gate.port)))
         sent = {"authorization": "Bearer agent-held-token", "cookie": "c=agent", "x-steer": "agent-value"}
         assert gate.post(CLEAN_BODY, **sent).status == 200
     finally:
-        proc.kill()
-        proc.wait()
+        rec.stop()
     (check,) = [json.loads(line) for line in log.read_text().splitlines()]
     assert (check["method"], check["path"], check["body"]) == ("POST", "/verdict/v1/messages", CLEAN_BODY)
     text = json.dumps(check["headers"])
@@ -269,3 +280,19 @@ def test_an_inspected_name_without_a_classifier_is_refused_and_the_filter_order_
     envoy.validate(
         render(gate.inspect_spec(inspected(gate.port), address=Path("/run/avm-classifier/c.sock")))
     )
+
+
+def test_a_classifier_answering_without_a_level_is_a_denial_whatever_the_agent_claims(gate: Gate) -> None:
+    """The agent's own x-avm-sensitivity is removed before routing: with a classifier that sets
+    no level, nothing the agent sent can stand in for one."""
+    pol = inspected(gate.port)
+    rec = Recorder(gate.net, "--no-verdict")
+    try:
+        gate.gw.start(gate.inspect_spec(pol))
+        resp = gate.post(CARD_BODY, **{"x-avm-sensitivity": "public", "x-avm-findings": "-"})
+    finally:
+        rec.stop()
+    assert resp.status == 403
+    denial(resp, "classifier-unavailable", pol, gate.port)
+    assert gate.net.upstream_requests() == []
+    assert len(rec.log.read_text().splitlines()) == 1  # it was asked, and gave no level
