@@ -21,6 +21,7 @@ from tests.plugins.tier1gw import (
     OUTPUTS,
     agent_argv,
     avm,
+    egress_apply,
     newest,
     on_host,
     post_as_agent,
@@ -159,3 +160,33 @@ def test_status_records_the_classifier_denial_with_kinds_never_the_text(
     for text in ("4111", CARD):
         assert text not in log and text not in json.dumps(events)
     assert not [o for o in OUTPUTS if "4111" in o]
+
+
+def test_a_promotion_without_inspection_removes_the_classifier(
+    golden_home: Home, gw_repo: dict[str, Any], nspawn_vm: str, applied: Any
+) -> None:
+    rc, doc = promote(golden_home, gw_repo, "good", nspawn_vm, "--apply")
+    assert rc == 0, doc
+    active = on_host(golden_home, nspawn_vm, "systemctl", "is-active", "avm-classifier", check=False)
+    assert active.strip() == "inactive"
+    left = ["/usr/local/lib/avm-classifier", "/etc/systemd/system/avm-classifier.service"]
+    assert on_host(golden_home, nspawn_vm, "ls", "-d", *left, check=False).strip() == ""
+    # the gateway stays, and the name is no longer inspected: the same body now passes
+    assert on_host(golden_home, nspawn_vm, "systemctl", "is-active", "avm-gateway").strip() == "active"
+    assert post_as_agent(golden_home, nspawn_vm, "/v1/messages", CARD_BODY)["status"] == 200
+
+
+def test_egress_apply_of_an_inspected_name_starts_the_classifier_without_restarting_agents(
+    golden_home: Home, gw_repo: dict[str, Any], nspawn_vm: str, applied: Any
+) -> None:
+    rc, doc = egress_apply(golden_home, gw_repo, "inspected", nspawn_vm, "--apply")
+    assert rc == 0, doc
+    checks = {c["name"]: c["ok"] for c in receipt_of(golden_home, doc["receipts"]["apply"])["checks"]}
+    assert (checks["classifier-running"], checks["gateway-reload"], checks["agents-not-restarted"]) == (
+        True,
+        True,
+        True,
+    )
+    got = post_as_agent(golden_home, nspawn_vm, "/v1/messages", CARD_BODY)
+    assert got == {"status": 403, "reason": "sensitivity-exceeds-ceiling", "findings": "card"}
+    assert post_as_agent(golden_home, nspawn_vm, "/v1/messages", CLEAN_BODY)["status"] == 200
