@@ -156,6 +156,13 @@ def test_status_records_the_classifier_denial_with_kinds_never_the_text(
         ("gw", "sensitivity-exceeds-ceiling", "restricted", ["card"]),
         ("gw", "sensitivity-exceeds-ceiling", "restricted", ["card"]),
     ]
+    rc, shown = avm(golden_home, "egress", "log", "--target", nspawn_vm)
+    assert rc == 0, shown
+    logged = [e for e in shown["events"] if e["event"] == "classifier.denied"]
+    assert [(e["sensitivity"], e["findings"], e["classifier"]) for e in logged] == [
+        ("restricted", ["card"], "avm-reference@1"),
+        ("restricted", ["card"], "avm-reference@1"),
+    ]
     log = on_host(golden_home, nspawn_vm, "cat", "/var/log/avm-gateway/access.log")
     for text in ("4111", CARD):
         assert text not in log and text not in json.dumps(events)
