@@ -138,12 +138,33 @@ def test_the_classifier_stopped_is_a_denial(
         got = post_as_agent(golden_home, nspawn_vm, "/v1/messages", CLEAN_BODY)
         assert got == {"status": 403, "reason": "classifier-unavailable", "findings": None}
         assert len(gw_upstream["log"].read_text().splitlines()) == before
+        rc, doc = avm(golden_home, "status", "--target", nspawn_vm)
+        assert rc == 2, doc
+        assert [(f["what"], f["actual"]) for f in doc["findings"]] == [
+            ("content classifier unit", "inactive")
+        ]
     finally:
         on_host(golden_home, nspawn_vm, "systemctl", "start", "avm-classifier")
     sock = "/run/avm-classifier/classifier.sock"
     wait = f"for i in $(seq 50); do test -S {sock} && exit 0; sleep 0.2; done; exit 1"
     on_host(golden_home, nspawn_vm, "sh", "-c", wait)
     assert post_as_agent(golden_home, nspawn_vm, "/v1/messages", CLEAN_BODY)["status"] == 200
+
+
+def test_status_reports_changed_classifier_code_as_drift(
+    golden_home: Home, nspawn_vm: str, applied: Any
+) -> None:
+    path = "/usr/local/lib/avm-classifier/controlplane/boundary/classify.py"
+    original = on_host(golden_home, nspawn_vm, "cat", path)
+    on_host(golden_home, nspawn_vm, "sh", "-c", f"echo '# tampered' >> {path}")
+    try:
+        rc, doc = avm(golden_home, "status", "--target", nspawn_vm)
+        assert rc == 2, doc
+        assert [(f["what"], f["where"]) for f in doc["findings"]] == [("content classifier code", path)]
+    finally:
+        on_host(golden_home, nspawn_vm, "python3", "-c", f"open({path!r}, 'w').write({original!r})")
+    rc, doc = avm(golden_home, "status", "--target", nspawn_vm)
+    assert rc == 0, doc
 
 
 def test_status_records_the_classifier_denial_with_kinds_never_the_text(

@@ -121,8 +121,20 @@ class Tier1Gateway:
             },
             "policies": {p: pol.generation for p, pol in self.policies.items()},
             "credentials": list(self.refs),
-            "files": {f.path: f.digest for f in self.files},
+            "files": {f.path: f.digest for f in self.files} | self.classifier_files(),
+            # the content classifier this gateway asks (None: no listed name inspects)
+            "classifier": {"unit": CLASSIFIER_UNIT, "socket": str(CLASSIFIER_SOCKET)}
+            if self.inspects
+            else None,
         }
+
+    def classifier_files(self) -> dict[str, str]:
+        """The classifier's sources on the host -> digest (none when no name inspects)."""
+        if not self.inspects:
+            return {}
+        from controlplane.boundary import classifyd
+
+        return {str(CLASSIFIER_LIB / rel): sha256_digest(data) for rel, data in classifyd.sources().items()}
 
 
 def addresses(
