@@ -296,3 +296,20 @@ def test_a_classifier_answering_without_a_level_is_a_denial_whatever_the_agent_c
     denial(resp, "classifier-unavailable", pol, gate.port)
     assert gate.net.upstream_requests() == []
     assert len(rec.log.read_text().splitlines()) == 1  # it was asked, and gave no level
+
+
+def test_a_chunked_body_split_inside_the_card_number_is_inspected_whole(
+    gate: Gate, classifier: ClassifierProcess
+) -> None:
+    pol = inspected(gate.port)
+    gate.gw.start(gate.inspect_spec(pol))
+    conn = gate.client.connection(AGENT_ADDR, gate.port, HOST)
+    try:
+        chunks = [b'{"content": "card 4111 11', b"11 1111 ", b'1111"}']
+        conn.request("POST", "/v1/messages", body=iter(chunks), encode_chunked=True)
+        resp = conn.getresponse()
+        status, body = resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+    assert (status, body["reason"]) == (403, "sensitivity-exceeds-ceiling")
+    assert gate.net.upstream_requests() == []
