@@ -19,6 +19,10 @@ Entry points (everything else in the package is how they work):
 ``events.read(access_log, identity=...)`` / ``events.summary(...)``
     ``egress.allowed`` / ``egress.denied`` audit events from the gateway's JSON access log.
 
+``classify.classify(body) -> Verdict`` / ``python3 -m controlplane.boundary.classifyd``
+    The reference content classifier and its ext_authz HTTP service; ``contentgate`` renders
+    the gateway side for ``inspect: true`` names (the ceiling enforced by Envoy routes).
+
 ``envoy.binary()`` gives the pinned Envoy's path, version and sha256 (what receipts record).
 """
 

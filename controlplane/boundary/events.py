@@ -1,9 +1,13 @@
-"""Audit events from the gateway's access log: ``egress.allowed`` and ``egress.denied``.
+"""Audit events from the gateway's access log: ``egress.allowed``, ``egress.denied``, ``classifier.denied``.
 
 Envoy writes one JSON line per request (``controlplane.boundary.routes.LOG_FIELDS``), with the
 listener's identity (the profile or job, from the address it called, not from anything it sent)
 and the policy generation in force. A request routed upstream is ``egress.allowed`` (whatever
 the upstream answered); one Envoy answered itself with a reason is ``egress.denied``.
+A request an inspected name refused on its classifier's verdict (``sensitivity-exceeds-ceiling``)
+is ``classifier.denied``, with the verdict's level, the finding kinds and the classifier (never
+what matched: the classifier reports kinds and offsets only). No verdict at all is an
+``egress.denied`` with ``classifier-unavailable`` (or ``body-too-large-to-inspect``, 413).
 Connections refused before any HTTP (an unlisted name: no TLS session) do not reach this log.
 """
 
@@ -16,12 +20,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from controlplane.boundary import contentgate
 from controlplane.boundary.routes import REASONS
+
+_DENIALS = (*REASONS, *contentgate.REASONS)
 
 
 @dataclasses.dataclass(frozen=True)
 class Event:
-    event: str  # egress.allowed | egress.denied
+    event: str  # egress.allowed | egress.denied | classifier.denied
     identity: str
     host: str
     method: str
@@ -30,6 +37,10 @@ class Event:
     reason: str  # "allowed" or one of routes.REASONS
     policy: str
     t: str
+    # an inspected name's verdict (empty elsewhere): level, finding kinds, classifier name@version
+    sensitivity: str = ""
+    findings: tuple[str, ...] = ()
+    classifier: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -45,9 +56,13 @@ def parse_line(line: str) -> Event | None:
         return None
     reason = str(raw.get("reason") or "")
     code = int(raw.get("code") or 0)
-    denied = reason in REASONS
+    if reason == "classifier-unavailable" and code == 413:  # Envoy refused to buffer it: no verdict
+        reason = "body-too-large-to-inspect"
+    denied = reason in _DENIALS
+    kind = "classifier.denied" if reason == "sensitivity-exceeds-ceiling" else "egress.denied"
+    findings = str(raw.get("findings") or "")
     return Event(
-        "egress.denied" if denied else "egress.allowed",
+        kind if denied else "egress.allowed",
         str(raw["identity"]),
         str(raw.get("host") or raw.get("sni") or ""),
         str(raw.get("method") or ""),
@@ -56,6 +71,9 @@ def parse_line(line: str) -> Event | None:
         reason if denied else "allowed",
         str(raw.get("policy") or ""),
         str(raw.get("t") or ""),
+        sensitivity=str(raw.get("sensitivity") or ""),
+        findings=tuple(k for k in findings.split(",") if k and k != "-"),
+        classifier=str(raw.get("classifier") or ""),
     )
 
 
@@ -83,5 +101,5 @@ def summary(events: list[Event]) -> dict[str, Any]:
     allowed = Counter(f"{e.method} {e.host}" for e in events if e.event == "egress.allowed")
     return {
         "allowed": dict(sorted(allowed.items())),
-        "denied": [e.to_dict() for e in events if e.event == "egress.denied"],
+        "denied": [e.to_dict() for e in events if e.event in ("egress.denied", "classifier.denied")],
     }

@@ -17,7 +17,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Self
+from typing import Any, Literal, NamedTuple, Self, TypedDict
 
 from controlplane._internal.fs import write_atomic
 from controlplane.boundary import envoy
@@ -35,6 +35,12 @@ def reload_rejected(in_force: str, refused: str, why: str) -> OperationalError:
         hint="the gateway's log (envoy.log beside its config) says which resource it refused",
         details={"in_force": in_force, "refused": refused, "why": why},
     )
+
+
+class GatewayPaths(TypedDict):
+    xds_dir: Path
+    admin_socket: Path
+    access_log: Path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +97,7 @@ class Gateway:
         )
         self.rendered: Rendered | None = None
 
-    def paths(self) -> dict[str, Path]:
+    def paths(self) -> GatewayPaths:
         """The ``GatewaySpec`` fields this gateway decides: ``GatewaySpec(**gw.paths(), ...)``."""
         return {"xds_dir": self.xds_dir, "admin_socket": self.admin_socket, "access_log": self.access_log}
 

@@ -46,6 +46,9 @@ _RESERVED_HEADERS = frozenset(
     }
 )
 Method = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+# a destination's trust ceiling, lowest first: what a classifier's verdict is compared against
+Sensitivity = Literal["public", "internal", "confidential", "restricted"]
+SENSITIVITY_LEVELS: tuple[Sensitivity, ...] = ("public", "internal", "confidential", "restricted")
 
 
 def _refuse(code: str, what: str, expected: str, actual: object, hint: str) -> UsageError:
@@ -153,6 +156,27 @@ class NameRule(Frozen):
     methods: tuple[Method, ...] = Field(min_length=1)
     paths: tuple[Annotated[str, AfterValidator(_path)], ...] = Field(min_length=1)
     credential: Credential | None = None
+    # the content classifier (controlplane.boundary.classify): ``inspect`` holds each request for
+    # a verdict over its body; a verdict above ``max_sensitivity`` is refused at the gateway
+    max_sensitivity: Sensitivity = "restricted"
+    inspect: Annotated[bool, Field(strict=True)] = False
+
+    @model_validator(mode="after")
+    def _ceiling_needs_inspection(self) -> NameRule:
+        if self.max_sensitivity != "restricted" and not self.inspect:
+            raise _refuse(
+                "egress-ceiling-uninspected",
+                f"{self.key} max_sensitivity",
+                "inspect: true for a ceiling below restricted (only an inspected body has a verdict)",
+                f"max_sensitivity: {self.max_sensitivity}, inspect: false",
+                "add `inspect: true`, or drop max_sensitivity: a ceiling nothing checks is not one",
+            )
+        return self
+
+    @property
+    def allowed_sensitivities(self) -> tuple[Sensitivity, ...]:
+        """The verdicts the ceiling lets through, lowest first."""
+        return SENSITIVITY_LEVELS[: SENSITIVITY_LEVELS.index(self.max_sensitivity) + 1]
 
     @property
     def wildcard(self) -> bool:
@@ -215,6 +239,7 @@ def parse_policy(raw: Any, *, source: str = "<input>") -> EgressPolicy:
         doc,
         code="egress-policy-invalid",
         source=source,
-        hint="an entry is {host, port, methods, paths, credential: {header, ref, format}}; "
+        hint="an entry is {host, port, methods, paths, credential: {header, ref, format}, "
+        "max_sensitivity: public|internal|confidential|restricted, inspect: true|false}; "
         "unknown keys are refused",
     )

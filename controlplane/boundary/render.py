@@ -32,6 +32,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from controlplane.boundary import contentgate
+from controlplane.boundary.contentgate import Classifier
 from controlplane.boundary.policy import EgressPolicy, NameRule
 from controlplane.boundary.routes import access_log, cluster_name, deny, routes
 from controlplane.canonical import canonical_bytes, sha256_digest
@@ -74,6 +76,8 @@ class GatewaySpec:
     secrets: Mapping[str, Path]
     upstreams: Mapping[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
     uplink_netns: Path | None = None
+    # the content classifier inspected names ask (``inspect: true``); required when one is listed
+    classifier: Classifier | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +119,8 @@ def _check(spec: GatewaySpec) -> None:
                 raise _refuse("leaf", f"a leaf certificate for {rule.host}", sorted(spec.leaves))
             if rule.credential and rule.credential.ref not in spec.secrets:
                 raise _refuse("secret", f"a secret file for {rule.credential.ref}", sorted(spec.secrets))
+            if rule.inspect and spec.classifier is None:
+                raise _refuse("classifier", f"a classifier address for inspected {rule.key}", None)
     addrs = [(str(x.address), x.netns, p) for x in spec.listeners for p in x.policy.ports]
     if len(addrs) != len(set(addrs)):
         raise _refuse("address", "one identity per address and port", addrs)
@@ -127,6 +133,8 @@ def render(spec: GatewaySpec) -> Rendered:
     listeners = [_listener(spec, x, port) for x in spec.listeners for port in x.policy.ports]
     rules = {cluster_name(r): r for x in spec.listeners for r in x.policy.names}
     clusters = [_cluster(spec, rules[name]) for name in sorted(rules)]
+    if spec.classifier is not None and any(r.inspect for r in rules.values()):
+        clusters.append(contentgate.cluster(spec.classifier, spec.uplink_netns))
     refs = sorted({r.credential.ref for r in rules.values() if r.credential})
     body = {"listeners": listeners, "clusters": clusters, "secrets": refs}
     generation = sha256_digest(canonical_bytes(json.loads(json.dumps(body, default=str))))
@@ -178,6 +186,8 @@ def _listener(spec: GatewaySpec, listener: Listener, port: int) -> dict[str, Any
 
 def _http_filters(spec: GatewaySpec, rule: NameRule) -> list[dict[str, Any]]:
     filters: list[dict[str, Any]] = []
+    if rule.inspect and spec.classifier is not None:  # first: the classifier never sees a credential
+        filters.append(contentgate.ext_authz(spec.classifier))
     if rule.credential is not None:
         name = sds_name(rule.credential.ref)
         source = {"path_config_source": {"path": str(spec.xds_dir / "sds" / f"{name}.json")}}
@@ -227,7 +237,7 @@ def _http_filters(spec: GatewaySpec, rule: NameRule) -> list[dict[str, Any]]:
 def _chain(spec: GatewaySpec, listener: Listener, rule: NameRule) -> dict[str, Any]:
     cert, key = spec.leaves[rule.host]
     generation = listener.policy.generation
-    hcm = {
+    hcm: dict[str, Any] = {
         "@type": _T + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": f"egress_{rule.host.replace('*', 'any')}_{rule.port}",
         "codec_type": "HTTP1",
@@ -245,7 +255,7 @@ def _chain(spec: GatewaySpec, listener: Listener, rule: NameRule) -> dict[str, A
                 {
                     "name": "listed",
                     "domains": [rule.host],
-                    "routes": routes(rule, generation),
+                    "routes": (contentgate.routes if rule.inspect else routes)(rule, generation),
                     # nothing about the sandbox side travels upstream
                     "request_headers_to_remove": [
                         "x-forwarded-for",
@@ -262,6 +272,10 @@ def _chain(spec: GatewaySpec, listener: Listener, rule: NameRule) -> dict[str, A
         },
         "http_filters": _http_filters(spec, rule),
     }
+    if rule.inspect:
+        hcm["early_header_mutation_extensions"] = contentgate.early_mutation()
+        hcm["local_reply_config"] = contentgate.local_replies(rule, generation)
+        hcm["route_config"]["virtual_hosts"][1]["typed_per_filter_config"] = contentgate.disabled()
     return {
         "name": rule.key,
         "filter_chain_match": {"server_names": [rule.host]},

@@ -32,6 +32,9 @@ LOG_FIELDS = (
     "reason",
     "flags",
     "upstream",
+    "sensitivity",
+    "findings",
+    "classifier",
 )
 
 
@@ -57,6 +60,9 @@ def _path_match(path: str) -> dict[str, Any]:
     if path.endswith("/*"):
         return {"path_separated_prefix": path[:-2]} if len(path) > 2 else {"prefix": "/"}
     return {"path": path}
+
+
+path_match = _path_match  # the one path matcher (boundary.contentgate uses it too)
 
 
 def routes(rule: NameRule, generation: str) -> list[dict[str, Any]]:
@@ -89,6 +95,10 @@ def access_log(path: Path, identity: str, generation: str) -> dict[str, Any]:
         "reason": "%METADATA(ROUTE:avm:reason)%",
         "flags": "%RESPONSE_FLAGS%",
         "upstream": "%UPSTREAM_HOST%",
+        # an inspected name's verdict (boundary.contentgate): level, finding kinds, classifier
+        "sensitivity": "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:x-avm-sensitivity)%",
+        "findings": "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:x-avm-findings)%",
+        "classifier": "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:x-avm-classifier)%",
     }
     assert tuple(fmt) == LOG_FIELDS
     return {

@@ -11,6 +11,9 @@ stable while profiles come and go): the address is who is calling. What goes to 
     /etc/avm/boundary/<p>/nsswitch.conf  0644  ``hosts: files`` (nothing else resolves)
     /etc/avm/boundary/egress-ca.pem      0644  the egress CA certificate the agents trust
     /run/avm-gateway/admin.sock          0600 (avm-gateway): Envoy's admin, root reaches it
+    /usr/local/lib/avm-classifier/       0644  the reference classifier (stdlib; when a name inspects)
+    /run/avm-classifier/classifier.sock  0660 avm-classifier: its ext_authz service; the gateway's
+                                         user is in its group, no agent is
 
 ``render_host`` returns the non-secret files (with their digests: the plan covers them) and
 what apply must add: a leaf per name (minted by the per-target CA in the avm home; the CA key
@@ -27,6 +30,7 @@ import ipaddress
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from controlplane.boundary.contentgate import Classifier
 from controlplane.boundary.policy import EgressPolicy
 from controlplane.boundary.render import GatewaySpec, Listener, Rendered, documents, dump, render
 from controlplane.canonical import canonical_bytes, sha256_digest
@@ -44,6 +48,11 @@ UPSTREAM_CA = ETC / "upstream-ca.pem"
 ADMIN_SOCKET = Path("/run/avm-gateway/admin.sock")
 ACCESS_LOG = Path("/var/log/avm-gateway/access.log")
 SYSTEM_TRUST = Path("/etc/ssl/certs/ca-certificates.crt")
+# the content classifier (avm-classifier.service, its own user, no network: a unix socket only)
+CLASSIFIER_USER = "avm-classifier"
+CLASSIFIER_UNIT = "avm-classifier.service"
+CLASSIFIER_LIB = Path("/usr/local/lib/avm-classifier")
+CLASSIFIER_SOCKET = Path("/run/avm-classifier/classifier.sock")
 NET = ipaddress.IPv4Network("127.100.0.0/24")
 TABLE = "avm_boundary"
 NSSWITCH = b"passwd: files\ngroup: files\nshadow: files\ngshadow: files\nhosts: files\n"
@@ -81,6 +90,11 @@ class Tier1Gateway:
         return self.rendered.generation
 
     @property
+    def inspects(self) -> bool:
+        """Some listed name is ``inspect: true``: the host needs the classifier."""
+        return any(r.inspect for pol in self.policies.values() for r in pol.names)
+
+    @property
     def cds_version(self) -> str:
         """The clusters' own version (a policy change that keeps the destinations keeps it)."""
         return self.rendered.cds_version
@@ -107,8 +121,20 @@ class Tier1Gateway:
             },
             "policies": {p: pol.generation for p, pol in self.policies.items()},
             "credentials": list(self.refs),
-            "files": {f.path: f.digest for f in self.files},
+            "files": {f.path: f.digest for f in self.files} | self.classifier_files(),
+            # the content classifier this gateway asks (None: no listed name inspects)
+            "classifier": {"unit": CLASSIFIER_UNIT, "socket": str(CLASSIFIER_SOCKET)}
+            if self.inspects
+            else None,
         }
+
+    def classifier_files(self) -> dict[str, str]:
+        """The classifier's sources on the host -> digest (none when no name inspects)."""
+        if not self.inspects:
+            return {}
+        from controlplane.boundary import classifyd
+
+        return {str(CLASSIFIER_LIB / rel): sha256_digest(data) for rel, data in classifyd.sources().items()}
 
 
 def addresses(
@@ -179,6 +205,7 @@ def render_host(
         leaves={h: leaf_paths(h) for h in leaves},
         secrets={ref: secret_path(ref) for ref in refs},
         upstreams=dict(upstreams or {}),
+        classifier=Classifier(CLASSIFIER_SOCKET),
     )
     rendered = render(spec)
     files = [

@@ -59,11 +59,12 @@ def apply(app: AppContext, repo: Path, ref: str, target: str, apply: bool) -> No
 @click.option("--follow", is_flag=True, help="Keep printing new events (every second) until interrupted.")
 @pass_app
 def log(app: AppContext, target: str, follow: bool) -> None:
-    """The gateway's egress.allowed / egress.denied events on a Tier-1 host (its access log).
+    """The gateway's egress.allowed / egress.denied / classifier.denied events on a Tier-1 host.
 
     \b
-    One line per request: time, event, profile, method host path, code, reason, policy
-    generation (the last 200 without --follow). With --json: one document {target, events};
+    One line per request (the gateway's access log): time, event, profile, method host path,
+    code, reason, policy generation, and for classifier.denied the verdict's level and finding
+    kinds (the last 200 without --follow). With --json: one document {target, events};
     with --json --follow, one JSON document per event, one per line.
     """
     import json
@@ -162,7 +163,10 @@ def options(
 
 def _line(e: dict[str, Any]) -> str:
     what = f"{e['method']} {e['host']}{e['path']}"
-    return f"{e['t']} {e['event']:<14} {e['profile']} {what} {e['code']} {e['reason']} {e['policy'][:19]}"
+    line = f"{e['t']} {e['event']:<14} {e['profile']} {what} {e['code']} {e['reason']} {e['policy'][:19]}"
+    if e.get("event") == "classifier.denied":  # the verdict: level and finding kinds, never text
+        line += f" {e.get('sensitivity')} [{','.join(e.get('findings') or [])}]"
+    return line
 
 
 commands = [egress]

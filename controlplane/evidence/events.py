@@ -35,6 +35,11 @@ EVENT_TYPES: dict[str, tuple[str, str]] = {
         "avm job run (job receipt); avm status (Tier-1 gateway access log)",
         "destination, packets (nftables counter / log); by name: host, method, path, code, reason, policy",
     ),
+    "classifier.denied": (
+        "avm job run (job receipt); avm status (Tier-1 gateway access log)",
+        "job or profile, host, method, path, code, reason, policy, sensitivity, findings (kinds only), "
+        "classifier",
+    ),
     "egress.allowed": (
         "avm job run (job receipt); avm status (Tier-1 gateway access log)",
         "job or profile, destination (method host), count, policy (gateway log)",

@@ -35,8 +35,23 @@ _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("credential in a URL", re.compile(r"://[^/\s:@]+:[^/\s@]+@")),
     ("bearer/basic credential", re.compile(r"^(Bearer|Basic|token)\s+\S{12,}$", re.IGNORECASE)),
 )
+# literals each pattern's match contains: ``find`` skips a pattern none of whose hints is in a
+# text (re costs per position; ``in`` does not), which keeps a 64 KiB body in milliseconds
+_HINTS: dict[str, tuple[str, ...]] = {
+    "private key block": ("-----BEGIN",),
+    "JSON web token": ("eyJ",),
+    "AWS access key id": ("AKIA", "ASIA"),
+    "GitHub token": ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),
+    "GitLab token": ("glpat-",),
+    "Slack token": ("xox",),
+    "Stripe key": ("k_live_", "k_test_"),
+    "Google API key": ("AIza",),
+    "OpenAI/Anthropic key": ("sk-",),
+    "credential in a URL": ("://",),
+}
 _TOKEN = re.compile(r"^[A-Za-z0-9+/=_.~-]+$")
 _HEX_RUN = re.compile(r"[0-9a-fA-F]{32,}")
+_KEYLIKE = re.compile(rf"[A-Za-z0-9+/=_~-]{{{MIN_LEN},}}")  # a token of the key alphabet in a text
 
 
 def entropy_bits(value: str) -> float:
@@ -77,6 +92,25 @@ def verdict(value: str) -> str | None:
             f"(>= {threshold} over >= {MIN_LEN} chars looks random, like a credential)"
         )
     return None
+
+
+def find(text: str) -> list[tuple[str, int]]:
+    """(label, offset) of each secret in a free text (a request body), in offset order: the known
+    token patterns, then 32+ hex runs and high-entropy tokens (``verdict`` on each run of the key
+    alphabet) outside those. Like ``verdict``, never the matched value."""
+    found = [
+        (label, m.span())
+        for label, pattern in _PATTERNS
+        if not pattern.pattern.startswith("^")  # the whole-value rules fit a value, not a body
+        and any(hint in text for hint in _HINTS[label])
+        for m in pattern.finditer(text)
+    ]
+    for label, regex in (("hex run", _HEX_RUN), ("high-entropy token", _KEYLIKE)):
+        for m in regex.finditer(text):
+            inside = any(a < m.end() and m.start() < b for _, (a, b) in found)
+            if not inside and (label == "hex run" or verdict(m.group()) is not None):
+                found.append((label, m.span()))
+    return sorted(((label, span[0]) for label, span in found), key=lambda x: (x[1], x[0]))
 
 
 def scan_env(env: dict[str, str]) -> dict[str, str]:

@@ -57,9 +57,9 @@ def record(step: evidence.Step, job_id: str, gw: JobListener | None) -> None:
         step.event(
             "egress.allowed", job=job_id, destination=destination, count=count, policy=gw.policy.generation
         )
-    for e in [e for e in seen if e.event == "egress.denied"][:EVENT_LIMIT]:
+    for e in [e for e in seen if e.event in ("egress.denied", "classifier.denied")][:EVENT_LIMIT]:
         fields: dict[str, Any] = {k: v for k, v in e.to_dict().items() if k not in ("event", "identity", "t")}
-        step.event("egress.denied", job=job_id, destination=f"{e.host} {e.method} {e.path}", **fields)
+        step.event(e.event, job=job_id, destination=f"{e.host} {e.method} {e.path}", **fields)
     step.check(
         "egress-gateway-events",
         ok=len(seen) == gw.requests_completed(),

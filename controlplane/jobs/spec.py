@@ -15,6 +15,7 @@ from pydantic import AfterValidator, Field, field_validator
 
 from controlplane._internal.loading import Frozen, read_document, validate
 from controlplane.boundary.policy import EgressPolicy, NameRule
+from controlplane.errors import UsageError
 from controlplane.ids import JobId, JsonSchemaExtra, RiskTier, json_pattern
 from controlplane.jobs.egress import rules as nftrules
 
@@ -122,6 +123,15 @@ class Egress(Frozen):
     @classmethod
     def _one_policy(cls, names: tuple[NameRule, ...]) -> tuple[NameRule, ...]:
         EgressPolicy(names=names)  # duplicates are refused by the policy model (egress-name-duplicate)
+        for rule in names:
+            if rule.inspect:  # the host gateway of jobs runs no content classifier (yet)
+                raise UsageError(
+                    "egress-inspect-unsupported",
+                    f"egress {rule.key} inspect: expected false for a Tier-2 job, got true",
+                    hint="inspect: true is served on Tier-1 hosts (avm-classifier.service); "
+                    "a job's names are not inspected",
+                    details={"expected": "false", "actual": "true"},
+                )
         return names
 
     @property

@@ -156,6 +156,9 @@ def run(
             step.result["approvals"] = approved
             step.non_claim("secret values were written to the gateway's root-only files and are not recorded")
             before = _main_pids(host, profiles)
+            from controlplane.promote import classifier
+
+            classifier.ensure(host, gw, step)  # a name that now inspects needs it before the reload
             try:
                 in_force = hot_reload(host, gw, gateway.blobs(home, target, gw, values, lds_cds=False))
             except OperationalError as exc:

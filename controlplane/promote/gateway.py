@@ -4,7 +4,8 @@
 list names (the per-target egress CA is made in the avm home; its key never leaves it), so the
 plan's drop-ins carry the gateway's digest. ``install`` writes the files (credential values from
 the home's secret store, 0640 root:avm-gateway, never in the plan or the receipt), the unit
-``avm-gateway.service`` under its own user, (re)starts it only when its files changed, reads the
+``avm-gateway.service`` under its own user (and ``avm-classifier.service`` when a name inspects:
+``promote.classifier``), (re)starts it only when its files changed, reads the
 generation in force from Envoy's admin socket until it is the rendered one, and loads the
 ``inet avm_boundary`` table (nspawn: from the host side, into the VM's namespace).
 The probes, the admin reads and drift are in ``promote.gatewaycheck``.
@@ -117,10 +118,12 @@ def put_file(host: Transport, path: str, data: bytes, mode: int, group: str) -> 
 
 
 def _ensure_user(host: Transport) -> None:
-    if host.run(["id", "-u", tier1.USER], timeout=30).ok:
-        return
-    argv = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent"]
-    host.run([*argv, "--shell", "/usr/sbin/nologin", tier1.USER], timeout=60).check()
+    # the classifier's user too: the gateway's unit names its group (SupplementaryGroups)
+    for user in (tier1.CLASSIFIER_USER, tier1.USER):
+        if host.run(["id", "-u", user], timeout=30).ok:
+            continue
+        argv = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent"]
+        host.run([*argv, "--shell", "/usr/sbin/nologin", user], timeout=60).check()
 
 
 def _changed(host: Transport, want: Mapping[str, str]) -> bool:
@@ -163,6 +166,9 @@ def install(
     for path, data, mode, group in sorted(blobs_, key=lambda b: b[0].endswith("lds.json")):
         put_file(host, path, data, mode, group)
     step.command(host.run(["systemctl", "daemon-reload"], timeout=60).check())
+    from controlplane.promote import classifier
+
+    classifier.ensure(host, gw, step)  # up before the gateway takes a request it must inspect
     step.command(host.run(["systemctl", "enable", tier1.UNIT], timeout=60).check())
     verb = "restart" if restart else "start"
     step.command(host.run(["systemctl", verb, tier1.UNIT], timeout=60).check())
@@ -221,9 +227,11 @@ def remove(target: Target, host: Transport, step: Step) -> None:
     """No profile lists a name any more: stop and remove the gateway, its files (credentials
     included) and the boundary table, so a removed policy is not left serving."""
     from controlplane._internal import netns as nx
+    from controlplane.promote import classifier
     from controlplane.promote.enforcement import host_network
     from controlplane.transport.local import LocalTransport
 
+    classifier.remove(host, step)
     units = [tier1.UNIT, tier1.BOUNDARY_UNIT]
     step.command(host.run(["systemctl", "disable", "--now", *units], timeout=60))
     files = [str(tier1.ETC), str(tier1.BOUNDARY), *(f"{LAYOUT.unit_dir}/{u}" for u in units)]

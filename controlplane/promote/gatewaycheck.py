@@ -125,7 +125,8 @@ def probe(host: Transport, gw: tier1.Tier1Gateway, profiles: Sequence[str], step
 
 def drift_findings(home: Home, target: str, host: Transport, recorded: Mapping[str, Any]) -> list[Finding]:
     """``avm status``: the gateway against what the apply recorded (``observations.gateway``):
-    its unit not running, a rendered file changed on disk, the generation Envoy's admin reports
+    its unit (or the content classifier's, when a name inspects) not running, a rendered file
+    or the classifier's code changed on disk, the generation Envoy's admin reports
     in force not the recorded one, the egress CA changed. Read-only."""
     from controlplane.promote.drift import Finding
 
@@ -133,6 +134,17 @@ def drift_findings(home: Home, target: str, host: Transport, recorded: Mapping[s
     active = host.run(["systemctl", "is-active", tier1.UNIT], timeout=30).stdout.strip()
     if active != "active":
         out.append(Finding(where=tier1.UNIT, what="egress gateway unit", expected="active", actual=active))
+    if recorded.get("classifier"):  # an inspected name: no classifier means every request is refused
+        active = host.run(["systemctl", "is-active", tier1.CLASSIFIER_UNIT], timeout=30).stdout.strip()
+        if active != "active":
+            out.append(
+                Finding(
+                    where=tier1.CLASSIFIER_UNIT,
+                    what="content classifier unit",
+                    expected="active",
+                    actual=active,
+                )
+            )
     want = dict(recorded.get("files", {}))
     if want and _changed(host, want):
         out_ = host.run(["sha256sum", "--", *sorted(want)], timeout=60).stdout
@@ -141,6 +153,7 @@ def drift_findings(home: Home, target: str, host: Transport, recorded: Mapping[s
         }
         for path in sorted(p for p in want if have.get(p) != want[p]):
             what = "egress gateway config" if path.startswith(str(tier1.ETC)) else "egress boundary file"
+            what = "content classifier code" if path.startswith(str(tier1.CLASSIFIER_LIB)) else what
             out.append(Finding(where=path, what=what, expected=want[path], actual=have.get(path, "missing")))
     in_force = read_in_force(host)
     recorded_versions = (recorded.get("generation"), recorded.get("cds_version"))
@@ -168,9 +181,10 @@ def drift_findings(home: Home, target: str, host: Transport, recorded: Mapping[s
 
 
 def audit_events(host: Transport, since: str, limit: int = 200) -> list[dict[str, Any]]:
-    """Tier-1 ``egress.denied`` (each, up to ``limit``) and ``egress.allowed`` (a count per
-    profile, destination and policy) from the gateway's access log on the host, since ``since``
-    (ISO 8601 UTC, what the log's ``t`` is). Read as root; the log holds no header values."""
+    """Tier-1 ``egress.denied`` and ``classifier.denied`` (each, up to ``limit``) and
+    ``egress.allowed`` (a count per profile, destination and policy) from the gateway's access
+    log on the host, since ``since`` (ISO 8601 UTC, what the log's ``t`` is).
+    Read as root; the log holds no header values."""
     from collections import Counter
 
     from controlplane.boundary import events
@@ -185,7 +199,7 @@ def audit_events(host: Transport, since: str, limit: int = 200) -> list[dict[str
     ]
     out: list[dict[str, Any]] = [
         {
-            "type": "egress.denied",
+            "type": e.event,
             "profile": e.identity.removeprefix("profile:"),
             "host": e.host,
             "method": e.method,
@@ -193,9 +207,15 @@ def audit_events(host: Transport, since: str, limit: int = 200) -> list[dict[str
             "code": e.code,
             "reason": e.reason,
             "policy": e.policy,
+            # a classifier's verdict: the finding kinds, never what matched
+            **(
+                {"sensitivity": e.sensitivity, "findings": list(e.findings), "classifier": e.classifier}
+                if e.event == "classifier.denied"
+                else {}
+            ),
         }
         for e in seen
-        if e.event == "egress.denied"
+        if e.event in ("egress.denied", "classifier.denied")
     ][:limit]
     allowed = Counter(
         (e.identity.removeprefix("profile:"), f"{e.method} {e.host}", e.policy)

@@ -37,6 +37,8 @@ NAME_ENTRY = {
     "paths": ["/v1/*"],
     "credential": {"header": "x-api-key", "ref": REF},
 }
+# the same destination held for the content classifier, with a ceiling a card number exceeds
+INSPECTED_ENTRY = {**NAME_ENTRY, "max_sensitivity": "internal", "inspect": True}
 OUTPUTS: list[str] = []  # every CLI output of the module, for the leak sweep
 
 
@@ -68,13 +70,14 @@ def gw_repo(tmp_path_factory: pytest.TempPathFactory, golden_home: Home) -> dict
         ("l3-leak", _manifest("L3", canary=True, secrets={"API_KEY": REF})),
         ("wider", _manifest(egress=[{**NAME_ENTRY, "paths": ["/v1/*", "/v2/*"]}])),
         ("plain", _manifest(egress=[])),
+        ("inspected", _manifest(egress=[INSPECTED_ENTRY])),
     ):
         (path / "avm.yaml").write_text(text)
         commits[name] = _commit(path, name)
     key_dir = root / "release-key"
     _, key, pub = signing.release_init(key_dir, PASSWORD)
     signing.trust_release_key(golden_home, pub, "release")
-    for name in ("good", "l3", "l3-leak", "wider", "plain"):
+    for name in ("good", "l3", "l3-leak", "wider", "plain", "inspected"):
         signing.sign_release(golden_home, path, commits[name], key, PASSWORD)
     value = b"gwkey-" + os.urandom(20).hex().encode()
     secrets.put(golden_home, REF, value)
@@ -191,6 +194,32 @@ def as_agent(
 ) -> dict[str, Any]:
     argv = agent_argv(home, vm, cgroup=cgroup)
     out = on_host(home, vm, *argv, "python3", "-c", AGENT_REQUEST, "api.example.test", path, forged)
+    doc: dict[str, Any] = json.loads(out)
+    return doc
+
+
+# a POST as the agent with a body and headers of its choosing; prints status, reason, verdict headers
+AGENT_POST = r"""
+import http.client, json, ssl, sys
+path, body, headers = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+ctx = ssl.create_default_context(cafile="/etc/avm/boundary/egress-ca.pem")
+try:
+    conn = http.client.HTTPSConnection("api.example.test", 443, context=ctx, timeout=10)
+    conn.request("POST", path, body=body.encode(), headers=headers)
+    resp = conn.getresponse()
+    raw = resp.read()
+    doc = json.loads(raw) if resp.getheader("content-type", "").startswith("application/json") else {}
+    print(json.dumps({"status": resp.status, "reason": doc.get("reason") if doc.get("denied") else None,
+                      "findings": resp.getheader("x-avm-findings")}))
+except OSError as exc:
+    print(json.dumps({"error": type(exc).__name__ + ": " + str(exc)}))
+"""
+
+
+def post_as_agent(home: Home, vm: str, path: str, body: str, **headers: str) -> dict[str, Any]:
+    out = on_host(
+        home, vm, *agent_argv(home, vm), "python3", "-c", AGENT_POST, path, body, json.dumps(headers)
+    )
     doc: dict[str, Any] = json.loads(out)
     return doc
 
