@@ -3,7 +3,8 @@
 Envoy writes one JSON line per request (``controlplane.boundary.routes.LOG_FIELDS``), with the
 listener's identity (the profile or job, from the address it called, not from anything it sent)
 and the policy generation in force. A request routed upstream is ``egress.allowed`` (whatever
-the upstream answered); one Envoy answered itself with a reason is ``egress.denied``.
+the upstream answered); one Envoy answered itself with a reason is ``egress.denied``, or
+``tool.denied`` for an MCP reason (``mcprules.REASONS``), with the tool it named.
 Connections refused before any HTTP (an unlisted name: no TLS session) do not reach this log.
 """
 
@@ -16,12 +17,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from controlplane.boundary.mcprules import REASONS as TOOL_REASONS
 from controlplane.boundary.routes import REASONS
 
 
 @dataclasses.dataclass(frozen=True)
 class Event:
-    event: str  # egress.allowed | egress.denied
+    event: str  # egress.allowed | egress.denied | tool.denied
     identity: str
     host: str
     method: str
@@ -30,6 +32,7 @@ class Event:
     reason: str  # "allowed" or one of routes.REASONS
     policy: str
     t: str
+    tool: str = ""  # an MCP request's tool (tools/call) or method, when the chain parses MCP
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -45,9 +48,10 @@ def parse_line(line: str) -> Event | None:
         return None
     reason = str(raw.get("reason") or "")
     code = int(raw.get("code") or 0)
-    denied = reason in REASONS
+    tool_denied = reason in TOOL_REASONS
+    denied = tool_denied or reason in REASONS
     return Event(
-        "egress.denied" if denied else "egress.allowed",
+        "tool.denied" if tool_denied else "egress.denied" if denied else "egress.allowed",
         str(raw["identity"]),
         str(raw.get("host") or raw.get("sni") or ""),
         str(raw.get("method") or ""),
@@ -56,6 +60,7 @@ def parse_line(line: str) -> Event | None:
         reason if denied else "allowed",
         str(raw.get("policy") or ""),
         str(raw.get("t") or ""),
+        str(raw.get("tool") or raw.get("rpc") or ""),
     )
 
 
@@ -83,5 +88,5 @@ def summary(events: list[Event]) -> dict[str, Any]:
     allowed = Counter(f"{e.method} {e.host}" for e in events if e.event == "egress.allowed")
     return {
         "allowed": dict(sorted(allowed.items())),
-        "denied": [e.to_dict() for e in events if e.event == "egress.denied"],
+        "denied": [e.to_dict() for e in events if e.event in ("egress.denied", "tool.denied")],
     }

@@ -8,10 +8,12 @@ document per credential) as dicts; nothing here reads or writes a file. How a re
 - ``tls_inspector`` reads the SNI; there is one filter chain per listed name, terminating TLS
   with that name's leaf. An unlisted (or missing) SNI matches no chain: the connection is
   closed before any TLS session exists;
-- in a chain, routes on the listed paths and methods go to the name's cluster, which
-  re-originates TLS with that SNI and verifies the server against ``trusted_ca``; everything
-  else is a direct 403 with a JSON body naming the reason (``host-not-allowed`` for a Host
-  header that is not the chain's name, ``path-not-allowed``, ``method-not-allowed``);
+- in a chain, an RBAC filter judges host, path and method (and, for an MCP server, the JSON-RPC
+  body the MCP filter parsed: ``controlplane.boundary.mcprules``); what it allows goes to the
+  name's cluster, which re-originates TLS with that SNI and verifies the server against
+  ``trusted_ca``; a denial is a 403 with a JSON body naming the reason (``host-not-allowed``
+  for a Host header that is not the chain's name, ``path-not-allowed``, ``method-not-allowed``;
+  ``controlplane.boundary.routes``);
 - the chain's ``credential_injector`` (``overwrite: true``) sets the entry's header from an SDS
   secret read from a file, so a rotated value is used without a restart and an agent's header
   of that name is replaced; the credential exists in that one chain only (bound to host:port);
@@ -32,8 +34,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from controlplane.boundary import mcprules
 from controlplane.boundary.policy import EgressPolicy, NameRule
-from controlplane.boundary.routes import access_log, cluster_name, deny, routes
+from controlplane.boundary.routes import access_log, cluster_name, local_replies, rbac_filter, routes
 from controlplane.canonical import canonical_bytes, sha256_digest
 from controlplane.errors import UsageError
 
@@ -178,6 +181,9 @@ def _listener(spec: GatewaySpec, listener: Listener, port: int) -> dict[str, Any
 
 def _http_filters(spec: GatewaySpec, rule: NameRule) -> list[dict[str, Any]]:
     filters: list[dict[str, Any]] = []
+    if rule.mcp is not None:  # parses the JSON-RPC body into metadata for the RBAC filter
+        filters.append(mcprules.mcp_filter())
+    filters.append(rbac_filter(rule))  # the method/path/host (and tool) decision
     if rule.credential is not None:
         name = sds_name(rule.credential.ref)
         source = {"path_config_source": {"path": str(spec.xds_dir / "sds" / f"{name}.json")}}
@@ -244,7 +250,7 @@ def _chain(spec: GatewaySpec, listener: Listener, rule: NameRule) -> dict[str, A
             "virtual_hosts": [
                 {
                     "name": "listed",
-                    "domains": [rule.host],
+                    "domains": ["*"],  # the Host header is judged by RBAC (host-not-allowed)
                     "routes": routes(rule, generation),
                     # nothing about the sandbox side travels upstream
                     "request_headers_to_remove": [
@@ -253,13 +259,9 @@ def _chain(spec: GatewaySpec, listener: Listener, rule: NameRule) -> dict[str, A
                         "x-request-id",
                     ],
                 },
-                {
-                    "name": "unlisted",
-                    "domains": ["*"],
-                    "routes": [{"match": {"prefix": "/"}, **deny("host-not-allowed", rule, generation)}],
-                },
             ],
         },
+        "local_reply_config": local_replies(rule, generation),
         "http_filters": _http_filters(spec, rule),
     }
     return {

@@ -168,8 +168,8 @@ def drift_findings(home: Home, target: str, host: Transport, recorded: Mapping[s
 
 
 def audit_events(host: Transport, since: str, limit: int = 200) -> list[dict[str, Any]]:
-    """Tier-1 ``egress.denied`` (each, up to ``limit``) and ``egress.allowed`` (a count per
-    profile, destination and policy) from the gateway's access log on the host, since ``since``
+    """Tier-1 ``egress.denied`` and ``tool.denied`` (each, up to ``limit``) and ``egress.allowed``
+    (a count per profile, destination and policy) from the gateway's access log on the host, since ``since``
     (ISO 8601 UTC, what the log's ``t`` is). Read as root; the log holds no header values."""
     from collections import Counter
 
@@ -185,7 +185,7 @@ def audit_events(host: Transport, since: str, limit: int = 200) -> list[dict[str
     ]
     out: list[dict[str, Any]] = [
         {
-            "type": "egress.denied",
+            "type": e.event,
             "profile": e.identity.removeprefix("profile:"),
             "host": e.host,
             "method": e.method,
@@ -193,9 +193,10 @@ def audit_events(host: Transport, since: str, limit: int = 200) -> list[dict[str
             "code": e.code,
             "reason": e.reason,
             "policy": e.policy,
+            **({"tool": e.tool} if e.event == "tool.denied" else {}),
         }
         for e in seen
-        if e.event == "egress.denied"
+        if e.event in ("egress.denied", "tool.denied")
     ][:limit]
     allowed = Counter(
         (e.identity.removeprefix("profile:"), f"{e.method} {e.host}", e.policy)
