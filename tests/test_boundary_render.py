@@ -226,3 +226,40 @@ def test_the_binary_is_the_pinned_wheel_and_its_digest_is_its_bytes() -> None:
     b = envoy.binary()
     assert b.version.split("/")[1] == envoy.VERSION
     assert b.sha256 == "sha256:" + hashlib.sha256(b.path.read_bytes()).hexdigest()
+
+
+def test_an_mcp_server_is_parsed_judged_by_tool_and_reached_through_the_pinning_service() -> None:
+    pin = {"name": "search", "schema_sha256": "a" * 64}
+    mcp = parse_policy(
+        [{"host": "tools.example.com", "methods": ["POST"], "paths": ["/mcp"], "mcp": {"tools": [pin]}}]
+    )
+    base = dataclasses.replace(
+        spec(), listeners=(Listener("profile:alpha", ipaddress.IPv4Address("10.240.0.1"), mcp),),
+        leaves={"tools.example.com": (ROOT / "t.pem", ROOT / "t.key")},
+    )  # fmt: skip
+    with pytest.raises(UsageError) as err:  # no pinning service: no MCP server at all
+        render(base)
+    assert err.value.code == "gateway-listener-invalid"
+    rendered = render(dataclasses.replace(base, mcp_pin=("127.0.0.1", 19231)))
+    hcm = _hcm(rendered, "profile:alpha/443", 0)
+    assert [f["name"] for f in hcm["http_filters"]] == [
+        "envoy.filters.http.mcp",
+        "envoy.filters.http.rbac",
+        "envoy.filters.http.router",
+    ]
+    policies = hcm["http_filters"][1]["typed_config"]["rules"]["policies"]
+    assert sorted(policies) == sorted(
+        (*REASONS, "mcp-body-invalid", "mcp-method-not-allowed", "tool-not-allowed")
+    )
+    [route] = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    assert route["route"]["cluster"] == "avm-mcp-pin"
+    assert route["request_headers_to_add"][0]["header"] == {
+        "key": "x-avm-mcp-rule",
+        "value": "profile:alpha|tools.example.com:443",
+    }
+    assert [c["name"] for c in rendered.cds["resources"]] == [
+        "avm-mcp-pin"
+    ]  # no direct cluster to the server
+    assert rendered.mcp_pin is not None
+    assert rendered.mcp_pin["rules"]["profile:alpha|tools.example.com:443"]["tools"] == {"search": "a" * 64}
+    assert documents(rendered)["mcp-pin.json"] == rendered.mcp_pin

@@ -4,7 +4,8 @@ Envoy writes one JSON line per request (``controlplane.boundary.routes.LOG_FIELD
 listener's identity (the profile or job, from the address it called, not from anything it sent)
 and the policy generation in force. A request routed upstream is ``egress.allowed`` (whatever
 the upstream answered); one Envoy answered itself with a reason is ``egress.denied``, or
-``tool.denied`` for an MCP reason (``mcprules.REASONS``), with the tool it named.
+``tool.denied`` for an MCP reason (``mcprules.REASONS``, or the pinning service's
+``mcppin.REASONS`` from its ``x-avm-pin`` response header), with the tool it named.
 Connections refused before any HTTP (an unlisted name: no TLS session) do not reach this log.
 """
 
@@ -17,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from controlplane.boundary import mcppin
 from controlplane.boundary.mcprules import REASONS as TOOL_REASONS
 from controlplane.boundary.routes import REASONS
 
@@ -47,8 +49,10 @@ def parse_line(line: str) -> Event | None:
     if not isinstance(raw, dict) or "identity" not in raw:
         return None
     reason = str(raw.get("reason") or "")
+    if not reason and raw.get("pin") in mcppin.REASONS:  # refused behind Envoy, on the response path
+        reason = str(raw["pin"])
     code = int(raw.get("code") or 0)
-    tool_denied = reason in TOOL_REASONS
+    tool_denied = reason in TOOL_REASONS or reason in mcppin.REASONS
     denied = tool_denied or reason in REASONS
     return Event(
         "tool.denied" if tool_denied else "egress.denied" if denied else "egress.allowed",

@@ -16,13 +16,21 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypedDict
 
 from controlplane._internal.fs import write_atomic
 from controlplane.boundary import envoy
 from controlplane.boundary.admin import Admin, InForce
 from controlplane.boundary.render import GatewaySpec, Rendered, documents, dump, render
 from controlplane.errors import OperationalError
+
+
+class Paths(TypedDict):
+    """What ``Gateway.paths`` returns: typed per key, so ``GatewaySpec(**gw.paths(), ...)`` checks."""
+
+    xds_dir: Path
+    admin_socket: Path
+    access_log: Path
 
 
 def reload_rejected(in_force: str, refused: str, why: str) -> OperationalError:
@@ -56,7 +64,7 @@ class Gateway:
         )
         self.rendered: Rendered | None = None
 
-    def paths(self) -> dict[str, Path]:
+    def paths(self) -> Paths:
         """The ``GatewaySpec`` fields this gateway decides: ``GatewaySpec(**gw.paths(), ...)``."""
         return {"xds_dir": self.xds_dir, "admin_socket": self.admin_socket, "access_log": self.access_log}
 

@@ -19,6 +19,7 @@ filter (it keeps the last ``name``, measured): the pinning service behind it ref
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from controlplane.boundary.policy import McpServer
@@ -81,3 +82,72 @@ def error_body(reason: str, denied: dict[str, Any]) -> dict[str, Any]:
         "id": f"%DYNAMIC_METADATA({NS}:id)%",
         "error": {"code": code, "message": message, "data": data},
     }
+
+
+PIN_CLUSTER = "avm-mcp-pin"
+RULE_HEADER = "x-avm-mcp-rule"  # = mcppin.RULE_HEADER (that file imports nothing from avm)
+
+
+def pin_rule(identity: str, key: str) -> str:
+    return f"{identity}|{key}"
+
+
+def pin_route(route: dict[str, Any], identity: str, key: str) -> dict[str, Any]:
+    """An MCP server's route goes to the pinning service, naming the rule in a header Envoy sets
+    (an agent's header of that name is overwritten)."""
+    header = {"key": RULE_HEADER, "value": pin_rule(identity, key)}
+    return {
+        **route,
+        "route": {**route["route"], "cluster": PIN_CLUSTER},
+        "request_headers_to_add": [{"header": header, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+    }
+
+
+def pin_config(
+    listen: tuple[str, int],
+    servers: list[tuple[str, Any, str]],
+    trusted_ca: str,
+    upstreams: dict[str, tuple[str, int]],
+) -> dict[str, Any]:
+    """The pinning service's config: rule -> the server to reach and the pins. ``servers``:
+    (identity, NameRule with ``mcp``, policy generation)."""
+    rules = {}
+    for identity, rule, generation in servers:
+        pinned = upstreams.get(rule.key)
+        rules[pin_rule(identity, rule.key)] = {
+            "host": rule.host,
+            "port": rule.port,
+            "connect": list(pinned) if pinned else None,
+            "cafile": trusted_ca,
+            "tools": {t.name: t.schema_sha256 for t in rule.mcp.tools},
+            "policy": generation,
+        }
+    return {"listen": list(listen), "rules": dict(sorted(rules.items()))}
+
+
+def pin_cluster(pin: tuple[str, int], uplink_netns: Path | None) -> dict[str, Any]:
+    """The cluster of the pinning service (plain HTTP on a local address; it re-originates TLS)."""
+    out: dict[str, Any] = {
+        "@type": _T + "config.cluster.v3.Cluster",
+        "name": PIN_CLUSTER,
+        "connect_timeout": "2s",
+        "type": "STATIC",
+        "load_assignment": {
+            "cluster_name": PIN_CLUSTER,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {"socket_address": {"address": pin[0], "port_value": pin[1]}}
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+    }
+    if uplink_netns is not None:  # made in the uplink namespace, as every upstream socket
+        source = {"address": "0.0.0.0", "port_value": 0, "network_namespace_filepath": str(uplink_netns)}  # noqa: S104
+        out["upstream_bind_config"] = {"source_address": source}
+    return out

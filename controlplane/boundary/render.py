@@ -77,6 +77,8 @@ class GatewaySpec:
     secrets: Mapping[str, Path]
     upstreams: Mapping[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
     uplink_netns: Path | None = None
+    # the MCP pinning service (controlplane.boundary.mcppin) every ``mcp:`` entry goes through
+    mcp_pin: tuple[str, int] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +91,7 @@ class Rendered:
     policies: dict[str, str]  # identity -> its policy generation
     xds_dir: Path
     cds_version: str
+    mcp_pin: dict[str, Any] | None = None  # the pinning service's config (mcp-pin.json)
 
 
 def sds_name(ref: str) -> str:
@@ -118,6 +121,8 @@ def _check(spec: GatewaySpec) -> None:
                 raise _refuse("leaf", f"a leaf certificate for {rule.host}", sorted(spec.leaves))
             if rule.credential and rule.credential.ref not in spec.secrets:
                 raise _refuse("secret", f"a secret file for {rule.credential.ref}", sorted(spec.secrets))
+            if rule.mcp is not None and spec.mcp_pin is None:
+                raise _refuse("mcp_pin", f"a pinning service for the MCP server {rule.key}", None)
     addrs = [(str(x.address), x.netns, p) for x in spec.listeners for p in x.policy.ports]
     if len(addrs) != len(set(addrs)):
         raise _refuse("address", "one identity per address and port", addrs)
@@ -128,8 +133,13 @@ def render(spec: GatewaySpec) -> Rendered:
     identity, a duplicate address, or a listed name without a leaf or a credential without a file."""
     _check(spec)
     listeners = [_listener(spec, x, port) for x in spec.listeners for port in x.policy.ports]
-    rules = {cluster_name(r): r for x in spec.listeners for r in x.policy.names}
+    rules = {cluster_name(r): r for x in spec.listeners for r in x.policy.names if r.mcp is None}
     clusters = [_cluster(spec, rules[name]) for name in sorted(rules)]
+    servers = [(x.identity, r, x.policy.generation) for x in spec.listeners for r in x.policy.names if r.mcp]
+    pin = None
+    if servers and spec.mcp_pin is not None:  # the MCP servers are reached through the pinning service
+        clusters.append(mcprules.pin_cluster(spec.mcp_pin, spec.uplink_netns))
+        pin = mcprules.pin_config(spec.mcp_pin, servers, str(spec.trusted_ca), dict(spec.upstreams))
     refs = sorted({r.credential.ref for r in rules.values() if r.credential})
     body = {"listeners": listeners, "clusters": clusters, "secrets": refs}
     generation = sha256_digest(canonical_bytes(json.loads(json.dumps(body, default=str))))
@@ -138,7 +148,7 @@ def render(spec: GatewaySpec) -> Rendered:
     cds = {"version_info": cds_version, "resources": clusters}
     sds = {f"{sds_name(ref)}.json": _sds(ref, spec.secrets[ref]) for ref in refs}
     policies = {x.identity: x.policy.generation for x in spec.listeners}
-    return Rendered(_bootstrap(spec), lds, cds, sds, generation, policies, spec.xds_dir, cds_version)
+    return Rendered(_bootstrap(spec), lds, cds, sds, generation, policies, spec.xds_dir, cds_version, pin)
 
 
 def _bootstrap(spec: GatewaySpec) -> dict[str, Any]:
@@ -251,7 +261,10 @@ def _chain(spec: GatewaySpec, listener: Listener, rule: NameRule) -> dict[str, A
                 {
                     "name": "listed",
                     "domains": ["*"],  # the Host header is judged by RBAC (host-not-allowed)
-                    "routes": routes(rule, generation),
+                    "routes": [
+                        mcprules.pin_route(r, listener.identity, rule.key) if rule.mcp else r
+                        for r in routes(rule, generation)
+                    ],
                     # nothing about the sandbox side travels upstream
                     "request_headers_to_remove": [
                         "x-forwarded-for",
@@ -361,4 +374,6 @@ def documents(rendered: Rendered) -> dict[str, dict[str, Any]]:
     """Every file of a rendering, by path relative to the xDS directory (bootstrap included)."""
     out = {"bootstrap.json": rendered.bootstrap, "cds.json": rendered.cds, "lds.json": rendered.lds}
     out.update({f"sds/{name}": doc for name, doc in rendered.sds.items()})
+    if rendered.mcp_pin is not None:
+        out["mcp-pin.json"] = rendered.mcp_pin
     return out

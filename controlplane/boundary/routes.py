@@ -45,6 +45,7 @@ LOG_FIELDS = (
     "upstream",
     "rpc",
     "tool",
+    "pin",
 )
 _DETAILS = "rbac_access_denied_matched_policy[{}]"
 
@@ -178,6 +179,7 @@ def access_log(path: Path, identity: str, generation: str) -> dict[str, Any]:
         "upstream": "%UPSTREAM_HOST%",
         "rpc": "%DYNAMIC_METADATA(envoy.filters.http.mcp:method)%",
         "tool": "%DYNAMIC_METADATA(envoy.filters.http.mcp:params:name)%",
+        "pin": "%RESP(x-avm-pin)%",  # the pinning service's refusal (controlplane.boundary.mcppin)
     }
     assert tuple(fmt) == LOG_FIELDS
     return {
