@@ -79,3 +79,35 @@ def test_egress_names_is_not_an_avm_yaml_key() -> None:
     with pytest.raises(UsageError) as err:
         parse_manifest(_manifest([], egress_names={"names": []}))
     assert err.value.code == "manifest-invalid"
+
+
+SEARCH = {
+    "name": "search",
+    "schema_sha256": "f590c569413b140e00c4f7239e66819edaffac388d3a189b6b7e256f5e3a4daf",
+}
+MCP = {"host": "tools.example.com", "methods": ["POST"], "paths": ["/mcp"]}
+
+
+def test_an_mcp_entry_takes_the_profiles_tools_as_its_allowlist() -> None:
+    manifest = parse_manifest(_manifest([{**MCP, "mcp": True}, NAME], tools=[SEARCH]))
+    mcp, plain = manifest.profiles[0].egress_names.names
+    assert mcp.mcp is not None and [t.model_dump() for t in mcp.mcp.tools] == [SEARCH]
+    assert plain.mcp is None
+    # without tools: listed, the server gets no tool call at all (an empty allowlist, not "any")
+    [bare] = parse_manifest(_manifest([{**MCP, "mcp": True}])).profiles[0].egress_names.names
+    assert bare.mcp is not None and bare.mcp.tools == ()
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {**MCP, "mcp": "yes"},
+        {**MCP, "mcp": {"tools": [SEARCH]}},  # tools are written once, under tools:
+        {**MCP, "methods": ["GET", "POST"], "mcp": True},
+    ],
+)
+def test_an_invalid_mcp_entry_is_refused_before_anything_else(entry: dict[str, object]) -> None:
+    with pytest.raises(UsageError) as err:
+        parse_manifest(_manifest([entry], tools=[SEARCH]))
+    assert err.value.code == "egress-mcp-invalid"
+    assert err.value.exit_code == 64
