@@ -111,3 +111,26 @@ def test_an_invalid_mcp_entry_is_refused_before_anything_else(entry: dict[str, o
         parse_manifest(_manifest([entry], tools=[SEARCH]))
     assert err.value.code == "egress-mcp-invalid"
     assert err.value.exit_code == 64
+
+
+def test_a_profile_with_an_mcp_server_gets_the_pinning_service_under_its_own_user() -> None:
+    manifest = parse_manifest(_manifest([{**MCP, "mcp": True}, NAME], tools=[SEARCH]))
+    profile = manifest.profiles[0]
+    gw = tier1.render_host(
+        {"web": profile.egress_names}, ca_cert=b"CA", ca_fingerprint="sha256:" + "0" * 64, upstream_ca=b"UP"
+    )
+    assert gw is not None and gw.mcp_pin
+    by_path = {f.path: f for f in gw.files}
+    config = by_path[str(tier1.PIN_CONFIG)]
+    assert (config.group, config.mode) == (tier1.PIN_USER, 0o640)
+    rule = yaml.safe_load(config.data)["rules"]["profile:web|tools.example.com:443"]
+    # its own copy of the upstream CA: the gateway's files (credentials among them) stay unreadable to it
+    assert rule["cafile"] == str(tier1.PIN_CA) and by_path[str(tier1.PIN_CA)].group == tier1.PIN_USER
+    assert rule["tools"] == {"search": SEARCH["schema_sha256"]}
+    assert by_path[str(tier1.PIN_SCRIPT)].data.startswith(b'"""The MCP pinning service')
+    assert not [p for p in by_path if p.endswith("mcp-pin.json")]
+    # without an MCP server there is no pinning service at all
+    plain = tier1.render_host({"web": parse_manifest(_manifest([NAME])).profiles[0].egress_names},
+                              ca_cert=b"CA", ca_fingerprint="sha256:" + "0" * 64)  # fmt: skip
+    assert plain is not None and not plain.mcp_pin
+    assert not [f for f in plain.files if f.path.startswith(str(tier1.PIN_ETC))]

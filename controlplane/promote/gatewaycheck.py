@@ -49,11 +49,15 @@ def wait_in_force(host: Transport, generation: str, cds_version: str, attempts: 
 
 
 def _listed(gw: tier1.Tier1Gateway, profile: str) -> dict[str, Any]:
-    rule = next(r for r in gw.policies[profile].names if not r.wildcard)
+    exact = [r for r in gw.policies[profile].names if not r.wildcard]
+    rule = next((r for r in exact if r.mcp is None), exact[0])
     path = rule.paths[0]
     path = path.removesuffix("*") + "avm-probe" if path.endswith("/*") else path
     method = "GET" if "GET" in rule.methods else rule.methods[0]
-    return {"host": rule.host, "port": rule.port, "method": method, "path": path}
+    out: dict[str, Any] = {"host": rule.host, "port": rule.port, "method": method, "path": path}
+    if rule.mcp is not None:  # an MCP server is probed with a ping (through the pinning service)
+        out["rpc"] = {"jsonrpc": "2.0", "id": "avm-probe", "method": "ping"}
+    return out
 
 
 def probe(host: Transport, gw: tier1.Tier1Gateway, profiles: Sequence[str], step: Step) -> list[str]:
