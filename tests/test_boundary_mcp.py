@@ -260,3 +260,16 @@ def test_a_post_that_is_not_streamable_http_mcp_is_refused(mcp: Mcp) -> None:
     got = refusal(mcp.rpc("tools/call", {"name": "search", "arguments": {}}, {"accept": "application/json"}))
     assert got["error"]["data"]["reason"] == "mcp-body-invalid"
     assert mcp.reached() == []
+
+
+def test_the_pins_in_the_example_manifest_are_the_one_hash_of_the_example_servers_tools() -> None:
+    """One definition of a tool's pin (mcppin.schema_sha256): the example avm.yaml pins are it,
+    and the in-agent mcp_guard (a separate file, in the agent's own repository) computes the same."""
+    from controlplane.release.manifest import parse_manifest
+
+    guard = runpy.run_path(str(ROOT / "examples" / "hello-agent" / "mcp_guard.py"))
+    manifest = parse_manifest((ROOT / "examples" / "hello-agent" / "avm.yaml").read_bytes())
+    pinned = {t.name: t.schema_sha256 for t in manifest.profile("web").tools}
+    assert pinned == {t["name"]: mcppin.schema_sha256(t) for t in TOOLS if t["name"] in pinned}
+    assert [guard["schema_sha256"](t) for t in TOOLS] == [mcppin.schema_sha256(t) for t in TOOLS]
+    assert "delete_records" not in pinned

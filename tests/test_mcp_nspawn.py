@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from controlplane.home import Home
-from tests.plugins.tier1gw import as_agent_mcp, avm, newest, on_host, promote, receipt_of
+from tests.plugins.tier1gw import as_agent_mcp, ask_agent, avm, newest, on_host, promote, receipt_of
 
 
 def call(name: str, n: int = 1) -> dict[str, Any]:
@@ -79,6 +79,26 @@ def test_an_agent_without_mcp_guard_cannot_call_an_unlisted_tool(
     assert calls(mcp_upstream["log"]) == ["search"]
 
 
+def test_the_example_agent_uses_its_tools_through_the_boundary(
+    golden_home: Home, nspawn_vm: str, applied: Any, mcp_upstream: dict[str, Any]
+) -> None:
+    """examples/hello-agent calls the example tool server by name: a listed tool answers; an
+    unlisted one is refused by its own mcp_guard, and, with the guard skipped (as a compromised
+    agent would), by the gateway."""
+    before = calls(mcp_upstream["log"])
+    used = ask_agent(golden_home, nspawn_vm, "tool=search&query=boundary")
+    assert used["status"] == 200
+    assert used["answer"]["result"]["content"] == [{"type": "text", "text": "no notes match 'boundary'"}]
+    assert ask_agent(golden_home, nspawn_vm, "tool=delete_records") == {
+        "tool": "delete_records",
+        "refused_by": "mcp_guard (in the agent)",
+    }
+    skipped = ask_agent(golden_home, nspawn_vm, "tool=delete_records&skip_guard=1")
+    assert skipped["status"] == 403
+    assert skipped["answer"]["error"]["data"]["reason"] == "tool-not-allowed"
+    assert calls(mcp_upstream["log"]) == [*before, "search"]
+
+
 def test_a_changed_descriptor_is_refused_and_the_service_down_fails_closed(
     golden_home: Home, nspawn_vm: str, applied: Any, mcp_upstream: dict[str, Any]
 ) -> None:
@@ -108,13 +128,13 @@ def test_status_carries_the_tool_denied_events(golden_home: Home, nspawn_vm: str
     policy = applied["observations"]["gateway"]["policies"]["gw"]
     where = {"profile": "gw", "host": "tools.example.test", "method": "POST", "path": "/mcp", "code": 403}
     denied = [e for e in newest(golden_home, "status")["events"] if e["type"] == "tool.denied"]
-    assert denied == [
-        {
-            "type": "tool.denied",
-            **where,
-            "reason": "tool-not-allowed",
-            "policy": policy,
-            "tool": "delete_records",
-        },
-        {"type": "tool.denied", **where, "reason": "tool-schema-changed", "policy": policy, "tool": "search"},
+    unlisted = {"type": "tool.denied", **where, "reason": "tool-not-allowed", "policy": policy}
+    assert [e for e in denied if "host" in e] == [  # the gateway's, from its access log
+        {**unlisted, "tool": "delete_records"},  # the bare client's
+        {**unlisted, "tool": "delete_records"},  # the example agent's, with its guard skipped
+        {**unlisted, "reason": "tool-schema-changed", "tool": "search"},
+    ]
+    # the example agent's guarded call never left it: its own mcp_guard's event, via the journal
+    assert [e for e in denied if "host" not in e] == [
+        {"type": "tool.denied", "profile": "gw", "tool": "delete_records", "reason": "not-allowed"}
     ]

@@ -40,6 +40,7 @@ NAME_ENTRY = {
 }
 # the example MCP tool server, listed as an MCP server: the profile's tools: are its allowlist
 MCP_ENTRY = {"host": "tools.example.test", "port": 443, "methods": ["POST"], "paths": ["/mcp"], "mcp": True}
+MCP_URL = "https://tools.example.test/mcp"
 OUTPUTS: list[str] = []  # every CLI output of the module, for the leak sweep
 
 
@@ -71,7 +72,10 @@ def gw_repo(tmp_path_factory: pytest.TempPathFactory, golden_home: Home) -> dict
         ("l3-leak", _manifest("L3", canary=True, secrets={"API_KEY": REF})),
         ("wider", _manifest(egress=[{**NAME_ENTRY, "paths": ["/v1/*", "/v2/*"]}])),
         ("plain", _manifest(egress=[])),
-        ("mcp", _manifest(egress=[NAME_ENTRY, MCP_ENTRY])),
+        (
+            "mcp",
+            _manifest(egress=[NAME_ENTRY, MCP_ENTRY], env={"GATEWAY_PORT": str(PORT), "MCP_SERVER": MCP_URL}),
+        ),
     ):
         (path / "avm.yaml").write_text(text)
         commits[name] = _commit(path, name)
@@ -171,6 +175,16 @@ def as_agent_mcp(home: Home, vm: str, message: dict[str, Any]) -> dict[str, Any]
     pid = on_host(home, vm, "systemctl", "show", "-p", "MainPID", "--value", "agent-gateway@gw").strip()
     argv = ["nsenter", "-t", pid, "-m", "-n", "--", "setpriv", "--reuid", "agent-gw", "--regid", "agent-gw"]
     out = on_host(home, vm, *argv, "--clear-groups", "python3", "-c", AGENT_MCP, json.dumps(message))
+    doc: dict[str, Any] = json.loads(out)
+    return doc
+
+
+def ask_agent(home: Home, vm: str, query: str) -> dict[str, Any]:
+    """The example agent's own ``GET /use?...`` (it calls the tool through the boundary)."""
+    fetch = (
+        "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=30).read().decode())"
+    )
+    out = on_host(home, vm, "python3", "-c", fetch, f"http://127.0.0.1:{PORT}/use?{query}")
     doc: dict[str, Any] = json.loads(out)
     return doc
 
