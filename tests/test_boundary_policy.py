@@ -71,3 +71,13 @@ def test_job_spec_carries_names_and_refuses_a_bad_one_with_its_code() -> None:
             }
         )
     assert err.value.code == "egress-name-invalid"
+
+
+def test_a_job_spec_cannot_list_an_mcp_server_yet() -> None:
+    """The job gateway has no pinning service: an MCP entry is refused at parse time (exit 64),
+    not run unpinned."""
+    mcp = {"host": "tools.example.test", "methods": ["POST"], "paths": ["/mcp"], "mcp": {"tools": []}}
+    with pytest.raises(UsageError) as err:
+        parse_jobspec({"id": "j1", "image": IMAGE, "command": ["true"], "egress": {"names": [mcp]}})
+    assert err.value.code == "egress-mcp-invalid"
+    assert err.value.exit_code == ExitCode.USAGE

@@ -37,7 +37,10 @@ class Event:
     tool: str = ""  # an MCP request's tool (tools/call) or method, when the chain parses MCP
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if not self.tool:  # only a request to an MCP server names one
+            del out["tool"]
+        return out
 
 
 def parse_line(line: str) -> Event | None:

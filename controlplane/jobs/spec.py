@@ -15,6 +15,7 @@ from pydantic import AfterValidator, Field, field_validator
 
 from controlplane._internal.loading import Frozen, read_document, validate
 from controlplane.boundary.policy import EgressPolicy, NameRule
+from controlplane.errors import UsageError
 from controlplane.ids import JobId, JsonSchemaExtra, RiskTier, json_pattern
 from controlplane.jobs.egress import rules as nftrules
 
@@ -122,6 +123,15 @@ class Egress(Frozen):
     @classmethod
     def _one_policy(cls, names: tuple[NameRule, ...]) -> tuple[NameRule, ...]:
         EgressPolicy(names=names)  # duplicates are refused by the policy model (egress-name-duplicate)
+        for rule in names:
+            if rule.mcp is not None:  # the job gateway has no MCP pinning service: refused, not unpinned
+                raise UsageError(
+                    "egress-mcp-invalid",
+                    f"egress.names {rule.key}: expected no mcp: entry in a job spec, got one",
+                    hint="MCP servers are governed at the boundary for Tier-1 profiles (avm.yaml mcp: true); "
+                    "a Tier-2 job cannot list one yet",
+                    details={"expected": "no mcp", "actual": rule.key},
+                )
         return names
 
     @property
