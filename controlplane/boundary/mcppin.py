@@ -140,7 +140,10 @@ def judge(
     up = Upstream(rule)
     method = req.get("method")
     if method == "tools/call":
-        name = (req.get("params") or {}).get("name")
+        params = req.get("params")
+        if not isinstance(params, dict) or not isinstance(params.get("name"), str):
+            raise Refused("mcp-body-invalid")
+        name = params["name"]
         check = canonical({"jsonrpc": "2.0", "id": "avm-pin-check", "method": "tools/list"})
         status, rhead, rbody = up.post(path, check, headers)
         listed = _tools(status, rhead, rbody)
