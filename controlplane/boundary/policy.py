@@ -4,7 +4,9 @@ One frozen, validated model, ``EgressPolicy``, used by job specs (``egress.names
 ``parse_policy``, by anything else that carries ``egress:`` entries by name. An entry names one
 host (an exact name, or ``*.`` plus a name: a wildcard of the first label only), a port, the
 methods and paths it may use, and at most one credential that the gateway injects; a credential
-is part of its entry, so it is bound to that host and port and cannot exist without them.
+is part of its entry, so it is bound to that host and port and cannot exist without them. An
+entry with ``mcp:`` is an MCP server: POST only, and ``tools`` (name + ``schema_sha256``) are the
+only tools it may be called with (``controlplane.boundary.mcprules``, ``mcppin``).
 Raw IP/CIDR rules are not entries by name: they stay in ``jobspec.EgressRule``, validated by
 ``controlplane.jobs.egress.rules`` (one validator each).
 
