@@ -45,6 +45,10 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "egress-name-invalid": (USE, "an egress entry's host is not a DNS name (addresses go in egress.allow)"),
     "egress-name-wildcard": (USE, "an egress host uses '*' other than as its whole first label"),
     "egress-name-duplicate": (USE, "an egress host:port, method or path is listed twice"),
+    "egress-mcp-invalid": (
+        USE,
+        "an MCP entry of an egress policy is invalid (methods, tool names or hashes)",
+    ),
     "egress-path-invalid": (USE, "an egress path does not start with '/' or is not normalised"),
     "egress-credential-header-invalid": (
         USE,

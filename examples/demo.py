@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -120,6 +121,66 @@ def make_agent_repo() -> dict[str, str]:
         commits[version] = git("rev-parse", "HEAD")
         console.print(f"  {version}: {commits[version]}  (GREETING = {greeting!r})")
     return commits
+
+
+TOOLS_PORT = 19243  # the example MCP server on this machine; the VM reaches it at 10.0.2.2
+MCP_ENTRY = {"host": "tools.example.test", "methods": ["POST"], "paths": ["/mcp"], "mcp": True}
+
+
+def start_tools_server() -> subprocess.Popen[bytes]:
+    """The example MCP tool server with TLS from a CA of its own, which only the gateway trusts
+    (``<home>/egress/<vm>/gateway.json``: that CA, and the name pinned to 10.0.2.2)."""
+    from controlplane.boundary.ca import EgressCA
+
+    ca = EgressCA.ensure(DEMO / "tools-ca", common_name="demo MCP server CA")
+    cert, key = ca.leaf("tools.example.test")
+    server = ROOT / "examples" / "mcp-tools" / "tools_server.py"
+    argv = [sys.executable, str(server), "127.0.0.1", str(TOOLS_PORT), "--tls", str(cert), str(key)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE)
+    if proc.stdout is None or proc.stdout.readline().strip() != b"ready":
+        raise DemoFailed("the example MCP tool server did not start")
+    options = HOME / "egress" / VM / "gateway.json"
+    options.parent.mkdir(parents=True, exist_ok=True)
+    pins = {"tools.example.test:443": ["10.0.2.2", TOOLS_PORT]}
+    options.write_text(json.dumps({"upstream_ca": str(ca.cert_path), "upstreams": pins}))
+    # the post-apply probe's control: a name the VM resolves, which the sandbox must not
+    avm(
+        "vm",
+        "ssh",
+        VM,
+        "--",
+        "sh",
+        "-c",
+        "echo '10.0.2.2 outside.example.test' >> /etc/hosts",
+        label="vm ssh",
+    )
+    return proc
+
+
+def commit_mcp_use() -> str:
+    import yaml
+
+    manifest = yaml.safe_load((AGENT / "avm.yaml").read_text())
+    web = next(p for p in manifest["profiles"] if p["name"] == "web")
+    web["egress"] = [*web.get("egress", []), MCP_ENTRY]
+    web["env"] = {**web.get("env", {}), "MCP_SERVER": "https://tools.example.test/mcp"}
+    (AGENT / "avm.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    git("add", "-A")
+    git("commit", "-q", "-m", "hello-agent v4: uses tools of the example MCP server, through the boundary")
+    sha = git("rev-parse", "HEAD")
+    console.print(f"  v4: {sha}  (web lists tools.example.test with mcp: true)")
+    return sha
+
+
+def ask_agent(query: str, label: str) -> dict[str, Any]:
+    fetch = (
+        "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=30).read().decode())"
+    )
+    out = avm(
+        "vm", "ssh", VM, "--", "python3", "-c", fetch, f"http://127.0.0.1:18082/use?{query}", label=label
+    )
+    doc: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return doc
 
 
 def run() -> None:
@@ -248,7 +309,40 @@ def run() -> None:
     )
 
     step(
-        "12. Tier-2 job",
+        "12. MCP tools at the boundary",
+        "hello-agent v4 uses the tools of the example MCP server (examples/mcp-tools) through the "
+        "egress gateway: the web profile lists it with mcp: true, and its tools: become the "
+        "gateway's rule. The agent then skips its own mcp_guard, as a compromised agent would: "
+        "the gateway still refuses the unlisted tool (JSON-RPC error, reason tool-not-allowed).",
+    )
+    tools = start_tools_server()
+    try:
+        v4 = commit_mcp_use()
+        avm("sign", "--repo", str(AGENT), "--commit", v4, "--key", str(KEYS / "cosign.key"), label="sign v4")
+        avm(
+            "promote",
+            "--repo",
+            str(AGENT),
+            "--commit",
+            v4,
+            "--target",
+            VM,
+            "--apply",
+            label="promote v4 --apply",
+        )
+        used = ask_agent("tool=search&query=boundary", "ask the agent: search (listed)")
+        refused = ask_agent(
+            "tool=delete_records&skip_guard=1", "ask the agent: delete_records, guard skipped"
+        )
+        reason = ((refused.get("answer") or {}).get("error") or {}).get("data", {}).get("reason")
+        if used.get("status") != 200 or (refused.get("status"), reason) != (403, "tool-not-allowed"):
+            raise DemoFailed(f"the boundary did not judge the tool calls as it must: {used} / {refused}")
+    finally:
+        tools.kill()
+        tools.wait()
+
+    step(
+        "13. Tier-2 job",
         "A signed, digest-pinned job image runs in its own microVM with default-deny egress "
         "(no NIC at all), a hard timeout and verified teardown. Then the egress probes.",
     )
@@ -282,11 +376,11 @@ def run() -> None:
     # egress class from inside: with no allow entries the guest has no NIC, so all are denied
     avm("job", "probe-egress", str(spec), label="job probe-egress")
 
-    step("13. receipts verify", "The auditor's check: every signature and the hash chain, offline.")
+    step("14. receipts verify", "The auditor's check: every signature and the hash chain, offline.")
     avm("receipts", "verify")
     avm("receipts", "list")
 
-    step("14. vm down demo", "Stop the VM and verify nothing of it is left.")
+    step("15. vm down demo", "Stop the VM and verify nothing of it is left.")
     avm("vm", "down", VM, label="vm down")
 
     step(

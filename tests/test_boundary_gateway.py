@@ -129,6 +129,9 @@ def test_denied_request_gets_403_with_the_reason(
     assert [(e.event, e.identity, e.method, e.code, e.reason, e.policy) for e in logged] == [
         ("egress.denied", "test:agent", method, 403, reason, pol.generation)
     ]
+    # the decision was Envoy's RBAC filter's (not a route's): its own counters say so
+    stats = setup.gw.admin.stats(r"^http\.egress_api\.example\.test_\d+\.rbac\.(allowed|denied)$")
+    assert {k.rsplit(".", 1)[1]: v for k, v in stats.items()} == {"allowed": 0, "denied": 1}
 
 
 def test_unlisted_name_gets_no_tls_session(setup: Setup) -> None:

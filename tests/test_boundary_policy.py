@@ -81,3 +81,13 @@ def test_a_job_spec_refuses_an_inspected_name_the_job_gateway_cannot_serve() -> 
     assert (err.value.code, err.value.exit_code) == ("egress-inspect-unsupported", ExitCode.USAGE)
     spec = parse_jobspec({"id": "j1", "image": IMAGE, "command": ["true"], "egress": {"names": [name]}})
     assert spec.egress.policy.names[0].inspect is False
+
+
+def test_a_job_spec_cannot_list_an_mcp_server_yet() -> None:
+    """The job gateway has no pinning service: an MCP entry is refused at parse time (exit 64),
+    not run unpinned."""
+    mcp = {"host": "tools.example.test", "methods": ["POST"], "paths": ["/mcp"], "mcp": {"tools": []}}
+    with pytest.raises(UsageError) as err:
+        parse_jobspec({"id": "j1", "image": IMAGE, "command": ["true"], "egress": {"names": [mcp]}})
+    assert err.value.code == "egress-mcp-invalid"
+    assert err.value.exit_code == ExitCode.USAGE

@@ -143,31 +143,37 @@ def test_a_credential_is_injected_only_in_its_own_destination_chain() -> None:
     rendered = render(spec())
     names = [[f["name"] for f in _hcm(rendered, "profile:alpha/443", i)["http_filters"]] for i in range(2)]
     assert names == [
-        ["envoy.filters.http.credential_injector", "envoy.filters.http.router"],
-        ["envoy.filters.http.router"],
+        ["envoy.filters.http.rbac", "envoy.filters.http.credential_injector", "envoy.filters.http.router"],
+        ["envoy.filters.http.rbac", "envoy.filters.http.router"],
     ]
-    injector = _hcm(rendered, "profile:alpha/443", 0)["http_filters"][0]["typed_config"]
+    injector = _hcm(rendered, "profile:alpha/443", 0)["http_filters"][1]["typed_config"]
     assert injector["overwrite"] is True
     assert injector["credential"]["typed_config"]["header"] == "x-api-key"
-    bearer = _hcm(rendered, "job:j-42/8443", 0)["http_filters"][0]["typed_config"]
+    bearer = _hcm(rendered, "job:j-42/8443", 0)["http_filters"][1]["typed_config"]
     assert bearer["credential"]["typed_config"]["header_value_prefix"] == "Bearer "
     # the secret value is never in a rendered document: only the file it is read from
     text = json.dumps(documents(rendered))
     assert str(ROOT / "secrets/anthropic") in text
 
 
-def test_every_denial_reason_is_a_direct_403_with_a_json_body() -> None:
+def test_every_denial_reason_is_an_rbac_policy_with_its_own_403_json_body() -> None:
     rendered = render(spec())
     alpha = policies()[0]
     hcm = _hcm(rendered, "profile:alpha/443", 0)
-    routes = [r for vh in hcm["route_config"]["virtual_hosts"] for r in vh["routes"]]
-    bodies = [
-        json.loads(r["direct_response"]["body"]["inline_string"]) for r in routes if "direct_response" in r
+    # one route, to the cluster: the decision is the RBAC filter's, not a route's
+    [vhost] = hcm["route_config"]["virtual_hosts"]
+    assert [r["route"]["cluster"] for r in vhost["routes"]] == ["out|api.example.com|443"]
+    rbac = hcm["http_filters"][0]["typed_config"]["rules"]
+    assert rbac["action"] == "DENY"
+    assert sorted(rbac["policies"]) == sorted(REASONS)
+    mappers = hcm["local_reply_config"]["mappers"]
+    details = [m["filter"]["extension_filter"]["typed_config"]["expression"] for m in mappers]
+    assert details == [f"response.code_details == 'rbac_access_denied_matched_policy[{r}]'" for r in REASONS]
+    assert [m["body_format_override"]["json_format"] for m in mappers] == [
+        {"denied": True, "reason": r, "destination": "api.example.com:443", "policy": alpha.generation}
+        for r in REASONS
     ]
-    assert sorted(b["reason"] for b in bodies) == sorted(REASONS)
-    assert {b["policy"] for b in bodies} == {alpha.generation}
-    assert {b["destination"] for b in bodies} == {"api.example.com:443"}
-    assert {r["direct_response"]["status"] for r in routes if "direct_response" in r} == {403}
+    assert {m["status_code"] for m in mappers} == {403}
 
 
 def test_a_listed_name_without_a_leaf_or_secret_is_refused() -> None:
@@ -247,3 +253,40 @@ def test_a_reload_stages_clusters_around_the_listeners_for_both_tiers() -> None:
     # the same clusters: only the listeners change
     plan = stages(both.cds["resources"], both.cds_version, both)
     assert [(s.kind, s.version) for s in plan] == [("lds", both.generation)]
+
+
+def test_an_mcp_server_is_parsed_judged_by_tool_and_reached_through_the_pinning_service() -> None:
+    pin = {"name": "search", "schema_sha256": "a" * 64}
+    mcp = parse_policy(
+        [{"host": "tools.example.com", "methods": ["POST"], "paths": ["/mcp"], "mcp": {"tools": [pin]}}]
+    )
+    base = dataclasses.replace(
+        spec(), listeners=(Listener("profile:alpha", ipaddress.IPv4Address("10.240.0.1"), mcp),),
+        leaves={"tools.example.com": (ROOT / "t.pem", ROOT / "t.key")},
+    )  # fmt: skip
+    with pytest.raises(UsageError) as err:  # no pinning service: no MCP server at all
+        render(base)
+    assert err.value.code == "gateway-listener-invalid"
+    rendered = render(dataclasses.replace(base, mcp_pin=("127.0.0.1", 19231)))
+    hcm = _hcm(rendered, "profile:alpha/443", 0)
+    assert [f["name"] for f in hcm["http_filters"]] == [
+        "envoy.filters.http.mcp",
+        "envoy.filters.http.rbac",
+        "envoy.filters.http.router",
+    ]
+    policies = hcm["http_filters"][1]["typed_config"]["rules"]["policies"]
+    assert sorted(policies) == sorted(
+        (*REASONS, "mcp-body-invalid", "mcp-method-not-allowed", "tool-not-allowed")
+    )
+    [route] = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    assert route["route"]["cluster"] == "avm-mcp-pin"
+    assert route["request_headers_to_add"][0]["header"] == {
+        "key": "x-avm-mcp-rule",
+        "value": "profile:alpha|tools.example.com:443",
+    }
+    assert [c["name"] for c in rendered.cds["resources"]] == [
+        "avm-mcp-pin"
+    ]  # no direct cluster to the server
+    assert rendered.mcp_pin is not None
+    assert rendered.mcp_pin["rules"]["profile:alpha|tools.example.com:443"]["tools"] == {"search": "a" * 64}
+    assert documents(rendered)["mcp-pin.json"] == rendered.mcp_pin

@@ -79,3 +79,58 @@ def test_egress_names_is_not_an_avm_yaml_key() -> None:
     with pytest.raises(UsageError) as err:
         parse_manifest(_manifest([], egress_names={"names": []}))
     assert err.value.code == "manifest-invalid"
+
+
+SEARCH = {
+    "name": "search",
+    "schema_sha256": "f590c569413b140e00c4f7239e66819edaffac388d3a189b6b7e256f5e3a4daf",
+}
+MCP = {"host": "tools.example.com", "methods": ["POST"], "paths": ["/mcp"]}
+
+
+def test_an_mcp_entry_takes_the_profiles_tools_as_its_allowlist() -> None:
+    manifest = parse_manifest(_manifest([{**MCP, "mcp": True}, NAME], tools=[SEARCH]))
+    mcp, plain = manifest.profiles[0].egress_names.names
+    assert mcp.mcp is not None and [t.model_dump() for t in mcp.mcp.tools] == [SEARCH]
+    assert plain.mcp is None
+    # without tools: listed, the server gets no tool call at all (an empty allowlist, not "any")
+    [bare] = parse_manifest(_manifest([{**MCP, "mcp": True}])).profiles[0].egress_names.names
+    assert bare.mcp is not None and bare.mcp.tools == ()
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {**MCP, "mcp": "yes"},
+        {**MCP, "mcp": {"tools": [SEARCH]}},  # tools are written once, under tools:
+        {**MCP, "methods": ["GET", "POST"], "mcp": True},
+    ],
+)
+def test_an_invalid_mcp_entry_is_refused_before_anything_else(entry: dict[str, object]) -> None:
+    with pytest.raises(UsageError) as err:
+        parse_manifest(_manifest([entry], tools=[SEARCH]))
+    assert err.value.code == "egress-mcp-invalid"
+    assert err.value.exit_code == 64
+
+
+def test_a_profile_with_an_mcp_server_gets_the_pinning_service_under_its_own_user() -> None:
+    manifest = parse_manifest(_manifest([{**MCP, "mcp": True}, NAME], tools=[SEARCH]))
+    profile = manifest.profiles[0]
+    gw = tier1.render_host(
+        {"web": profile.egress_names}, ca_cert=b"CA", ca_fingerprint="sha256:" + "0" * 64, upstream_ca=b"UP"
+    )
+    assert gw is not None and gw.mcp_pin
+    by_path = {f.path: f for f in gw.files}
+    config = by_path[str(tier1.PIN_CONFIG)]
+    assert (config.group, config.mode) == (tier1.PIN_USER, 0o640)
+    rule = yaml.safe_load(config.data)["rules"]["profile:web|tools.example.com:443"]
+    # its own copy of the upstream CA: the gateway's files (credentials among them) stay unreadable to it
+    assert rule["cafile"] == str(tier1.PIN_CA) and by_path[str(tier1.PIN_CA)].group == tier1.PIN_USER
+    assert rule["tools"] == {"search": SEARCH["schema_sha256"]}
+    assert by_path[str(tier1.PIN_SCRIPT)].data.startswith(b'"""The MCP pinning service')
+    assert not [p for p in by_path if p.endswith("mcp-pin.json")]
+    # without an MCP server there is no pinning service at all
+    plain = tier1.render_host({"web": parse_manifest(_manifest([NAME])).profiles[0].egress_names},
+                              ca_cert=b"CA", ca_fingerprint="sha256:" + "0" * 64)  # fmt: skip
+    assert plain is not None and not plain.mcp_pin
+    assert not [f for f in plain.files if f.path.startswith(str(tier1.PIN_ETC))]

@@ -265,12 +265,18 @@ def test_an_inspected_name_without_a_classifier_is_refused_and_the_filter_order_
     rendered = render(gate.inspect_spec(inspected(gate.port)))
     chain = rendered.lds["resources"][0]["filter_chains"][0]
     hcm = chain["filters"][0]["typed_config"]
+    # method/path/host first (a refused request is never classified), the verdict, its ceiling,
+    # then the credential: the classifier never sees it
     assert [f["name"] for f in hcm["http_filters"]] == [
+        "envoy.filters.http.rbac",
         "envoy.filters.http.ext_authz",
+        "envoy.filters.http.rbac",
         "envoy.filters.http.credential_injector",
         "envoy.filters.http.router",
     ]
-    authz = hcm["http_filters"][0]["typed_config"]
+    ceiling = hcm["http_filters"][2]["typed_config"]["rules"]["policies"]
+    assert sorted(ceiling) == ["classifier-unavailable", "sensitivity-exceeds-ceiling"]
+    authz = hcm["http_filters"][1]["typed_config"]
     assert (authz["failure_mode_allow"], authz["with_request_body"]["allow_partial_message"]) == (
         False,
         False,

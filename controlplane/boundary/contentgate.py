@@ -7,14 +7,15 @@ only gives a verdict; the gateway enforces the ceiling:
 - ``early_header_mutation`` removes every ``x-avm-*`` header the agent sent before anything
   reads the request, and the check request carries no header of the agent's (all are
   ``disallowed_headers``): nothing the agent sends can steer the classifier or the ceiling;
-- the verdict's ``x-avm-sensitivity`` header is set on the request (``allowed_upstream_headers``)
-  and the routes are chosen again (``clear_route_cache``): a route matching the levels up to
-  ``max_sensitivity`` forwards (the verdict headers are removed before upstream); a higher level
-  is a direct 403 ``sensitivity-exceeds-ceiling``; no verdict header at all (a classifier that
-  answered without one) is a 403 ``classifier-unavailable``;
+- the chain's RBAC filter judges method, path and host first (a refused request is never sent
+  to the classifier); then ``ext_authz`` asks for the verdict, whose ``x-avm-sensitivity``
+  header is set on the request (``allowed_upstream_headers``), and a second RBAC filter
+  (``ceiling_filter``) enforces ``max_sensitivity``: a higher level is a 403
+  ``sensitivity-exceeds-ceiling``, no verdict header at all (a classifier that answered without
+  one) a 403 ``classifier-unavailable``; the verdict headers are removed before upstream;
 - timeout, an error or an unreachable classifier (``failure_mode_allow: false``) and any
   non-200 answer are denials: a local reply mapped to the same JSON body shape as
-  ``routes.deny``; a body over ``max_body`` is a 413 without asking;
+  ``routes.deny_body``; a body over ``max_body`` is a 413 without asking;
 - the verdict (level, finding kinds, classifier) is kept as the filter's dynamic metadata for
   the access log; the credential injector runs after this filter, so the classifier never sees
   an injected credential.
@@ -23,12 +24,11 @@ only gives a verdict; the gateway enforces the ceiling:
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 from controlplane.boundary.policy import NameRule
-from controlplane.boundary.routes import cluster_name, deny, path_match
+from controlplane.boundary.routes import reply_mapper
 
 _T = "type.googleapis.com/envoy."
 FILTER = "envoy.filters.http.ext_authz"
@@ -79,7 +79,6 @@ def ext_authz(classifier: Classifier) -> dict[str, Any]:
             },
             "failure_mode_allow": False,
             "status_on_error": {"code": 403},
-            "clear_route_cache": True,
         },
     }
 
@@ -97,62 +96,34 @@ def early_mutation() -> list[dict[str, Any]]:
     ]
 
 
-def disabled() -> dict[str, Any]:
-    return {FILTER: {"@type": _T + "extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute", "disabled": True}}
-
-
-def _deny(reason: str, rule: NameRule, generation: str, status: int = 403) -> dict[str, Any]:
-    out = deny(reason, rule, generation)
-    body = json.loads(out["direct_response"]["body"]["inline_string"]) | {
-        "max_sensitivity": rule.max_sensitivity
-    }
-    out["direct_response"] = {"status": status, "body": {"inline_string": json.dumps(body, sort_keys=True)}}
-    return out
-
-
-def routes(rule: NameRule, generation: str) -> list[dict[str, Any]]:
-    """An inspected name's routes (``routes.routes`` with the verdict between method and path)."""
-    methods = "|".join(sorted(rule.methods))
-    only = {"name": ":method", "string_match": {"safe_regex": {"regex": f"^(?:{methods})$"}}}
+def ceiling_filter(rule: NameRule) -> dict[str, Any]:
+    """The second RBAC filter of an inspected chain, after ``ext_authz``: the verdict the
+    classifier set on the request (``x-avm-sensitivity``; the agent's own was removed before
+    anything read the request) must be one of the levels up to the ceiling. A request without a
+    verdict (a classifier that answered 200 without one) is ``classifier-unavailable``."""
+    verdict = VERDICT_HEADERS[0]
     levels = "|".join(rule.allowed_sensitivities)
-    within = {"name": VERDICT_HEADERS[0], "string_match": {"safe_regex": {"regex": f"^(?:{levels})$"}}}
-    verdict = {"name": VERDICT_HEADERS[0], "present_match": True}
-    out: list[dict[str, Any]] = []
-    for path in rule.paths:
-        match = path_match(path)
-        over = _deny("sensitivity-exceeds-ceiling", rule, generation)
-        over["response_headers_to_add"] += [
-            {
-                "header": {"key": h, "value": f"%REQ({h})%"},
-                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-            }
-            for h in VERDICT_HEADERS
-        ]
-        out += [
-            {
-                "match": {**match, "headers": [only, within]},
-                "route": {"cluster": cluster_name(rule), "timeout": "60s"},
-                "request_headers_to_remove": list(VERDICT_HEADERS),
-                "metadata": {"filter_metadata": {"avm": {"reason": "allowed"}}},
+    present = {"header": {"name": verdict, "present_match": True}}
+    within = {"header": {"name": verdict, "string_match": {"safe_regex": {"regex": f"^(?:{levels})$"}}}}
+
+    def policy(permission: dict[str, Any]) -> dict[str, Any]:
+        return {"principals": [{"any": True}], "permissions": [permission]}
+
+    return {
+        "name": "envoy.filters.http.rbac",
+        "typed_config": {
+            "@type": _T + "extensions.filters.http.rbac.v3.RBAC",
+            "rules": {
+                "action": "DENY",
+                "policies": {
+                    "classifier-unavailable": policy({"not_rule": present}),
+                    "sensitivity-exceeds-ceiling": policy(
+                        {"and_rules": {"rules": [present, {"not_rule": within}]}}
+                    ),
+                },
             },
-            {"match": {**match, "headers": [only, verdict]}, **over},
-            # where a request first lands (its x-avm-* headers removed): the classifier is asked
-            # here; still here afterwards means no verdict came back
-            {"match": {**match, "headers": [only]}, **_deny("classifier-unavailable", rule, generation)},
-            {
-                "match": match,
-                **deny("method-not-allowed", rule, generation),
-                "typed_per_filter_config": disabled(),
-            },
-        ]
-    out.append(
-        {
-            "match": {"prefix": "/"},
-            **deny("path-not-allowed", rule, generation),
-            "typed_per_filter_config": disabled(),
-        }
-    )
-    return out
+        },
+    }
 
 
 def local_replies(rule: NameRule, generation: str) -> dict[str, Any]:
@@ -174,8 +145,15 @@ def local_replies(rule: NameRule, generation: str) -> dict[str, Any]:
             "comparison": {"op": "EQ", "value": {"default_value": 413, "runtime_key": "avm.inspect.413"}}
         }
     }
+    over = reply_mapper("sensitivity-exceeds-ceiling", body("sensitivity-exceeds-ceiling")["json_format"])
+    over["headers_to_add"] = [  # the verdict, for the agent to see why (kinds only, never text)
+        {"header": {"key": h, "value": f"%REQ({h})%"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+        for h in VERDICT_HEADERS
+    ]
     return {
         "mappers": [
+            over,
+            reply_mapper("classifier-unavailable", body("classifier-unavailable")["json_format"]),
             {
                 "filter": {"response_flag_filter": {"flags": ["UAEX"]}},
                 "status_code": 403,

@@ -3,7 +3,9 @@
 Envoy writes one JSON line per request (``controlplane.boundary.routes.LOG_FIELDS``), with the
 listener's identity (the profile or job, from the address it called, not from anything it sent)
 and the policy generation in force. A request routed upstream is ``egress.allowed`` (whatever
-the upstream answered); one Envoy answered itself with a reason is ``egress.denied``.
+the upstream answered); one Envoy answered itself with a reason is ``egress.denied``, or
+``tool.denied`` for an MCP reason (``mcprules.REASONS``, or the pinning service's
+``mcppin.REASONS`` from its ``x-avm-pin`` response header), with the tool it named.
 A request an inspected name refused on its classifier's verdict (``sensitivity-exceeds-ceiling``)
 is ``classifier.denied``, with the verdict's level, the finding kinds and the classifier (never
 what matched: the classifier reports kinds and offsets only). No verdict at all is an
@@ -20,7 +22,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from controlplane.boundary import contentgate
+from controlplane.boundary import contentgate, mcppin
+from controlplane.boundary.mcprules import REASONS as TOOL_REASONS
 from controlplane.boundary.routes import REASONS
 
 _DENIALS = (*REASONS, *contentgate.REASONS)
@@ -28,7 +31,7 @@ _DENIALS = (*REASONS, *contentgate.REASONS)
 
 @dataclasses.dataclass(frozen=True)
 class Event:
-    event: str  # egress.allowed | egress.denied | classifier.denied
+    event: str  # egress.allowed | egress.denied | classifier.denied | tool.denied
     identity: str
     host: str
     method: str
@@ -41,9 +44,13 @@ class Event:
     sensitivity: str = ""
     findings: tuple[str, ...] = ()
     classifier: str = ""
+    tool: str = ""  # an MCP request's tool (tools/call) or method, when the chain parses MCP
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if not self.tool:  # only a request to an MCP server names one
+            del out["tool"]
+        return out
 
 
 def parse_line(line: str) -> Event | None:
@@ -55,11 +62,20 @@ def parse_line(line: str) -> Event | None:
     if not isinstance(raw, dict) or "identity" not in raw:
         return None
     reason = str(raw.get("reason") or "")
+    if not reason and raw.get("pin") in mcppin.REASONS:  # refused behind Envoy, on the response path
+        reason = str(raw["pin"])
     code = int(raw.get("code") or 0)
-    if reason == "classifier-unavailable" and code == 413:  # Envoy refused to buffer it: no verdict
+    details = str(raw.get("details") or "")
+    if not reason and details.startswith("ext_authz"):  # the classifier refused, failed or timed out
+        reason = "classifier-unavailable"
+    elif not reason and code == 413 and details == "request_payload_too_large":  # no verdict asked
         reason = "body-too-large-to-inspect"
-    denied = reason in _DENIALS
-    kind = "classifier.denied" if reason == "sensitivity-exceeds-ceiling" else "egress.denied"
+    tool_denied = reason in TOOL_REASONS or reason in mcppin.REASONS
+    denied = tool_denied or reason in _DENIALS
+    if tool_denied:
+        kind = "tool.denied"
+    else:
+        kind = "classifier.denied" if reason == "sensitivity-exceeds-ceiling" else "egress.denied"
     findings = str(raw.get("findings") or "")
     return Event(
         kind if denied else "egress.allowed",
@@ -74,6 +90,7 @@ def parse_line(line: str) -> Event | None:
         sensitivity=str(raw.get("sensitivity") or ""),
         findings=tuple(k for k in findings.split(",") if k and k != "-"),
         classifier=str(raw.get("classifier") or ""),
+        tool=str(raw.get("tool") or raw.get("rpc") or ""),
     )
 
 
@@ -101,5 +118,5 @@ def summary(events: list[Event]) -> dict[str, Any]:
     allowed = Counter(f"{e.method} {e.host}" for e in events if e.event == "egress.allowed")
     return {
         "allowed": dict(sorted(allowed.items())),
-        "denied": [e.to_dict() for e in events if e.event in ("egress.denied", "classifier.denied")],
+        "denied": [e.to_dict() for e in events if e.event != "egress.allowed"],
     }

@@ -26,6 +26,14 @@ from controlplane.boundary.render import GatewaySpec, Rendered, documents, dump,
 from controlplane.errors import OperationalError
 
 
+class Paths(TypedDict):
+    """What ``Gateway.paths`` returns: typed per key, so ``GatewaySpec(**gw.paths(), ...)`` checks."""
+
+    xds_dir: Path
+    admin_socket: Path
+    access_log: Path
+
+
 def reload_rejected(in_force: str, refused: str, why: str) -> OperationalError:
     """Envoy refused an update; the last good generation is still the one serving. The error's
     ``details`` carry both generations (``in_force``, ``refused``) and ``why``."""
@@ -35,12 +43,6 @@ def reload_rejected(in_force: str, refused: str, why: str) -> OperationalError:
         hint="the gateway's log (envoy.log beside its config) says which resource it refused",
         details={"in_force": in_force, "refused": refused, "why": why},
     )
-
-
-class GatewayPaths(TypedDict):
-    xds_dir: Path
-    admin_socket: Path
-    access_log: Path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +99,7 @@ class Gateway:
         )
         self.rendered: Rendered | None = None
 
-    def paths(self) -> GatewayPaths:
+    def paths(self) -> Paths:
         """The ``GatewaySpec`` fields this gateway decides: ``GatewaySpec(**gw.paths(), ...)``."""
         return {"xds_dir": self.xds_dir, "admin_socket": self.admin_socket, "access_log": self.access_log}
 

@@ -4,7 +4,9 @@ One frozen, validated model, ``EgressPolicy``, used by job specs (``egress.names
 ``parse_policy``, by anything else that carries ``egress:`` entries by name. An entry names one
 host (an exact name, or ``*.`` plus a name: a wildcard of the first label only), a port, the
 methods and paths it may use, and at most one credential that the gateway injects; a credential
-is part of its entry, so it is bound to that host and port and cannot exist without them.
+is part of its entry, so it is bound to that host and port and cannot exist without them. An
+entry with ``mcp:`` is an MCP server: POST only, and ``tools`` (name + ``schema_sha256``) are the
+only tools it may be called with (``controlplane.boundary.mcprules``, ``mcppin``).
 Raw IP/CIDR rules are not entries by name: they stay in ``jobspec.EgressRule``, validated by
 ``controlplane.jobs.egress.rules`` (one validator each).
 
@@ -32,6 +34,8 @@ _HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}$)(?:\*\.)?(?:{_LABEL}\.)+(?!\d+$){_L
 _TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]{1,64}$")  # an RFC 9110 token, lower case
 _PATH_RE = re.compile(r"^/[A-Za-z0-9._~!$&'()+,;=:@%/-]{0,255}(?:/\*)?$")
 _REF_RE = re.compile(r"^secret://local/[A-Za-z0-9._-]{1,128}$")
+TOOL_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")  # an MCP tool name (avm.yaml `tools:` too)
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # headers the gateway itself owns: an injected credential may not replace routing or framing
 _RESERVED_HEADERS = frozenset(
     {
@@ -146,6 +150,40 @@ class Credential(Frozen):
     format: Literal["{value}", "Bearer {value}"] = "{value}"
 
 
+def _tool_name(value: str) -> str:
+    if not TOOL_RE.fullmatch(value):
+        raise _refuse("egress-mcp-invalid", "mcp tool name", TOOL_RE.pattern, value, "e.g. 'search'")
+    return value
+
+
+def _sha256_hex(value: str) -> str:
+    if not _SHA256_RE.fullmatch(value):
+        raise _refuse(
+            "egress-mcp-invalid",
+            "mcp tool schema_sha256",
+            "64 lower-case hex digits",
+            value,
+            "the sha256 of the tool's canonical descriptor (controlplane.boundary.mcptools.schema_sha256)",
+        )
+    return value
+
+
+class McpTool(Frozen):
+    """One tool an MCP server may be called with, pinned by the sha256 of its descriptor."""
+
+    name: Annotated[
+        str, AfterValidator(_tool_name), JsonSchemaExtra({"pattern": json_pattern(TOOL_RE.pattern)})
+    ]
+    schema_sha256: Annotated[str, AfterValidator(_sha256_hex)]
+
+
+class McpServer(Frozen):
+    """The destination is an MCP server (Streamable HTTP, JSON-RPC in POST bodies): the gateway
+    parses every request and lets ``tools/call`` through only for a listed tool."""
+
+    tools: tuple[McpTool, ...] = ()
+
+
 class NameRule(Frozen):
     """One allowed HTTPS destination by name. Paths end in ``/*`` for a prefix, else are exact."""
 
@@ -160,6 +198,7 @@ class NameRule(Frozen):
     # a verdict over its body; a verdict above ``max_sensitivity`` is refused at the gateway
     max_sensitivity: Sensitivity = "restricted"
     inspect: Annotated[bool, Field(strict=True)] = False
+    mcp: McpServer | None = None  # an MCP server: its tools/call allowlist (boundary.mcprules)
 
     @model_validator(mode="after")
     def _ceiling_needs_inspection(self) -> NameRule:
@@ -177,6 +216,29 @@ class NameRule(Frozen):
     def allowed_sensitivities(self) -> tuple[Sensitivity, ...]:
         """The verdicts the ceiling lets through, lowest first."""
         return SENSITIVITY_LEVELS[: SENSITIVITY_LEVELS.index(self.max_sensitivity) + 1]
+
+    @model_validator(mode="after")
+    def _mcp_posts(self) -> NameRule:
+        if self.mcp is None:
+            return self
+        if self.methods != ("POST",):
+            raise _refuse(
+                "egress-mcp-invalid",
+                f"{self.key} methods",
+                "['POST'] for an MCP server (every message is a JSON-RPC body in a POST)",
+                list(self.methods),
+                "write methods: [POST]; server-sent GET streams are not passed by the gateway",
+            )
+        names = [t.name for t in self.mcp.tools]
+        if len(set(names)) != len(names):
+            raise _refuse(
+                "egress-mcp-invalid",
+                f"{self.key} mcp tools",
+                "each tool listed once",
+                names,
+                "remove the repeat",
+            )
+        return self
 
     @property
     def wildcard(self) -> bool:
@@ -240,6 +302,7 @@ def parse_policy(raw: Any, *, source: str = "<input>") -> EgressPolicy:
         code="egress-policy-invalid",
         source=source,
         hint="an entry is {host, port, methods, paths, credential: {header, ref, format}, "
-        "max_sensitivity: public|internal|confidential|restricted, inspect: true|false}; "
+        "max_sensitivity: public|internal|confidential|restricted, inspect: true|false, "
+        "mcp: {tools: [{name, schema_sha256}]}}; "
         "unknown keys are refused",
     )

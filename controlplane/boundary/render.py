@@ -8,10 +8,12 @@ document per credential) as dicts; nothing here reads or writes a file. How a re
 - ``tls_inspector`` reads the SNI; there is one filter chain per listed name, terminating TLS
   with that name's leaf. An unlisted (or missing) SNI matches no chain: the connection is
   closed before any TLS session exists;
-- in a chain, routes on the listed paths and methods go to the name's cluster, which
-  re-originates TLS with that SNI and verifies the server against ``trusted_ca``; everything
-  else is a direct 403 with a JSON body naming the reason (``host-not-allowed`` for a Host
-  header that is not the chain's name, ``path-not-allowed``, ``method-not-allowed``);
+- in a chain, an RBAC filter judges host, path and method (and, for an MCP server, the JSON-RPC
+  body the MCP filter parsed: ``controlplane.boundary.mcprules``); what it allows goes to the
+  name's cluster, which re-originates TLS with that SNI and verifies the server against
+  ``trusted_ca``; a denial is a 403 with a JSON body naming the reason (``host-not-allowed``
+  for a Host header that is not the chain's name, ``path-not-allowed``, ``method-not-allowed``;
+  ``controlplane.boundary.routes``);
 - the chain's ``credential_injector`` (``overwrite: true``) sets the entry's header from an SDS
   secret read from a file, so a rotated value is used without a restart and an agent's header
   of that name is replaced; the credential exists in that one chain only (bound to host:port);
@@ -32,10 +34,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from controlplane.boundary import contentgate
+from controlplane.boundary import contentgate, mcprules
 from controlplane.boundary.contentgate import Classifier
 from controlplane.boundary.policy import EgressPolicy, NameRule
-from controlplane.boundary.routes import access_log, cluster_name, deny, routes
+from controlplane.boundary.routes import access_log, cluster_name, local_replies, rbac_filter, routes
 from controlplane.canonical import canonical_bytes, sha256_digest
 from controlplane.errors import UsageError
 
@@ -78,6 +80,8 @@ class GatewaySpec:
     uplink_netns: Path | None = None
     # the content classifier inspected names ask (``inspect: true``); required when one is listed
     classifier: Classifier | None = None
+    # the MCP pinning service (controlplane.boundary.mcppin) every ``mcp:`` entry goes through
+    mcp_pin: tuple[str, int] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +94,7 @@ class Rendered:
     policies: dict[str, str]  # identity -> its policy generation
     xds_dir: Path
     cds_version: str
+    mcp_pin: dict[str, Any] | None = None  # the pinning service's config (mcp-pin.json)
 
 
 def sds_name(ref: str) -> str:
@@ -121,6 +126,8 @@ def _check(spec: GatewaySpec) -> None:
                 raise _refuse("secret", f"a secret file for {rule.credential.ref}", sorted(spec.secrets))
             if rule.inspect and spec.classifier is None:
                 raise _refuse("classifier", f"a classifier address for inspected {rule.key}", None)
+            if rule.mcp is not None and spec.mcp_pin is None:
+                raise _refuse("mcp_pin", f"a pinning service for the MCP server {rule.key}", None)
     addrs = [(str(x.address), x.netns, p) for x in spec.listeners for p in x.policy.ports]
     if len(addrs) != len(set(addrs)):
         raise _refuse("address", "one identity per address and port", addrs)
@@ -131,10 +138,15 @@ def render(spec: GatewaySpec) -> Rendered:
     identity, a duplicate address, or a listed name without a leaf or a credential without a file."""
     _check(spec)
     listeners = [_listener(spec, x, port) for x in spec.listeners for port in x.policy.ports]
-    rules = {cluster_name(r): r for x in spec.listeners for r in x.policy.names}
+    rules = {cluster_name(r): r for x in spec.listeners for r in x.policy.names if r.mcp is None}
     clusters = [_cluster(spec, rules[name]) for name in sorted(rules)]
-    if spec.classifier is not None and any(r.inspect for r in rules.values()):
+    if spec.classifier is not None and any(r.inspect for x in spec.listeners for r in x.policy.names):
         clusters.append(contentgate.cluster(spec.classifier, spec.uplink_netns))
+    servers = [(x.identity, r, x.policy.generation) for x in spec.listeners for r in x.policy.names if r.mcp]
+    pin = None
+    if servers and spec.mcp_pin is not None:  # the MCP servers are reached through the pinning service
+        clusters.append(mcprules.pin_cluster(spec.mcp_pin, spec.uplink_netns))
+        pin = mcprules.pin_config(spec.mcp_pin, servers, str(spec.trusted_ca), dict(spec.upstreams))
     refs = sorted({r.credential.ref for r in rules.values() if r.credential})
     body = {"listeners": listeners, "clusters": clusters, "secrets": refs}
     generation = sha256_digest(canonical_bytes(json.loads(json.dumps(body, default=str))))
@@ -143,7 +155,7 @@ def render(spec: GatewaySpec) -> Rendered:
     cds = {"version_info": cds_version, "resources": clusters}
     sds = {f"{sds_name(ref)}.json": _sds(ref, spec.secrets[ref]) for ref in refs}
     policies = {x.identity: x.policy.generation for x in spec.listeners}
-    return Rendered(_bootstrap(spec), lds, cds, sds, generation, policies, spec.xds_dir, cds_version)
+    return Rendered(_bootstrap(spec), lds, cds, sds, generation, policies, spec.xds_dir, cds_version, pin)
 
 
 def _bootstrap(spec: GatewaySpec) -> dict[str, Any]:
@@ -186,8 +198,11 @@ def _listener(spec: GatewaySpec, listener: Listener, port: int) -> dict[str, Any
 
 def _http_filters(spec: GatewaySpec, rule: NameRule) -> list[dict[str, Any]]:
     filters: list[dict[str, Any]] = []
-    if rule.inspect and spec.classifier is not None:  # first: the classifier never sees a credential
-        filters.append(contentgate.ext_authz(spec.classifier))
+    if rule.mcp is not None:  # parses the JSON-RPC body into metadata for the RBAC filter
+        filters.append(mcprules.mcp_filter())
+    filters.append(rbac_filter(rule))  # the method/path/host (and tool) decision
+    if rule.inspect and spec.classifier is not None:  # before the credential: never sent to it
+        filters += [contentgate.ext_authz(spec.classifier), contentgate.ceiling_filter(rule)]
     if rule.credential is not None:
         name = sds_name(rule.credential.ref)
         source = {"path_config_source": {"path": str(spec.xds_dir / "sds" / f"{name}.json")}}
@@ -254,8 +269,11 @@ def _chain(spec: GatewaySpec, listener: Listener, rule: NameRule) -> dict[str, A
             "virtual_hosts": [
                 {
                     "name": "listed",
-                    "domains": [rule.host],
-                    "routes": (contentgate.routes if rule.inspect else routes)(rule, generation),
+                    "domains": ["*"],  # the Host header is judged by RBAC (host-not-allowed)
+                    "routes": [
+                        mcprules.pin_route(r, listener.identity, rule.key) if rule.mcp else r
+                        for r in routes(rule, generation)
+                    ],
                     # nothing about the sandbox side travels upstream
                     "request_headers_to_remove": [
                         "x-forwarded-for",
@@ -263,19 +281,16 @@ def _chain(spec: GatewaySpec, listener: Listener, rule: NameRule) -> dict[str, A
                         "x-request-id",
                     ],
                 },
-                {
-                    "name": "unlisted",
-                    "domains": ["*"],
-                    "routes": [{"match": {"prefix": "/"}, **deny("host-not-allowed", rule, generation)}],
-                },
             ],
         },
+        "local_reply_config": local_replies(rule, generation),
         "http_filters": _http_filters(spec, rule),
     }
     if rule.inspect:
         hcm["early_header_mutation_extensions"] = contentgate.early_mutation()
-        hcm["local_reply_config"] = contentgate.local_replies(rule, generation)
-        hcm["route_config"]["virtual_hosts"][1]["typed_per_filter_config"] = contentgate.disabled()
+        hcm["local_reply_config"]["mappers"] += contentgate.local_replies(rule, generation)["mappers"]
+        listed = hcm["route_config"]["virtual_hosts"][0]
+        listed["request_headers_to_remove"] += list(contentgate.VERDICT_HEADERS)  # never upstream
     return {
         "name": rule.key,
         "filter_chain_match": {"server_names": [rule.host]},
@@ -373,4 +388,6 @@ def documents(rendered: Rendered) -> dict[str, dict[str, Any]]:
     """Every file of a rendering, by path relative to the xDS directory (bootstrap included)."""
     out = {"bootstrap.json": rendered.bootstrap, "cds.json": rendered.cds, "lds.json": rendered.lds}
     out.update({f"sds/{name}": doc for name, doc in rendered.sds.items()})
+    if rendered.mcp_pin is not None:
+        out["mcp-pin.json"] = rendered.mcp_pin
     return out

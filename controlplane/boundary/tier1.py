@@ -15,6 +15,13 @@ stable while profiles come and go): the address is who is calling. What goes to 
     /run/avm-classifier/classifier.sock  0660 avm-classifier: its ext_authz service; the gateway's
                                          user is in its group, no agent is
 
+When a profile lists an MCP server (``mcp: true``), the pinning service runs beside it
+(``avm-mcppin.service``, user ``avm-mcppin``, on ``127.0.0.1:15301``: no agent uid may connect
+there, the ``avm_boundary`` table lets each reach its own listener only)::
+
+    /usr/local/lib/avm/mcppin.py         0644  controlplane/boundary/mcppin.py, as it is
+    /etc/avm/mcppin/                     root:avm-mcppin 0750  config.json (rules, pins), upstream-ca.pem
+
 ``render_host`` returns the non-secret files (with their digests: the plan covers them) and
 what apply must add: a leaf per name (minted by the per-target CA in the avm home; the CA key
 never leaves it) and a value per credential ref (from the home's secret store).
@@ -30,6 +37,7 @@ import ipaddress
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from controlplane.boundary import mcppin
 from controlplane.boundary.contentgate import Classifier
 from controlplane.boundary.policy import EgressPolicy
 from controlplane.boundary.render import GatewaySpec, Listener, Rendered, documents, dump, render
@@ -53,6 +61,13 @@ CLASSIFIER_USER = "avm-classifier"
 CLASSIFIER_UNIT = "avm-classifier.service"
 CLASSIFIER_LIB = Path("/usr/local/lib/avm-classifier")
 CLASSIFIER_SOCKET = Path("/run/avm-classifier/classifier.sock")
+PIN_USER = "avm-mcppin"
+PIN_UNIT = "avm-mcppin.service"
+PIN_ETC = Path("/etc/avm/mcppin")
+PIN_CONFIG = PIN_ETC / "config.json"
+PIN_CA = PIN_ETC / "upstream-ca.pem"
+PIN_SCRIPT = Path("/usr/local/lib/avm/mcppin.py")
+PIN_LISTEN = ("127.0.0.1", 15301)
 NET = ipaddress.IPv4Network("127.100.0.0/24")
 TABLE = "avm_boundary"
 NSSWITCH = b"passwd: files\ngroup: files\nshadow: files\ngshadow: files\nhosts: files\n"
@@ -93,6 +108,11 @@ class Tier1Gateway:
     def inspects(self) -> bool:
         """Some listed name is ``inspect: true``: the host needs the classifier."""
         return any(r.inspect for pol in self.policies.values() for r in pol.names)
+
+    @property
+    def mcp_pin(self) -> bool:
+        """Whether a profile lists an MCP server (the pinning service runs then)."""
+        return self.rendered.mcp_pin is not None
 
     @property
     def cds_version(self) -> str:
@@ -206,13 +226,21 @@ def render_host(
         secrets={ref: secret_path(ref) for ref in refs},
         upstreams=dict(upstreams or {}),
         classifier=Classifier(CLASSIFIER_SOCKET),
+        mcp_pin=PIN_LISTEN if any(r.mcp for r in rules) else None,
     )
     rendered = render(spec)
-    files = [
-        HostFile(str(ETC / rel), dump(doc), 0o640, USER) for rel, doc in sorted(documents(rendered).items())
-    ]
+    docs = documents(rendered)
+    pin = docs.pop("mcp-pin.json", None)
+    files = [HostFile(str(ETC / rel), dump(doc), 0o640, USER) for rel, doc in sorted(docs.items())]
     if upstream_ca is not None:
         files.append(HostFile(str(UPSTREAM_CA), upstream_ca, 0o640, USER))
+    if pin is not None:  # its own user reads its own copies: never the gateway's secrets
+        cafile = str(PIN_CA if upstream_ca is not None else SYSTEM_TRUST)
+        pin = {**pin, "rules": {k: {**v, "cafile": cafile} for k, v in pin["rules"].items()}}
+        files.append(HostFile(str(PIN_CONFIG), dump(pin), 0o640, PIN_USER))
+        if upstream_ca is not None:
+            files.append(HostFile(str(PIN_CA), upstream_ca, 0o640, PIN_USER))
+        files.append(HostFile(str(PIN_SCRIPT), Path(mcppin.__file__).read_bytes(), 0o644))
     files.append(HostFile(str(CA_BUNDLE), ca_cert, 0o644))
     for p, pol in named.items():
         listed = sorted({r.host for r in pol.names if not r.wildcard})

@@ -29,7 +29,11 @@ EVENT_TYPES: dict[str, tuple[str, str]] = {
     "rollback.auto": ("promote --apply (apply receipt)", "profile, reason, to (previous release)"),
     "rollback.run": ("avm rollback --apply (apply receipt)", "commit, profiles"),
     "alignment.check": ("avm status (status receipt)", "in_sync, findings, against (apply receipt)"),
-    "tool.denied": ("gateway via journal -> avm status receipt", "profile, tool, reason"),
+    "tool.denied": (
+        "the egress gateway's MCP rules (Tier-1 access log -> avm status receipt); "
+        "mcp_guard via journal (defence in depth)",
+        "profile, tool, reason; from the gateway also host, method, path, code, policy",
+    ),
     "gateway.refused": ("gateway via journal -> avm status receipt", "profile, reason (invalid policy)"),
     "egress.denied": (
         "avm job run (job receipt); avm status (Tier-1 gateway access log)",

@@ -1,7 +1,8 @@
 """Read the egress gateway's admin, and probe the boundary from each profile's sandbox. As root.
 
 argv[1] is JSON ``{"admin": SOCKET, "bundle": PATH, "timeout": s, "profiles": {name: {"user":
-U, "listed": {"host", "port", "method", "path"}}}}`` (``profiles`` may be empty: admin only).
+U, "listed": {"host", "port", "method", "path", "rpc"?}}}}`` (``profiles`` may be empty: admin
+only; ``rpc``: the JSON-RPC body an MCP server is probed with).
 One JSON document goes to stdout: ``admin`` (the LDS/CDS versions Envoy accepted, rejected
 updates, and each active listener's policy generation, from ``/stats`` and ``/config_dump`` on
 its root-only socket) and per profile the probes a child ran as the profile's user inside the
@@ -37,11 +38,15 @@ def resolve(name):
         return sorted({a[4][0] for a in socket.getaddrinfo(name, 443, socket.AF_INET, socket.SOCK_STREAM)})
     except OSError as e:
         return "error: " + str(e)
-def https(host, port, method, path):
+def https(host, port, method, path, rpc=None):
     ctx = ssl.create_default_context(cafile=req["bundle"])
     conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=t)
     try:
-        conn.request(method, path, body=b"" if method in ("POST", "PUT", "PATCH") else None)
+        if rpc is not None:  # an MCP server: one JSON-RPC message, as a Streamable HTTP client sends it
+            head = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
+            conn.request(method, path, body=json.dumps(rpc).encode(), headers=head)
+        else:
+            conn.request(method, path, body=b"" if method in ("POST", "PUT", "PATCH") else None)
         resp = conn.getresponse(); body = resp.read(4096)
         reason = None
         try:
@@ -74,7 +79,8 @@ def dns(addr, port):
     finally:
         s.close()
 l = req["listed"]
-out["listed"] = {"resolved": resolve(l["host"]), **https(l["host"], l["port"], l["method"], l["path"])}
+got = https(l["host"], l["port"], l["method"], l["path"], l.get("rpc"))
+out["listed"] = {"resolved": resolve(l["host"]), **got}
 out["wrong_path"] = https(l["host"], l["port"], "GET", "/avm-probe/not-listed")
 out["unlisted"] = {"name": req["unlisted"], "resolved": resolve(req["unlisted"])} if req["unlisted"] else None
 out["direct"] = connect(req["addr"], req["tcp_port"])

@@ -132,6 +132,14 @@ class Egress(Frozen):
                     "a job's names are not inspected",
                     details={"expected": "false", "actual": "true"},
                 )
+            if rule.mcp is not None:  # the job gateway has no MCP pinning service: refused, not unpinned
+                raise UsageError(
+                    "egress-mcp-invalid",
+                    f"egress.names {rule.key}: expected no mcp: entry in a job spec, got one",
+                    hint="MCP servers are governed at the boundary for Tier-1 profiles (avm.yaml mcp: true); "
+                    "a Tier-2 job cannot list one yet",
+                    details={"expected": "no mcp", "actual": rule.key},
+                )
         return names
 
     @property

@@ -7,7 +7,9 @@ the home's secret store, 0640 root:avm-gateway, never in the plan or the receipt
 ``avm-gateway.service`` under its own user (and ``avm-classifier.service`` when a name inspects:
 ``promote.classifier``), (re)starts it only when its files changed, reads the
 generation in force from Envoy's admin socket until it is the rendered one, and loads the
-``inet avm_boundary`` table (nspawn: from the host side, into the VM's namespace).
+``inet avm_boundary`` table (nspawn: from the host side, into the VM's namespace). When a
+profile lists an MCP server, the pinning service ``avm-mcppin.service`` (its own user) is
+installed and started first: the gateway sends that server's requests through it.
 The probes, the admin reads and drift are in ``promote.gatewaycheck``.
 
 Per target, ``<home>/egress/<target>/``: ``ca/`` (the egress CA) and the optional options file
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 
 UNIT_FILE = files("controlplane").joinpath("data", tier1.UNIT)
 BOUNDARY_UNIT_FILE = files("controlplane").joinpath("data", tier1.BOUNDARY_UNIT)
+PIN_UNIT_FILE = files("controlplane").joinpath("data", tier1.PIN_UNIT)
 
 
 def target_dir(home: Home, target: str) -> Path:
@@ -98,6 +101,8 @@ def blobs(
         out.append(
             (f"{LAYOUT.unit_dir}/{tier1.BOUNDARY_UNIT}", BOUNDARY_UNIT_FILE.read_bytes(), 0o644, "root")
         )
+        if gw.mcp_pin:
+            out.append((f"{LAYOUT.unit_dir}/{tier1.PIN_UNIT}", PIN_UNIT_FILE.read_bytes(), 0o644, "root"))
     return out
 
 
@@ -117,13 +122,11 @@ def put_file(host: Transport, path: str, data: bytes, mode: int, group: str) -> 
     host.run(["mv", "-f", staged, path], timeout=30).check()
 
 
-def _ensure_user(host: Transport) -> None:
-    # the classifier's user too: the gateway's unit names its group (SupplementaryGroups)
-    for user in (tier1.CLASSIFIER_USER, tier1.USER):
-        if host.run(["id", "-u", user], timeout=30).ok:
-            continue
-        argv = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent"]
-        host.run([*argv, "--shell", "/usr/sbin/nologin", user], timeout=60).check()
+def _ensure_user(host: Transport, user: str = tier1.USER) -> None:
+    if host.run(["id", "-u", user], timeout=30).ok:
+        return
+    argv = ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent"]
+    host.run([*argv, "--shell", "/usr/sbin/nologin", user], timeout=60).check()
 
 
 def _changed(host: Transport, want: Mapping[str, str]) -> bool:
@@ -151,14 +154,19 @@ def install(
 
     Raises ``OperationalError('gateway-not-in-force')`` when Envoy does not report the rendered
     generation (the unit's journal tail in the message), ``CommandFailed`` from the host."""
+    _ensure_user(host, tier1.CLASSIFIER_USER)  # the gateway's unit names its group (SupplementaryGroups)
     _ensure_user(host)
-    for d, dmode, dgroup in (
+    dirs = [
         (tier1.ETC, "750", tier1.USER),
         (tier1.ETC / "sds", "750", tier1.USER),
         (tier1.CERTS, "750", tier1.USER),
         (tier1.SECRETS, "750", tier1.USER),
         (tier1.BOUNDARY, "755", "root"),
-    ):
+    ]
+    if gw.mcp_pin:  # the pinning service: its own user, its own files, none of the gateway's
+        _ensure_user(host, tier1.PIN_USER)
+        dirs += [(tier1.PIN_ETC, "750", tier1.PIN_USER), (tier1.PIN_SCRIPT.parent, "755", "root")]
+    for d, dmode, dgroup in dirs:
         host.run(["install", "-d", "-m", dmode, "-o", "root", "-g", dgroup, str(d)], timeout=30).check()
     blobs_ = blobs(home, target.name, gw, values)
     on_disk = {path: sha256_digest(data) for path, data, _, _ in blobs_}
@@ -169,6 +177,11 @@ def install(
     from controlplane.promote import classifier
 
     classifier.ensure(host, gw, step)  # up before the gateway takes a request it must inspect
+    if gw.mcp_pin:  # before Envoy routes to it; it re-reads its config when the file changes
+        step.command(host.run(["systemctl", "enable", tier1.PIN_UNIT], timeout=60).check())
+        step.command(
+            host.run(["systemctl", "restart" if restart else "start", tier1.PIN_UNIT], timeout=60).check()
+        )
     step.command(host.run(["systemctl", "enable", tier1.UNIT], timeout=60).check())
     verb = "restart" if restart else "start"
     step.command(host.run(["systemctl", verb, tier1.UNIT], timeout=60).check())
@@ -232,9 +245,15 @@ def remove(target: Target, host: Transport, step: Step) -> None:
     from controlplane.transport.local import LocalTransport
 
     classifier.remove(host, step)
-    units = [tier1.UNIT, tier1.BOUNDARY_UNIT]
+    units = [tier1.UNIT, tier1.BOUNDARY_UNIT, tier1.PIN_UNIT]
     step.command(host.run(["systemctl", "disable", "--now", *units], timeout=60))
-    files = [str(tier1.ETC), str(tier1.BOUNDARY), *(f"{LAYOUT.unit_dir}/{u}" for u in units)]
+    files = [
+        str(tier1.ETC),
+        str(tier1.BOUNDARY),
+        str(tier1.PIN_ETC),
+        str(tier1.PIN_SCRIPT),
+        *(f"{LAYOUT.unit_dir}/{u}" for u in units),
+    ]
     step.command(host.run(["rm", "-rf", "--", *files], timeout=60).check())
     step.command(host.run(["systemctl", "daemon-reload"], timeout=60).check())
     net = host_network(target)

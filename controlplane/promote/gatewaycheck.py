@@ -49,11 +49,15 @@ def wait_in_force(host: Transport, generation: str, cds_version: str, attempts: 
 
 
 def _listed(gw: tier1.Tier1Gateway, profile: str) -> dict[str, Any]:
-    rule = next(r for r in gw.policies[profile].names if not r.wildcard)
+    exact = [r for r in gw.policies[profile].names if not r.wildcard]
+    rule = next((r for r in exact if r.mcp is None), exact[0])
     path = rule.paths[0]
     path = path.removesuffix("*") + "avm-probe" if path.endswith("/*") else path
     method = "GET" if "GET" in rule.methods else rule.methods[0]
-    return {"host": rule.host, "port": rule.port, "method": method, "path": path}
+    out: dict[str, Any] = {"host": rule.host, "port": rule.port, "method": method, "path": path}
+    if rule.mcp is not None:  # an MCP server is probed with a ping (through the pinning service)
+        out["rpc"] = {"jsonrpc": "2.0", "id": "avm-probe", "method": "ping"}
+    return out
 
 
 def probe(host: Transport, gw: tier1.Tier1Gateway, profiles: Sequence[str], step: Step) -> list[str]:
@@ -181,8 +185,8 @@ def drift_findings(home: Home, target: str, host: Transport, recorded: Mapping[s
 
 
 def audit_events(host: Transport, since: str, limit: int = 200) -> list[dict[str, Any]]:
-    """Tier-1 ``egress.denied`` and ``classifier.denied`` (each, up to ``limit``) and
-    ``egress.allowed`` (a count per profile, destination and policy) from the gateway's access
+    """Tier-1 ``egress.denied``, ``classifier.denied`` and ``tool.denied`` (each, up to ``limit``)
+    and ``egress.allowed`` (a count per profile, destination and policy) from the gateway's access
     log on the host, since ``since`` (ISO 8601 UTC, what the log's ``t`` is).
     Read as root; the log holds no header values."""
     from collections import Counter
@@ -213,9 +217,10 @@ def audit_events(host: Transport, since: str, limit: int = 200) -> list[dict[str
                 if e.event == "classifier.denied"
                 else {}
             ),
+            **({"tool": e.tool} if e.event == "tool.denied" else {}),
         }
         for e in seen
-        if e.event in ("egress.denied", "classifier.denied")
+        if e.event in ("egress.denied", "classifier.denied", "tool.denied")
     ][:limit]
     allowed = Counter(
         (e.identity.removeprefix("profile:"), f"{e.method} {e.host}", e.policy)

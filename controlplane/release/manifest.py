@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, GetJsonSchemaHandler, field_validator, model_validator
 from pydantic.json_schema import JsonSchemaValue, SkipJsonSchema
@@ -69,13 +69,30 @@ def _is_name_entry(entry: object) -> bool:
     """An ``egress:`` entry by name (the gateway's) rather than an IP/CIDR rule (nftables')."""
     if not isinstance(entry, dict):
         return False
-    if {"methods", "paths", "credential"} & entry.keys():
+    if {"methods", "paths", "credential", "mcp"} & entry.keys():
         return True
     try:
         ipaddress.ip_network(str(entry.get("host", "")), strict=False)
     except ValueError:
         return True
     return False
+
+
+def _mcp_tools(entry: dict[str, Any], tools: object, source: str) -> dict[str, Any]:
+    """``mcp: true`` on an entry by name: the profile's ``tools:`` are that server's allowlist at
+    the gateway. The tools are written once, in ``tools:``; anything but true/false is refused."""
+    if "mcp" not in entry:
+        return entry
+    flag = entry["mcp"]
+    if flag is not True and flag is not False:
+        raise UsageError(
+            "egress-mcp-invalid",
+            f"{source}: {entry.get('host')!s} mcp: expected true or false, got {flag!r}",
+            hint="write mcp: true; the profile's tools: (name + schema_sha256) are the allowlist",
+            details={"expected": "true | false", "actual": str(flag)},
+        )
+    rest = {k: v for k, v in entry.items() if k != "mcp"}
+    return {**rest, "mcp": {"tools": tools if isinstance(tools, list) else []}} if flag else rest
 
 
 class McpTool(Frozen):
@@ -122,7 +139,10 @@ class Profile(Frozen):
         """avm.yaml's ``egress:`` items are IP rules or entries by name (``NameRule``)."""
         schema = handler(core)
         target = handler.resolve_ref_schema(schema)
-        by_name = handler(NameRule.__pydantic_core_schema__)
+        by_name = handler.resolve_ref_schema(handler(NameRule.__pydantic_core_schema__))
+        # in avm.yaml an MCP server says `mcp: true`: its tools are the profile's `tools:`
+        mcp_flag = {"type": "boolean", "description": "the profile's tools: are this server's allowlist"}
+        by_name = {**by_name, "properties": {**by_name["properties"], "mcp": mcp_flag}}
         items = target["properties"]["egress"]["items"]
         target["properties"]["egress"]["items"] = {"anyOf": [items, by_name]}
         return schema
@@ -137,8 +157,8 @@ class Profile(Frozen):
         entries = raw.get("egress")
         if not isinstance(entries, list):
             return raw
-        names = [e for e in entries if _is_name_entry(e)]
         source = f"profile {raw.get('name')!s} egress"
+        names = [_mcp_tools(e, raw.get("tools"), source) for e in entries if _is_name_entry(e)]
         return {
             **raw,
             "egress": [e for e in entries if not _is_name_entry(e)],

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import runpy
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -39,6 +40,9 @@ NAME_ENTRY = {
 }
 # the same destination held for the content classifier, with a ceiling a card number exceeds
 INSPECTED_ENTRY = {**NAME_ENTRY, "max_sensitivity": "internal", "inspect": True}
+# the example MCP tool server, listed as an MCP server: the profile's tools: are its allowlist
+MCP_ENTRY = {"host": "tools.example.test", "port": 443, "methods": ["POST"], "paths": ["/mcp"], "mcp": True}
+MCP_URL = "https://tools.example.test/mcp"
 OUTPUTS: list[str] = []  # every CLI output of the module, for the leak sweep
 
 
@@ -71,13 +75,17 @@ def gw_repo(tmp_path_factory: pytest.TempPathFactory, golden_home: Home) -> dict
         ("wider", _manifest(egress=[{**NAME_ENTRY, "paths": ["/v1/*", "/v2/*"]}])),
         ("plain", _manifest(egress=[])),
         ("inspected", _manifest(egress=[INSPECTED_ENTRY])),
+        (
+            "mcp",
+            _manifest(egress=[NAME_ENTRY, MCP_ENTRY], env={"GATEWAY_PORT": str(PORT), "MCP_SERVER": MCP_URL}),
+        ),
     ):
         (path / "avm.yaml").write_text(text)
         commits[name] = _commit(path, name)
     key_dir = root / "release-key"
     _, key, pub = signing.release_init(key_dir, PASSWORD)
     signing.trust_release_key(golden_home, pub, "release")
-    for name in ("good", "l3", "l3-leak", "wider", "plain", "inspected"):
+    for name in ("good", "l3", "l3-leak", "wider", "plain", "inspected", "mcp"):
         signing.sign_release(golden_home, path, commits[name], key, PASSWORD)
     value = b"gwkey-" + os.urandom(20).hex().encode()
     secrets.put(golden_home, REF, value)
@@ -110,7 +118,7 @@ def serve_upstream(
         assert rc == 0, out
         # a name the host resolves (the unlisted-name probe's control): the sandbox must not
         on_host(home, vm, "sh", "-c", f"echo '{reach} outside.example.test' >> /etc/hosts")
-        yield {"log": log, "addr": reach, "port": port}
+        yield {"log": log, "addr": reach, "port": port, "ca": ca}
     finally:
         proc.kill()
         proc.wait()
@@ -129,6 +137,70 @@ def gw_upstream(
         root, golden_home, nspawn_vm, listen=net.host_addr, reach=net.host_addr, port=port
     ) as up:
         yield up
+
+
+@pytest.fixture(scope="module")
+def mcp_upstream(
+    tmp_path_factory: pytest.TempPathFactory, golden_home: Home, nspawn_vm: str, gw_upstream: dict[str, Any]
+) -> Iterator[dict[str, Any]]:
+    """The example MCP tool server (``tools.example.test``, the upstream's CA) beside the upstream,
+    its descriptors in a file the test may change, every request it gets logged."""
+    tmp = tmp_path_factory.mktemp("mcp-upstream")
+    cert, key = gw_upstream["ca"].leaf("tools.example.test")  # gw_upstream's own test CA
+    root = Path(__file__).resolve().parents[2]
+    server = root / "examples" / "mcp-tools" / "tools_server.py"
+    tools = runpy.run_path(str(server))["TOOLS"]
+    tools_file, log = tmp / "tools.json", tmp / "tools.jsonl"
+    tools_file.write_text(json.dumps(tools))
+    port = gw_upstream["port"] + 1
+    argv = [sys.executable, str(server), gw_upstream["addr"], str(port), "--tls", str(cert), str(key)]
+    proc = subprocess.Popen(
+        [*argv, "--log", str(log), "--tools", str(tools_file)], stdout=subprocess.PIPE, cwd=root
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        pin = f"tools.example.test:443={gw_upstream['addr']}:{port}"
+        rc, out = avm(golden_home, "egress", "options", "--target", nspawn_vm, "--pin", pin)
+        assert rc == 0, out
+        yield {"log": log, "tools": tools, "tools_file": tools_file}
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# one JSON-RPC message to the MCP server as the agent sends it: no mcp_guard, a bare client
+AGENT_MCP = r"""
+import http.client, json, ssl, sys
+ctx = ssl.create_default_context(cafile="/etc/avm/boundary/egress-ca.pem")
+try:
+    conn = http.client.HTTPSConnection("tools.example.test", 443, context=ctx, timeout=10)
+    head = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
+    conn.request("POST", "/mcp", body=sys.argv[1].encode(), headers=head)
+    resp = conn.getresponse()
+    raw = resp.read()
+    is_json = resp.getheader("content-type", "").startswith("application/json")
+    print(json.dumps({"status": resp.status, "body": json.loads(raw) if is_json else None}))
+except (OSError, ValueError) as exc:
+    print(json.dumps({"error": type(exc).__name__ + ": " + str(exc)}))
+"""
+
+
+def as_agent_mcp(home: Home, vm: str, message: dict[str, Any]) -> dict[str, Any]:
+    pid = on_host(home, vm, "systemctl", "show", "-p", "MainPID", "--value", "agent-gateway@gw").strip()
+    argv = ["nsenter", "-t", pid, "-m", "-n", "--", "setpriv", "--reuid", "agent-gw", "--regid", "agent-gw"]
+    out = on_host(home, vm, *argv, "--clear-groups", "python3", "-c", AGENT_MCP, json.dumps(message))
+    doc: dict[str, Any] = json.loads(out)
+    return doc
+
+
+def ask_agent(home: Home, vm: str, query: str) -> dict[str, Any]:
+    """The example agent's own ``GET /use?...`` (it calls the tool through the boundary)."""
+    fetch = (
+        "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=30).read().decode())"
+    )
+    out = on_host(home, vm, "python3", "-c", fetch, f"http://127.0.0.1:{PORT}/use?{query}")
+    doc: dict[str, Any] = json.loads(out)
+    return doc
 
 
 def avm(home: Home, *args: str, env: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
