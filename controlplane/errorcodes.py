@@ -45,6 +45,8 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "egress-name-invalid": (USE, "an egress entry's host is not a DNS name (addresses go in egress.allow)"),
     "egress-name-wildcard": (USE, "an egress host uses '*' other than as its whole first label"),
     "egress-name-duplicate": (USE, "an egress host:port, method or path is listed twice"),
+    "egress-budget-wildcard": (USE, "a run-wide request budget with a wildcard egress name"),
+    "usage-since-invalid": (USE, "avm usage --since is not an ISO 8601 time or a duration"),
     "egress-path-invalid": (USE, "an egress path does not start with '/' or is not normalised"),
     "egress-credential-header-invalid": (
         USE,

@@ -142,8 +142,8 @@ def test_a_credential_is_injected_only_in_its_own_destination_chain() -> None:
     rendered = render(spec())
     names = [[f["name"] for f in _hcm(rendered, "profile:alpha/443", i)["http_filters"]] for i in range(2)]
     assert names == [
-        ["envoy.filters.http.credential_injector", "envoy.filters.http.router"],
-        ["envoy.filters.http.router"],
+        ["envoy.filters.http.credential_injector", "envoy.filters.http.lua", "envoy.filters.http.router"],
+        ["envoy.filters.http.lua", "envoy.filters.http.router"],
     ]
     injector = _hcm(rendered, "profile:alpha/443", 0)["http_filters"][0]["typed_config"]
     assert injector["overwrite"] is True

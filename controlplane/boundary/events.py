@@ -16,6 +16,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from controlplane.boundary.budget import BUDGETS
+from controlplane.boundary.budget import REASON as BUDGET_REASON
 from controlplane.boundary.routes import REASONS
 
 
@@ -30,6 +32,11 @@ class Event:
     reason: str  # "allowed" or one of routes.REASONS
     policy: str
     t: str
+    bytes_sent: int = 0  # request body bytes, from the agent
+    bytes_received: int = 0  # response body bytes, to the agent
+    input_tokens: int | None = None  # as the upstream's usage object reported them
+    output_tokens: int | None = None
+    budget: str = ""  # the budget a budget-exhausted 429 names
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -45,7 +52,10 @@ def parse_line(line: str) -> Event | None:
         return None
     reason = str(raw.get("reason") or "")
     code = int(raw.get("code") or 0)
-    denied = reason in REASONS
+    budget = str(raw.get("budget") or "")
+    if code == 429 and budget in BUDGETS:  # only the gateway sets x-avm-budget (boundary.budget)
+        reason = BUDGET_REASON
+    denied = reason in REASONS or reason == BUDGET_REASON
     return Event(
         "egress.denied" if denied else "egress.allowed",
         str(raw["identity"]),
@@ -56,7 +66,23 @@ def parse_line(line: str) -> Event | None:
         reason if denied else "allowed",
         str(raw.get("policy") or ""),
         str(raw.get("t") or ""),
+        _int(raw.get("bytes_sent")) or 0,
+        _int(raw.get("bytes_received")) or 0,
+        _int(raw.get("input_tokens")),
+        _int(raw.get("output_tokens")),
+        budget if reason == BUDGET_REASON else "",
     )
+
+
+def _int(value: object) -> int | None:
+    """A count from the log (Envoy writes numbers, or null / "-" when it has none)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) and value >= 0:
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return None
 
 
 def read(

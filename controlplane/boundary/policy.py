@@ -143,6 +143,16 @@ class Credential(Frozen):
     format: Literal["{value}", "Bearer {value}"] = "{value}"
 
 
+class Budget(Frozen):
+    """What one identity may spend on one destination, enforced by the gateway (429 once spent).
+
+    ``requests_per_minute``: a token bucket of that many requests, refilled in full every minute
+    (Envoy's ``local_ratelimit`` in the destination's chain, before any credential is injected).
+    """
+
+    requests_per_minute: int = Field(ge=1, le=100_000)
+
+
 class NameRule(Frozen):
     """One allowed HTTPS destination by name. Paths end in ``/*`` for a prefix, else are exact."""
 
@@ -153,6 +163,7 @@ class NameRule(Frozen):
     methods: tuple[Method, ...] = Field(min_length=1)
     paths: tuple[Annotated[str, AfterValidator(_path)], ...] = Field(min_length=1)
     credential: Credential | None = None
+    budget: Budget | None = None
 
     @property
     def wildcard(self) -> bool:
@@ -168,6 +179,9 @@ class EgressPolicy(Frozen):
     """The names an identity (a profile or a job) may reach through the gateway; nothing else."""
 
     names: tuple[NameRule, ...] = ()
+    # a run-wide request budget (jobs): requests through the gateway over the whole listener's
+    # life, across every destination; None: no run-wide limit
+    run_requests: int | None = Field(default=None, ge=1, le=10_000_000)
 
     @model_validator(mode="after")
     def _unique(self) -> EgressPolicy:
@@ -191,12 +205,29 @@ class EgressPolicy(Frozen):
                     "merge the two entries: one entry holds all methods and paths of a destination",
                 )
             seen.add(rule.key)
+        wildcard = [r.key for r in self.names if r.wildcard]
+        if self.run_requests is not None and wildcard:
+            raise _refuse(
+                "egress-budget-wildcard",
+                "run-wide budget",
+                "exact names only (a run-wide budget routes every request through one counting hop, "
+                "which resolves exact names only)",
+                wildcard,
+                "list the names the job needs instead of a wildcard, or drop the run-wide budget",
+            )
         return self
 
     @property
     def generation(self) -> str:
-        """``sha256:<hex>`` of the policy's canonical JSON (RFC 8785)."""
-        return sha256_digest(canonical_bytes(self.model_dump(mode="json")))
+        """``sha256:<hex>`` of the policy's canonical JSON (RFC 8785). Budgets that are not set
+        are left out, so a policy without any keeps the generation it had before budgets existed."""
+        doc = self.model_dump(mode="json")
+        if doc["run_requests"] is None:
+            del doc["run_requests"]
+        for rule in doc["names"]:
+            if rule["budget"] is None:
+                del rule["budget"]
+        return sha256_digest(canonical_bytes(doc))
 
     @property
     def ports(self) -> tuple[int, ...]:
@@ -215,6 +246,7 @@ def parse_policy(raw: Any, *, source: str = "<input>") -> EgressPolicy:
         doc,
         code="egress-policy-invalid",
         source=source,
-        hint="an entry is {host, port, methods, paths, credential: {header, ref, format}}; "
+        hint="an entry is {host, port, methods, paths, credential: {header, ref, format}, "
+        "budget: {requests_per_minute}}; "
         "unknown keys are refused",
     )

@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from controlplane.boundary import budget, usage
 from controlplane.boundary.policy import EgressPolicy, NameRule
 from controlplane.boundary.routes import access_log, cluster_name, deny, routes
 from controlplane.canonical import canonical_bytes, sha256_digest
@@ -127,6 +128,11 @@ def render(spec: GatewaySpec) -> Rendered:
     listeners = [_listener(spec, x, port) for x in spec.listeners for port in x.policy.ports]
     rules = {cluster_name(r): r for x in spec.listeners for r in x.policy.names}
     clusters = [_cluster(spec, rules[name]) for name in sorted(rules)]
+    for x in spec.listeners:  # run-wide budgets: one internal hop per identity that has one
+        hop = budget.run_wide(x.identity, x.policy, {r.host: cluster_name(r) for r in x.policy.names})
+        if hop:
+            listeners.append(hop[0])
+            clusters.append(hop[1])
     refs = sorted({r.credential.ref for r in rules.values() if r.credential})
     body = {"listeners": listeners, "clusters": clusters, "secrets": refs}
     generation = sha256_digest(canonical_bytes(json.loads(json.dumps(body, default=str))))
@@ -146,6 +152,7 @@ def _bootstrap(spec: GatewaySpec) -> dict[str, Any]:
         "node": {"id": "avm-egress", "cluster": "avm"},
         "admin": {"address": {"pipe": {"path": str(spec.admin_socket), "mode": 0o600}}},
         "dynamic_resources": {"lds_config": source("lds.json"), "cds_config": source("cds.json")},
+        "bootstrap_extensions": [budget.BOOTSTRAP_EXTENSION],  # run-wide budgets' internal listeners
     }
 
 
@@ -177,7 +184,7 @@ def _listener(spec: GatewaySpec, listener: Listener, port: int) -> dict[str, Any
 
 
 def _http_filters(spec: GatewaySpec, rule: NameRule) -> list[dict[str, Any]]:
-    filters: list[dict[str, Any]] = []
+    filters: list[dict[str, Any]] = budget.rule_filters(rule)  # first: a refused request gets no credential
     if rule.credential is not None:
         name = sds_name(rule.credential.ref)
         source = {"path_config_source": {"path": str(spec.xds_dir / "sds" / f"{name}.json")}}
@@ -212,6 +219,7 @@ def _http_filters(spec: GatewaySpec, rule: NameRule) -> list[dict[str, Any]]:
                 },
             }
         )
+    filters.append(usage.lua_filter())
     filters.append(
         {
             "name": "envoy.filters.http.router",
@@ -239,13 +247,15 @@ def _chain(spec: GatewaySpec, listener: Listener, rule: NameRule) -> dict[str, A
         "skip_xff_append": True,
         "generate_request_id": False,
         "access_log": [access_log(spec.access_log, listener.identity, listener.policy.generation)],
+        "local_reply_config": budget.local_reply(rule.key, generation),
         "route_config": {
             "name": f"{listener.identity}/{rule.key}",
             "virtual_hosts": [
                 {
                     "name": "listed",
                     "domains": [rule.host],
-                    "routes": routes(rule, generation),
+                    "routes": budget.reroute(routes(rule, generation), listener.identity, listener.policy),
+                    "response_headers_to_remove": budget.strip_header(listener.policy),
                     # nothing about the sandbox side travels upstream
                     "request_headers_to_remove": [
                         "x-forwarded-for",

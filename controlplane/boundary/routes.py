@@ -32,6 +32,11 @@ LOG_FIELDS = (
     "reason",
     "flags",
     "upstream",
+    "bytes_sent",
+    "bytes_received",
+    "input_tokens",
+    "output_tokens",
+    "budget",
 )
 
 
@@ -89,6 +94,13 @@ def access_log(path: Path, identity: str, generation: str) -> dict[str, Any]:
         "reason": "%METADATA(ROUTE:avm:reason)%",
         "flags": "%RESPONSE_FLAGS%",
         "upstream": "%UPSTREAM_HOST%",
+        # usage (controlplane.boundary.usage): body bytes from the agent's side, tokens the
+        # upstream reported, the budget a 429 of the gateway's own names
+        "bytes_sent": "%BYTES_RECEIVED%",
+        "bytes_received": "%BYTES_SENT%",
+        "input_tokens": "%DYNAMIC_METADATA(avm.usage:input_tokens)%",
+        "output_tokens": "%DYNAMIC_METADATA(avm.usage:output_tokens)%",
+        "budget": "%RESP(x-avm-budget)%",
     }
     assert tuple(fmt) == LOG_FIELDS
     return {
