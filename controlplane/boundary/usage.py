@@ -14,10 +14,13 @@ access log writes. They are what the upstream reported, not a count the gateway 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import re
 from collections.abc import Iterable
 from typing import Any
 
 from controlplane.boundary.events import Event
+from controlplane.errors import UsageError
 
 _T = "type.googleapis.com/envoy."
 NAMESPACE = "avm.usage"
@@ -143,3 +146,31 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in (head, *body)
     )
+
+
+def since_stamp(value: str, now: datetime.datetime | None = None) -> str:
+    """``--since`` as the access log's time format (``2026-12-02T05:03:56.123Z``), to compare
+    with each line's ``t``: an ISO 8601 time (a naive one is UTC) or a duration back from now
+    (``90s``, ``30m``, ``2h``, ``7d``). Raises ``UsageError('usage-since-invalid')``."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    match = _DURATION_RE.fullmatch(value.strip())
+    if match:
+        when = now - datetime.timedelta(seconds=int(match[1]) * _UNITS[match[2]])
+    else:
+        try:
+            when = datetime.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise UsageError(
+                "usage-since-invalid",
+                f"--since: expected an ISO 8601 time or a duration (90s, 30m, 2h, 7d), got {value!r}",
+                hint="e.g. --since 2026-12-01T09:00:00Z or --since 24h",
+                details={"expected": "ISO 8601 time or N[smhd]", "actual": value},
+            ) from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.UTC)
+    when = when.astimezone(datetime.UTC)
+    return f"{when:%Y-%m-%dT%H:%M:%S}.{when.microsecond // 1000:03d}Z"
+
+
+_DURATION_RE = re.compile(r"^([0-9]{1,9})([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
