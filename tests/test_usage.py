@@ -52,17 +52,21 @@ def _line(**fields: object) -> str:
 def test_rows_sum_per_identity_and_destination() -> None:
     lines = [
         _line(bytes_sent=10, bytes_received=100, input_tokens=3, output_tokens=4),
-        _line(bytes_sent=5, bytes_received=50, input_tokens=None, output_tokens=None, t="2026-12-02T05:00:01.000Z"),
+        _line(
+            bytes_sent=5,
+            bytes_received=50,
+            input_tokens=None,
+            output_tokens=None,
+            t="2026-12-02T05:00:01.000Z",
+        ),
         _line(code=403, reason="path-not-allowed", bytes_received=90),
         _line(code=429, budget="requests_per_minute", bytes_received=120),
         _line(identity="profile:b", bytes_sent=1, bytes_received=2, input_tokens=7, output_tokens=8),
     ]
     doc = usage.report([e for e in map(events.parse_line, lines) if e])
-    assert [
-        (r["identity"], r["requests"], r["allowed"], r["denied"], r["denied_by"], r["bytes_sent"])
-        + (r["bytes_received"], r["input_tokens"], r["output_tokens"], r["first"], r["last"])
-        for r in doc["rows"]
-    ] == [
+    keys = ["identity", "requests", "allowed", "denied", "denied_by", "bytes_sent", "bytes_received"]
+    keys += ["input_tokens", "output_tokens", "first", "last"]
+    assert [tuple(r[k] for k in keys) for r in doc["rows"]] == [
         (
             "profile:a",
             4,
@@ -88,5 +92,14 @@ def test_rows_sum_per_identity_and_destination() -> None:
         "output_tokens": 12,
     }
     text = usage.table(doc["rows"]).splitlines()
-    assert text[0].split() == ["IDENTITY", "DESTINATION", "REQ", "DENIED", "SENT", "RECEIVED", "IN_TOK", "OUT_TOK"]
+    assert text[0].split() == [
+        "IDENTITY",
+        "DESTINATION",
+        "REQ",
+        "DENIED",
+        "SENT",
+        "RECEIVED",
+        "IN_TOK",
+        "OUT_TOK",
+    ]
     assert text[1].split()[:4] == ["profile:a", "api.example.test", "4", "2"]
