@@ -77,6 +77,45 @@ def test_a_spent_per_minute_budget_is_a_429_with_the_reason_and_reaches_nothing(
     ]
 
 
+def test_a_byte_budget_counts_request_bodies_chunked_or_not(bud: Setup) -> None:
+    pol = parse_policy(
+        [
+            {
+                "host": HOST,
+                "port": bud.port,
+                "methods": ["POST"],
+                "paths": ["/v1/*"],
+                "budget": {"request_bytes_per_minute": 300},
+            }
+        ]
+    )
+    bud.gw.start(bud.spec(pol))
+
+    def post(body: bytes, chunked: bool = False) -> Any:
+        return bud.client.https("10.77.0.1", bud.port, HOST, "POST", "/v1/upload", {}, body, chunked)
+
+    too_big = post(b"x" * 301)  # larger than the whole budget: never sent
+    assert too_big.status == 413
+    assert too_big.json() == refused(pol, "request_bytes_per_minute", f"{HOST}:{bud.port}")
+    first, second = post(b"a" * 120), post(b"b" * 120, chunked=True)
+    assert (first.status, second.status) == (200, 200)
+    third = post(b"c" * 61)  # 120 + 120 + 61 > 300
+    assert third.status == 429
+    assert third.json() == refused(pol, "request_bytes_per_minute", f"{HOST}:{bud.port}")
+    assert post(b"").status == 429  # content-length: 0 still takes a token (Envoy's minimum hit)
+    seen = bud.net.upstream_requests()
+    assert [r["body"] for r in seen] == ["a" * 120, "b" * 120]  # the chunked one arrived whole
+    logged = events.read(bud.gw.access_log, timeout=5.0, want=5)
+    # bytes_sent is what the agent sent the gateway: a refused body counts, though never forwarded
+    assert [(e.code, e.reason, e.budget, e.bytes_sent) for e in logged] == [
+        (413, "budget-exhausted", "request_bytes_per_minute", 301),
+        (200, "allowed", "", 120),
+        (200, "allowed", "", 120),
+        (429, "budget-exhausted", "request_bytes_per_minute", 61),
+        (429, "budget-exhausted", "request_bytes_per_minute", 0),
+    ]
+
+
 def test_an_upstream_cannot_forge_the_budget_header(bud: Setup) -> None:
     # the test upstream sends x-avm-budget on every answer: the gateway removes it
     bud.gw.start(bud.spec(budgeted(bud.port, rpm=5)))
@@ -234,6 +273,8 @@ def test_a_run_wide_budget_routes_every_chain_through_one_bucket_and_envoy_accep
         ({"requests_per_minute": 100_001}, "egress-policy-invalid", "names.0.budget.requests_per_minute"),
         ({"requests_per_minute": "ten"}, "egress-policy-invalid", "names.0.budget.requests_per_minute"),
         ({"requests_per_minute": 5, "tokens": 9}, "egress-policy-invalid", "names.0.budget.tokens"),
+        ({"request_bytes_per_minute": 0}, "egress-policy-invalid", "names.0.budget.request_bytes_per_minute"),
+        ({}, "egress-policy-invalid", "budget"),
     ],
 )
 def test_a_bad_budget_is_refused_with_exit_64(raw: dict[str, Any], code: str, field: str) -> None:

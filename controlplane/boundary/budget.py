@@ -2,9 +2,15 @@
 
 Two kinds, both Envoy's ``local_ratelimit`` token buckets (no Python, no state outside Envoy):
 
-- per destination (``NameRule.budget.requests_per_minute``): a bucket in the destination's own
-  filter chain, first of its HTTP filters (a request refused here never gets the credential);
-  it holds N tokens and is refilled to N every minute;
+- per destination (``NameRule.budget``): buckets in the destination's own filter chain, first
+  of its HTTP filters (a request refused here never gets the credential), each holding N
+  tokens and refilled to N every minute: ``requests_per_minute`` (a token per request) and
+  ``request_bytes_per_minute`` (a token per request body byte: the buffer filter holds each
+  request whole, up to ``min(N, MAX_BODY)``, and sets its ``content-length``, which the bucket
+  takes as the request's hits; a larger body is a 413). Response bytes are not budgeted: the
+  gateway learns them only as they stream back, when a local bucket can no longer refuse the
+  request (measured: ``apply_on_stream_done`` is not honoured by ``local_ratelimit``); they are
+  counted in usage;
 - run-wide (``EgressPolicy.run_requests``, a job's ``egress.budget.requests``): every chain of
   the identity routes to one internal listener (``budget|<identity>``) whose single bucket of N
   tokens counts requests to all destinations together. A bucket belongs to one filter
@@ -14,7 +20,8 @@ Two kinds, both Envoy's ``local_ratelimit`` token buckets (no Python, no state o
   it is a budget, not a rate. It lives as long as the listener: a gateway restart or a change
   of the identity's listener starts a fresh bucket.
 
-An exhausted bucket answers ``429`` with ``x-avm-budget: <budget>`` and the body
+An exhausted bucket answers ``429`` (a body over the byte budget ``413``) with
+``x-avm-budget: <budget>`` and the body
 ``{"budget", "denied": true, "destination", "policy", "reason": "budget-exhausted"}`` (the
 shape of ``routes.deny``); the access log records the budget from that header. Responses
 from upstream servers have any ``x-avm-budget`` header removed, so only the gateway can set it.
@@ -29,7 +36,8 @@ from controlplane.boundary.policy import EgressPolicy, NameRule
 _T = "type.googleapis.com/envoy."
 REASON = "budget-exhausted"
 HEADER = "x-avm-budget"
-BUDGETS = ("requests_per_minute", "requests")
+BUDGETS = ("requests_per_minute", "request_bytes_per_minute", "requests")
+MAX_BODY = 16 << 20  # a byte-budgeted destination's requests are buffered whole, up to this
 RUN_FILL = "2592000s"  # 30 days: never within a job's timeout (24 h at most)
 _ALL = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}}
 
@@ -56,36 +64,81 @@ def _bucket(stat_prefix: str, tokens: int, fill: str, budget: str) -> dict[str, 
     }
 
 
+def _bytes_bucket(stat_prefix: str, tokens: int) -> dict[str, Any]:
+    """A bucket of request body bytes: each request takes its ``content-length`` in tokens (the
+    buffer filter before it has set that header on every request with a body, chunked ones too);
+    a request without a body matches no descriptor and takes nothing (the default bucket is
+    only there because Envoy requires one, and is never consumed)."""
+    out = _bucket(stat_prefix, 1, "3600s", "request_bytes_per_minute")
+    config = out["typed_config"]
+    config["always_consume_default_token_bucket"] = False
+    config["descriptors"] = [
+        {
+            "entries": [{"key": "header_match", "value": "body"}],
+            "token_bucket": {"max_tokens": tokens, "tokens_per_fill": tokens, "fill_interval": "60s"},
+        }
+    ]
+    present = [{"name": "content-length", "present_match": True}]
+    config["rate_limits"] = [
+        {
+            "actions": [{"header_value_match": {"descriptor_value": "body", "headers": present}}],
+            "hits_addend": {"format": "%REQ(content-length)%"},
+        }
+    ]
+    return out
+
+
 def rule_filters(rule: NameRule) -> list[dict[str, Any]]:
-    """The destination's own bucket (none without a budget): first of the chain's HTTP filters."""
+    """The destination's own buckets (none without a budget): first of the chain's HTTP filters,
+    requests first (it refuses before a body is buffered), then the buffer and the bytes."""
     if rule.budget is None:
         return []
     stat = f"budget_{rule.host.replace('*', 'any')}_{rule.port}"
-    return [_bucket(stat, rule.budget.requests_per_minute, "60s", "requests_per_minute")]
+    out: list[dict[str, Any]] = []
+    if rule.budget.requests_per_minute is not None:
+        out.append(_bucket(stat, rule.budget.requests_per_minute, "60s", "requests_per_minute"))
+    if rule.budget.request_bytes_per_minute is not None:
+        limit = rule.budget.request_bytes_per_minute
+        buffer = {
+            "@type": _T + "extensions.filters.http.buffer.v3.Buffer",
+            "max_request_bytes": min(limit, MAX_BODY),
+        }
+        out.append({"name": "envoy.filters.http.buffer", "typed_config": buffer})
+        out.append(_bytes_bucket(stat + "_bytes", limit))
+    return out
 
 
-def local_reply(destination: str, generation: str) -> dict[str, Any]:
-    """The HCM's ``local_reply_config``: a 429 the gateway made (only a bucket makes one) gets the
-    JSON body naming the budget. ``destination`` may be a command operator (``%REQ(...)%``)."""
+def _mapper(code: int, budget: str, destination: str, generation: str) -> dict[str, Any]:
     body = (
-        '{"budget":"%RESP(' + HEADER + ')%","denied":true,"destination":"' + destination + '",'
+        '{"budget":"' + budget + '","denied":true,"destination":"' + destination + '",'
         '"policy":"' + generation + '","reason":"' + REASON + '"}'
     )
-    return {
-        "mappers": [
-            {
-                "filter": {
-                    "status_code_filter": {
-                        "comparison": {"op": "EQ", "value": {"default_value": 429, "runtime_key": "avm_429"}}
-                    }
-                },
-                "body_format_override": {
-                    "text_format_source": {"inline_string": body},
-                    "content_type": "application/json",
-                },
+    out: dict[str, Any] = {
+        "filter": {
+            "status_code_filter": {
+                "comparison": {"op": "EQ", "value": {"default_value": code, "runtime_key": f"avm_{code}"}}
             }
-        ]
+        },
+        "body_format_override": {
+            "text_format_source": {"inline_string": body},
+            "content_type": "application/json",
+        },
     }
+    if code == 413:  # the buffer filter's refusal names no budget itself: the mapper does
+        out["headers_to_add"] = [
+            {"header": {"key": HEADER, "value": budget}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+        ]
+    return out
+
+
+def local_reply(destination: str, generation: str, rule: NameRule | None = None) -> dict[str, Any]:
+    """The HCM's ``local_reply_config``: a 429 the gateway made (only a bucket makes one) gets the
+    JSON body naming the budget; with a byte budget, so does the 413 for a body larger than it.
+    ``destination`` may be a command operator (``%REQ(...)%``)."""
+    mappers = [_mapper(429, "%RESP(" + HEADER + ")%", destination, generation)]
+    if rule is not None and rule.budget is not None and rule.budget.request_bytes_per_minute is not None:
+        mappers.append(_mapper(413, "request_bytes_per_minute", destination, generation))
+    return {"mappers": mappers}
 
 
 def strip_header(policy: EgressPolicy) -> list[str]:

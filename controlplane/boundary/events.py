@@ -53,7 +53,7 @@ def parse_line(line: str) -> Event | None:
     reason = str(raw.get("reason") or "")
     code = int(raw.get("code") or 0)
     budget = str(raw.get("budget") or "")
-    if code == 429 and budget in BUDGETS:  # only the gateway sets x-avm-budget (boundary.budget)
+    if code in (413, 429) and budget in BUDGETS:  # only the gateway sets x-avm-budget (boundary.budget)
         reason = BUDGET_REASON
     denied = reason in REASONS or reason == BUDGET_REASON
     return Event(

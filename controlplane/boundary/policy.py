@@ -148,9 +148,26 @@ class Budget(Frozen):
 
     ``requests_per_minute``: a token bucket of that many requests, refilled in full every minute
     (Envoy's ``local_ratelimit`` in the destination's chain, before any credential is injected).
+    ``request_bytes_per_minute``: the same for request body bytes (what the agent sends out);
+    each request is buffered whole by the gateway (so a chunked body is counted too), and a
+    single body larger than the budget (or than 16 MiB) is refused. Response bytes are counted
+    in usage, not budgeted (``controlplane.boundary.budget``).
     """
 
-    requests_per_minute: int = Field(ge=1, le=100_000)
+    requests_per_minute: int | None = Field(default=None, ge=1, le=100_000)
+    request_bytes_per_minute: int | None = Field(default=None, ge=1, le=1 << 40)
+
+    @model_validator(mode="after")
+    def _something(self) -> Budget:
+        if self.requests_per_minute is None and self.request_bytes_per_minute is None:
+            raise _refuse(
+                "egress-policy-invalid",
+                "budget",
+                "requests_per_minute, request_bytes_per_minute or both",
+                "{}",
+                "an empty budget limits nothing: remove it or set a limit",
+            )
+        return self
 
 
 class NameRule(Frozen):
@@ -247,6 +264,6 @@ def parse_policy(raw: Any, *, source: str = "<input>") -> EgressPolicy:
         code="egress-policy-invalid",
         source=source,
         hint="an entry is {host, port, methods, paths, credential: {header, ref, format}, "
-        "budget: {requests_per_minute}}; "
+        "budget: {requests_per_minute, request_bytes_per_minute}}; "
         "unknown keys are refused",
     )

@@ -247,7 +247,7 @@ def _chain(spec: GatewaySpec, listener: Listener, rule: NameRule) -> dict[str, A
         "skip_xff_append": True,
         "generate_request_id": False,
         "access_log": [access_log(spec.access_log, listener.identity, listener.policy.generation)],
-        "local_reply_config": budget.local_reply(rule.key, generation),
+        "local_reply_config": budget.local_reply(rule.key, generation, rule),
         "route_config": {
             "name": f"{listener.identity}/{rule.key}",
             "virtual_hosts": [

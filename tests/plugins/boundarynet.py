@@ -101,10 +101,15 @@ class Client:
         path: str = "/",
         headers: dict[str, str] | None = None,
         body: bytes | None = None,
+        chunked: bool = False,
     ) -> Response:
         conn = self.connection(addr, port, sni)
         try:
-            conn.request(method, path, body=body, headers=headers or {})
+            if chunked:  # the body in two chunks, no content-length
+                parts = iter([body[: len(body) // 2], body[len(body) // 2 :]] if body else [])
+                conn.request(method, path, body=parts, headers=headers or {}, encode_chunked=True)
+            else:
+                conn.request(method, path, body=body, headers=headers or {})
             resp = conn.getresponse()
             return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
         finally:
