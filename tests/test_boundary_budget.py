@@ -83,7 +83,7 @@ def test_a_byte_budget_counts_request_bodies_chunked_or_not(bud: Setup) -> None:
             {
                 "host": HOST,
                 "port": bud.port,
-                "methods": ["POST"],
+                "methods": ["GET", "POST"],
                 "paths": ["/v1/*"],
                 "budget": {"request_bytes_per_minute": 300},
             }
@@ -102,10 +102,12 @@ def test_a_byte_budget_counts_request_bodies_chunked_or_not(bud: Setup) -> None:
     third = post(b"c" * 61)  # 120 + 120 + 61 > 300
     assert third.status == 429
     assert third.json() == refused(pol, "request_bytes_per_minute", f"{HOST}:{bud.port}")
-    assert post(b"").status == 429  # content-length: 0 still takes a token (Envoy's minimum hit)
+    assert post(b"").status == 429  # content-length: 0 declares a body: refused once spent
+    # a request without a body takes nothing: the spent budget does not stop it
+    assert [bud.get("/v1/models").status for _ in range(3)] == [200, 200, 200]
     seen = bud.net.upstream_requests()
-    assert [r["body"] for r in seen] == ["a" * 120, "b" * 120]  # the chunked one arrived whole
-    logged = events.read(bud.gw.access_log, timeout=5.0, want=5)
+    assert [r["body"] for r in seen] == ["a" * 120, "b" * 120, "", "", ""]  # the chunked one whole
+    logged = events.read(bud.gw.access_log, timeout=5.0, want=8)
     # bytes_sent is what the agent sent the gateway: a refused body counts, though never forwarded
     assert [(e.code, e.reason, e.budget, e.bytes_sent) for e in logged] == [
         (413, "budget-exhausted", "request_bytes_per_minute", 301),
@@ -113,6 +115,9 @@ def test_a_byte_budget_counts_request_bodies_chunked_or_not(bud: Setup) -> None:
         (200, "allowed", "", 120),
         (429, "budget-exhausted", "request_bytes_per_minute", 61),
         (429, "budget-exhausted", "request_bytes_per_minute", 0),
+        (200, "allowed", "", 0),
+        (200, "allowed", "", 0),
+        (200, "allowed", "", 0),
     ]
 
 
@@ -243,7 +248,11 @@ def test_a_run_wide_budget_routes_every_chain_through_one_bucket_and_envoy_accep
         (tmp_path / "secrets" / name).write_bytes(b"x")
     base = spec(tmp_path, ca.cert_path, {h: ca.leaf(h) for h in hosts})
     alpha = base.listeners[0]
-    pol = EgressPolicy(names=alpha.policy.names, run_requests=100)
+    # the largest budgets the model accepts: Envoy must accept them too (its buckets are uint32)
+    biggest = {"requests_per_minute": 100_000, "request_bytes_per_minute": (1 << 32) - 1}
+    entries = [r.model_dump(mode="json", exclude_none=True) for r in alpha.policy.names]
+    entries = [{**e, "budget": biggest} for e in entries]
+    pol = EgressPolicy(names=parse_policy(entries).names, run_requests=10_000_000)
     job = dataclasses.replace(alpha, identity="job:j-7", policy=pol)
     rendered = render(dataclasses.replace(base, listeners=(job, base.listeners[1])))
     hop = budget.internal_name("job:j-7")
@@ -254,8 +263,8 @@ def test_a_run_wide_budget_routes_every_chain_through_one_bucket_and_envoy_accep
         assert {r["route"]["cluster"] for r in vhost["routes"] if "route" in r} == {hop}
     hcm = inner["filter_chains"][0]["filters"][0]["typed_config"]
     assert hcm["http_filters"][0]["typed_config"]["token_bucket"] == {
-        "max_tokens": 100,
-        "tokens_per_fill": 100,
+        "max_tokens": 10_000_000,
+        "tokens_per_fill": 10_000_000,
         "fill_interval": budget.RUN_FILL,
     }
     assert sorted(v["domains"][0] for v in hcm["route_config"]["virtual_hosts"]) == [
@@ -274,6 +283,11 @@ def test_a_run_wide_budget_routes_every_chain_through_one_bucket_and_envoy_accep
         ({"requests_per_minute": "ten"}, "egress-policy-invalid", "names.0.budget.requests_per_minute"),
         ({"requests_per_minute": 5, "tokens": 9}, "egress-policy-invalid", "names.0.budget.tokens"),
         ({"request_bytes_per_minute": 0}, "egress-policy-invalid", "names.0.budget.request_bytes_per_minute"),
+        (
+            {"request_bytes_per_minute": 1 << 32},
+            "egress-policy-invalid",
+            "names.0.budget.request_bytes_per_minute",
+        ),
         ({}, "egress-policy-invalid", "budget"),
     ],
 )

@@ -67,9 +67,9 @@ def _bucket(stat_prefix: str, tokens: int, fill: str, budget: str) -> dict[str, 
 def _bytes_bucket(stat_prefix: str, tokens: int) -> dict[str, Any]:
     """A bucket of request body bytes: each request takes its ``content-length`` in tokens (the
     buffer filter before it has set that header on every request with a body, chunked ones too);
-    a request without a body matches no descriptor and takes nothing (the default bucket is
-    only there because Envoy requires one, and is never consumed)."""
-    out = _bucket(stat_prefix, 1, "3600s", "request_bytes_per_minute")
+    a request without a body matches no descriptor and falls to the default bucket, which Envoy
+    requires: it is the largest there is, refilled every second, so it never refuses."""
+    out = _bucket(stat_prefix, (1 << 32) - 1, "1s", "request_bytes_per_minute")
     config = out["typed_config"]
     config["always_consume_default_token_bucket"] = False
     config["descriptors"] = [

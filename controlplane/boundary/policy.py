@@ -155,7 +155,7 @@ class Budget(Frozen):
     """
 
     requests_per_minute: int | None = Field(default=None, ge=1, le=100_000)
-    request_bytes_per_minute: int | None = Field(default=None, ge=1, le=1 << 40)
+    request_bytes_per_minute: int | None = Field(default=None, ge=1, le=(1 << 32) - 1)  # Envoy: uint32
 
     @model_validator(mode="after")
     def _something(self) -> Budget:
