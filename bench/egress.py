@@ -140,7 +140,7 @@ def budget_rows(net: BoundaryNet, n: int) -> list[tuple[str, str]]:
                 get = timed(client, port, n, "GET", "/v1/chat/completions", None)
                 post = timed(client, port, n, "POST", "/v1/chat/completions", body)
         finally:
-            render._http_filters = shipped  # type: ignore[assignment]
+            render._http_filters = shipped
         rows.append((f"{label}: GET with usage / POST 4 KiB, p50 (p99) ms",
                      f"{get[0]:.2f} ({get[1]:.2f}) / {post[0]:.2f} ({post[1]:.2f})"))  # fmt: skip
     return rows
