@@ -19,7 +19,6 @@ import yaml
 from controlplane.boundary.ca import EgressCA
 from controlplane.governance import secrets
 from controlplane.home import Home
-from controlplane.promote import gateway
 from controlplane.promote.enforcement import host_network
 from controlplane.release import trust as signing
 from controlplane.transport import inventory
@@ -101,10 +100,10 @@ def gw_upstream(
     )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
-        options = gateway.target_dir(golden_home, nspawn_vm) / "gateway.json"
-        options.parent.mkdir(parents=True, exist_ok=True)
-        pins = {"api.example.test:443": [net.host_addr, port]}
-        options.write_text(json.dumps({"upstream_ca": str(ca.cert_path), "upstreams": pins}))
+        pin = f"api.example.test:443={net.host_addr}:{port}"
+        rc, out = avm(golden_home, "egress", "options", "--target", nspawn_vm, "--clear",
+                      "--upstream-ca", str(ca.cert_path), "--pin", pin)  # fmt: skip
+        assert rc == 0, out
         # a name the host resolves (the unlisted-name probe's control): the sandbox must not
         on_host(
             golden_home, nspawn_vm, "sh", "-c", f"echo '{net.host_addr} outside.example.test' >> /etc/hosts"
