@@ -7,11 +7,15 @@
   + files + admin polling) and from the first rename to the new generation in force;
 * gateway memory (RSS) with 1 listener and with 50 (one identity and address each), and the time
   to add the 51st listener;
+* budgets and usage (with ``--budgets``): keep-alive requests through the gateway as shipped
+  (the Lua token reader in every chain), with that filter removed (a bench-only rendering), and
+  with a request and a byte budget (the byte budget buffers each request): a GET answered with
+  a usage object and a POST of 4 KiB, p50/p99;
 * Tier-2 (with ``--jobs``, needs the golden image): a deny-all job vs the same job listing a name,
   (a) with the host's gateway already running (a listener added by a file update) and (b) with no
   gateway running (the job starts it: what a per-job gateway costs); median of N each.
 
-    python bench/egress.py [-n 500] [--jobs 3]
+    python bench/egress.py [-n 500] [--budgets] [--jobs 3]
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import statistics
 import sys
 import tempfile
@@ -81,6 +86,64 @@ def latency(client: Client, addr: str, port: int, n: int) -> tuple[float, float]
         conn.close()
     out.sort()
     return statistics.median(out) * 1000, out[int(len(out) * 0.99) - 1] * 1000
+
+
+def timed(
+    client: Client, port: int, n: int, method: str, path: str, body: bytes | None
+) -> tuple[float, float]:
+    conn = client.connection(AGENT_ADDR, port, HOST)
+    conn.connect()
+    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as a real client: no Nagle stall
+    out = []
+    try:
+        for _ in range(n):
+            t = time.perf_counter()
+            conn.request(method, path, body=body)
+            resp = conn.getresponse()
+            resp.read()
+            out.append(time.perf_counter() - t)
+            assert resp.status == 200, resp.status
+    finally:
+        conn.close()
+    out.sort()
+    return statistics.median(out) * 1000, out[int(len(out) * 0.99) - 1] * 1000
+
+
+def budget_rows(net: BoundaryNet, n: int) -> list[tuple[str, str]]:
+    from controlplane.boundary import render
+
+    rows: list[tuple[str, str]] = []
+    ca = EgressCA.ensure(net.tmp / "egress-ca-budget")
+    port = net.upstream_port
+    entry: dict[str, object] = {"host": HOST, "port": port, "methods": ["GET", "POST"], "paths": ["/v1/*"]}
+    budget = {"requests_per_minute": 100_000, "request_bytes_per_minute": (1 << 32) - 1}
+    shipped = render._http_filters
+
+    def without_lua(spec_: GatewaySpec, rule: object) -> list[dict[str, object]]:
+        return [f for f in shipped(spec_, rule) if f["name"] != "envoy.filters.http.lua"]  # type: ignore[arg-type]
+
+    body = b"x" * 4096
+    for label, pol, filters in (
+        ("as shipped (Lua token reader)", parse_policy([entry]), shipped),
+        ("without the Lua filter (bench only)", parse_policy([entry]), without_lua),
+        ("with request + byte budgets", parse_policy([{**entry, "budget": budget}]), shipped),
+    ):
+        render._http_filters = filters  # type: ignore[assignment]
+        try:
+            with Gateway(net.tmp / f"gw-{len(rows)}", netns=net.gw) as gw:
+                sec = gw.put_secret(REF, b"unused")
+                me = Listener(
+                    "test:agent", ipaddress.IPv4Address(AGENT_ADDR), pol, Path(f"/run/netns/{net.ag}")
+                )
+                gw.start(spec(net, gw, ca, (me,), sec))
+                client = Client(net.ag, ca.cert_path)
+                get = timed(client, port, n, "GET", "/v1/chat/completions", None)
+                post = timed(client, port, n, "POST", "/v1/chat/completions", body)
+        finally:
+            render._http_filters = shipped
+        rows.append((f"{label}: GET with usage / POST 4 KiB, p50 (p99) ms",
+                     f"{get[0]:.2f} ({get[1]:.2f}) / {post[0]:.2f} ({post[1]:.2f})"))  # fmt: skip
+    return rows
 
 
 def gateway_rows(net: BoundaryNet, n: int) -> list[tuple[str, str]]:
@@ -227,11 +290,14 @@ def main() -> None:
     parser.add_argument(
         "--jobs", type=int, default=0, help="Tier-2 jobs per kind (0: skip; needs the golden image)"
     )
+    parser.add_argument("--budgets", action="store_true", help="also measure budgets and the usage filter")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/egress.py needs root (network namespaces)")
     with tempfile.TemporaryDirectory(prefix="avm-bench-egress-") as tmp, make_boundary_net(Path(tmp)) as net:
         rows = gateway_rows(net, args.n)
+        if args.budgets:
+            rows += budget_rows(net, args.n)
         if args.jobs:
             os.environ.setdefault("AVM_IMAGE_CACHE", "/var/tmp/avm-image-cache")
             rows += job_rows(net, args.jobs)

@@ -49,6 +49,8 @@ REGISTRY: dict[str, tuple[str, str]] = {
         USE,
         "an MCP entry of an egress policy is invalid (methods, tool names or hashes)",
     ),
+    "egress-budget-wildcard": (USE, "a run-wide request budget with a wildcard egress name"),
+    "usage-since-invalid": (USE, "avm usage --since is not an ISO 8601 time or a duration"),
     "egress-path-invalid": (USE, "an egress path does not start with '/' or is not normalised"),
     "egress-credential-header-invalid": (
         USE,

@@ -143,8 +143,13 @@ def test_a_credential_is_injected_only_in_its_own_destination_chain() -> None:
     rendered = render(spec())
     names = [[f["name"] for f in _hcm(rendered, "profile:alpha/443", i)["http_filters"]] for i in range(2)]
     assert names == [
-        ["envoy.filters.http.rbac", "envoy.filters.http.credential_injector", "envoy.filters.http.router"],
-        ["envoy.filters.http.rbac", "envoy.filters.http.router"],
+        [
+            "envoy.filters.http.rbac",
+            "envoy.filters.http.credential_injector",
+            "envoy.filters.http.lua",
+            "envoy.filters.http.router",
+        ],
+        ["envoy.filters.http.rbac", "envoy.filters.http.lua", "envoy.filters.http.router"],
     ]
     injector = _hcm(rendered, "profile:alpha/443", 0)["http_filters"][1]["typed_config"]
     assert injector["overwrite"] is True
@@ -166,7 +171,8 @@ def test_every_denial_reason_is_an_rbac_policy_with_its_own_403_json_body() -> N
     rbac = hcm["http_filters"][0]["typed_config"]["rules"]
     assert rbac["action"] == "DENY"
     assert sorted(rbac["policies"]) == sorted(REASONS)
-    mappers = hcm["local_reply_config"]["mappers"]
+    # the RBAC reasons' mappers come first (then the budgets' 429 / 413, when there are budgets)
+    mappers = hcm["local_reply_config"]["mappers"][: len(REASONS)]
     details = [m["filter"]["extension_filter"]["typed_config"]["expression"] for m in mappers]
     assert details == [f"response.code_details == 'rbac_access_denied_matched_policy[{r}]'" for r in REASONS]
     assert [m["body_format_override"]["json_format"] for m in mappers] == [
@@ -272,6 +278,7 @@ def test_an_mcp_server_is_parsed_judged_by_tool_and_reached_through_the_pinning_
     assert [f["name"] for f in hcm["http_filters"]] == [
         "envoy.filters.http.mcp",
         "envoy.filters.http.rbac",
+        "envoy.filters.http.lua",
         "envoy.filters.http.router",
     ]
     policies = hcm["http_filters"][1]["typed_config"]["rules"]["policies"]

@@ -272,6 +272,7 @@ def test_an_inspected_name_without_a_classifier_is_refused_and_the_filter_order_
         "envoy.filters.http.ext_authz",
         "envoy.filters.http.rbac",
         "envoy.filters.http.credential_injector",
+        "envoy.filters.http.lua",
         "envoy.filters.http.router",
     ]
     ceiling = hcm["http_filters"][2]["typed_config"]["rules"]["policies"]

@@ -17,11 +17,13 @@ import os
 import re
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from controlplane.boundary import usage
 from controlplane.home import Home
 from controlplane.promote import gateway, gatewaycheck
 from controlplane.release import trust as signing
@@ -39,7 +41,7 @@ from tests.plugins.tier1gw import (
     promote,
     receipt_of,
 )
-from tests.plugins.vms import AVM
+from tests.plugins.vms import AVM, run_avm
 
 
 def test_a_wildcard_alone_is_refused_before_signing_at_exit_64(
@@ -326,6 +328,45 @@ def test_egress_log_shows_the_gateways_events_and_follows_new_ones(golden_home: 
         guard.cancel()
         follow.kill()
         follow.wait()
+
+
+def test_usage_counts_the_agents_requests_and_status_records_them(
+    golden_home: Home, nspawn_vm: str, applied: Any
+) -> None:
+    since = usage.since_stamp("0s")  # the VM is a container: its clock is this one
+    got = [as_agent(golden_home, nspawn_vm, p) for p in ("/v1/chat/completions",) * 2 + ("/v3/nope",)]
+    assert [g["status"] for g in got] == [200, 200, 403]
+    doc: dict[str, Any] = {}
+    for _ in range(40):  # Envoy flushes its access log on an interval
+        rc, doc = avm(golden_home, "usage", "--target", nspawn_vm, "--since", since)
+        assert rc == 0, doc
+        if doc["totals"]["requests"] == 3:
+            break
+        time.sleep(0.25)
+    [row] = doc["rows"]
+    assert {k: v for k, v in row.items() if k not in ("first", "last")} == {
+        "identity": "profile:gw",
+        "destination": "api.example.test",
+        "requests": 3,
+        "allowed": 2,
+        "denied": 1,
+        "denied_by": {"path-not-allowed": 1},
+        "bytes_sent": 0,  # GETs: no request body
+        "bytes_received": sum(g["bytes"] for g in got),
+        "input_tokens": 0,  # the test upstream reports the request body's length
+        "output_tokens": 2 * 7,
+    }
+    rc, out = avm(golden_home, "status", "--target", nspawn_vm)
+    assert rc == 0, out
+    recorded = newest(golden_home, "status")["result"]["usage"]
+    rc, again = avm(golden_home, "usage", "--target", nspawn_vm, "--since", recorded["since"])
+    assert rc == 0, again
+    assert (recorded["rows"], recorded["totals"]) == (again["rows"], again["totals"])
+    # since the apply: the earlier tests' requests too, so at least these three
+    assert recorded["totals"]["output_tokens"] >= 14
+    table = run_avm(golden_home, "usage", "--target", nspawn_vm, "--since", since)
+    assert table.returncode == 0
+    assert table.stdout.splitlines()[1].split()[:4] == ["profile:gw", "api.example.test", "3", "1"]
 
 
 def test_the_receipts_with_the_probes_and_events_verify(golden_home: Home, applied: Any) -> None:

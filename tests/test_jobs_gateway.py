@@ -182,3 +182,57 @@ def _receipt(env: JobEnv, receipt_id: str | None) -> dict[str, Any]:
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     return dict(doc.get("statement", doc)["predicate"])
+
+
+def test_a_jobs_run_wide_budget_is_enforced_at_the_gateway_and_its_usage_is_in_the_receipt(
+    jobenv: JobEnv, world: tuple[str, int, EgressCA, Path], tmp_path: Path
+) -> None:
+    world_ns, port, up_ca, upstream_log = world
+    ssl = (
+        '/usr/bin/openssl s_client -quiet -verify_return_error -CAfile "$SSL_CERT_FILE" '
+        f"-servername api.example.test -connect api.example.test:{port}"
+    )
+    req = "GET /v1/chat/completions HTTP/1.1\\r\\nHost: api.example.test\\r\\nConnection: close\\r\\n\\r\\n"
+    lines = [f"printf '{req}' | {ssl} 2>/dev/null | tail -n 1 > $AVM_OUT/r{i}.json" for i in range(3)]
+    names = [{"host": "api.example.test", "port": port, "methods": ["GET"], "paths": ["/v1/*"]}]
+    outputs = ["r0.json", "r1.json", "r2.json"]
+    spec_path = jobenv.spec(
+        "budget", id="gw-budget", image=tls_image(jobenv), command=["sh", "-c", "\n".join(lines)],
+        timeout=120, egress={"names": names, "budget": {"requests": 2}}, outputs=outputs,
+    )  # fmt: skip
+    gateway = HostGatewayOptions(
+        root=tmp_path / "gw", netns=world_ns, upstreams={f"api.example.test:{port}": (UPSTREAM, port)},
+        trusted_ca=up_ca.cert_path,
+    )  # fmt: skip
+    spec = load_jobspec(spec_path)
+    result = run_job(
+        jobenv.home, spec, spec_dir=spec_path.parent, output_dir=tmp_path / "out",
+        network_options={"uplink_netns": world_ns, "gateway": gateway},
+    )  # fmt: skip
+    out = tmp_path / "out"
+    assert result.status == "ok", (result.stdout, result.stderr)
+    answers = [json.loads((out / name).read_text()) for name in outputs]
+    assert [a.get("path") for a in answers[:2]] == ["/v1/chat/completions"] * 2
+    assert answers[2] == {
+        "budget": "requests",
+        "denied": True,
+        "destination": "api.example.test",
+        "policy": spec.egress.policy.generation,
+        "reason": "budget-exhausted",
+    }
+    assert len(upstream_log.read_text().splitlines()) == 2  # the third never left the gateway
+    predicate = _receipt(jobenv, result.receipt_id)
+    [row] = predicate["result"]["usage"]["rows"]
+    assert {k: row[k] for k in ("identity", "destination", "requests", "allowed", "denied", "denied_by")} == {
+        "identity": "job:gw-budget",
+        "destination": "api.example.test",
+        "requests": 3,
+        "allowed": 2,
+        "denied": 1,
+        "denied_by": {"budget-exhausted": 1},
+    }
+    assert (row["bytes_sent"], row["input_tokens"], row["output_tokens"]) == (0, 0, 2 * 7)
+    denied = [e for e in predicate["events"] if e["type"] == "egress.denied"]
+    assert [(e["reason"], e["budget"], e["code"]) for e in denied] == [("budget-exhausted", "requests", 429)]
+    checks = {c["name"]: c["ok"] for c in predicate["checks"]}
+    assert all(checks.values()), predicate["checks"]

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.boundary import contentgate, mcppin
+from controlplane.boundary.budget import BUDGETS
+from controlplane.boundary.budget import REASON as BUDGET_REASON
 from controlplane.boundary.mcprules import REASONS as TOOL_REASONS
 from controlplane.boundary.routes import REASONS
 
@@ -45,6 +47,11 @@ class Event:
     findings: tuple[str, ...] = ()
     classifier: str = ""
     tool: str = ""  # an MCP request's tool (tools/call) or method, when the chain parses MCP
+    bytes_sent: int = 0  # request body bytes, from the agent
+    bytes_received: int = 0  # response body bytes, to the agent
+    input_tokens: int | None = None  # as the upstream's usage object reported them
+    output_tokens: int | None = None
+    budget: str = ""  # the budget a budget-exhausted 429 names
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -65,13 +72,16 @@ def parse_line(line: str) -> Event | None:
     if not reason and raw.get("pin") in mcppin.REASONS:  # refused behind Envoy, on the response path
         reason = str(raw["pin"])
     code = int(raw.get("code") or 0)
+    budget = str(raw.get("budget") or "")
+    if code in (413, 429) and budget in BUDGETS:  # only the gateway sets x-avm-budget (boundary.budget)
+        reason = BUDGET_REASON
     details = str(raw.get("details") or "")
     if not reason and details.startswith("ext_authz"):  # the classifier refused, failed or timed out
         reason = "classifier-unavailable"
     elif not reason and code == 413 and details == "request_payload_too_large":  # no verdict asked
         reason = "body-too-large-to-inspect"
     tool_denied = reason in TOOL_REASONS or reason in mcppin.REASONS
-    denied = tool_denied or reason in _DENIALS
+    denied = tool_denied or reason in _DENIALS or reason == BUDGET_REASON
     if tool_denied:
         kind = "tool.denied"
     else:
@@ -91,7 +101,23 @@ def parse_line(line: str) -> Event | None:
         findings=tuple(k for k in findings.split(",") if k and k != "-"),
         classifier=str(raw.get("classifier") or ""),
         tool=str(raw.get("tool") or raw.get("rpc") or ""),
+        bytes_sent=_int(raw.get("bytes_sent")) or 0,
+        bytes_received=_int(raw.get("bytes_received")) or 0,
+        input_tokens=_int(raw.get("input_tokens")),
+        output_tokens=_int(raw.get("output_tokens")),
+        budget=budget if reason == BUDGET_REASON else "",
     )
+
+
+def _int(value: object) -> int | None:
+    """A count from the log (Envoy writes numbers, or null / "-" when it has none)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) and value >= 0:
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return None
 
 
 def read(

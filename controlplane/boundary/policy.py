@@ -184,6 +184,33 @@ class McpServer(Frozen):
     tools: tuple[McpTool, ...] = ()
 
 
+class Budget(Frozen):
+    """What one identity may spend on one destination, enforced by the gateway (429 once spent).
+
+    ``requests_per_minute``: a token bucket of that many requests, refilled in full every minute
+    (Envoy's ``local_ratelimit`` in the destination's chain, before any credential is injected).
+    ``request_bytes_per_minute``: the same for request body bytes (what the agent sends out);
+    each request is buffered whole by the gateway (so a chunked body is counted too), and a
+    single body larger than the budget (or than 16 MiB) is refused. Response bytes are counted
+    in usage, not budgeted (``controlplane.boundary.budget``).
+    """
+
+    requests_per_minute: int | None = Field(default=None, ge=1, le=100_000)
+    request_bytes_per_minute: int | None = Field(default=None, ge=1, le=(1 << 32) - 1)  # Envoy: uint32
+
+    @model_validator(mode="after")
+    def _something(self) -> Budget:
+        if self.requests_per_minute is None and self.request_bytes_per_minute is None:
+            raise _refuse(
+                "egress-policy-invalid",
+                "budget",
+                "requests_per_minute, request_bytes_per_minute or both",
+                "{}",
+                "an empty budget limits nothing: remove it or set a limit",
+            )
+        return self
+
+
 class NameRule(Frozen):
     """One allowed HTTPS destination by name. Paths end in ``/*`` for a prefix, else are exact."""
 
@@ -199,6 +226,7 @@ class NameRule(Frozen):
     max_sensitivity: Sensitivity = "restricted"
     inspect: Annotated[bool, Field(strict=True)] = False
     mcp: McpServer | None = None  # an MCP server: its tools/call allowlist (boundary.mcprules)
+    budget: Budget | None = None  # what this identity may spend here (boundary.budget)
 
     @model_validator(mode="after")
     def _ceiling_needs_inspection(self) -> NameRule:
@@ -254,6 +282,9 @@ class EgressPolicy(Frozen):
     """The names an identity (a profile or a job) may reach through the gateway; nothing else."""
 
     names: tuple[NameRule, ...] = ()
+    # a run-wide request budget (jobs): requests through the gateway over the whole listener's
+    # life, across every destination; None: no run-wide limit
+    run_requests: int | None = Field(default=None, ge=1, le=10_000_000)
 
     @model_validator(mode="after")
     def _unique(self) -> EgressPolicy:
@@ -277,12 +308,33 @@ class EgressPolicy(Frozen):
                     "merge the two entries: one entry holds all methods and paths of a destination",
                 )
             seen.add(rule.key)
+        wildcard = [r.key for r in self.names if r.wildcard]
+        if self.run_requests is not None and wildcard:
+            raise _refuse(
+                "egress-budget-wildcard",
+                "run-wide budget",
+                "exact names only (a run-wide budget routes every request through one counting hop, "
+                "which resolves exact names only)",
+                wildcard,
+                "list the names the job needs instead of a wildcard, or drop the run-wide budget",
+            )
         return self
 
     @property
     def generation(self) -> str:
-        """``sha256:<hex>`` of the policy's canonical JSON (RFC 8785)."""
-        return sha256_digest(canonical_bytes(self.model_dump(mode="json")))
+        """``sha256:<hex>`` of the policy's canonical JSON (RFC 8785). Fields added after the
+        first release are left out while at their defaults (no budget, no MCP server, no
+        inspection, the ``restricted`` ceiling), so a policy that uses none of them keeps the
+        generation it had before they existed: a gateway in force is not reported as drifted."""
+        doc = self.model_dump(mode="json")
+        if doc["run_requests"] is None:
+            del doc["run_requests"]
+        later = {"budget": None, "mcp": None, "inspect": False, "max_sensitivity": "restricted"}
+        for rule in doc["names"]:
+            for key, default in later.items():
+                if rule[key] == default:
+                    del rule[key]
+        return sha256_digest(canonical_bytes(doc))
 
     @property
     def ports(self) -> tuple[int, ...]:
@@ -303,6 +355,6 @@ def parse_policy(raw: Any, *, source: str = "<input>") -> EgressPolicy:
         source=source,
         hint="an entry is {host, port, methods, paths, credential: {header, ref, format}, "
         "max_sensitivity: public|internal|confidential|restricted, inspect: true|false, "
-        "mcp: {tools: [{name, schema_sha256}]}}; "
+        "mcp: {tools: [{name, schema_sha256}]}, budget: {requests_per_minute, request_bytes_per_minute}}; "
         "unknown keys are refused",
     )

@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from controlplane.boundary import contentgate, mcprules
+from controlplane.boundary import budget, contentgate, mcprules, usage
 from controlplane.boundary.contentgate import Classifier
 from controlplane.boundary.policy import EgressPolicy, NameRule
 from controlplane.boundary.routes import access_log, cluster_name, local_replies, rbac_filter, routes
@@ -147,6 +147,11 @@ def render(spec: GatewaySpec) -> Rendered:
     if servers and spec.mcp_pin is not None:  # the MCP servers are reached through the pinning service
         clusters.append(mcprules.pin_cluster(spec.mcp_pin, spec.uplink_netns))
         pin = mcprules.pin_config(spec.mcp_pin, servers, str(spec.trusted_ca), dict(spec.upstreams))
+    for x in spec.listeners:  # run-wide budgets: one internal hop per identity that has one
+        hop = budget.run_wide(x.identity, x.policy, {r.host: cluster_name(r) for r in x.policy.names})
+        if hop:
+            listeners.append(hop[0])
+            clusters.append(hop[1])
     refs = sorted({r.credential.ref for r in rules.values() if r.credential})
     body = {"listeners": listeners, "clusters": clusters, "secrets": refs}
     generation = sha256_digest(canonical_bytes(json.loads(json.dumps(body, default=str))))
@@ -166,6 +171,7 @@ def _bootstrap(spec: GatewaySpec) -> dict[str, Any]:
         "node": {"id": "avm-egress", "cluster": "avm"},
         "admin": {"address": {"pipe": {"path": str(spec.admin_socket), "mode": 0o600}}},
         "dynamic_resources": {"lds_config": source("lds.json"), "cds_config": source("cds.json")},
+        "bootstrap_extensions": [budget.BOOTSTRAP_EXTENSION],  # run-wide budgets' internal listeners
     }
 
 
@@ -197,7 +203,7 @@ def _listener(spec: GatewaySpec, listener: Listener, port: int) -> dict[str, Any
 
 
 def _http_filters(spec: GatewaySpec, rule: NameRule) -> list[dict[str, Any]]:
-    filters: list[dict[str, Any]] = []
+    filters: list[dict[str, Any]] = budget.rule_filters(rule)  # first: a refused request gets no credential
     if rule.mcp is not None:  # parses the JSON-RPC body into metadata for the RBAC filter
         filters.append(mcprules.mcp_filter())
     filters.append(rbac_filter(rule))  # the method/path/host (and tool) decision
@@ -237,6 +243,7 @@ def _http_filters(spec: GatewaySpec, rule: NameRule) -> list[dict[str, Any]]:
                 },
             }
         )
+    filters.append(usage.lua_filter())
     filters.append(
         {
             "name": "envoy.filters.http.router",
@@ -270,10 +277,15 @@ def _chain(spec: GatewaySpec, listener: Listener, rule: NameRule) -> dict[str, A
                 {
                     "name": "listed",
                     "domains": ["*"],  # the Host header is judged by RBAC (host-not-allowed)
-                    "routes": [
-                        mcprules.pin_route(r, listener.identity, rule.key) if rule.mcp else r
-                        for r in routes(rule, generation)
-                    ],
+                    "routes": budget.reroute(
+                        [
+                            mcprules.pin_route(r, listener.identity, rule.key) if rule.mcp else r
+                            for r in routes(rule, generation)
+                        ],
+                        listener.identity,
+                        listener.policy,
+                    ),
+                    "response_headers_to_remove": budget.strip_header(listener.policy),
                     # nothing about the sandbox side travels upstream
                     "request_headers_to_remove": [
                         "x-forwarded-for",
@@ -283,7 +295,11 @@ def _chain(spec: GatewaySpec, listener: Listener, rule: NameRule) -> dict[str, A
                 },
             ],
         },
-        "local_reply_config": local_replies(rule, generation),
+        # a denial's JSON body: the RBAC reasons, then the budgets' 429 / 413
+        "local_reply_config": {
+            "mappers": local_replies(rule, generation)["mappers"]
+            + budget.local_reply(rule.key, generation, rule)["mappers"]
+        },
         "http_filters": _http_filters(spec, rule),
     }
     if rule.inspect:

@@ -50,6 +50,11 @@ LOG_FIELDS = (
     "tool",
     "pin",
     "details",
+    "bytes_sent",
+    "bytes_received",
+    "input_tokens",
+    "output_tokens",
+    "budget",
 )
 _DETAILS = "rbac_access_denied_matched_policy[{}]"
 
@@ -191,6 +196,13 @@ def access_log(path: Path, identity: str, generation: str) -> dict[str, Any]:
         "pin": "%RESP(x-avm-pin)%",  # the pinning service's refusal (controlplane.boundary.mcppin)
         # why Envoy answered itself where no RBAC policy did (ext_authz, a body too large)
         "details": "%RESPONSE_CODE_DETAILS%",
+        # usage (controlplane.boundary.usage): body bytes from the agent's side, tokens the
+        # upstream reported, the budget a 429 of the gateway's own names
+        "bytes_sent": "%BYTES_RECEIVED%",
+        "bytes_received": "%BYTES_SENT%",
+        "input_tokens": "%DYNAMIC_METADATA(avm.usage:input_tokens)%",
+        "output_tokens": "%DYNAMIC_METADATA(avm.usage:output_tokens)%",
+        "budget": "%RESP(x-avm-budget)%",
     }
     assert tuple(fmt) == LOG_FIELDS
     return {

@@ -22,6 +22,7 @@ MODULES = (
     "tiers",  # tiers show
     "secrets",  # secrets put
     "egress",  # egress apply
+    "usage",  # usage
 )
 
 

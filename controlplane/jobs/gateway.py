@@ -3,8 +3,9 @@
 A job whose spec lists ``egress.names`` gets a job network (its tap, its nftables table) where
 the guest may open only the gateway's ports on its own link, plus a listener of the host's
 gateway bound on that address inside the job's namespace (``controlplane.boundary.hostgw``).
-``record`` puts the gateway's facts (Envoy's sha256, the policy generation in force) and the
-job's ``egress.denied`` / ``egress.allowed`` events from the gateway's access log in the step.
+``record`` puts the gateway's facts (Envoy's sha256, the policy generation in force), the
+job's ``egress.denied`` / ``egress.allowed`` events from the gateway's access log and the job's
+usage (``result.usage``: ``controlplane.boundary.usage``) in the step.
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ def record(step: evidence.Step, job_id: str, gw: JobListener | None) -> None:
     for e in [e for e in seen if e.event in ("egress.denied", "classifier.denied")][:EVENT_LIMIT]:
         fields: dict[str, Any] = {k: v for k, v in e.to_dict().items() if k not in ("event", "identity", "t")}
         step.event(e.event, job=job_id, destination=f"{e.host} {e.method} {e.path}", **fields)
+    from controlplane.boundary import usage
+
+    # the job's use of the gateway (requests, denials, body bytes, the upstreams' token counts)
+    step.result["usage"] = usage.report(seen)
     step.check(
         "egress-gateway-events",
         ok=len(seen) == gw.requests_completed(),

@@ -11,7 +11,7 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, field_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from controlplane._internal.loading import Frozen, read_document, validate
 from controlplane.boundary.policy import EgressPolicy, NameRule
@@ -104,6 +104,12 @@ class EgressRule(Frozen):
     proto: Literal["tcp", "udp"] = "tcp"
 
 
+class RunBudget(Frozen):
+    """What a job may spend through the gateway over its whole run."""
+
+    requests: int = Field(ge=1, le=10_000_000, description="requests to all names together")
+
+
 class Egress(Frozen):
     default: Literal["deny"] = "deny"
     allow: Annotated[tuple[EgressRule, ...], _ALLOW_SCHEMA] = ()
@@ -142,9 +148,22 @@ class Egress(Frozen):
                 )
         return names
 
+    # a run-wide request budget: requests through the gateway over the whole run, all names
+    # together (boundary.budget: a bucket that does not refill within any job's timeout)
+    budget: RunBudget | None = None
+
+    @model_validator(mode="after")
+    def _budget_needs_names(self) -> Egress:
+        if self.budget is not None and not self.names:
+            raise ValueError("a run-wide budget counts requests to egress.names; this job lists none")
+        if self.budget is not None:
+            self.policy  # noqa: B018 (built for its validation: egress-budget-wildcard)
+        return self
+
     @property
     def policy(self) -> EgressPolicy:
-        return EgressPolicy(names=self.names)
+        run = self.budget.requests if self.budget is not None else None
+        return EgressPolicy(names=self.names, run_requests=run)
 
     @property
     def networked(self) -> bool:

@@ -3,7 +3,9 @@
 One round trip gathers every fact; ``drift.find_drift`` compares them with the recorded state.
 A second runs the sandbox probe (``controlplane.promote.enforcement``): egress not observed denied is
 drift, and so are limits the apply saw enforced and that are not now; limits a backend never
-enforced are reported as ``not-enforced`` in ``controls``. Exit 0 in sync, 2 drift, 1 error.
+enforced are reported as ``not-enforced`` in ``controls``. With an egress gateway, the receipt's
+``result.usage`` is each profile's use of it since that apply (``controlplane.promote.usage``).
+Exit 0 in sync, 2 drift, 1 error.
 It never writes to the host (the probe's listener and child end with it); it records a
 ``status`` receipt.
 """
@@ -70,6 +72,11 @@ def check(home: Home, target: str) -> DriftReport:
             # the egress gateway's audit events since that receipt (its access log, read as root)
             for event in gatewaycheck.audit_events(host, since) if recorded_gw is not None else []:
                 step.event(event.pop("type"), **event)
+            if recorded_gw is not None:  # what each profile used through the gateway since then
+                from controlplane.boundary.usage import since_stamp
+                from controlplane.promote import usage
+
+                step.result["usage"] = usage.read(host, since_stamp(since))
         if isinstance(expected, DesiredState):
             report = find_drift(target, expected, facts, receipt_id, notes=notes)
         else:

@@ -1,7 +1,8 @@
 """Namespaces for the gateway's real tests, made and removed by the test that uses them.
 
 ``boundary_net`` makes three namespaces named ``avmtgw-<random>-{gw,up,ag}``:
-- ``up``: the test upstream ``api.example.test`` (HTTPS, its own test CA) on 192.0.2.2;
+- ``up``: the test upstream ``api.example.test`` (HTTPS, its own test CA) on 192.0.2.2, also
+  answering as ``models.example.test`` (a second destination);
 - ``gw``: where Envoy runs (a veth to ``up``: the gateway's uplink, 192.0.2.1/30);
 - ``ag``: the agent's side: its own address on loopback, no link and no route to anything, so
   the only way out is a listener the gateway binds inside it.
@@ -36,6 +37,7 @@ from controlplane.transport.local import LocalTransport
 CLONE_NEWNET = 0x40000000
 UPSTREAM_ADDR, UPLINK_ADDR = "192.0.2.2", "192.0.2.1"
 AGENT_ADDR = "10.77.0.1"
+SECOND_NAME = "models.example.test"  # the upstream also answers as this name (its own leaf)
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -98,10 +100,16 @@ class Client:
         method: str = "GET",
         path: str = "/",
         headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+        chunked: bool = False,
     ) -> Response:
         conn = self.connection(addr, port, sni)
         try:
-            conn.request(method, path, headers=headers or {})
+            if chunked:  # the body in two chunks, no content-length
+                parts = iter([body[: len(body) // 2], body[len(body) // 2 :]] if body else [])
+                conn.request(method, path, body=parts, headers=headers or {}, encode_chunked=True)
+            else:
+                conn.request(method, path, body=body, headers=headers or {})
             resp = conn.getresponse()
             return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
         finally:
@@ -155,11 +163,13 @@ def make_boundary_net(tmp_path: Path) -> Iterator[BoundaryNet]:
         Ip(host, ag).run("addr", "add", f"{AGENT_ADDR}/32", "dev", "lo")
         up_ca = EgressCA.ensure(tmp_path / "upstream-ca", common_name="upstream test CA")
         cert, key = up_ca.leaf("api.example.test")
+        cert2, key2 = up_ca.leaf(SECOND_NAME)
         port = free_port(up)
         log = tmp_path / "upstream.jsonl"
         argv = ["ip", "netns", "exec", up, sys.executable, "-m", "tests.plugins.upstream_server"]
+        also = ["--also", SECOND_NAME, str(cert2), str(key2)]
         proc = subprocess.Popen(
-            [*argv, UPSTREAM_ADDR, str(port), str(cert), str(key), str(log)],
+            [*argv, UPSTREAM_ADDR, str(port), str(cert), str(key), str(log), *also],
             stdout=subprocess.PIPE,
             cwd=Path(__file__).resolve().parents[2],
         )

@@ -238,7 +238,8 @@ try:
     resp = conn.getresponse()
     body = resp.read()  # the test upstream echoes the request: never printed (it holds the credential)
     doc = json.loads(body) if resp.getheader("content-type", "").startswith("application/json") else {}
-    print(json.dumps({"status": resp.status, "reason": doc.get("reason") if doc.get("denied") else None}))
+    denied = doc.get("reason") if doc.get("denied") else None
+    print(json.dumps({"status": resp.status, "reason": denied, "bytes": len(body)}))
 except OSError as exc:
     print(json.dumps({"error": type(exc).__name__ + ": " + str(exc)}))
 """
