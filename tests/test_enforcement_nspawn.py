@@ -244,6 +244,9 @@ def test_a_deny_that_is_only_configured_fails_the_observed_gate_at_exit_3(
         ["ip", "netns", "exec", netns, "nft", "flush", "chain", "inet", "avm_egress", "profile-batch"],
         check=True,
     )
+    # promoted earlier in the module: enabled, so it would come back at boot
+    enabled = on_host(golden_home, nspawn_vm, "systemctl", "is-enabled", "agent-gateway@batch.service")
+    assert enabled.stdout.strip() == "enabled"
     assert on_host(golden_home, nspawn_vm, "systemctl", "stop", "agent-gateway@batch.service").returncode == 0
     try:
         rc, doc = promote(
@@ -256,6 +259,8 @@ def test_a_deny_that_is_only_configured_fails_the_observed_gate_at_exit_3(
         assert "not observed in force (allowed)" in error["message"]
         state = on_host(golden_home, nspawn_vm, "systemctl", "is-active", "agent-gateway@batch.service")
         assert state.stdout.strip() == "inactive"  # fail closed: stopped
+        enabled = on_host(golden_home, nspawn_vm, "systemctl", "is-enabled", "agent-gateway@batch.service")
+        assert enabled.stdout.strip() == "disabled"  # and it stays stopped across a reboot
     finally:
         inventory.save(golden_home, target)
     receipts = avm(golden_home, "receipts", "list")[1]["receipts"]
