@@ -44,6 +44,8 @@ def parse_line(line: str) -> Event | None:
     if not isinstance(raw, dict) or "identity" not in raw:
         return None
     reason = str(raw.get("reason") or "")
+    if reason.startswith("boundary-"):  # avm.boundary (GET /policy, POST /requests): nothing left
+        return None
     code = int(raw.get("code") or 0)
     denied = reason in REASONS
     return Event(

@@ -32,6 +32,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from controlplane.boundary import api as boundary_api
+from controlplane.boundary import requests as boundary_requests
 from controlplane.boundary.policy import EgressPolicy, NameRule
 from controlplane.boundary.routes import access_log, cluster_name, deny, routes
 from controlplane.canonical import canonical_bytes, sha256_digest
@@ -74,6 +76,9 @@ class GatewaySpec:
     secrets: Mapping[str, Path]
     upstreams: Mapping[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
     uplink_netns: Path | None = None
+    # the request recorder's unix socket: when set, each identity also gets its avm.boundary
+    # listener (port 80: GET /policy, POST /requests; ``boundary.api``) and denials say how to ask
+    requests_socket: Path | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +121,8 @@ def _check(spec: GatewaySpec) -> None:
             if rule.credential and rule.credential.ref not in spec.secrets:
                 raise _refuse("secret", f"a secret file for {rule.credential.ref}", sorted(spec.secrets))
     addrs = [(str(x.address), x.netns, p) for x in spec.listeners for p in x.policy.ports]
+    if spec.requests_socket is not None and any(p == boundary_requests.PORT for *_, p in addrs):
+        raise _refuse("port", f"no name on port {boundary_requests.PORT} (avm.boundary's)", addrs)
     if len(addrs) != len(set(addrs)):
         raise _refuse("address", "one identity per address and port", addrs)
 
@@ -127,6 +134,11 @@ def render(spec: GatewaySpec) -> Rendered:
     listeners = [_listener(spec, x, port) for x in spec.listeners for port in x.policy.ports]
     rules = {cluster_name(r): r for x in spec.listeners for r in x.policy.names}
     clusters = [_cluster(spec, rules[name]) for name in sorted(rules)]
+    if spec.requests_socket is not None:
+        for x in spec.listeners:
+            where = _address(str(x.address), boundary_requests.PORT, x.netns)
+            listeners.append(boundary_api.listener(x.identity, where, x.policy, spec.access_log))
+        clusters.append(boundary_api.cluster(spec.requests_socket))
     refs = sorted({r.credential.ref for r in rules.values() if r.credential})
     body = {"listeners": listeners, "clusters": clusters, "secrets": refs}
     generation = sha256_digest(canonical_bytes(json.loads(json.dumps(body, default=str))))
@@ -245,7 +257,7 @@ def _chain(spec: GatewaySpec, listener: Listener, rule: NameRule) -> dict[str, A
                 {
                     "name": "listed",
                     "domains": [rule.host],
-                    "routes": routes(rule, generation),
+                    "routes": routes(rule, generation, _ask(spec)),
                     # nothing about the sandbox side travels upstream
                     "request_headers_to_remove": [
                         "x-forwarded-for",
@@ -256,7 +268,9 @@ def _chain(spec: GatewaySpec, listener: Listener, rule: NameRule) -> dict[str, A
                 {
                     "name": "unlisted",
                     "domains": ["*"],
-                    "routes": [{"match": {"prefix": "/"}, **deny("host-not-allowed", rule, generation)}],
+                    "routes": [
+                        {"match": {"prefix": "/"}, **deny("host-not-allowed", rule, generation, _ask(spec))}
+                    ],
                 },
             ],
         },
@@ -279,6 +293,10 @@ def _chain(spec: GatewaySpec, listener: Listener, rule: NameRule) -> dict[str, A
         },
         "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}],
     }
+
+
+def _ask(spec: GatewaySpec) -> dict[str, str] | None:
+    return boundary_api.ASK if spec.requests_socket is not None else None
 
 
 def _dns_cache(rule: NameRule) -> dict[str, Any]:

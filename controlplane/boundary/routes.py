@@ -11,6 +11,7 @@ in the request path.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,12 @@ def cluster_name(rule: NameRule) -> str:
     return f"out|{rule.host}|{rule.port}"
 
 
-def deny(reason: str, rule: NameRule, generation: str) -> dict[str, Any]:
-    body = {"denied": True, "reason": reason, "destination": rule.key, "policy": generation}
+def deny(
+    reason: str, rule: NameRule, generation: str, ask: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """A 403 answered by Envoy. ``ask``: how a refused agent asks for more (``request``) and
+    reads its policy (``policy_at``), added to the body where the boundary answers them."""
+    body = {"denied": True, "reason": reason, "destination": rule.key, "policy": generation, **(ask or {})}
     return {
         "direct_response": {"status": 403, "body": {"inline_string": json.dumps(body, sort_keys=True)}},
         "metadata": {"filter_metadata": {"avm": {"reason": reason}}},
@@ -59,7 +64,7 @@ def _path_match(path: str) -> dict[str, Any]:
     return {"path": path}
 
 
-def routes(rule: NameRule, generation: str) -> list[dict[str, Any]]:
+def routes(rule: NameRule, generation: str, ask: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     methods = "|".join(sorted(rule.methods))
     only = [{"name": ":method", "string_match": {"safe_regex": {"regex": f"^(?:{methods})$"}}}]
     routes: list[dict[str, Any]] = []
@@ -71,8 +76,8 @@ def routes(rule: NameRule, generation: str) -> list[dict[str, Any]]:
                 "metadata": {"filter_metadata": {"avm": {"reason": "allowed"}}},
             }
         )
-        routes.append({"match": _path_match(path), **deny("method-not-allowed", rule, generation)})
-    routes.append({"match": {"prefix": "/"}, **deny("path-not-allowed", rule, generation)})
+        routes.append({"match": _path_match(path), **deny("method-not-allowed", rule, generation, ask)})
+    routes.append({"match": {"prefix": "/"}, **deny("path-not-allowed", rule, generation, ask)})
     return routes
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 
 from controlplane.boundary.policy import EgressPolicy
 from controlplane.boundary.render import GatewaySpec, Listener, Rendered, documents, dump, render
+from controlplane.boundary.requests import PORT as REQUESTS_PORT
+from controlplane.boundary.requests import RESERVED
 from controlplane.canonical import canonical_bytes, sha256_digest
 
 USER = "avm-gateway"
@@ -46,6 +48,12 @@ ACCESS_LOG = Path("/var/log/avm-gateway/access.log")
 SYSTEM_TRUST = Path("/etc/ssl/certs/ca-certificates.crt")
 NET = ipaddress.IPv4Network("127.100.0.0/24")
 TABLE = "avm_boundary"
+# permission requests (``boundary.requests``): the recorder, under its own user, on a socket
+# only the gateway's group can connect to; what it stores, root and it read
+REQUESTS_SOCKET = Path("/run/avm-requests/requests.sock")
+REQUESTS_DIR = Path("/var/lib/avm-requests")
+RECORDER = Path("/usr/local/lib/avm/request_recorder.py")
+RECORDER_UNITS = ("avm-requests.socket", "avm-requests.service")
 NSSWITCH = b"passwd: files\ngroup: files\nshadow: files\ngshadow: files\nhosts: files\n"
 
 
@@ -75,6 +83,19 @@ class Tier1Gateway:
     # every profile of the manifest -> its IP rules (host or CIDR, port, proto): the table names
     # every agent uid, not only those of the profiles a promotion restarts
     ip_rules: dict[str, tuple[tuple[str, int, str], ...]] = dataclasses.field(default_factory=dict)
+    tiers: dict[str, str] = dataclasses.field(default_factory=dict)  # profile -> risk tier
+
+    def policy_record(self) -> dict[str, object]:
+        """For receipts: each profile's policy itself, its IP rules and tier (what a permission
+        request is merged into, and how many approvers it needs). No credential values."""
+        return {
+            p: {
+                "names": pol.model_dump(mode="json")["names"],
+                "ip_rules": [list(r) for r in self.ip_rules.get(p, ())],
+                "tier": self.tiers.get(p),
+            }
+            for p, pol in self.policies.items()
+        }
 
     @property
     def generation(self) -> str:
@@ -157,6 +178,7 @@ def render_host(
     upstreams: Mapping[str, tuple[str, int]] | None = None,
     previous: Mapping[str, str] | None = None,
     ip_rules: Mapping[str, Sequence[tuple[str, int, str]]] | None = None,
+    tiers: Mapping[str, str] | None = None,
 ) -> Tier1Gateway | None:
     """The gateway for the profiles that list names (None when none does). Pure.
 
@@ -179,6 +201,7 @@ def render_host(
         leaves={h: leaf_paths(h) for h in leaves},
         secrets={ref: secret_path(ref) for ref in refs},
         upstreams=dict(upstreams or {}),
+        requests_socket=REQUESTS_SOCKET,
     )
     rendered = render(spec)
     files = [
@@ -189,7 +212,7 @@ def render_host(
     files.append(HostFile(str(CA_BUNDLE), ca_cert, 0o644))
     for p, pol in named.items():
         listed = sorted({r.host for r in pol.names if not r.wildcard})
-        text = "127.0.0.1 localhost\n" + "".join(f"{addrs[p]} {h}\n" for h in listed)
+        text = "127.0.0.1 localhost\n" + "".join(f"{addrs[p]} {h}\n" for h in [*listed, RESERVED])
         files.append(HostFile(str(hosts_file(p)), text.encode(), 0o644))
         files.append(HostFile(str(nsswitch_file(p)), NSSWITCH, 0o644))
     return Tier1Gateway(
@@ -201,6 +224,7 @@ def render_host(
         refs=refs,
         ca_fingerprint=ca_fingerprint,
         ip_rules={p: tuple(r) for p, r in sorted((ip_rules or {}).items())},
+        tiers=dict(tiers or {}),
     )
 
 
@@ -247,7 +271,7 @@ def nft_script(
             f'add rule {t} {chain} ct state established,related accept comment "replies"',
         ]
         if gateway is not None and profile in gateway.addresses:
-            ports = ", ".join(map(str, gateway.policies[profile].ports))
+            ports = ", ".join(map(str, (*gateway.policies[profile].ports, REQUESTS_PORT)))
             lines.append(
                 f"add rule {t} {chain} ip daddr {gateway.addresses[profile]} tcp dport {{ {ports} }} "
                 'accept comment "own listener"'

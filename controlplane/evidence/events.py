@@ -35,6 +35,11 @@ EVENT_TYPES: dict[str, tuple[str, str]] = {
         "avm job run (job receipt); avm status (Tier-1 gateway access log)",
         "destination, packets (nftables counter / log); by name: host, method, path, code, reason, policy",
     ),
+    "permission.requested": (
+        "avm egress requests (egress-requests receipt)",
+        "request id, profile, state (pending, approved, denied, applied, expired, invalid)",
+    ),
+    "permission.denied": ("avm egress deny (egress-request-denied receipt)", "request id, profile, reason"),
     "egress.allowed": (
         "avm job run (job receipt); avm status (Tier-1 gateway access log)",
         "job or profile, destination (method host), count, policy (gateway log)",
