@@ -80,10 +80,15 @@ class Handler(BaseHTTPRequestHandler):
         )
 
 
+class Server(HTTPServer):
+    address_family = socket.AF_UNIX  # the unit allows no other (RestrictAddressFamilies=AF_UNIX)
+
+
 def serve() -> None:
     if os.environ.get("LISTEN_FDS") != "1" or os.environ.get("LISTEN_PID") != str(os.getpid()):
         sys.exit("avm-requests: expected exactly one socket from systemd (avm-requests.socket)")
-    server = HTTPServer(("", 0), Handler, bind_and_activate=False)
+    server = Server("", Handler, bind_and_activate=False)
+    server.socket.close()
     server.socket = socket.socket(fileno=3)
     server.serve_forever()
 

@@ -157,13 +157,16 @@ except OSError as exc:
 
 
 def as_agent(home: Home, vm: str, path: str, forged: str = "forged") -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(agent_python(home, vm, AGENT_REQUEST, "api.example.test", path, forged))
+    return doc
+
+
+def agent_python(home: Home, vm: str, script: str, *args: str, check: bool = True) -> str:
+    """``python3 -c script args`` as the agent user, inside its running unit's mount and network
+    namespaces: its hosts file, its CA bundle, its boundary table."""
     pid = on_host(home, vm, "systemctl", "show", "-p", "MainPID", "--value", "agent-gateway@gw").strip()
     argv = ["nsenter", "-t", pid, "-m", "-n", "--", "setpriv", "--reuid", "agent-gw", "--regid", "agent-gw"]
-    out = on_host(
-        home, vm, *argv, "--clear-groups", "python3", "-c", AGENT_REQUEST, "api.example.test", path, forged
-    )
-    doc: dict[str, Any] = json.loads(out)
-    return doc
+    return on_host(home, vm, *argv, "--clear-groups", "python3", "-c", script, *args, check=check)
 
 
 def egress_apply(
