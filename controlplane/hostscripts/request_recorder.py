@@ -87,7 +87,7 @@ class Server(HTTPServer):
 def serve() -> None:
     if os.environ.get("LISTEN_FDS") != "1" or os.environ.get("LISTEN_PID") != str(os.getpid()):
         sys.exit("avm-requests: expected exactly one socket from systemd (avm-requests.socket)")
-    server = Server("", Handler, bind_and_activate=False)
+    server = Server(("", 0), Handler, bind_and_activate=False)  # the address is unused: fd 3 is the socket
     server.socket.close()
     server.socket = socket.socket(fileno=3)
     server.serve_forever()
