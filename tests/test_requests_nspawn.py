@@ -24,6 +24,7 @@ from controlplane.promote import gatewaycheck
 from controlplane.transport import inventory
 from controlplane.transport.ssh import SshTransport
 from tests.plugins.tier1gw import agent_python, avm, newest, on_host, promote, receipt_of
+from tests.plugins.vms import run_avm
 
 # one HTTP(S) request as the agent; prints the status and the JSON body when the gateway itself
 # answered (a denial, or avm.boundary): an upstream's echo (it holds the credential) never
@@ -170,7 +171,11 @@ def test_the_agent_reads_the_policy_that_applies_to_it_and_cannot_change_it(
             golden_home, nspawn_vm, scheme="http", host="avm.boundary", method=method, path=path, body="{}"
         )
         assert (other["status"], other["doc"]["error"]) == (404, "not-found"), (method, path, other)
-    # nor a way around the gateway to the recorder or its store
+    # a body over the limit is refused by the gateway itself: nothing more is stored
+    stored = on_host(golden_home, nspawn_vm, "ls", STORE).split()
+    assert ask(golden_home, nspawn_vm, "x" * 9000) == {"status": 413, "doc": None}
+    assert on_host(golden_home, nspawn_vm, "ls", STORE).split() == stored
+    # nor a way around the gateway to the recorder or its store (it exists: requests were filed)
     poke = (
         "import socket, os\n"
         "s = socket.socket(socket.AF_UNIX)\n"
@@ -212,6 +217,11 @@ def test_requests_are_collected_and_judged_with_the_hostile_ones_invalid(
     assert sorted((e["request"], e["state"]) for e in receipt["events"]) == sorted(
         [(filed["good"], "pending"), (filed["bad"], "invalid"), (filed["forged"], "invalid")]
     )
+    # the operator's table: one line per request, the change it asks for under it
+    lines = run_avm(golden_home, "egress", "requests", "--target", nspawn_vm).stdout.splitlines()
+    assert f"{filed['good']}  pending  gw           GET api.example.test:443 /v2/*" in lines
+    assert f"{filed['forged']}  invalid  ?            not written by the recorder (owner root)" in lines
+    assert lines[-1].startswith("receipt #") and lines[-1].endswith(" (egress-requests)")
     # an invalid request cannot be approved (refused before any key is read)
     rc, out = avm(golden_home, "approve", "--request", filed["forged"], "--key", "/dev/null")
     assert (rc, out["error"]["code"]) == (3, "request-not-pending")
@@ -345,6 +355,11 @@ def test_a_denied_request_is_recorded_and_never_applied(
     assert avm(golden_home, "egress", "requests", "--target", nspawn_vm)[0] == 0
     rc, out = avm(golden_home, "egress", "deny", "--request", rid, "--reason", "not needed")
     assert rc == 0, out
+    # decided: refused at once, before any new collection
+    rc, twice = avm(golden_home, "egress", "deny", "--request", rid)
+    assert (rc, twice["error"]["code"]) == (3, "request-not-pending")
+    rc, early = avm(golden_home, "approve", "--request", rid, "--key", str(approver))
+    assert (rc, early["error"]["message"]) == (3, f"request {rid} is denied; it cannot be approved")
     assert receipt_of(golden_home, out["receipt"])["events"] == [
         {"type": "permission.denied", "request": rid, "profile": "gw", "reason": "not needed"}
     ]

@@ -168,7 +168,12 @@ def find_collected(home: Home, request_id: str) -> tuple[str, dict[str, Any]]:
     )
 
 
-def _decidable(request_id: str, entry: dict[str, Any], verb: str) -> None:
+def _decidable(home: Home, target: str, request_id: str, entry: dict[str, Any], verb: str) -> None:
+    """Refuse unless the request is pending or approved: as collected, and as the ledger says
+    now (a denial or an apply since the collection counts)."""
+    denied, applied = _decisions(home, target)
+    if request_id in denied or request_id in applied:
+        entry = {**entry, "state": "denied" if request_id in denied else "applied", "error": None}
     if entry["state"] not in ("pending", "approved"):
         raise RefusedError(
             "request-not-pending",
@@ -182,13 +187,13 @@ def _decidable(request_id: str, entry: dict[str, Any], verb: str) -> None:
 def approval_digest(home: Home, request_id: str) -> tuple[str, dict[str, Any]]:
     """The change digest an approval of ``request_id`` signs, and what it is (for the approver)."""
     target, entry = find_collected(home, request_id)
-    _decidable(request_id, entry, "approved")
+    _decidable(home, target, request_id, entry, "approved")
     return str(entry["change_digest"]), {**entry, "target": target}
 
 
 def deny(home: Home, request_id: str, why: str) -> dict[str, Any]:
     target, entry = find_collected(home, request_id)
-    _decidable(request_id, entry, "denied")
+    _decidable(home, target, request_id, entry, "denied")
     inputs = {"target": target, "request": request_id, "reason": why}
     with evidence.record_step(home, DENIED, inputs=inputs) as step:
         step.subject(f"egress-request:{request_id}", str(entry["change_digest"]))
