@@ -12,6 +12,7 @@ the agent's MainPID unchanged, and the agent now reaches ``/v2/things``. A denia
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,25 @@ def test_the_agent_reads_the_policy_that_applies_to_it_and_cannot_change_it(
         "except OSError as e:\n    print('errno', e.errno)\n"
     )
     assert agent_python(golden_home, nspawn_vm, poke).split("\n")[:2] == ["errno 13", "errno 13"]
+
+
+def test_the_recorder_runs_under_its_own_user_without_network_or_capabilities(
+    golden_home: Home, nspawn_vm: str, filed: dict[str, str]
+) -> None:
+    shown = on_host(
+        golden_home, nspawn_vm, "systemctl", "show", "-p", "User,ActiveState,MainPID", "avm-requests"
+    )
+    props = dict(line.split("=", 1) for line in shown.splitlines())
+    assert (props["User"], props["ActiveState"]) == ("avm-requests", "active")  # started by the requests
+    caps = on_host(golden_home, nspawn_vm, "grep", "^CapEff", f"/proc/{props['MainPID']}/status")
+    assert int(caps.split()[1], 16) == 0
+    sock = on_host(golden_home, nspawn_vm, "stat", "-c", "%a %U %G", "/run/avm-requests/requests.sock")
+    assert sock.strip() == "660 avm-requests avm-gateway"
+    out = on_host(golden_home, nspawn_vm, "systemd-analyze", "security", "--no-pager", "avm-requests.service")
+    found = re.search(r"Overall exposure level for avm-requests.service: ([0-9.]+)", out)
+    assert found is not None, out[-2000:]
+    print(f"systemd-analyze security avm-requests.service: {found.group(1)}")
+    assert float(found.group(1)) <= 1.0, out[-3000:]
 
 
 def test_requests_are_collected_and_judged_with_the_hostile_ones_invalid(
