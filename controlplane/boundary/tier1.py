@@ -11,6 +11,11 @@ stable while profiles come and go): the address is who is calling. What goes to 
     /etc/avm/boundary/<p>/nsswitch.conf  0644  ``hosts: files`` (nothing else resolves)
     /etc/avm/boundary/egress-ca.pem      0644  the egress CA certificate the agents trust
     /run/avm-gateway/admin.sock          0600 (avm-gateway): Envoy's admin, root reaches it
+    /run/avm-requests/requests.sock      0660 avm-requests:avm-gateway: the request recorder
+    /var/lib/avm-requests/               0750 avm-requests: permission requests as they came
+
+Each profile's hosts file also names ``avm.boundary`` (its listener's port 80: ``GET /policy``,
+``POST /requests``, ``boundary.api``); the table opens that port to the profile's uid too.
 
 ``render_host`` returns the non-secret files (with their digests: the plan covers them) and
 what apply must add: a leaf per name (minted by the per-target CA in the avm home; the CA key
