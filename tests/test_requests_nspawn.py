@@ -21,34 +21,22 @@ import pytest
 
 from controlplane.governance import approvals
 from controlplane.home import Home
-from controlplane.promote import gatewaycheck
 from controlplane.transport import inventory
 from controlplane.transport.ssh import SshTransport
-from tests.plugins.tier1gw import agent_python, avm, newest, on_host, promote, receipt_of
+from tests.plugins.tier1gw import (
+    agent,
+    agent_python,
+    ask,
+    avm,
+    in_force,
+    main_pid,
+    newest,
+    on_host,
+    promote,
+    receipt_of,
+)
 from tests.plugins.vms import run_avm
 
-# one HTTP(S) request as the agent; prints the status and the JSON body when the gateway itself
-# answered (a denial, or avm.boundary): an upstream's echo (it holds the credential) never
-ASK = r"""
-import http.client, json, ssl, sys
-r = json.loads(sys.argv[1])
-try:
-    if r["scheme"] == "https":
-        ctx = ssl.create_default_context(cafile="/etc/avm/boundary/egress-ca.pem")
-        conn = http.client.HTTPSConnection(r["host"], 443, context=ctx, timeout=5)
-    else:
-        conn = http.client.HTTPConnection(r["host"], 80, timeout=5)
-    body = r.get("body")
-    data = body.encode() if body is not None else None
-    conn.request(r["method"], r["path"], body=data, headers=r.get("headers", {}))
-    resp = conn.getresponse()
-    raw = resp.read()
-    doc = json.loads(raw) if resp.getheader("content-type", "").startswith("application/json") else None
-    own = r["host"] == "avm.boundary" or (isinstance(doc, dict) and doc.get("denied") is True)
-    print(json.dumps({"status": resp.status, "doc": doc if own else None}))
-except OSError as exc:
-    print(json.dumps({"error": type(exc).__name__ + ": " + str(exc)}))
-"""
 STORE = "/var/lib/avm-requests"
 WANT = {
     "destination": "api.example.test",
@@ -56,33 +44,6 @@ WANT = {
     "paths": ["/v2/*"],
     "reason": "read the v2 API",
 }
-
-
-def agent(home: Home, vm: str, **req: Any) -> dict[str, Any]:
-    doc: dict[str, Any] = json.loads(agent_python(home, vm, ASK, json.dumps(req)))
-    return doc
-
-
-def ask(home: Home, vm: str, body: str, **headers: str) -> dict[str, Any]:
-    return agent(
-        home,
-        vm,
-        scheme="http",
-        host="avm.boundary",
-        method="POST",
-        path="/requests",
-        body=body,
-        headers=headers,
-    )
-
-
-def in_force(home: Home, vm: str) -> dict[str, Any]:
-    with SshTransport.from_target(inventory.load(home, vm)) as ssh:
-        return gatewaycheck.read_in_force(ssh)
-
-
-def main_pid(home: Home, vm: str) -> str:
-    return on_host(home, vm, "systemctl", "show", "-p", "MainPID", "--value", "agent-gateway@gw").strip()
 
 
 @pytest.fixture(scope="module")
@@ -391,6 +352,19 @@ def test_a_denied_request_is_recorded_and_never_applied(
     assert (rc, none["error"]["code"]) == (64, "egress-no-approved-requests")
     got = agent(golden_home, nspawn_vm, scheme="https", host="api.example.test", method="GET", path="/v3/x")
     assert (got["status"], got["doc"]["reason"]) == (403, "path-not-allowed")
+
+
+def test_status_reports_a_stopped_recorder_as_drift(golden_home: Home, nspawn_vm: str, applied: Any) -> None:
+    on_host(golden_home, nspawn_vm, "systemctl", "stop", "avm-requests.socket")
+    try:
+        rc, doc = avm(golden_home, "status", "--target", nspawn_vm)
+        assert rc == 2, doc
+        assert [(f["where"], f["what"], f["actual"]) for f in doc["findings"]] == [
+            ("avm-requests.socket", "permission-request recorder socket", "inactive")
+        ]
+    finally:
+        on_host(golden_home, nspawn_vm, "systemctl", "start", "avm-requests.socket")
+    assert avm(golden_home, "status", "--target", nspawn_vm)[0] == 0
 
 
 def test_every_step_is_a_receipt_and_the_ledger_verifies(golden_home: Home, applied: Any) -> None:

@@ -161,6 +161,10 @@ def drift_findings(home: Home, target: str, host: Transport, recorded: Mapping[s
     active = host.run(["systemctl", "is-active", tier1.UNIT], timeout=30).stdout.strip()
     if active != "active":
         out.append(Finding(where=tier1.UNIT, what="egress gateway unit", expected="active", actual=active))
+    asks = host.run(["systemctl", "is-active", tier1.RECORDER_UNITS[0]], timeout=30).stdout.strip()
+    if asks != "active":  # agents' permission requests would be answered 503
+        where, what = tier1.RECORDER_UNITS[0], "permission-request recorder socket"
+        out.append(Finding(where=where, what=what, expected="active", actual=asks))
     want = dict(recorded.get("files", {}))
     if want and _changed(host, want):
         out_ = host.run(["sha256sum", "--", *sorted(want)], timeout=60).stdout
