@@ -196,8 +196,9 @@ def newest(home: Home, kind: str) -> dict[str, Any]:
     raise AssertionError(f"no {kind} receipt")
 
 
-# one HTTP(S) request as the agent (tests/test_requests_nspawn.py); prints the status and the JSON body when the gateway itself
-# answered (a denial, or avm.boundary): an upstream's echo (it holds the credential) never
+# one HTTP(S) request as the agent (tests/test_requests_nspawn.py); prints the status and the
+# JSON body when the gateway itself answered (a denial, or avm.boundary): an upstream's echo (it
+# holds the credential) never
 ASK = r"""
 import http.client, json, ssl, sys
 r = json.loads(sys.argv[1])
