@@ -46,6 +46,10 @@ REGISTRY: dict[str, tuple[str, str]] = {
         "the last apply receipt records no gateway policies to merge a request into",
     ),
     "egress-requests-unreadable": (OPS, "the host's listing of stored permission requests is not JSON"),
+    "egress-request-changed": (
+        REF,
+        "the rendered policy is not the change a permission request's approvals signed",
+    ),
     "request-id-invalid": (USE, "a permission request id is not rq- and 16 hex digits"),
     "request-not-pending": (REF, "the permission request is already decided, applied, expired or invalid"),
     "request-unknown": (USE, "no collected permission request has this id (run avm egress requests)"),

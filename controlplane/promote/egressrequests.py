@@ -257,6 +257,14 @@ def apply(home: Home, target: str, *, apply: bool = False, progress: Progress = 
         for e in chosen:
             ok = gw.policies[e["profile"]].generation == e["to"]
             step.check(f"request-change:{e['id']}", ok=ok, detail=f"{e['profile']}: {e['from']} -> {e['to']}")
+            if not ok:  # never apply a policy other than the one the approvals signed
+                raise RefusedError(
+                    "egress-request-changed",
+                    f"request {e['id']}: the rendered policy of {e['profile']} is "
+                    f"{gw.policies[e['profile']].generation}, the approved change is to {e['to']}",
+                    hint=f"collect again (avm egress requests --target {target}) and approve the new change",
+                    details={"expected": e["to"], "actual": gw.policies[e["profile"]].generation},
+                )
             found = approvals.require(
                 home, e["change_digest"], e["approvers_needed"], why=f"request {e['id']}"
             )
