@@ -26,8 +26,8 @@ from typing import Any
 
 from controlplane.evidence import keys
 from controlplane.home import Home
-from controlplane.image.build import build_image
-from controlplane.image.golden import IMAGE_CACHE_ENV, load_image
+from controlplane.image.build import build_image, recipe_image
+from controlplane.image.golden import IMAGE_CACHE_ENV
 from controlplane.image.recipe import DEFAULT_RECIPE, load_recipe
 from controlplane.vm import lifecycle
 from controlplane.vm.base import VmSpec
@@ -47,7 +47,7 @@ def start(
 ) -> dict[str, Any]:
     """One ``vm up`` + ``vm down``; the receipt's figures (and systemd-analyze when asked)."""
     record = lifecycle.up(
-        home, VmSpec(name=name, backend=backend, cold=cold, timeout_s=600), load_image(home)
+        home, VmSpec(name=name, backend=backend, cold=cold, timeout_s=600), recipe_image(home)
     )
     try:
         predicate = _last_vm_up(home)

@@ -31,7 +31,7 @@ import yaml
 
 from controlplane.evidence import keys
 from controlplane.home import Home
-from controlplane.image.golden import load_image
+from controlplane.image.build import recipe_image
 from controlplane.promote import pipeline as promotion
 from controlplane.promote import status
 from controlplane.promote.layout import LAYOUT
@@ -120,7 +120,7 @@ def main() -> None:
             repo = make_repo(root, n)
             sha = signing.sign_release(home, repo, "HEAD", key, PASSWORD).commit
             vm = f"bench{n}"
-            lifecycle.up(home, VmSpec(name=vm, backend="nspawn", timeout_s=120), load_image(home))
+            lifecycle.up(home, VmSpec(name=vm, backend="nspawn", timeout_s=120), recipe_image(home))
             try:
                 t0 = time.perf_counter()
                 promotion.run(home, repo=repo, ref=sha, target=vm, apply=True)

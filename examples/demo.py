@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / ".demo"
 HOME = DEMO / "home"
 IMAGES = DEMO / "images"
+SNAPSHOTS = DEMO / "snapshots"  # booted snapshots, kept across runs like the images
 AGENT = DEMO / "hello-agent"
 KEYS = DEMO / "release-key"
 VM = "demo"
@@ -35,7 +36,13 @@ GIT_ENV = {
     "GIT_COMMITTER_NAME": "demo",
     "GIT_COMMITTER_EMAIL": "demo@example.invalid",
 }
-ENV = {**os.environ, "AVM_HOME": str(HOME), "AVM_IMAGE_CACHE": str(IMAGES), "COSIGN_PASSWORD": PASSWORD}
+ENV = {
+    **os.environ,
+    "AVM_HOME": str(HOME),
+    "AVM_IMAGE_CACHE": str(IMAGES),
+    "AVM_SNAPSHOT_CACHE": str(SNAPSHOTS),
+    "COSIGN_PASSWORD": PASSWORD,
+}
 
 console = Console(highlight=False)
 timings: list[tuple[str, float, int]] = []
@@ -135,9 +142,10 @@ def run() -> None:
     step(
         "3. vm up demo",
         "Boot the golden VM under QEMU (KVM if the probe says it works, else TCG). Its own host "
-        "key is injected before boot and pinned before the first connection.",
+        "key is pinned before the first connection. The first run boots cold and saves a booted "
+        "snapshot of this image; later runs restore it (a warm start, step 15).",
     )
-    avm("vm", "up", VM, "--timeout", "900", label="vm up (qemu)")
+    first_up = avm("vm", "up", VM, "--timeout", "900", label="vm up (qemu)")
     avm("vm", "ssh", VM, "--", "systemctl", "is-system-running", "--wait", label="vm ssh")
 
     step("4. the agent repo", "examples/hello-agent becomes a git repo with three commits.")
@@ -280,6 +288,20 @@ def run() -> None:
 
     step("14. vm down demo", "Stop the VM and verify nothing of it is left.")
     avm("vm", "down", VM, label="vm down")
+
+    step(
+        "15. warm start",
+        "Up again from the booted snapshot of step 3 (verified by sha256 before it resumes), on a "
+        "fresh overlay. Identity arrives after the restore, before sshd accepts anyone: a new host "
+        "key, login key and machine-id, and fresh entropy with a forced RNG reseed.",
+    )
+    up = json.loads(avm("--json", "vm", "up", VM, "--timeout", "900", label="vm up (warm)"))
+    before = first_up.rsplit("key ", 1)[-1].rstrip(")\n ")  # "... (port N, key SHA256:...)"
+    console.print(f"  host key before: {before}\n  host key now:    {up['host_key_fingerprint']}")
+    if before == up["host_key_fingerprint"]:
+        raise DemoFailed("the restored VM kept the previous VM's host key")
+    avm("vm", "ssh", VM, "--", "cat", "/etc/machine-id", label="vm ssh (warm)")
+    avm("vm", "down", VM, label="vm down (warm)")
 
 
 def main() -> int:

@@ -12,4 +12,5 @@ pytest_plugins = [
     "tests.plugins.jobimages",
     "tests.plugins.boundarynet",
     "tests.plugins.tier1gw",
+    "tests.plugins.vmgw",
 ]

@@ -19,6 +19,7 @@ import pytest
 
 from controlplane.boundary import envoy
 from controlplane.boundary.ca import EgressCA
+from controlplane.boundary.gateway import stages
 from controlplane.boundary.policy import EgressPolicy, parse_policy
 from controlplane.boundary.render import GatewaySpec, Listener, Rendered, documents, render
 from controlplane.boundary.routes import REASONS
@@ -220,3 +221,29 @@ def test_the_binary_is_the_pinned_wheel_and_its_digest_is_its_bytes() -> None:
     b = envoy.binary()
     assert b.version.split("/")[1] == envoy.VERSION
     assert b.sha256 == "sha256:" + hashlib.sha256(b.path.read_bytes()).hexdigest()
+
+
+def _without_listener(s: GatewaySpec, identity: str) -> GatewaySpec:
+    return dataclasses.replace(s, listeners=tuple(x for x in s.listeners if x.identity != identity))
+
+
+def test_a_reload_stages_clusters_around_the_listeners_for_both_tiers() -> None:
+    both, alpha_only = render(spec()), render(_without_listener(spec(), "job:j-42"))
+
+    def names(doc: dict[str, Any]) -> list[str]:
+        return sorted(r["name"] for r in doc["resources"])
+
+    # removing a listener whose clusters go: the union first, then listeners, then the final set
+    plan = stages(both.cds["resources"], both.cds_version, alpha_only)
+    assert [(s.file, s.kind) for s in plan] == [("cds.json", "cds"), ("lds.json", "lds"), ("cds.json", "cds")]
+    assert names(plan[0].doc) == names(both.cds) and plan[0].version == "staged|" + alpha_only.cds_version
+    assert (plan[1].version, plan[2].version) == (alpha_only.generation, alpha_only.cds_version)
+    assert names(plan[2].doc) == names(alpha_only.cds) != names(both.cds)
+
+    # adding one: the new clusters are a superset, so they go first as they are, no final step
+    plan = stages(alpha_only.cds["resources"], alpha_only.cds_version, both)
+    assert [(s.kind, s.version) for s in plan] == [("cds", both.cds_version), ("lds", both.generation)]
+
+    # the same clusters: only the listeners change
+    plan = stages(both.cds["resources"], both.cds_version, both)
+    assert [(s.kind, s.version) for s in plan] == [("lds", both.generation)]

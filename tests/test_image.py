@@ -17,6 +17,7 @@ import yaml
 from controlplane.canonical import sha256_digest
 from controlplane.errors import OperationalError, RefusedError, UsageError
 from controlplane.home import Home
+from controlplane.image.build import recipe_image, recipe_store_key
 from controlplane.image.golden import (
     ARTIFACT_FILES,
     MANIFEST,
@@ -230,6 +231,34 @@ def test_load_image_picks_the_latest_or_the_named_digest(
     with pytest.raises(OperationalError) as err:
         load_image(home, "sha256:" + "0" * 64)
     assert err.value.code == "image-not-built"
+
+
+def test_vm_up_and_jobs_take_the_current_recipes_image_not_the_newest_in_a_shared_store(
+    tmp_path: Path, home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AVM_IMAGE_CACHE", str(tmp_path))
+    key = recipe_store_key(load_recipe(DEFAULT_RECIPE)).removeprefix("sha256:")
+    mine = make_small_image(tmp_path, key, "2026-01-01T00:00:00Z")
+    other = make_small_image(tmp_path, "c" * 64, "2026-01-01T00:00:00Z")  # another checkout's recipe
+    os.utime(mine.directory / MANIFEST, (1_000_000_000, 1_000_000_000))
+    os.utime(other.directory / MANIFEST, (1_000_000_100, 1_000_000_100))
+    assert load_image(home).digest == other.digest  # the newest: what vm up used to boot
+    assert recipe_image(home).directory == mine.directory
+
+
+def test_without_the_current_recipes_image_the_newest_other_is_named_not_booted(
+    tmp_path: Path, home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AVM_IMAGE_CACHE", str(tmp_path))
+    other = make_small_image(tmp_path, "c" * 64, "2026-01-01T00:00:00Z")
+    with pytest.raises(OperationalError) as err:
+        recipe_image(home)
+    assert err.value.code == "image-not-built"
+    assert err.value.hint == f"run `avm image build`, or pass --image {other.digest} to use that one"
+    monkeypatch.setenv("AVM_IMAGE_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(OperationalError) as err:
+        recipe_image(home)
+    assert (err.value.code, err.value.hint) == ("image-not-built", "run `avm image build`")
 
 
 def test_verify_detects_a_changed_artifact_and_a_changed_rootfs_file(tmp_path: Path) -> None:

@@ -8,14 +8,9 @@ starts no qemu. Booting under ``qemu:///system`` needs a running libvirtd (not o
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
-import signal
 import subprocess
-import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +22,6 @@ from controlplane.vm.accel import host_tsc_khz
 from controlplane.vm.base import BootRequest, VmRecord, VmSpec
 from controlplane.vm.domainxml import QEMU_NS, DomainSettings, domain_xml
 from controlplane.vm.seed import make_seed
-from tests.plugins.require import require_root, require_tools
 
 needs_libvirt = pytest.mark.usefixtures("libvirt_extra")
 
@@ -229,39 +223,6 @@ def test_up_without_libvirtd_is_a_clear_error_and_creates_nothing(
     assert "libvirtd -d" in err.value.hint
     assert not lifecycle.state_dir(home, "lv2").exists()
     assert not (home.inventory / "lv2.json").exists()
-
-
-@pytest.fixture
-def libvirtd() -> Iterator[None]:
-    """A libvirtd serving qemu:///system: the running one, else virtlogd + libvirtd started by hand
-    for this test (this kind of host has no systemd as PID 1) and stopped after it."""
-    import libvirt
-
-    try:
-        libvirt.open("qemu:///system").close()
-        yield
-        return
-    except libvirt.libvirtError:
-        pass
-    require_root("starting libvirtd")
-    require_tools("libvirtd", "virtlogd")
-    pidfiles = {d: Path(f"/run/avm-test-{d}.pid") for d in ("virtlogd", "libvirtd")}
-    for daemon, pidfile in pidfiles.items():
-        subprocess.run([daemon, "-d", "-p", str(pidfile)], check=True, timeout=60)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                libvirt.open("qemu:///system").close()
-                break
-            except libvirt.libvirtError:
-                assert time.monotonic() < deadline, "libvirtd did not come up"
-                time.sleep(0.2)
-        yield
-    finally:
-        for pidfile in pidfiles.values():
-            with contextlib.suppress(OSError, ValueError):
-                os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
 
 
 @pytest.mark.slow

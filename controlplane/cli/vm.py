@@ -34,6 +34,13 @@ def vm() -> None:
 @click.option(
     "--cold", is_flag=True, help="qemu: boot cold; do not restore or make a booted snapshot (warm start)."
 )
+@click.option(
+    "--image",
+    "image_digest",
+    default=None,
+    metavar="DIGEST",
+    help="Boot this built image [default: the image of images/golden.yaml, built by `avm image build`].",
+)
 @pass_app
 def up(
     app: AppContext,
@@ -45,6 +52,7 @@ def up(
     timeout_s: float,
     no_wait: bool,
     cold: bool,
+    image_digest: str | None,
 ) -> None:
     """Boot golden VM NAME from the built image and wait for an SSH login.
 
@@ -55,6 +63,7 @@ def up(
     boots cold and makes one. The vm-up receipt records which path was taken.
     """
     from controlplane.ids import parse_vm_name
+    from controlplane.image.build import recipe_image
     from controlplane.image.golden import load_image
     from controlplane.vm import lifecycle
     from controlplane.vm.base import VmSpec, get_backend
@@ -72,7 +81,7 @@ def up(
     home = app.home
     # the backend's own checks (tools, daemons, credentials) come first: they say what to fix
     get_backend(spec.backend).preflight(spec)
-    image = load_image(home)
+    image = load_image(home, image_digest) if image_digest else recipe_image(home)
     record = lifecycle.up(home, spec, image, progress=app.say)
     app.emit(
         record.model_dump(mode="json"),

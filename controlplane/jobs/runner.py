@@ -84,7 +84,7 @@ def pick_kernel(home: Home, which: str, machine: str, net: bool) -> GuestKernelC
     """The golden image's kernel (virtio modules loaded from its rootfs) or the cached minimal one.
 
     Raises ``OperationalError('image-not-built' | 'guest-kernel-not-built')``."""
-    from controlplane.image.golden import load_image
+    from controlplane.image.build import recipe_image
 
     if which == "minimal":
         from controlplane.jobs import kernel as guestkernel
@@ -108,7 +108,7 @@ def pick_kernel(home: Home, which: str, machine: str, net: bool) -> GuestKernelC
         return GuestKernelChoice(
             kernel=k.path, digest=k.digest, modules=[], source="minimal", acpi=False, append=MINIMAL_APPEND
         )
-    image = load_image(home)
+    image = recipe_image(home)
     mods_root = next(iter(sorted((image.rootfs / "lib" / "modules").iterdir())))
     wanted = [*(MICROVM_MODULES if machine == "microvm" else Q35_MODULES), *(NET_MODULES if net else ())]
     return GuestKernelChoice(

@@ -4,8 +4,9 @@ The commit is verified like a promotion (signature, pinned digests, tier control
 the host untouched), the gateway rendered from its ``avm.yaml`` (``promote.gateway.prepare``),
 and the plan digest covers the rendering (``plan`` receipt; dry-run by default). ``--apply``
 (an ``apply`` receipt, under the host lock): the gateway's new files go in beside the old,
-then a staged CDS (old and new clusters), the LDS and the final CDS are each renamed into
-place, and Envoy's admin socket is read until it reports each one in force. If Envoy rejects
+then the stages of ``boundary.gateway.stages`` (the same order as a Tier-2 reload: a staged
+CDS of old and new clusters, the LDS, the final CDS) are each renamed into place, and Envoy's
+admin socket is read until it reports each one in force. If Envoy rejects
 one, the last good LDS and CDS are put back and the receipt says which generation stays in
 force (``gateway-reload-rejected``, exit 1). Agent units are never restarted: their MainPIDs
 before and after are a check. Then the boundary table and the sandbox probes, as after a
@@ -18,13 +19,12 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from controlplane._internal.progress import Progress, quiet
 from controlplane.boundary import tier1
-from controlplane.boundary.gateway import reload_rejected
+from controlplane.boundary.gateway import Stage, reload_rejected, stages
 from controlplane.boundary.render import dump as dump_xds
 from controlplane.canonical import canonical_bytes, domain_digest
 from controlplane.errors import OperationalError, UsageError
@@ -77,23 +77,21 @@ def hot_reload(host: Transport, gw: tier1.Tier1Gateway, blobs: list[gateway.Blob
     old_lds, old_cds = host.get(str(tier1.ETC / "lds.json")), host.get(str(tier1.ETC / "cds.json"))
     new = gw.rendered
     clusters = (json.loads(old_cds) if old_cds.strip() else {}).get("resources", [])
-    union = {r["name"]: r for r in clusters + new.cds["resources"]}
-    staged = {"version_info": "staged|" + new.cds_version, "resources": list(union.values())}
     start = time.monotonic()
-    stages: list[tuple[str, dict[str, Any], Callable[[dict[str, Any]], bool]]] = [
-        ("cds.json", staged, lambda f: f.get("cds") == staged["version_info"]),
-        ("lds.json", new.lds, lambda f: f.get("lds") == new.generation),
-        ("cds.json", new.cds, lambda f: f.get("cds") == new.cds_version),
-    ]
-    for name, doc, done in stages:
-        seen = _step(host, name, dump_xds(doc), done, rejected)
+    seen = before
+    for stage in stages(clusters, was_cds, new):
+
+        def done(f: dict[str, Any], s: Stage = stage) -> bool:
+            return f.get(s.kind) == s.version
+
+        seen = _step(host, stage.file, dump_xds(stage.doc), done, rejected)
         if not done(seen):
             _step(host, "lds.json", old_lds, lambda f: f.get("lds") == was, rejected + 99)
             _step(host, "cds.json", old_cds, lambda f: f.get("cds") == was_cds, rejected + 99)
             why = (
-                "Envoy rejected " + name
+                "Envoy rejected " + stage.file
                 if int(seen.get("rejected", 0)) > rejected
-                else f"{name} not in force"
+                else f"{stage.file} not in force"
             )
             raise reload_rejected(was, new.generation, why)
     return {**seen, "seconds": round(time.monotonic() - start, 4)}

@@ -9,14 +9,12 @@ generation in force from Envoy's admin socket until it is the rendered one, and 
 ``inet avm_boundary`` table (nspawn: from the host side, into the VM's namespace).
 The probes, the admin reads and drift are in ``promote.gatewaycheck``.
 
-Per target, ``<home>/egress/<target>/``: ``ca/`` (the egress CA) and an optional
-``gateway.json``: ``{"upstream_ca": PEM path, "upstreams": {"host:port": [addr, port]}}`` for
-upstreams verified against a private CA or reached at a pinned address.
+Per target, ``<home>/egress/<target>/``: ``ca/`` (the egress CA) and the optional options file
+of ``promote.gwoptions`` (a private upstream CA, pinned upstream addresses).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from importlib.resources import files
 from pathlib import Path
@@ -27,7 +25,8 @@ from controlplane.boundary import tier1
 from controlplane.boundary.ca import EgressCA
 from controlplane.boundary.requests import RECORDER_USER
 from controlplane.canonical import sha256_digest
-from controlplane.errors import OperationalError, UsageError
+from controlplane.errors import OperationalError
+from controlplane.promote import gwoptions
 from controlplane.promote.layout import LAYOUT
 
 if TYPE_CHECKING:
@@ -48,23 +47,6 @@ def target_dir(home: Home, target: str) -> Path:
 
 def ca_for(home: Home, target: str) -> EgressCA:
     return EgressCA.ensure(target_dir(home, target) / "ca", common_name=f"avm egress CA ({target})")
-
-
-def _options(home: Home, target: str) -> tuple[bytes | None, dict[str, tuple[str, int]]]:
-    path = target_dir(home, target) / "gateway.json"
-    if not path.exists():
-        return None, {}
-    try:
-        doc = json.loads(path.read_text())
-        ca = Path(doc["upstream_ca"]).read_bytes() if doc.get("upstream_ca") else None
-        pins = {k: (str(v[0]), int(v[1])) for k, v in doc.get("upstreams", {}).items()}
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
-        raise UsageError(
-            "gateway-options-invalid",
-            f"{path}: expected {{upstream_ca: PEM path, upstreams: {{host:port: [addr, port]}}}}: {exc}",
-            hint="fix or remove the file",
-        ) from exc
-    return ca, pins
 
 
 def prepare(home: Home, target: str, profiles: Sequence[Profile]) -> tier1.Tier1Gateway | None:
@@ -94,7 +76,7 @@ def prepare_policies(
     from controlplane.promote.status import _recorded_gateway
 
     ca = ca_for(home, target)
-    upstream_ca, pins = _options(home, target)
+    upstream_ca, pins = gwoptions.read(home, target)
     prior = recorded_state(home, target)
     recorded = (_recorded_gateway(home, prior[0]) or {}) if prior else {}
     previous = {p: str(a).split(":", 1)[0] for p, a in recorded.get("listeners", {}).items()}

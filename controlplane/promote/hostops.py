@@ -106,12 +106,17 @@ def daemon_reload(host: Transport) -> RunResult:
 
 
 def restart(host: Transport, profile: str) -> RunResult:
+    """(Re)start the profile's unit, enabled first: a promoted agent comes back at every boot
+    (after ``avm-boundary.service`` when its drop-in requires it), not only until the host reboots."""
     host.run(["systemctl", "reset-failed", LAYOUT.unit_name(profile)], timeout=30)
+    host.run(["systemctl", "enable", LAYOUT.unit_name(profile)], timeout=60).check()
     return host.run(["systemctl", "restart", LAYOUT.unit_name(profile)], timeout=120)
 
 
 def stop(host: Transport, profile: str) -> RunResult:
-    return host.run(["systemctl", "stop", LAYOUT.unit_name(profile)], timeout=120)
+    """Stop the profile's unit and disable it: a stopped (refused, rolled-back) agent stays
+    stopped across a reboot."""
+    return host.run(["systemctl", "disable", "--now", LAYOUT.unit_name(profile)], timeout=120)
 
 
 def health(host: Transport, check: HealthCheck, commit: str) -> tuple[bool, dict[str, object], RunResult]:

@@ -6,6 +6,7 @@ from inside its unit (HTTPS through the gateway, HTTP to ``avm.boundary``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -20,7 +21,7 @@ import yaml
 from controlplane.boundary.ca import EgressCA
 from controlplane.governance import secrets
 from controlplane.home import Home
-from controlplane.promote import gateway, gatewaycheck
+from controlplane.promote import gatewaycheck
 from controlplane.promote.enforcement import host_network
 from controlplane.release import trust as signing
 from controlplane.transport import inventory
@@ -82,19 +83,19 @@ def gw_repo(tmp_path_factory: pytest.TempPathFactory, golden_home: Home) -> dict
     return {"path": path, "commits": commits, "secret": value, "key": key}
 
 
-@pytest.fixture(scope="module")
-def gw_upstream(
-    tmp_path_factory: pytest.TempPathFactory, golden_home: Home, nspawn_vm: str
+@contextlib.contextmanager
+def serve_upstream(
+    root: Path, home: Home, vm: str, *, listen: str, reach: str, port: int
 ) -> Iterator[dict[str, Any]]:
-    """``api.example.test`` on the VM's veth host end, with a CA of its own the gateway trusts."""
-    net = host_network(inventory.load(golden_home, nspawn_vm))
-    assert net is not None
-    tmp = tmp_path_factory.mktemp("upstream")
-    ca = EgressCA.ensure(tmp / "ca", common_name="upstream test CA")
+    """``api.example.test`` (a CA of its own, which only the gateway trusts) on ``listen:port``
+    of this machine, which the VM ``vm`` reaches at ``reach:port``: the target's gateway options
+    pin the name there. A name the host resolves (``outside.example.test`` -> ``reach``) is the
+    unlisted-name probe's control. Yields ``log`` (the requests the upstream saw), ``addr``
+    (``reach``) and ``port``."""
+    ca = EgressCA.ensure(root / "ca", common_name="upstream test CA")
     cert, key = ca.leaf("api.example.test")
-    log = tmp / "requests.jsonl"
-    port = 47000 + int.from_bytes(os.urandom(2)) % 1000
-    argv = [sys.executable, "-m", "tests.plugins.upstream_server", net.host_addr, str(port)]
+    log = root / "requests.jsonl"
+    argv = [sys.executable, "-m", "tests.plugins.upstream_server", listen, str(port)]
     proc = subprocess.Popen(
         [*argv, str(cert), str(key), str(log)],
         stdout=subprocess.PIPE,
@@ -102,18 +103,31 @@ def gw_upstream(
     )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
-        options = gateway.target_dir(golden_home, nspawn_vm) / "gateway.json"
-        options.parent.mkdir(parents=True, exist_ok=True)
-        pins = {"api.example.test:443": [net.host_addr, port]}
-        options.write_text(json.dumps({"upstream_ca": str(ca.cert_path), "upstreams": pins}))
+        pin = f"api.example.test:443={reach}:{port}"
+        rc, out = avm(home, "egress", "options", "--target", vm, "--clear",
+                      "--upstream-ca", str(ca.cert_path), "--pin", pin)  # fmt: skip
+        assert rc == 0, out
         # a name the host resolves (the unlisted-name probe's control): the sandbox must not
-        on_host(
-            golden_home, nspawn_vm, "sh", "-c", f"echo '{net.host_addr} outside.example.test' >> /etc/hosts"
-        )
-        yield {"log": log, "addr": net.host_addr, "port": port}
+        on_host(home, vm, "sh", "-c", f"echo '{reach} outside.example.test' >> /etc/hosts")
+        yield {"log": log, "addr": reach, "port": port}
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture(scope="module")
+def gw_upstream(
+    tmp_path_factory: pytest.TempPathFactory, golden_home: Home, nspawn_vm: str
+) -> Iterator[dict[str, Any]]:
+    """The nspawn VM's upstream: on the VM's veth host end, a link the test's VM owns."""
+    net = host_network(inventory.load(golden_home, nspawn_vm))
+    assert net is not None
+    port = 47000 + int.from_bytes(os.urandom(2)) % 1000
+    root = tmp_path_factory.mktemp("upstream")
+    with serve_upstream(
+        root, golden_home, nspawn_vm, listen=net.host_addr, reach=net.host_addr, port=port
+    ) as up:
+        yield up
 
 
 def avm(home: Home, *args: str, env: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
@@ -157,17 +171,36 @@ except OSError as exc:
 """
 
 
-def as_agent(home: Home, vm: str, path: str, forged: str = "forged") -> dict[str, Any]:
-    doc: dict[str, Any] = json.loads(agent_python(home, vm, AGENT_REQUEST, "api.example.test", path, forged))
+def agent_argv(home: Home, vm: str, *, cgroup: bool = False, netns_only: bool = False) -> list[str]:
+    """argv that runs a command as the agent ``agent-gw``: inside its running unit's mount and
+    network namespaces; ``cgroup``: also in the unit's own cgroup (so under its ``IPAddressDeny=``
+    cgroup-BPF, which a real kernel enforces); ``netns_only``: only its network namespace and
+    uid, in the SSH session's cgroup (the boundary table is all that judges it there)."""
+    unit = "agent-gateway@gw"
+    pid = on_host(home, vm, "systemctl", "show", "-p", "MainPID", "--value", unit).strip()
+    spaces = ["-n"] if netns_only else ["-m", "-n"]
+    argv = ["nsenter", "-t", pid, *spaces, "--", "setpriv", "--reuid", "agent-gw", "--regid", "agent-gw"]
+    argv.append("--clear-groups")
+    if not cgroup:
+        return argv
+    group = on_host(home, vm, "systemctl", "show", "-p", "ControlGroup", "--value", unit).strip()
+    join = 'echo $$ > "/sys/fs/cgroup$1/cgroup.procs" && shift && exec "$@"'
+    return ["sh", "-c", join, "sh", group, *argv]
+
+
+def as_agent(
+    home: Home, vm: str, path: str, forged: str = "forged", *, cgroup: bool = False
+) -> dict[str, Any]:
+    argv = agent_argv(home, vm, cgroup=cgroup)
+    out = on_host(home, vm, *argv, "python3", "-c", AGENT_REQUEST, "api.example.test", path, forged)
+    doc: dict[str, Any] = json.loads(out)
     return doc
 
 
 def agent_python(home: Home, vm: str, script: str, *args: str, check: bool = True) -> str:
     """``python3 -c script args`` as the agent user, inside its running unit's mount and network
     namespaces: its hosts file, its CA bundle, its boundary table."""
-    pid = on_host(home, vm, "systemctl", "show", "-p", "MainPID", "--value", "agent-gateway@gw").strip()
-    argv = ["nsenter", "-t", pid, "-m", "-n", "--", "setpriv", "--reuid", "agent-gw", "--regid", "agent-gw"]
-    return on_host(home, vm, *argv, "--clear-groups", "python3", "-c", script, *args, check=check)
+    return on_host(home, vm, *agent_argv(home, vm), "python3", "-c", script, *args, check=check)
 
 
 def egress_apply(

@@ -6,11 +6,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -95,3 +98,36 @@ def nspawn_vm(golden_home: Home) -> Iterator[str]:
     yield name
     down = run_avm(golden_home, "vm", "down", name)
     assert down.returncode == 0, down.stdout + down.stderr
+
+
+@pytest.fixture(scope="module")
+def libvirtd() -> Iterator[None]:
+    """A libvirtd serving qemu:///system: the running one, else virtlogd + libvirtd started by hand
+    for this module (this kind of host has no systemd as PID 1) and stopped after it."""
+    import libvirt
+
+    try:
+        libvirt.open("qemu:///system").close()
+        yield
+        return
+    except libvirt.libvirtError:
+        pass
+    require_root("starting libvirtd")
+    require_tools("libvirtd", "virtlogd")
+    pidfiles = {d: Path(f"/run/avm-test-{d}.pid") for d in ("virtlogd", "libvirtd")}
+    for daemon, pidfile in pidfiles.items():
+        subprocess.run([daemon, "-d", "-p", str(pidfile)], check=True, timeout=60)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                libvirt.open("qemu:///system").close()
+                break
+            except libvirt.libvirtError:
+                assert time.monotonic() < deadline, "libvirtd did not come up"
+                time.sleep(0.2)
+        yield
+    finally:
+        for pidfile in pidfiles.values():
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
