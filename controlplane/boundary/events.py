@@ -71,6 +71,8 @@ def parse_line(line: str) -> Event | None:
     reason = str(raw.get("reason") or "")
     if not reason and raw.get("pin") in mcppin.REASONS:  # refused behind Envoy, on the response path
         reason = str(raw["pin"])
+    if reason.startswith("boundary-"):  # avm.boundary (GET /policy, POST /requests): nothing left
+        return None
     code = int(raw.get("code") or 0)
     budget = str(raw.get("budget") or "")
     if code in (413, 429) and budget in BUDGETS:  # only the gateway sets x-avm-budget (boundary.budget)

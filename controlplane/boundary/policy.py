@@ -89,6 +89,14 @@ def _hostname(value: str) -> str:
             value,
             "put addresses in egress.allow: they are enforced by nftables, not by the gateway",
         )
+    if value == "avm.boundary":
+        raise _refuse(
+            "egress-name-invalid",
+            "host",
+            "a destination (avm.boundary is the gateway's own name)",
+            value,
+            "avm.boundary answers GET /policy and POST /requests on every listener already",
+        )
     if not _HOSTNAME_RE.fullmatch(value):
         raise _refuse(
             "egress-name-invalid",

@@ -34,7 +34,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from controlplane.boundary import api as boundary_api
 from controlplane.boundary import budget, contentgate, mcprules, usage
+from controlplane.boundary import requests as boundary_requests
 from controlplane.boundary.contentgate import Classifier
 from controlplane.boundary.policy import EgressPolicy, NameRule
 from controlplane.boundary.routes import access_log, cluster_name, local_replies, rbac_filter, routes
@@ -82,6 +84,9 @@ class GatewaySpec:
     classifier: Classifier | None = None
     # the MCP pinning service (controlplane.boundary.mcppin) every ``mcp:`` entry goes through
     mcp_pin: tuple[str, int] | None = None
+    # the request recorder's unix socket: when set, each identity also gets its avm.boundary
+    # listener (port 80: GET /policy, POST /requests; ``boundary.api``) and denials say how to ask
+    requests_socket: Path | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +134,8 @@ def _check(spec: GatewaySpec) -> None:
             if rule.mcp is not None and spec.mcp_pin is None:
                 raise _refuse("mcp_pin", f"a pinning service for the MCP server {rule.key}", None)
     addrs = [(str(x.address), x.netns, p) for x in spec.listeners for p in x.policy.ports]
+    if spec.requests_socket is not None and any(p == boundary_requests.PORT for *_, p in addrs):
+        raise _refuse("port", f"no name on port {boundary_requests.PORT} (avm.boundary's)", addrs)
     if len(addrs) != len(set(addrs)):
         raise _refuse("address", "one identity per address and port", addrs)
 
@@ -152,6 +159,11 @@ def render(spec: GatewaySpec) -> Rendered:
         if hop:
             listeners.append(hop[0])
             clusters.append(hop[1])
+    if spec.requests_socket is not None:
+        for x in spec.listeners:
+            where = _address(str(x.address), boundary_requests.PORT, x.netns)
+            listeners.append(boundary_api.listener(x.identity, where, x.policy, spec.access_log))
+        clusters.append(boundary_api.cluster(spec.requests_socket))
     refs = sorted({r.credential.ref for r in rules.values() if r.credential})
     body = {"listeners": listeners, "clusters": clusters, "secrets": refs}
     generation = sha256_digest(canonical_bytes(json.loads(json.dumps(body, default=str))))
@@ -297,7 +309,7 @@ def _chain(spec: GatewaySpec, listener: Listener, rule: NameRule) -> dict[str, A
         },
         # a denial's JSON body: the RBAC reasons, then the budgets' 429 / 413
         "local_reply_config": {
-            "mappers": local_replies(rule, generation)["mappers"]
+            "mappers": local_replies(rule, generation, _ask(spec))["mappers"]
             + budget.local_reply(rule.key, generation, rule)["mappers"]
         },
         "http_filters": _http_filters(spec, rule),
@@ -324,6 +336,10 @@ def _chain(spec: GatewaySpec, listener: Listener, rule: NameRule) -> dict[str, A
         },
         "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}],
     }
+
+
+def _ask(spec: GatewaySpec) -> dict[str, str] | None:
+    return boundary_api.ASK if spec.requests_socket is not None else None
 
 
 def _dns_cache(rule: NameRule) -> dict[str, Any]:

@@ -21,6 +21,7 @@ policy generation. No Python runs in the request path.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +64,13 @@ def cluster_name(rule: NameRule) -> str:
     return f"out|{rule.host}|{rule.port}"
 
 
-def deny_body(reason: str, rule: NameRule, generation: str) -> dict[str, Any]:
-    """The JSON body of a 403 for ``reason``: what the agent reads."""
-    return {"denied": True, "reason": reason, "destination": rule.key, "policy": generation}
+def deny_body(
+    reason: str, rule: NameRule, generation: str, ask: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The JSON body of a 403 for ``reason``: what the agent reads. ``ask``: how a refused agent
+    asks for more (``request``) and reads its policy (``policy_at``), where the boundary answers
+    them (Tier-1: ``boundary.api``)."""
+    return {"denied": True, "reason": reason, "destination": rule.key, "policy": generation, **(ask or {})}
 
 
 def routes(rule: NameRule, generation: str) -> list[dict[str, Any]]:
@@ -164,17 +169,22 @@ def reply_mapper(reason: str, body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def local_replies(rule: NameRule, generation: str) -> dict[str, Any]:
+def local_replies(rule: NameRule, generation: str, ask: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The HCM ``local_reply_config``: one mapper per reason of ``rbac_policies``."""
-    mappers = [reply_mapper(r, deny_body(r, rule, generation)) for r in REASONS]
+    mappers = [reply_mapper(r, deny_body(r, rule, generation, ask)) for r in REASONS]
     if rule.mcp is not None:
         mappers += [
-            reply_mapper(r, mcprules.error_body(r, deny_body(r, rule, generation))) for r in mcprules.REASONS
+            reply_mapper(r, mcprules.error_body(r, deny_body(r, rule, generation, ask)))
+            for r in mcprules.REASONS
         ]
     return {"mappers": mappers}
 
 
-def access_log(path: Path, identity: str, generation: str) -> dict[str, Any]:
+RBAC_REASON = "%DYNAMIC_METADATA(envoy.filters.http.rbac:enforced_effective_policy_id)%"
+ROUTE_REASON = "%METADATA(ROUTE:avm:reason)%"  # a listener that answers by routes (boundary.api)
+
+
+def access_log(path: Path, identity: str, generation: str, reason: str = RBAC_REASON) -> dict[str, Any]:
     fmt = {
         "t": "%START_TIME%",
         "identity": identity,
@@ -184,7 +194,7 @@ def access_log(path: Path, identity: str, generation: str) -> dict[str, Any]:
         "method": "%REQ(:METHOD)%",
         "path": "%REQ_WITHOUT_QUERY(:PATH)%",
         "code": "%RESPONSE_CODE%",
-        "reason": "%DYNAMIC_METADATA(envoy.filters.http.rbac:enforced_effective_policy_id)%",
+        "reason": reason,
         "flags": "%RESPONSE_FLAGS%",
         "upstream": "%UPSTREAM_HOST%",
         # an inspected name's verdict (boundary.contentgate): level, finding kinds, classifier

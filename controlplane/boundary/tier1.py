@@ -21,6 +21,11 @@ there, the ``avm_boundary`` table lets each reach its own listener only)::
 
     /usr/local/lib/avm/mcppin.py         0644  controlplane/boundary/mcppin.py, as it is
     /etc/avm/mcppin/                     root:avm-mcppin 0750  config.json (rules, pins), upstream-ca.pem
+    /run/avm-requests/requests.sock      0660 avm-requests:avm-gateway: the request recorder
+    /var/lib/avm-requests/               0750 avm-requests: permission requests as they came
+
+Each profile's hosts file also names ``avm.boundary`` (its listener's port 80: ``GET /policy``,
+``POST /requests``, ``boundary.api``); the table opens that port to the profile's uid too.
 
 ``render_host`` returns the non-secret files (with their digests: the plan covers them) and
 what apply must add: a leaf per name (minted by the per-target CA in the avm home; the CA key
@@ -41,6 +46,8 @@ from controlplane.boundary import mcppin
 from controlplane.boundary.contentgate import Classifier
 from controlplane.boundary.policy import EgressPolicy
 from controlplane.boundary.render import GatewaySpec, Listener, Rendered, documents, dump, render
+from controlplane.boundary.requests import PORT as REQUESTS_PORT
+from controlplane.boundary.requests import RESERVED
 from controlplane.canonical import canonical_bytes, sha256_digest
 
 USER = "avm-gateway"
@@ -70,6 +77,12 @@ PIN_SCRIPT = Path("/usr/local/lib/avm/mcppin.py")
 PIN_LISTEN = ("127.0.0.1", 15301)
 NET = ipaddress.IPv4Network("127.100.0.0/24")
 TABLE = "avm_boundary"
+# permission requests (``boundary.requests``): the recorder, under its own user, on a socket
+# only the gateway's group can connect to; what it stores, root and it read
+REQUESTS_SOCKET = Path("/run/avm-requests/requests.sock")
+REQUESTS_DIR = Path("/var/lib/avm-requests")
+RECORDER = Path("/usr/local/lib/avm/request_recorder.py")
+RECORDER_UNITS = ("avm-requests.socket", "avm-requests.service")
 NSSWITCH = b"passwd: files\ngroup: files\nshadow: files\ngshadow: files\nhosts: files\n"
 
 
@@ -99,6 +112,19 @@ class Tier1Gateway:
     # every profile of the manifest -> its IP rules (host or CIDR, port, proto): the table names
     # every agent uid, not only those of the profiles a promotion restarts
     ip_rules: dict[str, tuple[tuple[str, int, str], ...]] = dataclasses.field(default_factory=dict)
+    tiers: dict[str, str] = dataclasses.field(default_factory=dict)  # profile -> risk tier
+
+    def policy_record(self) -> dict[str, object]:
+        """For receipts: each profile's policy itself, its IP rules and tier (what a permission
+        request is merged into, and how many approvers it needs). No credential values."""
+        return {
+            p: {
+                "names": pol.model_dump(mode="json")["names"],
+                "ip_rules": [list(r) for r in self.ip_rules.get(p, ())],
+                "tier": self.tiers.get(p),
+            }
+            for p, pol in self.policies.items()
+        }
 
     @property
     def generation(self) -> str:
@@ -203,6 +229,7 @@ def render_host(
     upstreams: Mapping[str, tuple[str, int]] | None = None,
     previous: Mapping[str, str] | None = None,
     ip_rules: Mapping[str, Sequence[tuple[str, int, str]]] | None = None,
+    tiers: Mapping[str, str] | None = None,
 ) -> Tier1Gateway | None:
     """The gateway for the profiles that list names (None when none does). Pure.
 
@@ -227,6 +254,7 @@ def render_host(
         upstreams=dict(upstreams or {}),
         classifier=Classifier(CLASSIFIER_SOCKET),
         mcp_pin=PIN_LISTEN if any(r.mcp for r in rules) else None,
+        requests_socket=REQUESTS_SOCKET,
     )
     rendered = render(spec)
     docs = documents(rendered)
@@ -244,7 +272,7 @@ def render_host(
     files.append(HostFile(str(CA_BUNDLE), ca_cert, 0o644))
     for p, pol in named.items():
         listed = sorted({r.host for r in pol.names if not r.wildcard})
-        text = "127.0.0.1 localhost\n" + "".join(f"{addrs[p]} {h}\n" for h in listed)
+        text = "127.0.0.1 localhost\n" + "".join(f"{addrs[p]} {h}\n" for h in [*listed, RESERVED])
         files.append(HostFile(str(hosts_file(p)), text.encode(), 0o644))
         files.append(HostFile(str(nsswitch_file(p)), NSSWITCH, 0o644))
     return Tier1Gateway(
@@ -256,6 +284,7 @@ def render_host(
         refs=refs,
         ca_fingerprint=ca_fingerprint,
         ip_rules={p: tuple(r) for p, r in sorted((ip_rules or {}).items())},
+        tiers=dict(tiers or {}),
     )
 
 
@@ -302,7 +331,7 @@ def nft_script(
             f'add rule {t} {chain} ct state established,related accept comment "replies"',
         ]
         if gateway is not None and profile in gateway.addresses:
-            ports = ", ".join(map(str, gateway.policies[profile].ports))
+            ports = ", ".join(map(str, (*gateway.policies[profile].ports, REQUESTS_PORT)))
             lines.append(
                 f"add rule {t} {chain} ip daddr {gateway.addresses[profile]} tcp dport {{ {ports} }} "
                 'accept comment "own listener"'

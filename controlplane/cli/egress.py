@@ -1,4 +1,5 @@
-"""avm egress apply: a host's egress gateway policy from a signed commit, hot-reloaded."""
+"""avm egress apply / log / requests / deny: a host's egress gateway policy from a signed
+commit or from approved permission requests, hot-reloaded; its events; agents' requests."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import click
 
 from controlplane.cli.app import AppContext, pass_app
+from controlplane.errors import UsageError
 
 
 @click.group("egress")
@@ -19,25 +21,34 @@ def egress() -> None:
 @egress.command("apply")
 @click.option(
     "--repo",
-    required=True,
     type=click.Path(path_type=Path, file_okay=False, exists=True),
-    help="The agent's git repository.",
+    help="The agent's git repository (with --commit). Without both: the approved requests.",
 )
-@click.option("--commit", "ref", required=True, help="Commit whose avm.yaml holds the policy (verified).")
+@click.option("--commit", "ref", help="Commit whose avm.yaml holds the policy (verified).")
 @click.option("--target", required=True, help="Inventory name of the host or VM.")
 @click.option("--apply", is_flag=True, help="Hot-reload the gateway. Without it, nothing is changed.")
 @pass_app
-def apply(app: AppContext, repo: Path, ref: str, target: str, apply: bool) -> None:
-    """Change the gateway's policy to a signed commit's egress entries, without restarting agents.
+def apply(app: AppContext, repo: Path | None, ref: str | None, target: str, apply: bool) -> None:
+    """Change the gateway's policy, without restarting agents: to a signed commit's egress
+    entries (--repo, --commit), or the policy in force plus the approved permission requests.
 
     \b
-    Dry-run by default: verify the commit (exit 3 on a failed gate), render the gateway, print
-    the plan digest. With --apply: staged CDS -> LDS -> CDS, each proven in force on Envoy's
-    admin socket; a rejected update restores the last good generation (exit 1, the receipt
-    says so). Agent MainPIDs are checked unchanged; then the sandbox probes, as after a promote.
+    Dry-run by default: verify the commit (exit 3 on a failed gate) or count each request's
+    approvals (exit 3 when short), render the gateway, print the plan digest. With --apply:
+    staged CDS -> LDS -> CDS, each proven in force on Envoy's admin socket; a rejected update
+    restores the last good generation (exit 1, the receipt says so). Agent MainPIDs are checked
+    unchanged; then the sandbox probes, as after a promote, and one per granted request.
     """
-    from controlplane.promote import egressapply
+    from controlplane.promote import egressapply, egressrequests
 
+    if (repo is None) != (ref is None):
+        raise UsageError(
+            "egress-apply-how", "--repo and --commit go together (or neither: apply the approved requests)"
+        )
+    if repo is None or ref is None:
+        done = egressrequests.apply(app.home, target, apply=apply, progress=app.say)
+        app.emit(done, lambda: _human_requests(done))
+        return
     out = egressapply.run(app.home, repo=repo, ref=ref, target=target, apply=apply, progress=app.say)
 
     def human(doc: dict[str, Any] = out) -> None:
@@ -85,6 +96,62 @@ def log(app: AppContext, target: str, follow: bool) -> None:
                 click.echo(json.dumps(e, sort_keys=True) if app.json else _line(e))
             sys.stdout.flush()
             time.sleep(1.0)
+
+
+def _human_requests(doc: dict[str, Any]) -> None:
+    click.echo(f"egress requests {', '.join(doc['requests'])} -> {doc['target']}: to {doc['to']}")
+    click.echo(f"plan digest: {doc['plan_digest']}")
+    if doc["applied"]:
+        click.echo(f"in force in {doc['reload_s']} s; agents not restarted")
+    else:
+        click.echo("dry-run: nothing was changed; add --apply to hot-reload exactly this")
+    click.echo("receipts: " + ", ".join(f"{k} #{v}" for k, v in doc["receipts"].items()))
+
+
+@egress.command("requests")
+@click.option("--target", required=True, help="Inventory name of the host or VM.")
+@click.option("--all", "every", is_flag=True, help="Also those denied, applied, expired or invalid.")
+@pass_app
+def requests_(app: AppContext, target: str, every: bool) -> None:
+    """The agents' permission requests (POST http://avm.boundary/requests), collected from the host.
+
+    \b
+    Each stored request is judged (an invalid one is listed with why, never trusted) and
+    recorded in an egress-requests receipt with the change it asks for: the profile's policy
+    generation before and after, and the digest `avm approve --request ID` signs. States:
+    pending, approved, denied, applied, expired, invalid. Lists pending, approved and invalid
+    ones unless --all; with --json, every request.
+    """
+    from controlplane.promote import egressrequests
+
+    out = egressrequests.collect(app.home, target)
+    shown = [e for e in out["requests"] if every or e["state"] in ("pending", "approved", "invalid")]
+    lines = []
+    for e in shown:
+        what = e.get("rule") or {}
+        ask = f"{','.join(what.get('methods', []))} {what.get('host', '?')}:{what.get('port', '?')}"
+        ask += f" {','.join(what.get('paths', []))}" if what else ""
+        lines.append(
+            f"{e['id']}  {e['state']:<8} {e.get('profile') or '?':<12} {ask if what else e.get('error')}"
+        )
+        if what:
+            lines.append(f"    reason: {e.get('reason')!r}; change {e['from'][:19]} -> {e['to'][:19]}")
+    text = "\n".join(lines) or f"no permission requests on {target}"
+    app.emit(out, text + f"\nreceipt #{out['receipt']} (egress-requests)")
+
+
+@egress.command("deny")
+@click.option("--request", "request_id", required=True, help="The request id (rq-...).")
+@click.option("--reason", default="denied by a reviewer", show_default=True, help="Recorded with the denial.")
+@pass_app
+def deny(app: AppContext, request_id: str, reason: str) -> None:
+    """Deny a collected permission request: recorded (egress-request-denied), never applied."""
+    from controlplane.promote import egressrequests
+
+    out = egressrequests.deny(app.home, request_id, reason)
+    app.emit(
+        out, f"denied {request_id} on {out['target']}\nreceipt #{out['receipt']} (egress-request-denied)"
+    )
 
 
 @egress.command("options")

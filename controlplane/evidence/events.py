@@ -44,6 +44,11 @@ EVENT_TYPES: dict[str, tuple[str, str]] = {
         "job or profile, host, method, path, code, reason, policy, sensitivity, findings (kinds only), "
         "classifier",
     ),
+    "permission.requested": (
+        "avm egress requests (egress-requests receipt)",
+        "request id, profile, state (pending, approved, denied, applied, expired, invalid)",
+    ),
+    "permission.denied": ("avm egress deny (egress-request-denied receipt)", "request id, profile, reason"),
     "egress.allowed": (
         "avm job run (job receipt); avm status (Tier-1 gateway access log)",
         "job or profile, destination (method host), count, policy (gateway log)",

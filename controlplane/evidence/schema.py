@@ -28,6 +28,8 @@ KINDS = (
     "approval",
     "approver-trusted",
     "bundle-verify",
+    "egress-request-denied",
+    "egress-requests",
     "image-build",
     "image-provenance",
     "job-probe-egress",

@@ -15,7 +15,11 @@ so it resolves names through the unit's own hosts file and meets the same nftabl
 - ``unlisted``: a name that resolves outside the sandbox (the control) must not resolve inside;
 - ``direct``: a TCP connect to a listener this probe opened on the host's own address;
 - ``dns``: a DNS query over UDP to a resolver socket this probe opened on that address;
-- ``metadata``: a TCP connect to 169.254.169.254:80.
+- ``metadata``: a TCP connect to 169.254.169.254:80;
+- ``boundary``: ``GET http://avm.boundary/policy``: the status and the policy generation and
+  identity the gateway answered with;
+- ``granted``: each of the profile's ``granted`` requests (``{"host", "port", "method",
+  "path"}``: what approved permission requests added), made through the gateway like ``listed``.
 
 Outcomes are reported, never judged here; the values of headers are never printed.
 """
@@ -78,7 +82,18 @@ def dns(addr, port):
         return "errno %d" % e.errno
     finally:
         s.close()
+def boundary():
+    conn = http.client.HTTPConnection("avm.boundary", 80, timeout=t)
+    try:
+        conn.request("GET", "/policy"); resp = conn.getresponse(); doc = json.loads(resp.read(65536))
+        return {"status": resp.status, "policy": doc.get("policy"), "identity": doc.get("identity")}
+    except (OSError, ValueError) as e:
+        return {"error": type(e).__name__ + ": " + str(e)}
+    finally:
+        conn.close()
 l = req["listed"]
+out["boundary"] = boundary()
+out["granted"] = [https(g["host"], g["port"], g["method"], g["path"]) for g in req.get("granted", [])]
 got = https(l["host"], l["port"], l["method"], l["path"], l.get("rpc"))
 out["listed"] = {"resolved": resolve(l["host"]), **got}
 out["wrong_path"] = https(l["host"], l["port"], "GET", "/avm-probe/not-listed")
@@ -190,6 +205,7 @@ def main() -> None:
                 "timeout": timeout,
                 "bundle": req["bundle"],
                 "listed": p["listed"],
+                "granted": p.get("granted", []),
                 "unlisted": name,
                 "addr": addr or "127.0.0.1",
                 "tcp_port": tcp_port,

@@ -102,7 +102,6 @@ def run(
 ) -> dict[str, Any]:
     """Plan (and with ``apply`` hot-reload) the gateway of ``ref``'s avm.yaml on ``target``."""
     from controlplane.promote import pipeline
-    from controlplane.transport import connect
 
     inputs = {"operation": "egress-apply", "repo": str(repo), "ref": ref, "target": target}
     prior = promotestate.recorded_state(home, target)
@@ -143,17 +142,54 @@ def run(
     out.update({"to": gw.generation, "applied": False, "receipts": {"plan": step.receipt_id or ""}})
     if not apply or gw.generation == recorded.get("generation"):
         return out
+    applied = apply_gateway(
+        home,
+        target,
+        gw,
+        prior,
+        inputs=inputs,
+        plan_digest=digest,
+        approved=approved,
+        subject=(f"commit:{verified.sha}", f"sha1:{verified.sha}"),
+        lock_why=f"avm egress apply {verified.sha[:12]}",
+    )
+    out["receipts"]["apply"] = applied["receipt"]
+    out.update({"applied": True, "reload_s": applied["reload_s"], "main_pids": applied["main_pids"]})
+    return out
+
+
+def apply_gateway(
+    home: Home,
+    target: str,
+    gw: tier1.Tier1Gateway,
+    prior: tuple[str, Any],
+    *,
+    inputs: dict[str, Any],
+    plan_digest: str,
+    approved: list[dict[str, Any]],
+    subject: tuple[str, str],
+    lock_why: str,
+    result: dict[str, Any] | None = None,
+    granted: dict[str, list[dict[str, Any]]] | None = None,
+) -> dict[str, Any]:
+    """The ``apply`` step of an egress change (a commit's policy or approved requests): under
+    the host lock, hot reload, hosts files, boundary table, agents not restarted, probes
+    (``granted``: profile -> the rules a request added, each probed as that profile).
+    ``result`` goes into the receipt. Raises ``egress-probe-failed`` after the receipt."""
+    from controlplane.transport import connect
+
     values = {ref_: secret_store.resolve(home, ref_) for ref_ in gw.refs}
     the_target = inventory.load(home, target)
     profiles = [p.name for p in prior[1].profiles]
     with contextlib.ExitStack() as stack:
         host = stack.enter_context(connect(the_target))
-        lock = stack.enter_context(hostlock.hold(host, f"avm egress apply {verified.sha[:12]}"))
+        lock = stack.enter_context(hostlock.hold(host, lock_why))
         with evidence.record_step(home, "apply", inputs=inputs) as step:
-            step.subject(f"commit:{verified.sha}", f"sha1:{verified.sha}")
-            step.subject("plan", digest)
+            step.subject(*subject)
+            step.subject("plan", plan_digest)
             step.observe("lock", lock)
             step.result["approvals"] = approved
+            step.result.update(result or {})
             step.non_claim("secret values were written to the gateway's root-only files and are not recorded")
             before = _main_pids(host, profiles)
             from controlplane.promote import classifier
@@ -187,20 +223,19 @@ def run(
                 detail=f"MainPID before {before}, after {after}",
             )
             step.observe("gateway", {**gw.describe(), "in_force": in_force, "restarted": False})
-            failed = gatewaycheck.probe(host, gw, profiles, step)
+            step.observe("gateway_policies", gw.policy_record())
+            failed = gatewaycheck.probe(host, gw, profiles, step, granted=granted)
             step.result.update(
                 {"host_state": prior[1].model_dump(mode="json"), "reload_s": in_force["seconds"]}
             )
-        out["receipts"]["apply"] = step.receipt_id or ""
-    out.update({"applied": True, "reload_s": in_force["seconds"], "main_pids": after})
     if failed:
         raise OperationalError(
             "egress-probe-failed",
             f"the egress boundary was not observed in force: {', '.join(failed)}",
-            hint=f"`avm receipts show {out['receipts']['apply']}` has each probe's outcome",
+            hint=f"`avm receipts show {step.receipt_id}` has each probe's outcome",
             details={"failed": failed},
         )
-    return out
+    return {"receipt": step.receipt_id or "", "reload_s": in_force["seconds"], "main_pids": after}
 
 
 def _hosts(gw: tier1.Tier1Gateway, profile: str) -> bytes:

@@ -23,14 +23,17 @@ from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from controlplane import hostscripts
 from controlplane.boundary import tier1
 from controlplane.boundary.ca import EgressCA
+from controlplane.boundary.requests import RECORDER_USER
 from controlplane.canonical import sha256_digest
 from controlplane.errors import OperationalError
 from controlplane.promote import gwoptions
 from controlplane.promote.layout import LAYOUT
 
 if TYPE_CHECKING:
+    from controlplane.boundary.policy import EgressPolicy
     from controlplane.evidence.step import Step
     from controlplane.home import Home
     from controlplane.release.manifest import Profile
@@ -54,6 +57,25 @@ def prepare(home: Home, target: str, profiles: Sequence[Profile]) -> tier1.Tier1
     """The host's gateway for ``profiles`` (None when no profile lists a name)."""
     if not any(p.egress_names.names for p in profiles):
         return None
+    return prepare_policies(
+        home,
+        target,
+        {p.name: p.egress_names for p in profiles},
+        ip_rules={p.name: [(r.host, r.port, r.proto) for r in p.egress] for p in profiles},
+        tiers={p.name: p.risk_tier for p in profiles},
+    )
+
+
+def prepare_policies(
+    home: Home,
+    target: str,
+    policies: Mapping[str, EgressPolicy],
+    *,
+    ip_rules: Mapping[str, Sequence[tuple[str, int, str]]],
+    tiers: Mapping[str, str],
+) -> tier1.Tier1Gateway | None:
+    """The host's gateway for these policies (a manifest's, or the recorded ones with granted
+    requests), listeners kept on the addresses the last apply recorded."""
     from controlplane.promote.state import recorded_state
     from controlplane.promote.status import _recorded_gateway
 
@@ -63,13 +85,14 @@ def prepare(home: Home, target: str, profiles: Sequence[Profile]) -> tier1.Tier1
     recorded = (_recorded_gateway(home, prior[0]) or {}) if prior else {}
     previous = {p: str(a).split(":", 1)[0] for p, a in recorded.get("listeners", {}).items()}
     return tier1.render_host(
-        {p.name: p.egress_names for p in profiles},
+        policies,
         ca_cert=ca.cert_path.read_bytes(),
         ca_fingerprint=ca.fingerprint,
         upstream_ca=upstream_ca,
         upstreams=pins,
         previous=previous,
-        ip_rules={p.name: [(r.host, r.port, r.proto) for r in p.egress] for p in profiles},
+        ip_rules=ip_rules,
+        tiers=tiers,
     )
 
 
@@ -97,6 +120,10 @@ def blobs(
         ]
     out += [(str(tier1.secret_path(ref)), values[ref], 0o640, tier1.USER) for ref in gw.refs]
     if lds_cds:
+        out.append((str(tier1.RECORDER), hostscripts.text("request_recorder").encode(), 0o644, "root"))
+        for unit in tier1.RECORDER_UNITS:
+            data = files("controlplane").joinpath("data", unit).read_bytes()
+            out.append((f"{LAYOUT.unit_dir}/{unit}", data, 0o644, "root"))
         out.append((f"{LAYOUT.unit_dir}/{tier1.UNIT}", UNIT_FILE.read_bytes(), 0o644, "root"))
         out.append(
             (f"{LAYOUT.unit_dir}/{tier1.BOUNDARY_UNIT}", BOUNDARY_UNIT_FILE.read_bytes(), 0o644, "root")
@@ -156,6 +183,7 @@ def install(
     generation (the unit's journal tail in the message), ``CommandFailed`` from the host."""
     _ensure_user(host, tier1.CLASSIFIER_USER)  # the gateway's unit names its group (SupplementaryGroups)
     _ensure_user(host)
+    _ensure_user(host, RECORDER_USER)
     dirs = [
         (tier1.ETC, "750", tier1.USER),
         (tier1.ETC / "sds", "750", tier1.USER),
@@ -185,10 +213,14 @@ def install(
     step.command(host.run(["systemctl", "enable", tier1.UNIT], timeout=60).check())
     verb = "restart" if restart else "start"
     step.command(host.run(["systemctl", verb, tier1.UNIT], timeout=60).check())
+    # the permission-request recorder: socket-activated; a changed script is used from the next request
+    step.command(host.run(["systemctl", "enable", "--now", tier1.RECORDER_UNITS[0]], timeout=60).check())
+    step.command(host.run(["systemctl", "try-restart", tier1.RECORDER_UNITS[1]], timeout=60).check())
     from controlplane.promote.gatewaycheck import wait_in_force
 
     in_force = wait_in_force(host, gw.generation, gw.cds_version)
     step.observe("gateway", {**gw.describe(), "in_force": in_force, "restarted": restart})
+    step.observe("gateway_policies", gw.policy_record())
     ok = (in_force.get("lds"), in_force.get("cds")) == (gw.generation, gw.cds_version)
     step.check(
         "gateway-in-force",
@@ -245,13 +277,14 @@ def remove(target: Target, host: Transport, step: Step) -> None:
     from controlplane.transport.local import LocalTransport
 
     classifier.remove(host, step)
-    units = [tier1.UNIT, tier1.BOUNDARY_UNIT, tier1.PIN_UNIT]
+    units = [tier1.UNIT, tier1.BOUNDARY_UNIT, tier1.PIN_UNIT, *tier1.RECORDER_UNITS]
     step.command(host.run(["systemctl", "disable", "--now", *units], timeout=60))
     files = [
         str(tier1.ETC),
         str(tier1.BOUNDARY),
         str(tier1.PIN_ETC),
         str(tier1.PIN_SCRIPT),
+        str(tier1.RECORDER),
         *(f"{LAYOUT.unit_dir}/{u}" for u in units),
     ]
     step.command(host.run(["rm", "-rf", "--", *files], timeout=60).check())

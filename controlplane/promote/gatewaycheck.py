@@ -60,11 +60,21 @@ def _listed(gw: tier1.Tier1Gateway, profile: str) -> dict[str, Any]:
     return out
 
 
-def probe(host: Transport, gw: tier1.Tier1Gateway, profiles: Sequence[str], step: Step) -> list[str]:
-    """The boundary probed from each profile's sandbox; a check per probe. Returns the failed ones."""
+def probe(
+    host: Transport,
+    gw: tier1.Tier1Gateway,
+    profiles: Sequence[str],
+    step: Step,
+    *,
+    granted: Mapping[str, list[dict[str, Any]]] | None = None,
+) -> list[str]:
+    """The boundary probed from each profile's sandbox; a check per probe. Returns the failed ones.
+    ``granted``: profile -> requests (host, port, method, path) an approved permission request
+    allowed: each must pass the gateway (no denial) as that profile."""
     chosen = [p for p in profiles if p in gw.addresses]
+    grants = dict(granted or {})
     wanted: dict[str, dict[str, Any]] = {
-        p: {"user": LAYOUT.user(p), "listed": _listed(gw, p)} for p in chosen
+        p: {"user": LAYOUT.user(p), "listed": _listed(gw, p), "granted": grants.get(p, [])} for p in chosen
     }
     request = {
         "admin": str(tier1.ADMIN_SOCKET),
@@ -99,6 +109,24 @@ def probe(host: Transport, gw: tier1.Tier1Gateway, profiles: Sequence[str], step
             wrong.get("status") == 403 and wrong.get("denied_reason") == "path-not-allowed",
             f"status {wrong.get('status')}, reason {wrong.get('denied_reason')} {wrong.get('error', '')}",
         )
+        seen = got.get("boundary") or {}
+        rendered = gw.policies[p].generation
+        check(
+            f"boundary-policy:{p}",
+            seen.get("status") == 200
+            and (seen.get("policy"), seen.get("identity")) == (rendered, f"profile:{p}"),
+            f"GET http://avm.boundary/policy: status {seen.get('status')}, identity {seen.get('identity')}, "
+            f"policy {seen.get('policy')} (rendered {rendered}) {seen.get('error', '')}".strip(),
+        )
+        results = list(got.get("granted") or [])
+        for i, want in enumerate(grants.get(p, [])):
+            res = results[i] if i < len(results) else {"error": "not probed"}
+            check(
+                f"egress-granted:{p}:{i}",
+                "error" not in res and res.get("denied_reason") is None and res.get("status") is not None,
+                f"{want['method']} {want['host']}:{want['port']}{want['path']}: status {res.get('status')}, "
+                f"denial {res.get('denied_reason')} {res.get('error', '')}".strip(),
+            )
         unlisted = got.get("unlisted") or {}
         outside = str(control.get("name_resolved", "error"))
         check(
@@ -149,6 +177,10 @@ def drift_findings(home: Home, target: str, host: Transport, recorded: Mapping[s
                     actual=active,
                 )
             )
+    asks = host.run(["systemctl", "is-active", tier1.RECORDER_UNITS[0]], timeout=30).stdout.strip()
+    if asks != "active":  # agents' permission requests would be answered 503
+        where, what = tier1.RECORDER_UNITS[0], "permission-request recorder socket"
+        out.append(Finding(where=where, what=what, expected="active", actual=asks))
     want = dict(recorded.get("files", {}))
     if want and _changed(host, want):
         out_ = host.run(["sha256sum", "--", *sorted(want)], timeout=60).stdout

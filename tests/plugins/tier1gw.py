@@ -1,6 +1,7 @@
-"""The Tier-1 gateway tests' parts (tests/test_gateway_nspawn.py): an agent repo whose profile
-lists ``api.example.test`` by name, the test upstream on the VM's veth host end with its own CA
-(which only the gateway trusts), and requests made as the agent from inside its unit.
+"""The Tier-1 gateway tests' parts (tests/test_gateway_nspawn.py, tests/test_requests_nspawn.py):
+an agent repo whose profile lists ``api.example.test`` by name, the test upstream on the VM's
+veth host end with its own CA (which only the gateway trusts), and requests made as the agent
+from inside its unit (HTTPS through the gateway, HTTP to ``avm.boundary``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import yaml
 from controlplane.boundary.ca import EgressCA
 from controlplane.governance import secrets
 from controlplane.home import Home
+from controlplane.promote import gatewaycheck
 from controlplane.promote.enforcement import host_network
 from controlplane.release import trust as signing
 from controlplane.transport import inventory
@@ -297,6 +299,12 @@ def post_as_agent(home: Home, vm: str, path: str, body: str, **headers: str) -> 
     return doc
 
 
+def agent_python(home: Home, vm: str, script: str, *args: str, check: bool = True) -> str:
+    """``python3 -c script args`` as the agent user, inside its running unit's mount and network
+    namespaces: its hosts file, its CA bundle, its boundary table."""
+    return on_host(home, vm, *agent_argv(home, vm), "python3", "-c", script, *args, check=check)
+
+
 def egress_apply(
     home: Home, r: dict[str, Any], commit: str, vm: str, *extra: str
 ) -> tuple[int, dict[str, Any]]:
@@ -321,3 +329,55 @@ def newest(home: Home, kind: str) -> dict[str, Any]:
         if statement.predicate.kind == kind:
             return statement.predicate.model_dump(mode="json")
     raise AssertionError(f"no {kind} receipt")
+
+
+# one HTTP(S) request as the agent (tests/test_requests_nspawn.py); prints the status and the
+# JSON body when the gateway itself answered (a denial, or avm.boundary): an upstream's echo (it
+# holds the credential) never
+ASK = r"""
+import http.client, json, ssl, sys
+r = json.loads(sys.argv[1])
+try:
+    if r["scheme"] == "https":
+        ctx = ssl.create_default_context(cafile="/etc/avm/boundary/egress-ca.pem")
+        conn = http.client.HTTPSConnection(r["host"], 443, context=ctx, timeout=5)
+    else:
+        conn = http.client.HTTPConnection(r["host"], 80, timeout=5)
+    body = r.get("body")
+    data = body.encode() if body is not None else None
+    conn.request(r["method"], r["path"], body=data, headers=r.get("headers", {}))
+    resp = conn.getresponse()
+    raw = resp.read()
+    doc = json.loads(raw) if resp.getheader("content-type", "").startswith("application/json") else None
+    own = r["host"] == "avm.boundary" or (isinstance(doc, dict) and doc.get("denied") is True)
+    print(json.dumps({"status": resp.status, "doc": doc if own else None}))
+except OSError as exc:
+    print(json.dumps({"error": type(exc).__name__ + ": " + str(exc)}))
+"""
+
+
+def agent(home: Home, vm: str, **req: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(agent_python(home, vm, ASK, json.dumps(req)))
+    return doc
+
+
+def ask(home: Home, vm: str, body: str, **headers: str) -> dict[str, Any]:
+    return agent(
+        home,
+        vm,
+        scheme="http",
+        host="avm.boundary",
+        method="POST",
+        path="/requests",
+        body=body,
+        headers=headers,
+    )
+
+
+def in_force(home: Home, vm: str) -> dict[str, Any]:
+    with SshTransport.from_target(inventory.load(home, vm)) as ssh:
+        return gatewaycheck.read_in_force(ssh)
+
+
+def main_pid(home: Home, vm: str) -> str:
+    return on_host(home, vm, "systemctl", "show", "-p", "MainPID", "--value", "agent-gateway@gw").strip()
