@@ -204,7 +204,7 @@ def run() -> None:
         "3. vm up demo",
         "Boot the golden VM under QEMU (KVM if the probe says it works, else TCG). Its own host "
         "key is pinned before the first connection. The first run boots cold and saves a booted "
-        "snapshot of this image; later runs restore it (a warm start, step 15).",
+        "snapshot of this image; later runs restore it (a warm start, step 16).",
     )
     first_up = avm("vm", "up", VM, "--timeout", "900", label="vm up (qemu)")
     avm("vm", "ssh", VM, "--", "systemctl", "is-system-running", "--wait", label="vm ssh")
@@ -384,7 +384,7 @@ def run() -> None:
     avm("vm", "down", VM, label="vm down")
 
     step(
-        "15. warm start",
+        "16. warm start",
         "Up again from the booted snapshot of step 3 (verified by sha256 before it resumes), on a "
         "fresh overlay. Identity arrives after the restore, before sshd accepts anyone: a new host "
         "key, login key and machine-id, and fresh entropy with a forced RNG reseed.",
