@@ -313,7 +313,8 @@ def nft_script(
     """The ``inet avm_boundary`` table, replaced atomically. For each profile in ``uids``: replies
     (established) pass; new connections only to its own listener's ports (when it lists names)
     and to its IP rules; everything else is dropped and counted: DNS, other profiles' listeners,
-    IPv6. Evaluated before ``avm_egress`` (priority filter - 10), so a drop is EPERM. Pure."""
+    IPv6. Evaluated before ``avm_egress`` (priority filter - 10), so a dropped UDP send fails with EPERM
+    (a TCP connect times out). Pure."""
     t = f"inet {TABLE}"
     lines = [
         f"add table {t}",
