@@ -75,12 +75,13 @@ def test_job_spec_carries_names_and_refuses_a_bad_one_with_its_code() -> None:
     assert err.value.code == "egress-name-invalid"
 
 
-def test_a_job_spec_refuses_an_inspected_name_the_job_gateway_cannot_serve() -> None:
+def test_a_job_spec_parses_an_inspected_name_the_job_gateway_serves() -> None:
+    """Tier-2 jobs are inspected too (the host gateway runs a classifier): no refusal any more."""
     name = {"host": "api.example.test", "methods": ["POST"], "paths": ["/v1/messages"]}
     inspected = {**name, "inspect": True, "max_sensitivity": "internal"}
-    with pytest.raises(UsageError) as err:
-        parse_jobspec({"id": "j1", "image": IMAGE, "command": ["true"], "egress": {"names": [inspected]}})
-    assert (err.value.code, err.value.exit_code) == ("egress-inspect-unsupported", ExitCode.USAGE)
+    spec = parse_jobspec({"id": "j1", "image": IMAGE, "command": ["true"], "egress": {"names": [inspected]}})
+    [rule] = spec.egress.policy.names
+    assert (rule.inspect, rule.max_sensitivity) == (True, "internal")
     spec = parse_jobspec({"id": "j1", "image": IMAGE, "command": ["true"], "egress": {"names": [name]}})
     assert spec.egress.policy.names[0].inspect is False
 

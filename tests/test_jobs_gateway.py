@@ -236,3 +236,70 @@ def test_a_jobs_run_wide_budget_is_enforced_at_the_gateway_and_its_usage_is_in_t
     assert [(e["reason"], e["budget"], e["code"]) for e in denied] == [("budget-exhausted", "requests", 429)]
     checks = {c["name"]: c["ok"] for c in predicate["checks"]}
     assert all(checks.values()), predicate["checks"]
+
+
+def test_a_jobs_inspected_name_refuses_a_body_over_its_ceiling_and_the_receipt_says_why(
+    jobenv: JobEnv, world: tuple[str, int, EgressCA, Path], tmp_path: Path
+) -> None:
+    """Tier-2 jobs are inspected too: the host gateway's classifier judges the body of a POST to
+    an ``inspect: true, max_sensitivity: internal`` name; a card number is a 403, a clean body
+    reaches the upstream, and the receipt records the finding kinds, never the matched text."""
+    world_ns, port, up_ca, upstream_log = world
+    ssl = (
+        '/usr/bin/openssl s_client -quiet -verify_return_error -CAfile "$SSL_CERT_FILE" '
+        f"-servername api.example.test -connect api.example.test:{port}"
+    )
+
+    def post(body: str, out: str) -> str:
+        head = f"POST /v1/messages HTTP/1.1\\r\\nHost: api.example.test\\r\\nContent-Length: {len(body)}"
+        req = f"{head}\\r\\nContent-Type: application/json\\r\\nConnection: close\\r\\n\\r\\n{body}"
+        return f"printf '{req}' | {ssl} 2>/dev/null | tail -n 1 > $AVM_OUT/{out}"
+
+    # the guest assembles the number, so the spec (and the receipt's copy of its command) lacks it
+    number = "4111 1111 1111 1111"
+    hole = "X" * len(number)  # the body's length is the number's; the shell puts $CARD there
+    card = post('{"note": "card ' + hole + '"}', "card.json").replace(hole, "'\"$CARD\"'")
+    lines = ['N=1111; CARD="4111 $N $N $N"', card, post('{"note": "hello"}', "clean.json")]
+    names = [{"host": "api.example.test", "port": port, "methods": ["POST"], "paths": ["/v1/messages"],
+              "inspect": True, "max_sensitivity": "internal"}]  # fmt: skip
+    spec_path = jobenv.spec(
+        "inspect", id="gw-inspect", image=tls_image(jobenv), command=["sh", "-c", "\n".join(lines)],
+        timeout=120, egress={"names": names}, outputs=["card.json", "clean.json"],
+    )  # fmt: skip
+    gateway = HostGatewayOptions(
+        root=tmp_path / "gw", netns=world_ns, upstreams={f"api.example.test:{port}": (UPSTREAM, port)},
+        trusted_ca=up_ca.cert_path,
+    )  # fmt: skip
+    spec = load_jobspec(spec_path)
+    result = run_job(
+        jobenv.home, spec, spec_dir=spec_path.parent, output_dir=tmp_path / "out",
+        network_options={"uplink_netns": world_ns, "gateway": gateway},
+    )  # fmt: skip
+    out = tmp_path / "out"
+    assert result.status == "ok", (result.stdout, result.stderr)
+    assert json.loads((out / "card.json").read_text()) == {
+        "denied": True,
+        "reason": "sensitivity-exceeds-ceiling",
+        "destination": f"api.example.test:{port}",  # the rule's key (a port other than 443)
+        "policy": spec.egress.policy.generation,
+        "max_sensitivity": "internal",
+    }
+    assert json.loads((out / "clean.json").read_text())["path"] == "/v1/messages"
+    assert [json.loads(line)["path"] for line in upstream_log.read_text().splitlines()] == ["/v1/messages"]
+    predicate = _receipt(jobenv, result.receipt_id)
+    [denied] = [e for e in predicate["events"] if e["type"] == "classifier.denied"]
+    assert (denied["reason"], denied["findings"], denied["sensitivity"], denied["code"]) == (
+        "sensitivity-exceeds-ceiling",
+        ["card"],
+        "restricted",
+        403,
+    )
+    assert [e["count"] for e in predicate["events"] if e["type"] == "egress.allowed"] == [1]
+    assert number not in json.dumps(predicate)  # kinds only, never the matched text
+    assert number not in (tmp_path / "gw" / "access.log").read_text()
+    checks = {c["name"]: c["ok"] for c in predicate["checks"]}
+    assert all(checks.values()), predicate["checks"]
+    # the classifier went with the job's listener (the last one): no process, no socket
+    assert list((tmp_path / "gw" / "classifier").iterdir()) == []
+    assert [p for p in Path("/proc").glob("[0-9]*") if "controlplane.boundary.classifyd" in _cmdline(p)
+            and str(tmp_path / "gw") in _cmdline(p)] == []  # fmt: skip

@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from controlplane._internal.fs import write_atomic
-from controlplane.boundary import envoy, events
+from controlplane.boundary import envoy, events, hostclassifier
 from controlplane.boundary.ca import SYSTEM_BUNDLE, EgressCA
+from controlplane.boundary.contentgate import Classifier
 from controlplane.boundary.gateway import Gateway, Reload
 from controlplane.boundary.policy import EgressPolicy
 from controlplane.boundary.render import GatewaySpec, Listener, render
@@ -152,6 +153,7 @@ def _spec(
     rules = [r for x in listeners for r in x.policy.names]
     refs = sorted({r.credential.ref for r in rules if r.credential})
     paths = {ref: gw.put_secret(ref, secret_store.resolve(home, ref)) for ref in refs}
+    inspects = any(r.inspect for r in rules)
     return GatewaySpec(
         listeners=listeners,
         **gw.paths(),
@@ -160,7 +162,12 @@ def _spec(
         secrets=paths,
         upstreams=dict(opts.upstreams),
         uplink_netns=Path(f"/run/netns/{opts.netns}") if opts.netns else Path("/proc/1/ns/net"),
+        classifier=Classifier(hostclassifier.socket_path(root)) if inspects else None,
     )
+
+
+def _inspects(state: dict[str, Any]) -> bool:
+    return any(r.get("inspect") for x in state["listeners"].values() for r in x["policy"]["names"])
 
 
 def _alive(pid: int | None) -> bool:
@@ -179,16 +186,28 @@ def _update(
     spec = _spec(home, root, gw, ca, state, opts)
     if not state["listeners"]:
         _stop(root, gw, state.get("pid"))
+        hostclassifier.stop(root)
         return gw, Reload(gw.rendered.generation if gw.rendered else "", "", 0.0), False
-    if _alive(state.get("pid")) and gw.admin.ready():
-        if gw.rendered is None:
-            gw.rendered = render(_spec(home, root, gw, ca, old, opts))
-        return gw, gw.apply(spec), False
-    start = time.monotonic()
-    in_force = gw.start(spec)
-    _RUNNING[root] = gw
-    state["pid"] = gw.process.pid
-    return gw, Reload("", in_force.lds, time.monotonic() - start), True
+    if _inspects(state):  # the classifier listens before a listener that asks it is added
+        hostclassifier.ensure(root)
+    try:
+        if _alive(state.get("pid")) and gw.admin.ready():
+            if gw.rendered is None:
+                gw.rendered = render(_spec(home, root, gw, ca, old, opts))
+            reload, started = gw.apply(spec), False
+        else:
+            start = time.monotonic()
+            in_force = gw.start(spec)
+            _RUNNING[root] = gw
+            state["pid"] = gw.process.pid
+            reload, started = Reload("", in_force.lds, time.monotonic() - start), True
+    except BaseException:
+        if not _inspects(old) or not _alive(old.get("pid")):  # refused: leave the classifier as it was
+            hostclassifier.stop(root)
+        raise
+    if not _inspects(state):  # after the last inspected listener went
+        hostclassifier.stop(root)
+    return gw, reload, started
 
 
 def _stop(root: Path, gw: Gateway, pid: int | None) -> None:

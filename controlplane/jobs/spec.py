@@ -130,14 +130,6 @@ class Egress(Frozen):
     def _one_policy(cls, names: tuple[NameRule, ...]) -> tuple[NameRule, ...]:
         EgressPolicy(names=names)  # duplicates are refused by the policy model (egress-name-duplicate)
         for rule in names:
-            if rule.inspect:  # the host gateway of jobs runs no content classifier (yet)
-                raise UsageError(
-                    "egress-inspect-unsupported",
-                    f"egress {rule.key} inspect: expected false for a Tier-2 job, got true",
-                    hint="inspect: true is served on Tier-1 hosts (avm-classifier.service); "
-                    "a job's names are not inspected",
-                    details={"expected": "false", "actual": "true"},
-                )
             if rule.mcp is not None:  # the job gateway has no MCP pinning service: refused, not unpinned
                 raise UsageError(
                     "egress-mcp-invalid",
