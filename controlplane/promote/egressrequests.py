@@ -96,7 +96,10 @@ def _entry(
     if judged.rule is None or judged.profile is None:
         return out
     rule: NameRule = judged.rule
-    out["rule"] = rule.model_dump(mode="json", exclude_none=True)
+    out["rule"] = rule.model_dump(mode="json", exclude_none=True, exclude_defaults=True) | {
+        "host": rule.host,
+        "port": rule.port,
+    }
     record = base[judged.profile]
     before = EgressPolicy.model_validate({"names": record["names"]})
     after = requests.grant(before, rule)
