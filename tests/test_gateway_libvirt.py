@@ -69,7 +69,8 @@ def test_apply_under_libvirt_loads_the_table_on_the_guest_and_the_boundary_holds
     )
     assert boot.strip() == "yes"  # not a container: the guest's root loaded it
     before = len(vm_upstream["log"].read_text().splitlines())
-    assert as_agent(golden_home, golden_vm, "/v1/messages", cgroup=True) == {"status": 200, "reason": None}
+    got = as_agent(golden_home, golden_vm, "/v1/messages", cgroup=True)
+    assert (got["status"], got["reason"]) == (200, None)
     seen = [json.loads(line) for line in vm_upstream["log"].read_text().splitlines()[before:]]
     assert [[v for k, v in r["headers"] if k == "x-api-key"] for r in seen] == [[gw_repo["secret"].decode()]]
     assert direct_ip_refused_by_the_table(golden_home, golden_vm, vm_upstream) == REFUSED_DIRECT
