@@ -26,7 +26,8 @@ from typing import Any
 
 from controlplane.evidence import keys
 from controlplane.home import Home
-from controlplane.image.build import build_image, recipe_image
+from controlplane.image.build import build_image
+from controlplane.image.current import recipe_image
 from controlplane.image.golden import IMAGE_CACHE_ENV
 from controlplane.image.recipe import DEFAULT_RECIPE, load_recipe
 from controlplane.vm import lifecycle

@@ -31,7 +31,7 @@ import yaml
 
 from controlplane.evidence import keys
 from controlplane.home import Home
-from controlplane.image.build import recipe_image
+from controlplane.image.current import recipe_image
 from controlplane.promote import pipeline as promotion
 from controlplane.promote import status
 from controlplane.promote.layout import LAYOUT

@@ -17,7 +17,7 @@ import yaml
 from controlplane.canonical import sha256_digest
 from controlplane.errors import OperationalError, RefusedError, UsageError
 from controlplane.home import Home
-from controlplane.image.build import recipe_image, recipe_store_key
+from controlplane.image.current import recipe_image, recipe_store_key
 from controlplane.image.golden import (
     ARTIFACT_FILES,
     MANIFEST,

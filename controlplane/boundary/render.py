@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.boundary import api as boundary_api
-from controlplane.boundary import budget, contentgate, mcprules, usage
+from controlplane.boundary import budget, contentgate, mcprules, upstream, usage
 from controlplane.boundary import requests as boundary_requests
 from controlplane.boundary.contentgate import Classifier
 from controlplane.boundary.policy import EgressPolicy, NameRule
@@ -146,7 +146,10 @@ def render(spec: GatewaySpec) -> Rendered:
     _check(spec)
     listeners = [_listener(spec, x, port) for x in spec.listeners for port in x.policy.ports]
     rules = {cluster_name(r): r for x in spec.listeners for r in x.policy.names if r.mcp is None}
-    clusters = [_cluster(spec, rules[name]) for name in sorted(rules)]
+    clusters = [
+        upstream.cluster(rules[name], spec.trusted_ca, spec.uplink_netns, spec.upstreams)
+        for name in sorted(rules)
+    ]
     if spec.classifier is not None and any(r.inspect for x in spec.listeners for r in x.policy.names):
         clusters.append(contentgate.cluster(spec.classifier, spec.uplink_netns))
     servers = [(x.identity, r, x.policy.generation) for x in spec.listeners for r in x.policy.names if r.mcp]
@@ -161,7 +164,7 @@ def render(spec: GatewaySpec) -> Rendered:
             clusters.append(hop[1])
     if spec.requests_socket is not None:
         for x in spec.listeners:
-            where = _address(str(x.address), boundary_requests.PORT, x.netns)
+            where = upstream.address(str(x.address), boundary_requests.PORT, x.netns)
             listeners.append(boundary_api.listener(x.identity, where, x.policy, spec.access_log))
         clusters.append(boundary_api.cluster(spec.requests_socket))
     refs = sorted({r.credential.ref for r in rules.values() if r.credential})
@@ -187,19 +190,12 @@ def _bootstrap(spec: GatewaySpec) -> dict[str, Any]:
     }
 
 
-def _address(addr: str, port: int, netns: Path | None = None) -> dict[str, Any]:
-    sock: dict[str, Any] = {"address": addr, "port_value": port}
-    if netns is not None:
-        sock["network_namespace_filepath"] = str(netns)
-    return {"socket_address": sock}
-
-
 def _listener(spec: GatewaySpec, listener: Listener, port: int) -> dict[str, Any]:
     rules = [r for r in listener.policy.names if r.port == port]
     return {
         "@type": _T + "config.listener.v3.Listener",
         "name": f"{listener.identity}/{port}",
-        "address": _address(str(listener.address), port, listener.netns),
+        "address": upstream.address(str(listener.address), port, listener.netns),
         "metadata": {
             "filter_metadata": {"avm": {"identity": listener.identity, "policy": listener.policy.generation}}
         },
@@ -251,7 +247,7 @@ def _http_filters(spec: GatewaySpec, rule: NameRule) -> list[dict[str, Any]]:
                 "name": "envoy.filters.http.dynamic_forward_proxy",
                 "typed_config": {
                     "@type": _T + "extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig",
-                    "dns_cache_config": _dns_cache(rule),
+                    "dns_cache_config": upstream.dns_cache(rule),
                 },
             }
         )
@@ -340,62 +336,6 @@ def _chain(spec: GatewaySpec, listener: Listener, rule: NameRule) -> dict[str, A
 
 def _ask(spec: GatewaySpec) -> dict[str, str] | None:
     return boundary_api.ASK if spec.requests_socket is not None else None
-
-
-def _dns_cache(rule: NameRule) -> dict[str, Any]:
-    return {"name": f"dns|{rule.host}|{rule.port}", "dns_lookup_family": "V4_ONLY"}
-
-
-def _upstream_tls(rule: NameRule, trusted_ca: Path) -> dict[str, Any]:
-    validation: dict[str, Any] = {"trusted_ca": {"filename": str(trusted_ca)}}
-    tls: dict[str, Any] = {
-        "@type": _T + "extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-        "common_tls_context": {"validation_context": validation},
-    }
-    if not rule.wildcard:  # a wildcard's SNI and SAN check follow each request's host (auto_sni)
-        tls["sni"] = rule.host
-        validation["match_typed_subject_alt_names"] = [{"san_type": "DNS", "matcher": {"exact": rule.host}}]
-    return {"name": "envoy.transport_sockets.tls", "typed_config": tls}
-
-
-def _cluster(spec: GatewaySpec, rule: NameRule) -> dict[str, Any]:
-    name = cluster_name(rule)
-    out: dict[str, Any] = {
-        "@type": _T + "config.cluster.v3.Cluster",
-        "name": name,
-        "connect_timeout": "5s",
-        "transport_socket": _upstream_tls(rule, spec.trusted_ca),
-    }
-    if spec.uplink_netns is not None:
-        source = _address("0.0.0.0", 0, spec.uplink_netns)  # noqa: S104 (a source address: any local one)
-        out["upstream_bind_config"] = {"source_address": source["socket_address"]}
-    if rule.wildcard:
-        out["cluster_type"] = {
-            "name": "envoy.clusters.dynamic_forward_proxy",
-            "typed_config": {
-                "@type": _T + "extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig",
-                "dns_cache_config": _dns_cache(rule),
-            },
-        }
-        out["lb_policy"] = "CLUSTER_PROVIDED"
-        out["typed_extension_protocol_options"] = {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": _T + "extensions.upstreams.http.v3.HttpProtocolOptions",
-                "upstream_http_protocol_options": {"auto_sni": True, "auto_san_validation": True},
-                "explicit_http_config": {"http_protocol_options": {}},
-            }
-        }
-        return out
-    pinned = spec.upstreams.get(rule.key)
-    addr, port = pinned if pinned else (rule.host, rule.port)
-    out["type"] = "STATIC" if pinned else "LOGICAL_DNS"
-    if not pinned:
-        out["dns_lookup_family"] = "V4_ONLY"
-    out["load_assignment"] = {
-        "cluster_name": name,
-        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(addr, port)}}]}],
-    }
-    return out
 
 
 def _sds(ref: str, value_file: Path) -> dict[str, Any]:

@@ -63,7 +63,7 @@ def up(
     boots cold and makes one. The vm-up receipt records which path was taken.
     """
     from controlplane.ids import parse_vm_name
-    from controlplane.image.build import recipe_image
+    from controlplane.image.current import recipe_image
     from controlplane.image.golden import load_image
     from controlplane.vm import lifecycle
     from controlplane.vm.base import VmSpec, get_backend

@@ -56,11 +56,10 @@ from controlplane.image.golden import (
     RootfsInfo,
     file_sha256,
     image_store,
-    load_image,
     rootfs_tree,
 )
 from controlplane.image.inspect import copy_kernel, image_sizes, refuse_host_keys
-from controlplane.image.recipe import DEFAULT_RECIPE, Recipe, load_recipe
+from controlplane.image.recipe import Recipe
 from controlplane.transport.base import RunResult
 
 REQUIRED_TOOLS = (
@@ -131,51 +130,15 @@ class _Stages:
 
 def store_key(recipe: Recipe, binaries: dict[str, BinaryRecord]) -> str:
     """The image's directory name in the store: the recipe digest, plus the wheel programs' sha256."""
-    return _key(recipe, {k: b.sha256 for k, b in binaries.items()})
+    return store_key_of(recipe, {k: b.sha256 for k, b in binaries.items()})
 
 
-def _key(recipe: Recipe, sha256s: dict[str, str]) -> str:
+def store_key_of(recipe: Recipe, sha256s: dict[str, str]) -> str:
+    """``store_key`` from the wheel programs' sha256 alone (``image.current`` uses the RECORD's)."""
     if not sha256s:
         return recipe.digest()
     doc = {"recipe": recipe.digest(), "binaries": dict(sorted(sha256s.items()))}
     return domain_digest("image-store-key", canonical_bytes(doc))
-
-
-def recipe_store_key(recipe: Recipe) -> str:
-    """``store_key`` of ``recipe`` built in this environment, from the wheels' RECORD (no hashing)."""
-    return _key(recipe, {b.name: imagebinaries.recorded_sha256(b) for b in recipe.wheel_binaries})
-
-
-def recipe_image(home: Home, recipe: Recipe | None = None) -> GoldenImage:
-    """The built image of ``recipe`` (default: images/golden.yaml) with this environment's wheel
-    programs: what ``avm vm up`` and Tier-2 jobs boot unless told a digest.
-
-    Not "the newest image in the store": a store shared by several checkouts holds images of
-    other recipe versions too. Raises ``OperationalError('image-not-built')`` when this recipe's
-    image is not built, naming the newest other one (``--image DIGEST`` uses it on purpose).
-    """
-    recipe = recipe or load_recipe(DEFAULT_RECIPE)
-    key = recipe_store_key(recipe)
-    directory = image_store(home) / key.removeprefix("sha256:")
-    if (directory / MANIFEST).is_file():
-        image = GoldenImage.load(directory)
-        image.check_present()
-        return image
-    try:
-        other = load_image(home)
-    except OperationalError:
-        raise OperationalError(
-            "image-not-built",
-            f"the image of recipe {recipe.name} (store key {key}) is not built in {image_store(home)}",
-            hint="run `avm image build`",
-        ) from None
-    raise OperationalError(
-        "image-not-built",
-        f"the image of recipe {recipe.name} (store key {key}) is not built in {image_store(home)}; "
-        f"the newest other image there is {other.digest} (recipe {other.manifest.recipe_digest})",
-        hint=f"run `avm image build`, or pass --image {other.digest} to use that one",
-        details={"expected": key, "actual": other.digest},
-    )
 
 
 def resolve_binaries(recipe: Recipe) -> dict[str, tuple[Path, BinaryRecord]]:

@@ -84,7 +84,7 @@ def pick_kernel(home: Home, which: str, machine: str, net: bool) -> GuestKernelC
     """The golden image's kernel (virtio modules loaded from its rootfs) or the cached minimal one.
 
     Raises ``OperationalError('image-not-built' | 'guest-kernel-not-built')``."""
-    from controlplane.image.build import recipe_image
+    from controlplane.image.current import recipe_image
 
     if which == "minimal":
         from controlplane.jobs import kernel as guestkernel
