@@ -38,7 +38,8 @@ def _pid(root: Path) -> int | None:
         return None
 
 
-def _alive(pid: int | None) -> bool:
+def alive(pid: int | None) -> bool:
+    """Whether ``pid`` runs (not a zombie); the host gateway's Envoy uses it too."""
     if not pid:
         return False
     try:
@@ -49,7 +50,7 @@ def _alive(pid: int | None) -> bool:
 
 def running(root: Path) -> bool:
     """The recorded classifier process is alive and its socket exists."""
-    return _alive(_pid(root)) and socket_path(root).is_socket()
+    return alive(_pid(root)) and socket_path(root).is_socket()
 
 
 def ensure(root: Path) -> Path:
@@ -88,13 +89,13 @@ def stop(root: Path) -> None:
     """Stop the classifier (nothing when none runs) and remove its pid file and socket."""
     proc = _RUNNING.pop(root, None)
     pid = proc.pid if proc is not None else _pid(root)
-    if _alive(pid):
+    if alive(pid):
         assert pid is not None
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)
         if proc is not None:
             proc.wait(10)
-        envoy.wait_until(lambda: not _alive(pid), 10.0, 0.05)
+        envoy.wait_until(lambda: not alive(pid), 10.0, 0.05)
     elif proc is not None:
         proc.wait(10)
     if proc is not None and proc.stderr is not None:

@@ -170,15 +170,6 @@ def _inspects(state: dict[str, Any]) -> bool:
     return any(r.get("inspect") for x in state["listeners"].values() for r in x["policy"]["names"])
 
 
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
 def _update(
     home: Home, root: Path, ca: EgressCA, state: dict[str, Any], old: dict[str, Any], opts: HostGatewayOptions
 ) -> tuple[Gateway, Reload, bool]:
@@ -191,7 +182,7 @@ def _update(
     if _inspects(state):  # the classifier listens before a listener that asks it is added
         hostclassifier.ensure(root)
     try:
-        if _alive(state.get("pid")) and gw.admin.ready():
+        if hostclassifier.alive(state.get("pid")) and gw.admin.ready():
             if gw.rendered is None:
                 gw.rendered = render(_spec(home, root, gw, ca, old, opts))
             reload, started = gw.apply(spec), False
@@ -202,7 +193,9 @@ def _update(
             state["pid"] = gw.process.pid
             reload, started = Reload("", in_force.lds, time.monotonic() - start), True
     except BaseException:
-        if not _inspects(old) or not _alive(old.get("pid")):  # refused: leave the classifier as it was
+        if not _inspects(old) or not hostclassifier.alive(
+            old.get("pid")
+        ):  # refused: leave the classifier as it was
             hostclassifier.stop(root)
         raise
     if not _inspects(state):  # after the last inspected listener went
@@ -213,11 +206,11 @@ def _update(
 def _stop(root: Path, gw: Gateway, pid: int | None) -> None:
     if root in _RUNNING:
         _RUNNING.pop(root).stop()
-    elif _alive(pid):
+    elif hostclassifier.alive(pid):
         assert pid is not None
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)
-        envoy.wait_until(lambda: not _alive(pid), 10.0, 0.05)
+        envoy.wait_until(lambda: not hostclassifier.alive(pid), 10.0, 0.05)
 
 
 def _save(root: Path, state: dict[str, Any]) -> None:
@@ -256,7 +249,7 @@ def job_listener(
     with _locked(root):
         ca = EgressCA.ensure(root / "ca")
         old = _state(root)
-        if old.get("listeners") and not _alive(old.get("pid")):
+        if old.get("listeners") and not hostclassifier.alive(old.get("pid")):
             old = {"pid": None, "listeners": {}}  # a crashed gateway's listeners are gone with it
         entry = {
             "address": str(address),
