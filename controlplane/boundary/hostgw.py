@@ -5,7 +5,11 @@ address on the job's own link, bound inside the job's namespace) to the host's g
 the gateway if none runs, and removes it when the block ends (stopping the gateway with the last
 listener). Changes are serialised by a lock file beside the gateway's state, so concurrent job
 runs update one gateway. The job's credentials are resolved from the home's secret store into
-the gateway's root-only secret files; the guest never receives them.
+the gateway's root-only secret files; the guest never receives them. The helpers a listener
+needs run as the gateway's own processes, started before that listener is added and stopped
+with the last listener that needs them: the content classifier for ``inspect: true`` names
+(``hostclassifier``) and the MCP pinning service for ``mcp:`` names (``hostpin``, in the uplink
+namespace; its config rewritten from the rendering on every listener change).
 
 What the guest gets (``JobListener.guest_files`` / ``guest_env``): a hosts file mapping only its
 listed names to the gateway address, ``hosts: files`` resolution, and a trust bundle with the
