@@ -92,6 +92,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
         OPS,
         "the content classifier (its Tier-1 unit or the job gateway's process) did not open its socket",
     ),
+    "mcp-pin-not-running": (OPS, "the job gateway's MCP pinning service did not become ready"),
     "egress-ca-invalid": (OPS, "the egress CA on disk is missing a part or is not protected"),
     "expires-invalid": (USE, "--expires is not a duration up to 30 days"),
     "export-path-invalid": (USE, "the export destination's directory does not exist"),

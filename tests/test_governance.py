@@ -112,6 +112,20 @@ def test_refusal_names_every_missing_control_and_exits_3() -> None:
     ]
 
 
+def test_a_jobs_mcp_server_must_list_its_tools_where_the_tier_asks_for_an_allowlist() -> None:
+    def job(mcp: dict[str, object]) -> dict[str, object]:
+        name = {"host": "tools.example.test", "port": 443, "methods": ["POST"], "paths": ["/mcp"], "mcp": mcp}
+        return {**JOB, "risk_tier": "L2", "egress": {"names": [name]}}
+
+    implicit = governance.evaluate_job(parse_jobspec(job({})), image_signature=True)
+    assert [(m.control, m.reason) for m in implicit if m.control == "tool-allowlist"] == [
+        ("tool-allowlist", "no explicit `tools:` allowlist (each tool with schema_sha256)")
+    ]
+    for tools in ([], [{"name": "search", "schema_sha256": "5e" * 32}]):  # deny-all, one pinned tool
+        missing = governance.evaluate_job(parse_jobspec(job({"tools": tools})), image_signature=True)
+        assert [m.control for m in missing] == ["approval"]
+
+
 def test_evaluate_job_is_the_job_runner_entry_point() -> None:
     spec = parse_jobspec({**JOB, "risk_tier": "L1", "env": {"TOKEN_X": "ghp_" + "A1b2" * 9}})
     missing = {m.control: m.reason for m in governance.evaluate_job(spec)}

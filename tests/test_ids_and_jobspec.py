@@ -149,3 +149,58 @@ def test_an_unenforceable_egress_rule_is_refused_at_parse_time_with_the_home_unc
             {**GOOD, "egress": {"allow": [{"host": "198.51.100.1", "port": 80}, {"host": host, "port": 80}]}}
         )
     assert info.value.code == code and info.value.details["index"] == 1
+
+
+TOOL_PIN = "5e" * 32
+
+
+def _mcp_spec(methods: list[str], tools: list[dict[str, object]]) -> dict[str, object]:
+    name = {
+        "host": "tools.example.test",
+        "port": 443,
+        "methods": methods,
+        "paths": ["/mcp"],
+        "mcp": {"tools": tools},
+    }
+    return {**GOOD, "egress": {"names": [name]}}
+
+
+def test_a_job_spec_may_list_an_mcp_server_with_its_tool_pins_as_avm_yaml_does() -> None:
+    spec = parse_jobspec(_mcp_spec(["POST"], [{"name": "search", "schema_sha256": TOOL_PIN}]))
+    [rule] = spec.egress.policy.names
+    assert rule.mcp is not None
+    assert [(t.name, t.schema_sha256) for t in rule.mcp.tools] == [("search", TOOL_PIN)]
+
+
+@pytest.mark.parametrize(
+    ("methods", "tools", "message"),
+    [
+        (
+            ["GET"],
+            [{"name": "search", "schema_sha256": TOOL_PIN}],
+            "egress tools.example.test:443 methods: expected ['POST']",
+        ),
+        (
+            ["POST"],
+            [{"name": "Bad Name", "schema_sha256": TOOL_PIN}],
+            "egress mcp tool name: expected ^[a-z]",
+        ),
+        (
+            ["POST"],
+            [{"name": "search", "schema_sha256": "x"}],
+            "egress mcp tool schema_sha256: expected 64 lower-case",
+        ),
+        (
+            ["POST"],
+            [{"name": "search", "schema_sha256": TOOL_PIN}] * 2,
+            "egress tools.example.test:443 mcp tools: expected each tool listed once",
+        ),
+    ],
+)
+def test_an_invalid_mcp_entry_in_a_job_spec_is_refused_with_its_code(
+    methods: list[str], tools: list[dict[str, object]], message: str
+) -> None:
+    with pytest.raises(UsageError) as info:
+        parse_jobspec(_mcp_spec(methods, tools))
+    assert info.value.code == "egress-mcp-invalid"
+    assert str(info.value).startswith(f"[egress-mcp-invalid] <input>: {message}"), str(info.value)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,32 +24,15 @@ from controlplane._internal.netns import delete_netns, netns_names
 from controlplane.boundary.ca import EgressCA
 from controlplane.boundary.hostgw import HostGatewayOptions
 from controlplane.governance import secrets as secret_store
-from controlplane.image import sign as imagesign
-from controlplane.jobs.oci import store as ocistore
 from controlplane.jobs.runner import run_job
 from controlplane.jobs.spec import load_jobspec
 from controlplane.transport.local import LocalTransport
-from tests.plugins.jobimages import PASSWORD, JobEnv, home_pids
+from tests.plugins.jobimages import JobEnv, home_pids, tls_image
 from tests.plugins.vms import run_avm
 
 UPSTREAM = "198.51.100.40"
 KEY = b"sk-job-" + secrets.token_hex(12).encode()
 REF = "secret://local/job-api-key"
-LIBS = ("libssl.so.3", "libcrypto.so.3", "libc.so.6", "libnss_files.so.2")
-
-
-def tls_image(env: JobEnv) -> str:
-    """The test image plus /usr/bin/openssl and the libraries it links (signed with the test key)."""
-    lib = Path("/lib/x86_64-linux-gnu")
-    files = {
-        "usr/bin/openssl": Path("/usr/bin/openssl"),
-        "lib64/ld-linux-x86-64.so.2": Path("/lib64/ld-linux-x86-64.so.2"),
-    }
-    files |= {f"lib/x86_64-linux-gnu/{name}": lib / name for name in LIBS}
-    busybox = Path(shutil.which("busybox") or "/bin/busybox")
-    image = ocistore.build_job_image(env.home, "avm/test-tls", files, busybox=busybox)
-    imagesign.sign_image(env.home, image.name, image.digest, env.key.read_bytes(), PASSWORD)
-    return image.ref
 
 
 @pytest.fixture

@@ -5,7 +5,11 @@ address on the job's own link, bound inside the job's namespace) to the host's g
 the gateway if none runs, and removes it when the block ends (stopping the gateway with the last
 listener). Changes are serialised by a lock file beside the gateway's state, so concurrent job
 runs update one gateway. The job's credentials are resolved from the home's secret store into
-the gateway's root-only secret files; the guest never receives them.
+the gateway's root-only secret files; the guest never receives them. The helpers a listener
+needs run as the gateway's own processes, started before that listener is added and stopped
+with the last listener that needs them: the content classifier for ``inspect: true`` names
+(``hostclassifier``) and the MCP pinning service for ``mcp:`` names (``hostpin``, in the uplink
+namespace; its config rewritten from the rendering on every listener change).
 
 What the guest gets (``JobListener.guest_files`` / ``guest_env``): a hosts file mapping only its
 listed names to the gateway address, ``hosts: files`` resolution, and a trust bundle with the
@@ -30,10 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from controlplane._internal.fs import write_atomic
-from controlplane.boundary import envoy, events, hostclassifier
+from controlplane.boundary import envoy, events, hostclassifier, hostpin
 from controlplane.boundary.ca import SYSTEM_BUNDLE, EgressCA
 from controlplane.boundary.contentgate import Classifier
 from controlplane.boundary.gateway import Gateway, Reload
+from controlplane.boundary.hostproc import alive
 from controlplane.boundary.policy import EgressPolicy
 from controlplane.boundary.render import GatewaySpec, Listener, render
 from controlplane.governance import secrets as secret_store
@@ -154,6 +159,7 @@ def _spec(
     refs = sorted({r.credential.ref for r in rules if r.credential})
     paths = {ref: gw.put_secret(ref, secret_store.resolve(home, ref)) for ref in refs}
     inspects = any(r.inspect for r in rules)
+    pin = state.get("mcp_pin")
     return GatewaySpec(
         listeners=listeners,
         **gw.paths(),
@@ -163,6 +169,7 @@ def _spec(
         upstreams=dict(opts.upstreams),
         uplink_netns=Path(f"/run/netns/{opts.netns}") if opts.netns else Path("/proc/1/ns/net"),
         classifier=Classifier(hostclassifier.socket_path(root)) if inspects else None,
+        mcp_pin=(str(pin[0]), int(pin[1])) if pin else None,
     )
 
 
@@ -170,19 +177,45 @@ def _inspects(state: dict[str, Any]) -> bool:
     return any(r.get("inspect") for x in state["listeners"].values() for r in x["policy"]["names"])
 
 
+def _mcps(state: dict[str, Any]) -> bool:
+    return any(r.get("mcp") for x in state["listeners"].values() for r in x["policy"]["names"])
+
+
+def _helpers(root: Path, state: dict[str, Any], opts: HostGatewayOptions) -> None:
+    """Start the helpers the listeners need, before a listener that asks them is added: the
+    classifier for inspected names, the pinning service (its address into ``state``) for MCP."""
+    if _inspects(state):
+        hostclassifier.ensure(root)
+    if _mcps(state):
+        state["mcp_pin"] = list(hostpin.address(root, opts.netns))
+    else:
+        state.pop("mcp_pin", None)
+
+
+def _stop_unneeded(root: Path, state: dict[str, Any]) -> None:
+    if not _inspects(state):
+        hostclassifier.stop(root)
+    if not _mcps(state):
+        hostpin.stop(root)
+
+
 def _update(
     home: Home, root: Path, ca: EgressCA, state: dict[str, Any], old: dict[str, Any], opts: HostGatewayOptions
 ) -> tuple[Gateway, Reload, bool]:
     gw = _RUNNING.get(root) or Gateway(root, netns=opts.netns)
-    spec = _spec(home, root, gw, ca, state, opts)
     if not state["listeners"]:
         _stop(root, gw, state.get("pid"))
-        hostclassifier.stop(root)
+        state.pop("mcp_pin", None)
+        _stop_unneeded(root, state)
         return gw, Reload(gw.rendered.generation if gw.rendered else "", "", 0.0), False
-    if _inspects(state):  # the classifier listens before a listener that asks it is added
-        hostclassifier.ensure(root)
     try:
-        if hostclassifier.alive(state.get("pid")) and gw.admin.ready():
+        _helpers(root, state, opts)
+        spec = _spec(home, root, gw, ca, state, opts)
+        if spec.mcp_pin is not None:  # the pins of every MCP listener, before Envoy routes to them
+            pins = render(spec).mcp_pin
+            assert pins is not None
+            hostpin.write(root, pins)
+        if alive(state.get("pid")) and gw.admin.ready():
             if gw.rendered is None:
                 gw.rendered = render(_spec(home, root, gw, ca, old, opts))
             reload, started = gw.apply(spec), False
@@ -193,24 +226,23 @@ def _update(
             state["pid"] = gw.process.pid
             reload, started = Reload("", in_force.lds, time.monotonic() - start), True
     except BaseException:
-        if not _inspects(old) or not hostclassifier.alive(
-            old.get("pid")
-        ):  # refused: leave the classifier as it was
-            hostclassifier.stop(root)
+        if not alive(old.get("pid")):  # refused: leave the helpers as they were
+            _stop_unneeded(root, {"listeners": {}})
+        else:
+            _stop_unneeded(root, old)
         raise
-    if not _inspects(state):  # after the last inspected listener went
-        hostclassifier.stop(root)
+    _stop_unneeded(root, state)  # after the last listener that needed one went
     return gw, reload, started
 
 
 def _stop(root: Path, gw: Gateway, pid: int | None) -> None:
     if root in _RUNNING:
         _RUNNING.pop(root).stop()
-    elif hostclassifier.alive(pid):
+    elif alive(pid):
         assert pid is not None
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)
-        envoy.wait_until(lambda: not hostclassifier.alive(pid), 10.0, 0.05)
+        envoy.wait_until(lambda: not alive(pid), 10.0, 0.05)
 
 
 def _save(root: Path, state: dict[str, Any]) -> None:
@@ -249,7 +281,7 @@ def job_listener(
     with _locked(root):
         ca = EgressCA.ensure(root / "ca")
         old = _state(root)
-        if old.get("listeners") and not hostclassifier.alive(old.get("pid")):
+        if old.get("listeners") and not alive(old.get("pid")):
             old = {"pid": None, "listeners": {}}  # a crashed gateway's listeners are gone with it
         entry = {
             "address": str(address),

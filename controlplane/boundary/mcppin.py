@@ -2,6 +2,9 @@
 
     python3 mcppin.py CONFIG        (CONFIG: the gateway's mcp-pin.json; prints ``ready``)
 
+With ``listen`` port 0 it binds a free port and prints ``ready ADDR:PORT`` (the host's job
+gateway, ``controlplane.boundary.hostpin``, then writes that address into the config).
+
 Envoy judges each request first (``controlplane.boundary.mcprules``), then sends an MCP server's
 traffic here instead of to the server, with the header ``x-avm-mcp-rule: <identity>|<host:port>``
 that Envoy sets itself (an agent's header of that name is overwritten). This service then:
@@ -84,10 +87,10 @@ def strict_json(body: bytes) -> Any:
 
 
 class Config:
-    """The config file, re-read when its mtime or size changes."""
+    """The config file, re-read when it is replaced or its mtime or size changes."""
 
     def __init__(self, path: str) -> None:
-        self.path, self.stamp = path, (0, 0)
+        self.path, self.stamp = path, (0, 0, 0)
         self.doc: dict[str, Any] = {"rules": {}}
         self.lock = threading.Lock()
         self.current()
@@ -95,10 +98,11 @@ class Config:
     def current(self) -> dict[str, Any]:
         st = os.stat(self.path)
         with self.lock:
-            if (st.st_mtime_ns, st.st_size) != self.stamp:
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)  # a file renamed over is a new inode
+            if stamp != self.stamp:
                 with open(self.path, "rb") as fh:
                     self.doc = json.loads(fh.read())
-                self.stamp = (st.st_mtime_ns, st.st_size)
+                self.stamp = stamp
             return self.doc
 
 
@@ -240,7 +244,7 @@ def main(argv: list[str]) -> None:
     Handler.config = Config(argv[0])
     addr, port = Handler.config.current()["listen"]
     server = ThreadingHTTPServer((addr, int(port)), Handler)
-    print("ready", flush=True)
+    print("ready" if int(port) else f"ready {addr}:{server.server_port}", flush=True)
     server.serve_forever()
 
 

@@ -30,9 +30,9 @@ EVENT_TYPES: dict[str, tuple[str, str]] = {
     "rollback.run": ("avm rollback --apply (apply receipt)", "commit, profiles"),
     "alignment.check": ("avm status (status receipt)", "in_sync, findings, against (apply receipt)"),
     "tool.denied": (
-        "the egress gateway's MCP rules (Tier-1 access log -> avm status receipt); "
-        "mcp_guard via journal (defence in depth)",
-        "profile, tool, reason; from the gateway also host, method, path, code, policy",
+        "the egress gateway's MCP rules and pinning service (avm job run: job receipt; Tier-1 access "
+        "log -> avm status receipt); mcp_guard via journal (defence in depth)",
+        "job or profile, tool, reason; from the gateway also host, method, path, code, policy",
     ),
     "gateway.refused": ("gateway via journal -> avm status receipt", "profile, reason (invalid policy)"),
     "egress.denied": (

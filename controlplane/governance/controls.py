@@ -255,15 +255,17 @@ def job_digest(spec: JobSpec) -> str:
 
 
 def job_evidence(spec: JobSpec, *, image_signature: bool | None, approvers: int | None) -> Evidence:
-    """Evidence of one Tier-2 job. A job has no MCP gateway and no tool surface: its allowlist is
-    empty by construction. It runs in its own microVM (dedicated) and never resides."""
+    """Evidence of one Tier-2 job. Its only tool surface is the MCP servers of ``egress.names``
+    (``mcp:``), enforced at the host's job gateway: each must list its ``tools`` explicitly (an
+    empty list is an explicit deny-all), each pinned by ``schema_sha256``; a job with none has no
+    tool surface at all. It runs in its own microVM (dedicated) and never resides."""
     return Evidence(
         signature=image_signature,
         digest_pins="@sha256:" in spec.image,
         secret_env=secretscan.scan_env(dict(spec.env)),
         open_egress=_open(r.host for r in spec.egress.allow) if spec.egress.default == "deny" else ("*",),
         egress_addresses=address_count(r.host for r in spec.egress.allow),
-        tools_declared=True,
+        tools_declared=all("tools" in r.mcp.model_fields_set for r in spec.egress.names if r.mcp is not None),
         approvers=approvers,
         tier2=True,
         dedicated_vm=True,

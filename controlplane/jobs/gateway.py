@@ -4,7 +4,8 @@ A job whose spec lists ``egress.names`` gets a job network (its tap, its nftable
 the guest may open only the gateway's ports on its own link, plus a listener of the host's
 gateway bound on that address inside the job's namespace (``controlplane.boundary.hostgw``).
 ``record`` puts the gateway's facts (Envoy's sha256, the policy generation in force), the
-job's ``egress.denied`` / ``egress.allowed`` events from the gateway's access log and the job's
+job's ``egress.denied`` / ``classifier.denied`` / ``tool.denied`` (an MCP server's refused
+tool, with the tool and reason) / ``egress.allowed`` events from the gateway's access log and the job's
 usage (``result.usage``: ``controlplane.boundary.usage``) in the step.
 """
 
@@ -58,7 +59,8 @@ def record(step: evidence.Step, job_id: str, gw: JobListener | None) -> None:
         step.event(
             "egress.allowed", job=job_id, destination=destination, count=count, policy=gw.policy.generation
         )
-    for e in [e for e in seen if e.event in ("egress.denied", "classifier.denied")][:EVENT_LIMIT]:
+    denials = ("egress.denied", "classifier.denied", "tool.denied")  # tool.denied: an MCP refusal, its tool
+    for e in [e for e in seen if e.event in denials][:EVENT_LIMIT]:
         fields: dict[str, Any] = {k: v for k, v in e.to_dict().items() if k not in ("event", "identity", "t")}
         step.event(e.event, job=job_id, destination=f"{e.host} {e.method} {e.path}", **fields)
     from controlplane.boundary import usage

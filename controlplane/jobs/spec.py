@@ -15,7 +15,6 @@ from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from controlplane._internal.loading import Frozen, read_document, validate
 from controlplane.boundary.policy import EgressPolicy, NameRule
-from controlplane.errors import UsageError
 from controlplane.ids import JobId, JsonSchemaExtra, RiskTier, json_pattern
 from controlplane.jobs.egress import rules as nftrules
 
@@ -128,16 +127,9 @@ class Egress(Frozen):
     @field_validator("names")
     @classmethod
     def _one_policy(cls, names: tuple[NameRule, ...]) -> tuple[NameRule, ...]:
-        EgressPolicy(names=names)  # duplicates are refused by the policy model (egress-name-duplicate)
-        for rule in names:
-            if rule.mcp is not None:  # the job gateway has no MCP pinning service: refused, not unpinned
-                raise UsageError(
-                    "egress-mcp-invalid",
-                    f"egress.names {rule.key}: expected no mcp: entry in a job spec, got one",
-                    hint="MCP servers are governed at the boundary for Tier-1 profiles (avm.yaml mcp: true); "
-                    "a Tier-2 job cannot list one yet",
-                    details={"expected": "no mcp", "actual": rule.key},
-                )
+        # duplicates are refused by the policy model (egress-name-duplicate); an ``mcp:`` entry is
+        # validated by it as in avm.yaml (egress-mcp-invalid) and pinned at the host's job gateway
+        EgressPolicy(names=names)
         return names
 
     # a run-wide request budget: requests through the gateway over the whole run, all names

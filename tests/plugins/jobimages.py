@@ -179,3 +179,21 @@ def home_pids(home: Home, run_id: str = "") -> list[int]:
     from controlplane.vm.procs import pids_with_marker
 
     return pids_with_marker(f"{home.run / 'jobs'}/avmjob+{run_id}")
+
+
+LIBS = ("libssl.so.3", "libcrypto.so.3", "libc.so.6", "libnss_files.so.2")
+
+
+def tls_image(env: JobEnv) -> str:
+    """The test image plus /usr/bin/openssl (a verifying TLS client) and the libraries it links,
+    signed with the test key."""
+    lib = Path("/lib/x86_64-linux-gnu")
+    files = {
+        "usr/bin/openssl": Path("/usr/bin/openssl"),
+        "lib64/ld-linux-x86-64.so.2": Path("/lib64/ld-linux-x86-64.so.2"),
+    }
+    files |= {f"lib/x86_64-linux-gnu/{name}": lib / name for name in LIBS}
+    busybox = Path(shutil.which("busybox") or "/bin/busybox")
+    image = ocistore.build_job_image(env.home, "avm/test-tls", files, busybox=busybox)
+    imagesign.sign_image(env.home, image.name, image.digest, env.key.read_bytes(), PASSWORD)
+    return image.ref
