@@ -273,3 +273,42 @@ def test_the_pins_in_the_example_manifest_are_the_one_hash_of_the_example_server
     assert pinned == {t["name"]: mcppin.schema_sha256(t) for t in TOOLS if t["name"] in pinned}
     assert [guard["schema_sha256"](t) for t in TOOLS] == [mcppin.schema_sha256(t) for t in TOOLS]
     assert "delete_records" not in pinned
+
+
+_MCP_LINE = {
+    "identity": "test:a",
+    "host": "tools.example.test",
+    "method": "POST",
+    "path": "/mcp",
+    "rpc": "tools/call",
+}
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (  # Envoy had no connection to the pinning service: refused, nothing reached the server
+            {**_MCP_LINE, "code": 503, "flags": "UF,URX", "tool": "search"},
+            ("tool.denied", "mcp-pin-unavailable", "search"),
+        ),
+        ({**_MCP_LINE, "code": 503, "flags": "UH"}, ("tool.denied", "mcp-pin-unavailable", "tools/call")),
+        (  # the server's own 503, relayed by the pinning service: its answer, not a refusal
+            {**_MCP_LINE, "code": 503, "flags": "-", "tool": "search"},
+            ("egress.allowed", "allowed", "search"),
+        ),
+        (  # the pinning service's own refusal names itself
+            {**_MCP_LINE, "code": 403, "flags": "-", "pin": "tool-schema-changed", "tool": "search"},
+            ("tool.denied", "tool-schema-changed", "search"),
+        ),
+        (  # not an MCP chain: an upstream connection failure is not a tool refusal
+            {**_MCP_LINE, "code": 503, "flags": "UF", "rpc": None},
+            ("egress.allowed", "allowed", ""),
+        ),
+    ],
+)
+def test_the_log_names_a_dead_pinning_service_as_a_tool_refusal(
+    line: dict[str, Any], expected: tuple[str, str, str]
+) -> None:
+    e = events.parse_line(json.dumps(line))
+    assert e is not None
+    assert (e.event, e.reason, e.tool) == expected

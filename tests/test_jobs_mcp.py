@@ -231,6 +231,11 @@ def test_a_dead_pinning_service_refuses_every_mcp_request_and_the_next_listener_
             )
             assert (dead.status, listed.status) == (503, 503)
             assert server.calls() == ["search"]  # fail closed: nothing reached the server
+            refused = [(e.event, e.reason, e.code, e.tool) for e in first.events() if e.code == 503]
+            assert refused == [
+                ("tool.denied", "mcp-pin-unavailable", 503, "search"),
+                ("tool.denied", "mcp-pin-unavailable", 503, "tools/list"),
+            ]
             with job_listener(home, "job-n", pol, b, net.ag, opts):  # a listener change: started again
                 assert hostpin.running(root) and int((root / "mcppin" / "pid").read_text()) != pid
                 for addr in (a, b):

@@ -133,6 +133,7 @@ def test_status_carries_the_tool_denied_events(golden_home: Home, nspawn_vm: str
         {**unlisted, "tool": "delete_records"},  # the bare client's
         {**unlisted, "tool": "delete_records"},  # the example agent's, with its guard skipped
         {**unlisted, "reason": "tool-schema-changed", "tool": "search"},
+        {**unlisted, "code": 503, "reason": "mcp-pin-unavailable", "tool": "search"},  # service down
     ]
     # the example agent's guarded call never left it: its own mcp_guard's event, via the journal
     assert [e for e in denied if "host" not in e] == [

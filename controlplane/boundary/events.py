@@ -5,7 +5,9 @@ listener's identity (the profile or job, from the address it called, not from an
 and the policy generation in force. A request routed upstream is ``egress.allowed`` (whatever
 the upstream answered); one Envoy answered itself with a reason is ``egress.denied``, or
 ``tool.denied`` for an MCP reason (``mcprules.REASONS``, or the pinning service's
-``mcppin.REASONS`` from its ``x-avm-pin`` response header), with the tool it named.
+``mcppin.REASONS`` from its ``x-avm-pin`` response header), with the tool it named; an MCP
+request Envoy could not hand to the pinning service (down: a 503 with an upstream-connection
+flag, nothing reached the server) is ``tool.denied`` with ``mcp-pin-unavailable``.
 A request an inspected name refused on its classifier's verdict (``sensitivity-exceeds-ceiling``)
 is ``classifier.denied``, with the verdict's level, the finding kinds and the classifier (never
 what matched: the classifier reports kinds and offsets only). No verdict at all is an
@@ -29,6 +31,9 @@ from controlplane.boundary.mcprules import REASONS as TOOL_REASONS
 from controlplane.boundary.routes import REASONS
 
 _DENIALS = (*REASONS, *contentgate.REASONS)
+PIN_UNAVAILABLE = "mcp-pin-unavailable"
+# Envoy's response flags for "no connection to the upstream" (here: the pinning service)
+_PIN_DOWN_FLAGS = {"UF", "UH", "URX", "UO"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +87,9 @@ def parse_line(line: str) -> Event | None:
         reason = "classifier-unavailable"
     elif not reason and code == 413 and details == "request_payload_too_large":  # no verdict asked
         reason = "body-too-large-to-inspect"
-    tool_denied = reason in TOOL_REASONS or reason in mcppin.REASONS
+    elif reason in ("", "allowed") and code == 503 and raw.get("rpc") and _pin_down(raw):
+        reason = PIN_UNAVAILABLE
+    tool_denied = reason in TOOL_REASONS or reason in mcppin.REASONS or reason == PIN_UNAVAILABLE
     denied = tool_denied or reason in _DENIALS or reason == BUDGET_REASON
     if tool_denied:
         kind = "tool.denied"
@@ -109,6 +116,12 @@ def parse_line(line: str) -> Event | None:
         output_tokens=_int(raw.get("output_tokens")),
         budget=budget if reason == BUDGET_REASON else "",
     )
+
+
+def _pin_down(raw: dict[str, Any]) -> bool:
+    """An MCP request's 503 with an upstream-connection flag: the pinning service (every MCP
+    server's only cluster) did not answer; the pin service's own refusals carry ``x-avm-pin``."""
+    return not raw.get("pin") and bool(_PIN_DOWN_FLAGS & set(str(raw.get("flags") or "").split(",")))
 
 
 def _int(value: object) -> int | None:
