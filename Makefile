@@ -35,11 +35,14 @@ venv: $(VENV)/.stamp-$(EXTRAS)
 # the tests of the libvirt, gcp and sigstore code need their extras, and mypy checks those
 # tests, so `make test` and `make lint` set up the same venv; `make demo` needs only dev
 ALL_EXTRAS := dev,libvirt,gcp,sigstore
+# pytest-xdist workers, each taking whole test files (a module's VM is booted once, on one
+# worker); tests look only at what they made, so two workers share the machine like two runs
+TEST_WORKERS ?= 2
 
 test:
 	@$(MAKE) --no-print-directory setup EXTRAS=$(ALL_EXTRAS)
 	@$(PY) -c 'import libvirt, pulumi, pulumi_gcp, sigstore' 2>/dev/null || echo "WARNING: extras libvirt/gcp/sigstore not importable: their tests will fail" >&2
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 lint:
 	@$(MAKE) --no-print-directory setup EXTRAS=$(ALL_EXTRAS)

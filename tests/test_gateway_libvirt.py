@@ -1,4 +1,5 @@
-"""The Tier-1 egress boundary in force on the libvirt golden VM, and after it stops and starts.
+"""The golden VM under a running libvirtd (nested virtualization, down leaves no domain), the
+Tier-1 egress boundary in force on it, and after it stops and starts.
 
 The same parts and probes as tests/test_gateway_qemu.py (tests/plugins/vmgw.py): a
 golden VM under a running libvirtd (``qemu:///system``, TCG, slirp NIC through
@@ -40,8 +41,22 @@ def golden_vm(golden_home: Home, libvirtd: None) -> Iterator[str]:
     up = run_avm(golden_home, "vm", "up", name, "--backend", "libvirt", "--timeout", "420", env=URI)
     assert up.returncode == 0, up.stdout + up.stderr
     yield name
+    import libvirt
+
+    marker = ET.parse(state_dir(golden_home, name) / "domain.xml").findtext("name")  # noqa: S314 - avm's own file
     down = run_avm(golden_home, "vm", "down", name, env=URI)
     assert down.returncode == 0, down.stdout + down.stderr
+    conn = libvirt.open(URI["AVM_LIBVIRT_URI"])
+    try:  # down leaves no domain of this VM behind
+        assert marker not in [d.name() for d in conn.listAllDomains()]
+    finally:
+        conn.close()
+
+
+def test_the_golden_vm_under_libvirtd_sees_nested_virtualization(golden_home: Home, golden_vm: str) -> None:
+    """A real SSH login into the domain libvirtd runs; its CPU has svm or vmx (nested virt)."""
+    out = on_host(golden_home, golden_vm, "grep", "-c", "-w", "-E", "svm|vmx", "/proc/cpuinfo")
+    assert int(out) >= 1
 
 
 def domain(home: Home, vm: str) -> Any:

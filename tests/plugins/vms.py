@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -100,34 +101,46 @@ def nspawn_vm(golden_home: Home) -> Iterator[str]:
     assert down.returncode == 0, down.stdout + down.stderr
 
 
+LIBVIRTD_LOCK = Path("/run/avm-test-libvirtd.lock")
+
+
 @pytest.fixture(scope="module")
 def libvirtd() -> Iterator[None]:
     """A libvirtd serving qemu:///system: the running one, else virtlogd + libvirtd started by hand
-    for this module (this kind of host has no systemd as PID 1) and stopped after it."""
+    (this kind of host has no systemd as PID 1). Every module that uses it, in this run or in
+    another test run on the machine (pytest-xdist workers included), holds a shared lock on
+    ``LIBVIRTD_LOCK``; the last one out stops daemons a test started, never the host's own."""
     import libvirt
 
-    try:
-        libvirt.open("qemu:///system").close()
-        yield
-        return
-    except libvirt.libvirtError:
-        pass
-    require_root("starting libvirtd")
-    require_tools("libvirtd", "virtlogd")
+    def serving() -> bool:
+        try:
+            libvirt.open("qemu:///system").close()
+            return True
+        except libvirt.libvirtError:
+            return False
+
     pidfiles = {d: Path(f"/run/avm-test-{d}.pid") for d in ("virtlogd", "libvirtd")}
-    for daemon, pidfile in pidfiles.items():
-        subprocess.run([daemon, "-d", "-p", str(pidfile)], check=True, timeout=60)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                libvirt.open("qemu:///system").close()
-                break
-            except libvirt.libvirtError:
-                assert time.monotonic() < deadline, "libvirtd did not come up"
-                time.sleep(0.2)
+    with LIBVIRTD_LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one module at a time decides whether to start them
+        try:
+            if not serving():
+                require_root("starting libvirtd")
+                require_tools("libvirtd", "virtlogd")
+                for daemon, pidfile in pidfiles.items():
+                    subprocess.run([daemon, "-d", "-p", str(pidfile)], check=True, timeout=60)
+                deadline = time.monotonic() + 30
+                while not serving():
+                    assert time.monotonic() < deadline, "libvirtd did not come up"
+                    time.sleep(0.2)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_SH)  # in use (a downgrade: never unlocked in between)
         yield
-    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # another module still uses it: the last one stops it
         for pidfile in pidfiles.values():
             with contextlib.suppress(OSError, ValueError):
                 os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
+                pidfile.unlink()
