@@ -86,11 +86,14 @@ def test_a_job_spec_parses_an_inspected_name_the_job_gateway_serves() -> None:
     assert spec.egress.policy.names[0].inspect is False
 
 
-def test_a_job_spec_cannot_list_an_mcp_server_yet() -> None:
-    """The job gateway has no pinning service: an MCP entry is refused at parse time (exit 64),
-    not run unpinned."""
+def test_a_job_spec_lists_an_mcp_server_with_the_same_rules_as_avm_yaml() -> None:
+    """A job's MCP entry is the policy model's (the host job gateway pins it); a bad one is refused
+    at parse time (exit 64), never run unpinned."""
     mcp = {"host": "tools.example.test", "methods": ["POST"], "paths": ["/mcp"], "mcp": {"tools": []}}
+    spec = parse_jobspec({"id": "j1", "image": IMAGE, "command": ["true"], "egress": {"names": [mcp]}})
+    assert spec.egress.policy.names[0].mcp is not None and spec.egress.policy.names[0].mcp.tools == ()
+    bad = {**mcp, "methods": ["GET"]}
     with pytest.raises(UsageError) as err:
-        parse_jobspec({"id": "j1", "image": IMAGE, "command": ["true"], "egress": {"names": [mcp]}})
+        parse_jobspec({"id": "j1", "image": IMAGE, "command": ["true"], "egress": {"names": [bad]}})
     assert err.value.code == "egress-mcp-invalid"
     assert err.value.exit_code == ExitCode.USAGE
