@@ -51,7 +51,7 @@ def ensure(host: Transport, gw: tier1.Tier1Gateway, step: Step) -> None:
     for path, data, mode, group in want:
         put_file(host, path, data, mode, group)
     step.command(host.run(["systemctl", "daemon-reload"], timeout=60).check())
-    step.command(host.run(["systemctl", "enable", tier1.CLASSIFIER_UNIT], timeout=60).check())
+    step.command(host.run(["systemctl", "enable", "--no-reload", tier1.CLASSIFIER_UNIT], timeout=60).check())
     active = host.run(["systemctl", "is-active", "--quiet", tier1.CLASSIFIER_UNIT], timeout=30).ok
     verb = "restart" if changed or not active else "start"
     step.command(host.run(["systemctl", verb, tier1.CLASSIFIER_UNIT], timeout=60).check())

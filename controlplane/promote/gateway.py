@@ -201,20 +201,24 @@ def install(
     restart = _changed(host, on_disk) or not host.run(["systemctl", "is-active", "--quiet", tier1.UNIT]).ok
     for path, data, mode, group in sorted(blobs_, key=lambda b: b[0].endswith("lds.json")):
         put_file(host, path, data, mode, group)
+    # the one reload of this stage: it loads the unit files just written; every `enable` after
+    # it only adds the boot-time symlinks (--no-reload: a reload each costs ~4 s under TCG)
     step.command(host.run(["systemctl", "daemon-reload"], timeout=60).check())
     from controlplane.promote import classifier
 
     classifier.ensure(host, gw, step)  # up before the gateway takes a request it must inspect
     if gw.mcp_pin:  # before Envoy routes to it; it re-reads its config when the file changes
-        step.command(host.run(["systemctl", "enable", tier1.PIN_UNIT], timeout=60).check())
+        step.command(host.run(["systemctl", "enable", "--no-reload", tier1.PIN_UNIT], timeout=60).check())
         step.command(
             host.run(["systemctl", "restart" if restart else "start", tier1.PIN_UNIT], timeout=60).check()
         )
-    step.command(host.run(["systemctl", "enable", tier1.UNIT], timeout=60).check())
+    step.command(host.run(["systemctl", "enable", "--no-reload", tier1.UNIT], timeout=60).check())
     verb = "restart" if restart else "start"
     step.command(host.run(["systemctl", verb, tier1.UNIT], timeout=60).check())
     # the permission-request recorder: socket-activated; a changed script is used from the next request
-    step.command(host.run(["systemctl", "enable", "--now", tier1.RECORDER_UNITS[0]], timeout=60).check())
+    step.command(
+        host.run(["systemctl", "enable", "--no-reload", "--now", tier1.RECORDER_UNITS[0]], timeout=60).check()
+    )
     step.command(host.run(["systemctl", "try-restart", tier1.RECORDER_UNITS[1]], timeout=60).check())
     from controlplane.promote.gatewaycheck import wait_in_force
 
@@ -244,7 +248,7 @@ def load_table(target: Target, host: Transport, script: str, step: Step) -> None
     Either way the script is also ``boundary.nft`` (0600), which ``avm-boundary.service``
     loads at boot (skipped in a container), and the unit is enabled."""
     host.put(script.encode(), str(tier1.BOUNDARY_NFT), mode=0o600)
-    step.command(host.run(["systemctl", "enable", tier1.BOUNDARY_UNIT], timeout=60).check())
+    step.command(host.run(["systemctl", "enable", "--no-reload", tier1.BOUNDARY_UNIT], timeout=60).check())
     from controlplane._internal import netns as nx
     from controlplane.promote.enforcement import host_network
     from controlplane.transport.local import LocalTransport

@@ -107,9 +107,10 @@ def daemon_reload(host: Transport) -> RunResult:
 
 def restart(host: Transport, profile: str) -> RunResult:
     """(Re)start the profile's unit, enabled first: a promoted agent comes back at every boot
-    (after ``avm-boundary.service`` when its drop-in requires it), not only until the host reboots."""
+    (after ``avm-boundary.service`` when its drop-in requires it), not only until the host reboots.
+    The caller has run ``daemon_reload`` after writing the unit: enabling adds only the symlinks."""
     host.run(["systemctl", "reset-failed", LAYOUT.unit_name(profile)], timeout=30)
-    host.run(["systemctl", "enable", LAYOUT.unit_name(profile)], timeout=60).check()
+    host.run(["systemctl", "enable", "--no-reload", LAYOUT.unit_name(profile)], timeout=60).check()
     return host.run(["systemctl", "restart", LAYOUT.unit_name(profile)], timeout=120)
 
 
