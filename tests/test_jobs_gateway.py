@@ -22,12 +22,9 @@ import pytest
 
 from controlplane._internal.netns import delete_netns, netns_names
 from controlplane.boundary.ca import EgressCA
-from controlplane.boundary.hostgw import HostGatewayOptions
 from controlplane.governance import secrets as secret_store
-from controlplane.jobs.runner import run_job
-from controlplane.jobs.spec import load_jobspec
 from controlplane.transport.local import LocalTransport
-from tests.plugins.jobimages import JobEnv, home_pids, tls_image
+from tests.plugins.jobimages import JobEnv, home_pids, run_through_gateway, tls_image
 from tests.plugins.vms import run_avm
 
 UPSTREAM = "198.51.100.40"
@@ -93,14 +90,9 @@ def test_allowlisted_job_reaches_a_listed_name_with_the_credential_injected(
         "gw", id="gw-names", image=tls_image(jobenv), command=["sh", "-c", script(port)],
         timeout=120, egress={"names": names}, outputs=outputs,
     )  # fmt: skip
-    gateway = HostGatewayOptions(
-        root=tmp_path / "gw", netns=world_ns, upstreams={f"api.example.test:{port}": (UPSTREAM, port)},
-        trusted_ca=up_ca.cert_path,
-    )  # fmt: skip
-    result = run_job(
-        jobenv.home, load_jobspec(spec_path), spec_dir=spec_path.parent, output_dir=tmp_path / "out",
-        network_options={"uplink_netns": world_ns, "gateway": gateway},
-    )  # fmt: skip
+    spec, result = run_through_gateway(
+        jobenv, spec_path, tmp_path, world_ns, {f"api.example.test:{port}": (UPSTREAM, port)}, up_ca.cert_path
+    )
     out = tmp_path / "out"
     assert result.status == "ok", (result.stdout, result.stderr)
     listed = json.loads((out / "listed.json").read_text())
@@ -135,7 +127,7 @@ def test_allowlisted_job_reaches_a_listed_name_with_the_credential_injected(
     from controlplane.boundary import envoy
 
     assert gw["envoy_sha256"] == envoy.binary().sha256
-    assert gw["policy_generation"] == load_jobspec(spec_path).egress.policy.generation
+    assert gw["policy_generation"] == spec.egress.policy.generation
     events = [e for e in predicate["events"] if e["type"] in ("egress.allowed", "egress.denied")]
     assert [(e["type"], e.get("reason"), e.get("count")) for e in events] == [
         ("egress.allowed", None, 1),
@@ -182,15 +174,9 @@ def test_a_jobs_run_wide_budget_is_enforced_at_the_gateway_and_its_usage_is_in_t
         "budget", id="gw-budget", image=tls_image(jobenv), command=["sh", "-c", "\n".join(lines)],
         timeout=120, egress={"names": names, "budget": {"requests": 2}}, outputs=outputs,
     )  # fmt: skip
-    gateway = HostGatewayOptions(
-        root=tmp_path / "gw", netns=world_ns, upstreams={f"api.example.test:{port}": (UPSTREAM, port)},
-        trusted_ca=up_ca.cert_path,
-    )  # fmt: skip
-    spec = load_jobspec(spec_path)
-    result = run_job(
-        jobenv.home, spec, spec_dir=spec_path.parent, output_dir=tmp_path / "out",
-        network_options={"uplink_netns": world_ns, "gateway": gateway},
-    )  # fmt: skip
+    spec, result = run_through_gateway(
+        jobenv, spec_path, tmp_path, world_ns, {f"api.example.test:{port}": (UPSTREAM, port)}, up_ca.cert_path
+    )
     out = tmp_path / "out"
     assert result.status == "ok", (result.stdout, result.stderr)
     answers = [json.loads((out / name).read_text()) for name in outputs]
@@ -248,15 +234,9 @@ def test_a_jobs_inspected_name_refuses_a_body_over_its_ceiling_and_the_receipt_s
         "inspect", id="gw-inspect", image=tls_image(jobenv), command=["sh", "-c", "\n".join(lines)],
         timeout=120, egress={"names": names}, outputs=["card.json", "clean.json"],
     )  # fmt: skip
-    gateway = HostGatewayOptions(
-        root=tmp_path / "gw", netns=world_ns, upstreams={f"api.example.test:{port}": (UPSTREAM, port)},
-        trusted_ca=up_ca.cert_path,
-    )  # fmt: skip
-    spec = load_jobspec(spec_path)
-    result = run_job(
-        jobenv.home, spec, spec_dir=spec_path.parent, output_dir=tmp_path / "out",
-        network_options={"uplink_netns": world_ns, "gateway": gateway},
-    )  # fmt: skip
+    spec, result = run_through_gateway(
+        jobenv, spec_path, tmp_path, world_ns, {f"api.example.test:{port}": (UPSTREAM, port)}, up_ca.cert_path
+    )
     out = tmp_path / "out"
     assert result.status == "ok", (result.stdout, result.stderr)
     assert json.loads((out / "card.json").read_text()) == {

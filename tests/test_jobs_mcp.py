@@ -31,11 +31,9 @@ from controlplane.boundary.ca import EgressCA
 from controlplane.boundary.hostgw import HostGatewayOptions, job_listener
 from controlplane.boundary.policy import parse_policy
 from controlplane.home import Home
-from controlplane.jobs.runner import run_job
-from controlplane.jobs.spec import load_jobspec
 from controlplane.transport.local import LocalTransport
 from tests.plugins.boundarynet import UPSTREAM_ADDR, BoundaryNet, Client
-from tests.plugins.jobimages import JobEnv, tls_image
+from tests.plugins.jobimages import JobEnv, run_through_gateway, tls_image
 from tests.plugins.vms import run_avm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,15 +139,9 @@ def test_a_jobs_mcp_server_gets_its_tool_allowlist_and_pins_at_the_host_gateway(
         "mcp", id="gw-mcp", image=tls_image(jobenv), command=["sh", "-c", "\n".join(lines)], timeout=120,
         egress={"names": names(port, [SEARCH, SUMMARIZE])}, outputs=[c[0] for c in calls],
     )  # fmt: skip
-    gateway = HostGatewayOptions(
-        root=tmp_path / "gw", netns=world_ns, upstreams={f"{HOST}:{port}": (WORLD_ADDR, port)},
-        trusted_ca=up_ca.cert_path,
-    )  # fmt: skip
-    spec = load_jobspec(spec_path)
-    result = run_job(
-        jobenv.home, spec, spec_dir=spec_path.parent, output_dir=tmp_path / "out",
-        network_options={"uplink_netns": world_ns, "gateway": gateway},
-    )  # fmt: skip
+    spec, result = run_through_gateway(
+        jobenv, spec_path, tmp_path, world_ns, {f"{HOST}:{port}": (WORLD_ADDR, port)}, up_ca.cert_path
+    )
     out = tmp_path / "out"
     assert result.status == "ok", (result.stdout, result.stderr)
     # (a) a listed tool whose descriptor is the pinned one: the server's result

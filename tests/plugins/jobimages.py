@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -197,3 +198,27 @@ def tls_image(env: JobEnv) -> str:
     image = ocistore.build_job_image(env.home, "avm/test-tls", files, busybox=busybox)
     imagesign.sign_image(env.home, image.name, image.digest, env.key.read_bytes(), PASSWORD)
     return image.ref
+
+
+def run_through_gateway(
+    env: JobEnv,
+    spec_path: Path,
+    tmp_path: Path,
+    world_ns: str,
+    upstreams: dict[str, tuple[str, int]],
+    ca: Path,
+) -> tuple[Any, Any]:
+    """Run the job at ``spec_path`` with the host gateway (root ``tmp_path/gw``) in ``world_ns``,
+    next to the test upstreams (pinned resolutions, verified against ``ca``); its outputs go to
+    ``tmp_path/out``. Returns the parsed spec and the job's result."""
+    from controlplane.boundary.hostgw import HostGatewayOptions
+    from controlplane.jobs.runner import run_job
+    from controlplane.jobs.spec import load_jobspec
+
+    gateway = HostGatewayOptions(root=tmp_path / "gw", netns=world_ns, upstreams=upstreams, trusted_ca=ca)
+    spec = load_jobspec(spec_path)
+    result = run_job(
+        env.home, spec, spec_dir=spec_path.parent, output_dir=tmp_path / "out",
+        network_options={"uplink_netns": world_ns, "gateway": gateway},
+    )  # fmt: skip
+    return spec, result
