@@ -285,6 +285,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "sigstore-trusted-root-invalid": (REF, "the Sigstore trusted root is invalid"),
     "sigstore-trusted-root-mismatch": (REF, "the shipped Sigstore trusted root is not the pinned one"),
     "ssh-auth-failed": (OPS, "the host did not accept the SSH identity"),
+    "ssh-login-failed": (OPS, "the SSH login worked but the login shell could not run a command"),
     "ssh-port-not-applicable": (USE, "--ssh-port does not apply to the backend"),
     "submodule-unsupported": (
         REF,

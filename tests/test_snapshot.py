@@ -101,4 +101,9 @@ def test_a_damaged_file_fails_verification_and_the_snapshot_is_removed(tmp_path:
 
 def test_the_gate_ships_the_sshd_drop_in_every_qemu_vm_gets() -> None:
     assert guestscripts.data("sshd-avm.conf").decode() == sshd_dropin(None, None)
-    assert initramfs.GATE_FILES == ("identity_gate.py", "avm-identity.service", "sshd-avm.conf")
+    assert initramfs.GATE_FILES == (
+        "identity_gate.py",
+        "avm-identity.service",
+        "sshd-avm.conf",
+        "avm-first.conf",
+    )

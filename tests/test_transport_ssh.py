@@ -129,6 +129,29 @@ def test_unknown_identity_fails_auth(sshd: Sshd, tmp_path: Path) -> None:
     assert info.value.code == "ssh-auth-failed"
 
 
+def test_login_check_proves_a_login_with_one_session(sshd: Sshd) -> None:
+    before = sshd.log_count("Accepted publickey")
+    with SshTransport.from_target(sshd.target()) as transport:
+        took = transport.login_check(timeout=10)
+    assert 0 < took < 10
+    assert sshd.log_count("Accepted publickey") - before == 1
+
+
+def test_login_check_fails_when_the_shell_does_not_run(sshd: Sshd, tmp_path: Path) -> None:
+    # a key whose sessions the server ends with status 3, whatever they ask to run
+    forced = tmp_path / "forced"
+    line = new_ed25519(forced)
+    with (sshd.client_key.parent / "authorized_keys").open("a") as fh:
+        fh.write(f'command="exit 3" {line}\n')
+    with (
+        SshTransport.from_target(sshd.target(identity=forced)) as transport,
+        pytest.raises(OperationalError) as info,
+    ):
+        transport.login_check(timeout=10)
+    assert info.value.code == "ssh-login-failed"
+    assert info.value.details["rc"] == 3
+
+
 def test_closed_port_is_unreachable(sshd: Sshd) -> None:
     target = sshd.target().model_copy(update={"url": f"ssh://root@127.0.0.1:{free_port()}"})
     with pytest.raises(OperationalError) as info:

@@ -24,10 +24,8 @@ import base64
 import fcntl
 import json
 import os
-import pathlib
 import socket
 import struct
-import subprocess
 import time
 
 PORT_NAME = "avm.identity"
@@ -37,11 +35,17 @@ RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07): make the CRNG use the input pool now
 GATED = ("avm-identity.service",)
 
 
+def read(path: str) -> str:
+    with open(path) as fh:
+        return fh.read()
+
+
 def port_device() -> str:
+    ports = "/sys/class/virtio-ports"
     for _ in range(600):
-        for entry in pathlib.Path("/sys/class/virtio-ports").glob("*"):
-            if (entry / "name").read_text().strip() == PORT_NAME:
-                return f"/dev/{entry.name}"
+        for entry in sorted(os.listdir(ports)) if os.path.isdir(ports) else ():
+            if read(f"{ports}/{entry}/name").strip() == PORT_NAME:
+                return f"/dev/{entry}"
         time.sleep(0.05)
     raise SystemExit(f"avm-identity: no virtio-serial port named {PORT_NAME}")
 
@@ -49,6 +53,8 @@ def port_device() -> str:
 def settle(limit_s: float = 30.0) -> dict[str, str]:
     """Wait until no boot job is at work but this gate (a job that only waits, e.g. on a
     device that never comes, may stay); what was left, for the receipt."""
+    import subprocess  # here, not at the top: a restored gate never runs it (a fork + exec under TCG)
+
     polls = 0
     left: list[str] = []
     end = time.monotonic() + limit_s
@@ -63,8 +69,19 @@ def settle(limit_s: float = 30.0) -> dict[str, str]:
             break
         time.sleep(0.1)
     print(f"avm-identity: settled after {polls} polls; jobs left: {' '.join(left) or 'none'}", flush=True)
+    unbind_machine_id()  # now: no copy restored from this snapshot then spends a fork + exec on it
     subprocess.run(["sync"], check=False)
     return {"avm": "settled", "polls": str(polls), "left": " ".join(left)}
+
+
+def unbind_machine_id() -> None:
+    """systemd may leave /etc/machine-id as a transient bind mount (read-only root, or an empty
+    file at boot): unmount it, so that the file written later is the one everyone reads."""
+    with open("/proc/self/mountinfo") as fh:
+        if any(line.split()[4] == "/etc/machine-id" for line in fh):
+            import subprocess
+
+            subprocess.run(["umount", "/etc/machine-id"], capture_output=True, check=False)
 
 
 def reseed(entropy: bytes) -> None:
@@ -94,13 +111,13 @@ def announce() -> None:
     A restored guest meets a new QEMU whose user-mode network has never seen its MAC address:
     its first forwarded SYN would wait for an ARP round and a TCP retransmission (seconds under
     TCG). The request teaches it the guest's address now."""
-    cmdline = pathlib.Path("/proc/cmdline").read_text().split()
+    cmdline = read("/proc/cmdline").split()
     net = [a.split("=", 1)[1] for a in cmdline if a.startswith("avm.net=")]
     devs = [d for d in sorted(os.listdir("/sys/class/net")) if d != "lo"]
     if not net or not devs:
         return
     addr, gateway = net[0].split("/")[0], net[0].split(",")[1]
-    mac_text = pathlib.Path(f"/sys/class/net/{devs[0]}/address").read_text()
+    mac_text = read(f"/sys/class/net/{devs[0]}/address")
     mac = bytes.fromhex(mac_text.strip().replace(":", ""))
     arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + socket.inet_aton(addr)
     arp += b"\0" * 6 + socket.inet_aton(gateway)
@@ -113,10 +130,7 @@ def install(msg: dict[str, str]) -> dict[str, str]:
     t0 = time.monotonic()
     reseed(bytes.fromhex(msg["entropy"]))
     time.clock_settime_ns(time.CLOCK_REALTIME, int(msg["time_ns"]))
-    # systemd may leave /etc/machine-id as a transient bind mount (read-only root): replace the file
-    with open("/proc/self/mountinfo") as fh:
-        if any(line.split()[4] == "/etc/machine-id" for line in fh):
-            subprocess.run(["umount", "/etc/machine-id"], capture_output=True, check=False)
+    unbind_machine_id()  # a no-op after a snapshot's settle did it
     write("/etc/machine-id", msg["machine_id"].encode() + b"\n", 0o444)
     os.makedirs("/root/.ssh", mode=0o700, exist_ok=True)
     os.makedirs("/etc/ssh/sshd_config.d", mode=0o755, exist_ok=True)

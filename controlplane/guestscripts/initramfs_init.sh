@@ -38,6 +38,10 @@ case " $(/bin/busybox cat /proc/cmdline) " in
     /bin/busybox cp /gate/avm-identity.service /newroot/etc/systemd/system/avm-identity.service
     /bin/busybox ln -sf /etc/systemd/system/avm-identity.service "$w/avm-identity.service"
     /bin/busybox cp /gate/sshd-avm.conf /newroot/etc/ssh/sshd_config.d/avm.conf
+    for unit in ssh.service avm-ssh-hostkeys.service; do
+      /bin/busybox mkdir -p "/newroot/etc/systemd/system/$unit.d"
+      /bin/busybox cp /gate/avm-first.conf "/newroot/etc/systemd/system/$unit.d/avm-first.conf"
+    done
     echo "avm-initramfs: identity gate installed";;
 esac
 /bin/busybox umount /proc /sys

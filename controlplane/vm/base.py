@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import importlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -148,6 +149,9 @@ class BootRequest:
     ssh_port: int
     seed: SshSeed
     marker: str
+    # host work that needs no VM, done while the VM's process starts (qemu: while QEMU loads a
+    # snapshot); the lifecycle loads its SSH client here, so the first login starts at once
+    meanwhile: Callable[[], None] = lambda: None
 
 
 class Booted(Frozen):

@@ -36,7 +36,7 @@ SEED_NAME = "opt/avm/seed"
 INIT = guestscripts.text("initramfs_init").replace("@SEED@", SEED_NAME)
 # the warm-start identity gate, copied onto the root when the cmdline says avm.identity=gate
 # (virtio_console above gives it its port before udev runs)
-GATE_FILES = ("identity_gate.py", "avm-identity.service", "sshd-avm.conf")
+GATE_FILES = ("identity_gate.py", "avm-identity.service", "sshd-avm.conf", "avm-first.conf")
 GATE_ARG = "avm.identity=gate"
 
 

@@ -24,6 +24,7 @@ from controlplane.evidence.step import Check
 from controlplane.home import Home
 from controlplane.transport import inventory
 from controlplane.transport.base import RunResult
+from controlplane.transport.ssh import preload as preload_ssh
 from controlplane.vm import procs
 from controlplane.vm.base import (
     Backend,
@@ -114,7 +115,14 @@ def up(home: Home, spec: VmSpec, image: GoldenImageLike, *, progress: Progress =
         inventory.save(home, target)
         step.observe("host_key_fingerprint", fingerprint(seed.host_key_public))
         request = BootRequest(
-            home=home, spec=spec, image=image, state_dir=state, ssh_port=port, seed=seed, marker=marker
+            home=home,
+            spec=spec,
+            image=image,
+            state_dir=state,
+            ssh_port=port,
+            seed=seed,
+            marker=marker,
+            meanwhile=preload_ssh,
         )
         t0 = time.monotonic()
         progress(f"booting {spec.name} ({spec.backend}, {spec.vcpus} vCPU, {spec.memory_mib} MiB)")
@@ -224,7 +232,7 @@ def _wait_for_login(
             # fork and re-exec once more (about a second of TCG time) before the login it waits for
             target = inventory.load(home, record.name)
             with SshTransport.from_target(target, connect_timeout=5, banner_timeout=banner_timeout_s) as ssh:
-                ssh.run(["true"], timeout=10).check()
+                ssh.login_check(timeout=10)
             return
         except OperationalError:
             if time.monotonic() - last_note > 5:

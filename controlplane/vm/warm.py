@@ -72,6 +72,7 @@ def start(
     overlay(request.image.qcow2)
     proc = spawn(argv)
     t0 = time.monotonic()
+    request.meanwhile()
     gate = identity.Gate(state, timeout_s=timeout)
     try:
         gate.wait()
@@ -104,6 +105,7 @@ def _restore(
     verifier = snapshot.Verifier(snap)  # hashes while QEMU loads; the guest runs only after both
     overlay(snap.disk)
     proc = spawn([*argv, "-incoming", f"exec:cat {shlex.quote(str(snap.state))}"])
+    request.meanwhile()  # QEMU loads the state for about 0.3 s: time enough
     refused: dict[str, Any] | None = None
     try:
         with Qmp(state / "qmp.sock", timeout_s=60) as qmp:
