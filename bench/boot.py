@@ -65,7 +65,11 @@ def start(
     return row
 
 
-ANALYZE = "systemd-analyze | head -n 1; systemd-analyze blame --no-pager | head -n 8"
+# SSH works before the rest of the boot is done (sshd and the gate go first): wait for it
+ANALYZE = (
+    "systemctl is-system-running --wait >/dev/null; "
+    "systemd-analyze | head -n 1; systemd-analyze blame --no-pager | head -n 8"
+)
 
 
 def _last_vm_up(home: Home) -> Any:

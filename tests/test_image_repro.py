@@ -352,6 +352,17 @@ def test_the_store_key_follows_the_envoy_binary() -> None:
     recipe = load_recipe(DEFAULT_RECIPE)
     _, record = resolve(ENVOY)
     other = record.model_copy(update={"sha256": "sha256:" + "0" * 64})
-    keys = {store_key(recipe, {"envoy": record}), store_key(recipe, {"envoy": other}), recipe.digest()}
+    keys = {store_key(recipe, {"envoy": record}), store_key(recipe, {"envoy": other}), store_key(recipe, {})}
     assert len(keys) == 3
-    assert store_key(recipe, {}) == recipe.digest()
+
+
+def test_the_store_key_follows_avms_own_build_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An avm whose customize hook writes other bytes never takes an older avm's cached image."""
+    from controlplane.image import build
+
+    recipe = load_recipe(DEFAULT_RECIPE)
+    before = build.store_key(recipe, {})
+    assert set(build.builder_sha256()) == {"build.py", "debstrap.py", "hook.py", "repro.py"}
+    real = build.builder_sha256()
+    monkeypatch.setattr(build, "builder_sha256", lambda: {**real, "hook.py": "0" * 64})
+    assert build.store_key(recipe, {}) != before

@@ -6,12 +6,14 @@ What a restore does with them is proven on real QEMU in tests/test_vm_warm_qemu.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import tarfile
 from pathlib import Path
 
 from controlplane import guestscripts
 from controlplane.vm import initramfs, snapshot
-from controlplane.vm.seed import sshd_dropin
+from controlplane.vm.seed import placeholder_tar, sshd_dropin
 
 INPUTS = snapshot.inputs(
     image_digest="sha256:" + "a" * 64,
@@ -107,3 +109,22 @@ def test_the_gate_ships_the_sshd_drop_in_every_qemu_vm_gets() -> None:
         "sshd-avm.conf",
         "avm-first.conf",
     )
+
+
+def _members(data: bytes) -> dict[str, tuple[int, bytes]]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        return {
+            m.name: (m.mode, (tar.extractfile(m) or io.BytesIO()).read() if m.isfile() else b"")
+            for m in tar.getmembers()
+        }
+
+
+def test_the_placeholder_host_key_is_fresh_per_boot_and_nothing_else() -> None:
+    """The qemu boot's throwaway host key: only the key pair (no login key, no sshd drop-in),
+    private half 0600, and another one for every boot."""
+    one, two = _members(placeholder_tar("p1")), _members(placeholder_tar("p1"))
+    files = {"etc/ssh/ssh_host_ed25519_key", "etc/ssh/ssh_host_ed25519_key.pub"}
+    assert {n for n, (_mode, data) in one.items() if data} == files
+    assert one["etc/ssh/ssh_host_ed25519_key"][0] == 0o600
+    assert one["etc/ssh/ssh_host_ed25519_key.pub"][1].startswith(b"ssh-ed25519 ")
+    assert one["etc/ssh/ssh_host_ed25519_key"][1] != two["etc/ssh/ssh_host_ed25519_key"][1]

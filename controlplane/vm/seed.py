@@ -81,6 +81,27 @@ def make_seed(state_dir: Path, name: str, *, port: int | None = None, listen: st
     )
 
 
+def placeholder_tar(name: str) -> bytes:
+    """A throwaway host key for the qemu boot's first seconds, as a tar the initramfs extracts.
+
+    sshd does not start without a host key, and a gated qemu VM gets its real one from the
+    identity gate only later (after a restore, or once the boot reached the gate). Generating a
+    key in the guest costs about 1.8 s of a TCG boot; this one is made on the host in a
+    millisecond, fresh for every boot. It is never pinned, and nothing outside the guest can
+    reach sshd while it is in use: the host forwards the SSH port only after the gate has
+    replaced it. A booted snapshot holds the key of the boot that made it, as it held the
+    guest-generated one before; every restored copy is given its own."""
+    private, public = _ed25519_pair(f"avm-{name}-placeholder")
+    return tar_bytes(
+        [
+            Member("etc", mode=0o755, directory=True),
+            Member("etc/ssh", mode=0o755, directory=True),
+            Member("etc/ssh/ssh_host_ed25519_key", private, 0o600),
+            Member("etc/ssh/ssh_host_ed25519_key.pub", public.encode() + b"\n", 0o644),
+        ]
+    )
+
+
 def seed_tar(seed: SshSeed) -> bytes:
     """The seed the qemu initramfs extracts onto the root before ``switch_root``."""
     entries: list[tuple[str, bytes | None, int]] = [
