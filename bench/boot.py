@@ -67,7 +67,7 @@ def start(
 
 # SSH works before the rest of the boot is done (sshd and the gate go first): wait for it
 ANALYZE = (
-    "systemctl is-system-running --wait >/dev/null; "
+    "timeout 60 systemctl is-system-running --wait >/dev/null; "
     "systemd-analyze | head -n 1; systemd-analyze blame --no-pager | head -n 8"
 )
 

@@ -29,7 +29,7 @@ RENDERED: dict[str, tuple[str, Callable[[], str]]] = {
     "job_init": ("525d967bac74b233ab127f362f2c0769edc640fe204c90943ee1ab3a3eef9f2c", lambda: guestinit.INIT),
     "budget": ("fb7e131918a39070e32917affa487bc557751fbf81f307b8d2bccd9889db4f55", lambda: guestinit.BUDGET),
     "initramfs_init": (
-        "d02a0298e01bc15f433f642c713d4286df4aeba562e58b4bbad75cfe0d934e2a",
+        "ca8e68c328e720df391d2286f48ff9d9eba7ed1145276ad964082b0125e5ae27",
         lambda: initramfs.INIT,
     ),
 }
@@ -45,9 +45,10 @@ def test_the_modules_read_the_package_files() -> None:
     assert (SCRIPTS / "job_init.sh").read_text() == guestinit.INIT
     assert (SCRIPTS / "budget.sh").read_text() == guestinit.BUDGET
     template = (SCRIPTS / "initramfs_init.sh").read_text()
-    assert template.count("@SEED@") == 1
-    assert template.replace("@SEED@", "opt/avm/seed") == initramfs.INIT
-    assert "@SEED@" not in initramfs.INIT
+    assert template.count("@SEED@") == 1 and template.count("@PLACEHOLDER@") == 1
+    filled = template.replace("@SEED@", "opt/avm/seed").replace("@PLACEHOLDER@", "opt/avm/placeholder")
+    assert filled == initramfs.INIT
+    assert "@SEED@" not in initramfs.INIT and "@PLACEHOLDER@" not in initramfs.INIT
 
 
 def test_the_job_script_renders_as_before() -> None:

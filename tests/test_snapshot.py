@@ -108,6 +108,7 @@ def test_the_gate_ships_the_sshd_drop_in_every_qemu_vm_gets() -> None:
         "avm-identity.service",
         "sshd-avm.conf",
         "avm-first.conf",
+        "avm-session-priority.conf",
     )
 
 

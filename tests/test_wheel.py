@@ -83,7 +83,13 @@ def test_the_wheel_carries_the_data_and_the_scripts(installed: tuple[Path, Path]
     # the warm-start identity gate the qemu initramfs installs into the golden VM
     scripts |= {
         f"controlplane/guestscripts/{n}"
-        for n in ("identity_gate.py", "avm-identity.service", "sshd-avm.conf", "avm-first.conf")
+        for n in (
+            "identity_gate.py",
+            "avm-identity.service",
+            "sshd-avm.conf",
+            "avm-first.conf",
+            "avm-session-priority.conf",
+        )
     }
     assert scripts <= names
     assert "controlplane/data/sigstore/trusted_root.json" in names  # keyless Sigstore verification

@@ -55,6 +55,8 @@ def settle(limit_s: float = 30.0) -> dict[str, str]:
     device that never comes, may stay); what was left, for the receipt."""
     import subprocess  # here, not at the top: a restored gate never runs it (a fork + exec under TCG)
 
+    # the unit's Nice=-10 is for reaching "waiting" early; polling must not outrun the jobs it waits for
+    os.setpriority(os.PRIO_PROCESS, 0, 0)
     polls = 0
     left: list[str] = []
     end = time.monotonic() + limit_s

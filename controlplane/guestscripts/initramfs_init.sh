@@ -10,7 +10,7 @@ if ! /bin/busybox mount -t ext4 -o rw /dev/vda /newroot; then
   echo "avm-initramfs: cannot mount /dev/vda"; exec /bin/busybox sh
 fi
 # avm.net=ADDR/PREFIX,GATEWAY (QEMU user networking): configure the NIC now, so sshd is reachable
-# as soon as it starts instead of after udev and systemd-networkd's DHCP; networkd adopts it later
+# as soon as it starts instead of after udev and a DHCP client (qemu masks systemd-networkd)
 net=""
 for arg in $(/bin/busybox cat /proc/cmdline); do
   case "$arg" in avm.net=*) net="${arg#avm.net=}";; esac
@@ -26,7 +26,13 @@ seed=/sys/firmware/qemu_fw_cfg/by_name/@SEED@/raw
 if [ -r "$seed" ]; then
   /bin/busybox tar -x -C /newroot -f "$seed" && echo "avm-initramfs: per-VM seed installed"
 else
-  echo "avm-initramfs: no seed (the image's first-boot unit makes a host key)"
+  echo "avm-initramfs: no per-VM seed"
+fi
+# qemu: a throwaway host key, so sshd starts before the identity gate delivers the VM's own;
+# only when the root has no host key yet (a reboot keeps the key the gate installed)
+placeholder=/sys/firmware/qemu_fw_cfg/by_name/@PLACEHOLDER@/raw
+if [ -r "$placeholder" ] && [ ! -e /newroot/etc/ssh/ssh_host_ed25519_key ]; then
+  /bin/busybox tar -x -C /newroot -f "$placeholder" && echo "avm-initramfs: throwaway host key installed"
 fi
 case " $(/bin/busybox cat /proc/cmdline) " in
   *" avm.identity=gate "*)
@@ -38,10 +44,9 @@ case " $(/bin/busybox cat /proc/cmdline) " in
     /bin/busybox cp /gate/avm-identity.service /newroot/etc/systemd/system/avm-identity.service
     /bin/busybox ln -sf /etc/systemd/system/avm-identity.service "$w/avm-identity.service"
     /bin/busybox cp /gate/sshd-avm.conf /newroot/etc/ssh/sshd_config.d/avm.conf
-    for unit in ssh.service avm-ssh-hostkeys.service; do
-      /bin/busybox mkdir -p "/newroot/etc/systemd/system/$unit.d"
-      /bin/busybox cp /gate/avm-first.conf "/newroot/etc/systemd/system/$unit.d/avm-first.conf"
-    done
+    /bin/busybox mkdir -p /newroot/etc/systemd/system/ssh.service.d /newroot/etc/security/limits.d
+    /bin/busybox cp /gate/avm-first.conf /newroot/etc/systemd/system/ssh.service.d/avm-first.conf
+    /bin/busybox cp /gate/avm-session-priority.conf /newroot/etc/security/limits.d/avm-session-priority.conf
     echo "avm-initramfs: identity gate installed";;
 esac
 /bin/busybox umount /proc /sys

@@ -19,7 +19,7 @@ and is renamed into place only when complete, so a crash or timeout never leaves
 where ``load_image`` would find it. A second build of the same recipe finds the finished image
 and returns at once (``cached``). The store key is the recipe digest, extended by the sha256 of
 each wheel program when the recipe has any, so another Envoy build gets another image, and by the
-sha256 of avm's own build code (``BUILDER_SOURCES``), so an avm whose build writes other bytes
+sha256 of avm's own build code (``builder_sha256``), so an avm whose build writes other bytes
 never takes an image an older avm built from the same recipe.
 """
 
@@ -132,23 +132,28 @@ class _Stages:
 
 
 def store_key(recipe: Recipe, binaries: dict[str, BinaryRecord]) -> str:
-    """The image's directory name in the store: the recipe digest, plus the wheel programs' sha256."""
+    """The image's directory name in the store: the recipe digest, the wheel programs' sha256, and
+    the sha256 of avm's build code."""
     return store_key_of(recipe, {k: b.sha256 for k, b in binaries.items()})
 
 
-# the modules of this package whose code decides the image's bytes: the mmdebstrap call, the
-# customize hook (units, sshd, trims), the file system and qcow2 steps, the reproducibility fixes
-BUILDER_SOURCES = ("build.py", "debstrap.py", "hook.py", "repro.py")
+# besides every module of this package (the mmdebstrap call, the customize hook, the Envoy
+# install, the kernel copy, the SBOM and manifest, the reproducibility fixes), the code the build
+# runs that decides the image's bytes: the mkfs/qemu-img/debugfs calls, tars, canonical JSON
+BUILDER_SOURCES = ("_internal/tools.py", "_internal/archive.py", "canonical.py")
 
 
 def builder_sha256() -> dict[str, str]:
-    """The sha256 of each build module's source, as shipped (source tree or wheel)."""
-    here = Path(__file__).parent
-    return {name: hashlib.sha256((here / name).read_bytes()).hexdigest() for name in BUILDER_SOURCES}
+    """The sha256 of the source of every module that decides an image's bytes, as shipped (source
+    tree or wheel), by path under ``controlplane/``. Any change to them gives another store key."""
+    root = Path(__file__).parent.parent
+    names = sorted(f"image/{p.name}" for p in (root / "image").glob("*.py")) + list(BUILDER_SOURCES)
+    return {name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in names}
 
 
 def store_key_of(recipe: Recipe, sha256s: dict[str, str]) -> str:
-    """``store_key`` from the wheel programs' sha256 alone (``image.current`` uses the RECORD's)."""
+    """``store_key`` from the wheel programs' sha256 (``image.current`` uses the RECORD's) and
+    the build code's."""
     doc = {"recipe": recipe.digest(), "binaries": dict(sorted(sha256s.items())), "builder": builder_sha256()}
     return domain_digest("image-store-key", canonical_bytes(doc))
 

@@ -2,8 +2,8 @@
 
 The image store may be shared by several checkouts (``$AVM_IMAGE_CACHE``), so "the newest image"
 is not "this checkout's image". ``recipe_image`` looks the image up by the store key the build
-would give it here: the recipe's digest and the sha256 its wheel programs' RECORD lists (read,
-not hashed: the build checks the bytes).
+would give it here: the recipe's digest, the sha256 its wheel programs' RECORD lists (read,
+not hashed: the build checks the bytes), and the sha256 of this avm's build code.
 """
 
 from __future__ import annotations

@@ -222,7 +222,8 @@ class SshTransport:
         is about 0.2 s less than ``run(["true"])``). Returns the seconds it took.
 
         Raises ``OperationalError('ssh-login-failed')`` when the shell does not exit 0,
-        ``CommandTimeout`` when the session stays silent for ``timeout`` seconds, and what
+        ``CommandTimeout`` when the shell has not exited ``timeout`` seconds after the session
+        was asked for, and what
         ``connect`` raises."""
         start = time.monotonic()
         rc, _out, err = self._exec("true", ["true"], None, start + timeout, timeout, ())

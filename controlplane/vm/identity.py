@@ -1,12 +1,14 @@
 """The host end of the identity gate: deliver a VM's own identity after a cold boot or a restore.
 
-The guest's ``avm-identity.service`` (``guestscripts/identity_gate.py``) holds sshd back until
-the host writes this VM's identity to the ``avm.identity`` virtio-serial port, whose host end is
+The guest's ``avm-identity.service`` (``guestscripts/identity_gate.py``) waits until the host
+writes this VM's identity to the ``avm.identity`` virtio-serial port (sshd runs meanwhile, on a
+throwaway host key, but the host forwards no port to it before the gate's "ok"), whose host end is
 a unix socket in the VM's private state dir (``identity.sock``, 0700 dir): only this host's QEMU
 process can write it, nothing on the guest's network can. What is delivered, and why:
 
 - the SSH host key (pinned in the inventory before this), the login key, the sshd drop-in and
-  the hostname: a snapshot holds none of them, so every copy gets its own;
+  the hostname: a snapshot holds none of them (only the throwaway host key of the boot that made
+  it, never pinned), so every copy gets its own;
 - a fresh machine-id: the template's was made at its first boot and would be shared;
 - 64 bytes of host entropy, credited with ``RNDADDENTROPY`` and followed by ``RNDRESEEDCRNG``:
   every copy resumes with the snapshot's kernel RNG state, and sshd's session keys come after;

@@ -31,12 +31,24 @@ BUSYBOX = Path("/bin/busybox")
 # what the guest needs before switch_root; their dependencies come from modules.dep
 WANTED = ("virtio_mmio", "virtio_pci", "virtio_blk", "virtio_net", "qemu_fw_cfg", "virtio_console")
 SEED_NAME = "opt/avm/seed"
+# qemu's throwaway host key (vm.seed.placeholder_tar), installed only where the root has none
+PLACEHOLDER_NAME = "opt/avm/placeholder"
 
 # the initramfs /init (busybox sh), with the fw_cfg name of the seed filled in
-INIT = guestscripts.text("initramfs_init").replace("@SEED@", SEED_NAME)
+INIT = (
+    guestscripts.text("initramfs_init")
+    .replace("@SEED@", SEED_NAME)
+    .replace("@PLACEHOLDER@", PLACEHOLDER_NAME)
+)
 # the warm-start identity gate, copied onto the root when the cmdline says avm.identity=gate
 # (virtio_console above gives it its port before udev runs)
-GATE_FILES = ("identity_gate.py", "avm-identity.service", "sshd-avm.conf", "avm-first.conf")
+GATE_FILES = (
+    "identity_gate.py",
+    "avm-identity.service",
+    "sshd-avm.conf",
+    "avm-first.conf",
+    "avm-session-priority.conf",
+)
 GATE_ARG = "avm.identity=gate"
 
 

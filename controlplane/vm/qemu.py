@@ -1,8 +1,9 @@
 """The ``qemu`` backend (the default): the golden image booted by QEMU, KVM when usable, else TCG.
 
 Each VM boots from its own qcow2 overlay, with the image's kernel and a small busybox initramfs
-(``vm.initramfs``) that installs the identity gate (``avm.identity=gate``): sshd waits until
-the host writes this VM's identity to a virtio-serial port (``vm.identity``). That lets a VM
+(``vm.initramfs``) that installs the identity gate (``avm.identity=gate``): sshd runs on a
+throwaway host key, but the host forwards no port to it until it has written this VM's identity
+to a virtio-serial port (``vm.identity``). That lets a VM
 start warm, restored from a booted snapshot of the same image, QEMU and arguments
 (``vm.warm``, ``vm.snapshot``), with its own identity delivered after the restore.
 SSH is forwarded from a free 127.0.0.1 port by user-mode networking; the serial console goes
@@ -92,7 +93,7 @@ def qemu_argv(request: BootRequest, *, accel: str, tsc_khz: int, initrd: Path) -
         *identity.qemu_args(state),
         # a throwaway host key, so sshd starts at once (vm.seed.placeholder_tar); replaced at the gate
         "-fw_cfg",
-        f"name={initramfs.SEED_NAME},file={state / PLACEHOLDER}",
+        f"name={initramfs.PLACEHOLDER_NAME},file={state / PLACEHOLDER}",
         "-drive",
         f"file={state / 'disk.qcow2'},if=none,id=d0,format=qcow2",
         "-device",

@@ -89,8 +89,9 @@ def placeholder_tar(name: str) -> bytes:
     key in the guest costs about 1.8 s of a TCG boot; this one is made on the host in a
     millisecond, fresh for every boot. It is never pinned, and nothing outside the guest can
     reach sshd while it is in use: the host forwards the SSH port only after the gate has
-    replaced it. A booted snapshot holds the key of the boot that made it, as it held the
-    guest-generated one before; every restored copy is given its own."""
+    replaced it. A booted snapshot holds the throwaway key of the boot that made it (as it held
+    the guest-generated one before), and so does every copy restored from it until its gate
+    installs the VM's own key; the fresh one QEMU passes a restored copy is never read."""
     private, public = _ed25519_pair(f"avm-{name}-placeholder")
     return tar_bytes(
         [
