@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import posixpath
 import secrets as _secrets
-import select
 import shlex
 import stat
 import time
@@ -21,6 +20,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from controlplane.errors import CommandTimeout, OperationalError, RefusedError
+from controlplane.transport import channel
 from controlplane.transport.banner import wait_for_ssh
 from controlplane.transport.base import RunResult, mask, masked
 from controlplane.transport.hostkey import fingerprint, load_identity, parse_host_key, parse_url, same_key
@@ -37,7 +37,6 @@ KILL_AFTER_S = 2
 LOCAL_GRACE_S = 1.0
 # Exit statuses of GNU `timeout` when it had to end the command (TERM, or KILL after -k).
 _TIMED_OUT_RCS = (124, 128 + 9)
-_CHUNK = 1 << 15
 
 
 def preload() -> None:
@@ -287,42 +286,19 @@ class SshTransport:
         timeout: float,
         secrets: Sequence[str],
     ) -> tuple[int, list[bytes], list[bytes]]:
-        """One session channel: send ``command`` and ``stdin``, collect output and the exit
-        status. ``CommandTimeout`` once ``backstop`` (monotonic) passes with the channel open."""
+        """One session channel (``transport.channel``). ``CommandTimeout`` once ``backstop``
+        (monotonic) passes with the channel open."""
         import paramiko
 
-        out: list[bytes] = []
-        err: list[bytes] = []
         try:
             chan = self._transport().open_session(timeout=self._connect_timeout)
         except (paramiko.SSHException, OSError, EOFError) as exc:
             self.close()
             raise self._unreachable(exc) from exc
         try:
-            chan.exec_command(command)
-            pending = stdin or b""
-            if not pending:
-                chan.shutdown_write()
-            while True:
-                if pending and chan.send_ready():
-                    sent = chan.send(pending[:_CHUNK])
-                    pending = pending[sent:]
-                    if not pending:
-                        chan.shutdown_write()
-                while chan.recv_ready():
-                    out.append(chan.recv(_CHUNK))
-                while chan.recv_stderr_ready():
-                    err.append(chan.recv_stderr(_CHUNK))
-                if chan.eof_received and not chan.recv_ready() and not chan.recv_stderr_ready():
-                    break
-                remaining = backstop - time.monotonic()
-                if remaining <= 0:
-                    raise self._timeout(shown, timeout, out, err, secrets)
-                # While stdin is pending, wake often to send; otherwise sleep until data or EOF.
-                select.select([chan], [], [], min(remaining, 0.01) if pending else remaining)
-            if not chan.status_event.wait(max(0.0, backstop - time.monotonic())):
-                raise self._timeout(shown, timeout, out, err, secrets)
-            return chan.recv_exit_status(), out, err
+            return channel.exchange(chan, command, stdin, backstop)
+        except channel.Silent as silent:
+            raise self._timeout(shown, timeout, silent.out, silent.err, secrets) from None
         except (paramiko.SSHException, OSError, EOFError) as exc:
             self.close()
             raise self._unreachable(exc) from exc
